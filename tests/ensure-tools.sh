@@ -1,0 +1,86 @@
+#!/bin/sh
+# ensure-tools.sh -- check that what the build and the tests need is here; on Debian, as
+# root, install what is missing.
+#
+# usage: tests/ensure-tools.sh NEED...
+#
+#   NEED is KIND:NAME:DEBIAN_PACKAGE[:OTHER_NAME]
+#     header  NAME is a header the C++ compiler must find (#include <NAME>), checked by
+#             preprocessing it with $CXX $CPPFLAGS (default c++)
+#     cmd     NAME is a command that must be on PATH
+#     perl    NAME is a Perl module that perl must load, written with - for ::
+#             (IO-Socket-INET6 for IO::Socket::INET6, as CPAN names distributions)
+#   OTHER_NAME is what the package is called elsewhere (Homebrew, vcpkg, ...), for the message.
+#
+#   e.g. tests/ensure-tools.sh header:cxxopts.hpp:libcxxopts-dev:cxxopts cmd:man:man-db
+#
+# If anything is missing, we are root, apt-get exists and SMTPD_NO_INSTALL is not 1, it runs
+# `apt-get update` once and then one `apt-get install -y` for all missing packages. Whatever is
+# still missing then gets one line each on stderr, e.g.
+#   smtpd: missing cxxopts.hpp: install the package libcxxopts-dev (Debian) or cxxopts
+# and the exit status is 1. Nothing is printed when all is present.
+
+set -u
+
+compiler=${CXX:-c++}
+
+# have KIND NAME: true if the need is met.
+have() {
+    case $1 in
+    header)
+        # $compiler and $CPPFLAGS are word-split on purpose ("ccache g++", "-I/opt/include").
+        # shellcheck disable=SC2086
+        printf '#include <%s>\n' "$2" |
+            $compiler ${CPPFLAGS:-} -std=c++17 -x c++ -E -o /dev/null - >/dev/null 2>&1 ;;
+    cmd)  command -v "$2" >/dev/null 2>&1 ;;
+    perl) perl -M"$(printf '%s' "$2" | sed 's/-/::/g')" -e 1 >/dev/null 2>&1 ;;
+    *)    echo "ensure-tools.sh: unknown kind '$1' (header, cmd or perl)" >&2; exit 2 ;;
+    esac
+}
+
+# missing_needs NEED...: print the needs that are not met, one a line.
+missing_needs() {
+    for need in "$@"; do
+        IFS=: read -r kind name pkg other <<EOF
+$need
+EOF
+        if [ -z "$kind" ] || [ -z "$name" ] || [ -z "$pkg" ]; then
+            echo "ensure-tools.sh: bad need '$need' (want KIND:NAME:PACKAGE[:OTHER])" >&2
+            exit 2
+        fi
+        have "$kind" "$name" || echo "$need"
+    done
+}
+
+# A header can only be looked for with a compiler; say so rather than blame the header.
+for need in "$@"; do
+    case $need in
+    header:*)
+        if ! command -v "${compiler%% *}" >/dev/null 2>&1; then
+            echo "smtpd: missing C++ compiler '$compiler': install the package g++ or clang (Debian), or set CXX" >&2
+            exit 1
+        fi
+        break ;;
+    esac
+done
+
+missing=$(missing_needs "$@") || exit 2
+[ -z "$missing" ] && exit 0
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && [ "${SMTPD_NO_INSTALL:-0}" != 1 ]; then
+    pkgs=$(printf '%s\n' "$missing" | cut -d: -f3 | sort -u | tr '\n' ' ')
+    echo "smtpd: installing $pkgs" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    # A fresh Debian box may have empty package lists: update once, before the first install.
+    # shellcheck disable=SC2086
+    if apt-get update -q </dev/null >&2 && apt-get install -y -q $pkgs </dev/null >&2; then
+        missing=$(missing_needs "$@") || exit 2
+        [ -z "$missing" ] && exit 0
+    fi
+fi
+
+printf '%s\n' "$missing" | while IFS=: read -r kind name pkg other; do
+    [ "$kind" = perl ] && name="Perl module $(printf '%s' "$name" | sed 's/-/::/g')"
+    echo "smtpd: missing $name: install the package $pkg (Debian)${other:+ or $other}" >&2
+done
+exit 1

@@ -1,0 +1,784 @@
+// test_e2e.cpp - end-to-end tests of the built smtpd binary over real loopback sockets.
+//
+// Each TEST_CASE starts ./smtpd (or $SMTPD_BIN) with a kernel-chosen port, talks SMTP to
+// it and checks what a user sees: replies, the message printed on stdout, the one line on
+// stderr, the exit status. Helpers live in test_support.hpp; every wait is bounded and
+// every child is killed at scope end, also when an assertion fails.
+#include <doctest/doctest.h>
+
+#include <fstream>
+#include <iterator>
+
+#include "test_support.hpp"
+
+namespace smtpd_test {
+namespace e2e {
+
+constexpr const char* kFollows = "---------- MESSAGE FOLLOWS ----------\n";
+constexpr const char* kEnd = "------------ END MESSAGE ------------\n";
+constexpr const char* kDataReply = "354 End data with <CR><LF>.<CR><LF>";
+
+// crlf - turn "\n" line ends of a readable literal into the "\r\n" SMTP wants.
+inline std::string crlf(const std::string& text) {
+  std::string out;
+  for (char ch : text) {
+    if (ch == '\n') out += "\r\n";
+    else out += ch;
+  }
+  return out;
+}
+
+// start - launch smtpd on 127.0.0.1:0 with extra options (never drops privileges).
+inline ServerProcess start(std::vector<std::string> options = {},
+                           const std::string& address = "127.0.0.1:0") {
+  ignore_sigpipe();
+  options.insert(options.begin(), "-n");
+  options.push_back(address);
+  return ServerProcess::launch(options);
+}
+
+// greet - read the greeting and say EHLO; returns the fqdn from the greeting.
+inline std::string greet(Client& c, const std::string& helo = "EHLO client.example") {
+  std::string greeting = c.read_reply();
+  REQUIRE_MESSAGE(starts_with(greeting, "220 "), "greeting: " << greeting);
+  std::string ehlo = c.command(helo);
+  REQUIRE_MESSAGE(starts_with(ehlo, "250"), helo << " -> " << ehlo);
+  auto sp = greeting.find(' ', 4);
+  return greeting.substr(4, sp == std::string::npos ? std::string::npos : sp - 4);
+}
+
+// send_message - MAIL, RCPT, DATA, the (CRLF) text and the final dot; returns the reply
+// to the final dot. REQUIREs the replies before it.
+inline std::string send_message(Client& c, const std::string& text,
+                                const std::string& mail_params = "") {
+  std::string mail = "MAIL FROM:<a@example.com>" + (mail_params.empty() ? "" : " " + mail_params);
+  REQUIRE(c.command(mail) == "250 OK");
+  REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
+  REQUIRE(c.command("DATA") == kDataReply);
+  REQUIRE(c.send(text));
+  return c.command(".");
+}
+
+// printed - the block DebuggingServer prints for a message with these header lines and
+// body lines (each given with "\n" ends), peer 127.0.0.1.
+inline std::string printed(const std::string& headers, const std::string& body,
+                           const std::string& peer = "127.0.0.1") {
+  return std::string(kFollows) + headers + "X-Peer: " + peer + "\n\n" + body + kEnd;
+}
+
+TEST_CASE("greeting, EHLO, HELO and QUIT work over a real socket") {
+  auto srv = start();
+  auto c = srv.connect();
+  std::string greeting = c.read_reply();
+  INFO("greeting: " << greeting);
+  // 220 <fqdn> smtpd <version>
+  REQUIRE(lines_of(greeting).size() == 1);
+  std::istringstream in(greeting);
+  std::string code, fqdn, name, version, extra;
+  in >> code >> fqdn >> name >> version;
+  CHECK(code == "220");
+  CHECK(!fqdn.empty());
+  CHECK(name == "smtpd");
+  CHECK(!version.empty());
+  CHECK_FALSE(static_cast<bool>(in >> extra));
+
+  SUBCASE("EHLO lists the extensions, QUIT says 221 Bye and closes") {
+    CHECK(c.command("EHLO client.example") ==
+          "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250 HELP");
+    CHECK(c.command("NOOP") == "250 OK");
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(c.wait_closed());
+  }
+  SUBCASE("HELO answers with the fqdn; a later EHLO is answered and resets the transaction") {
+    // smtpd.cpp differs from smtpd.py here on purpose (RFC 5321 4.1.4): Python answers
+    // "503 Duplicate HELO/EHLO".
+    CHECK(c.command("HELO client.example") == "250 " + fqdn);
+    CHECK(c.command("MAIL FROM:<a@example.com>") == "250 OK");
+    CHECK(c.command("EHLO client.example") ==
+          "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250 HELP");
+    CHECK(c.command("MAIL FROM:<a@example.com>") == "250 OK");  // not "503 nested MAIL"
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(c.wait_closed());
+  }
+}
+
+TEST_CASE("unknown commands answer 500 and the session goes on") {
+  auto srv = start();
+  auto c = srv.connect();
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  CHECK(c.command("FOO bar") == "500 Error: command \"FOO\" not recognized");
+  CHECK(c.command("MAIL FROM:<a@example.com>") == "503 Error: send HELO first");
+  CHECK(c.command("HELO client.example") != "");
+  CHECK(c.command("NOOP") == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("DebuggingServer prints the message on stdout before the client sees 250") {
+  auto srv = start({"-c", "DebuggingServer"});
+  auto c = srv.connect();
+  greet(c);
+  std::string reply = send_message(c, crlf("From: a@example.com\n"
+                                           "Subject: hello\n"
+                                           "\n"
+                                           "first line\n"
+                                           "..dot\n"
+                                           "..\n"
+                                           "...two dots\n"
+                                           "last line\n"));
+  // Check what was printed right now, without waiting: the server must have written
+  // (and flushed) it before answering.
+  srv.child.pump();
+  std::string out = srv.child.out.text();
+  CHECK(reply == "250 OK");
+  CHECK(out == printed("From: a@example.com\nSubject: hello\n",
+                       "first line\n.dot\n.\n..two dots\nlast line\n"));
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto st = srv.stop();
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+  CHECK(srv.child.out.text() == out);  // nothing more was printed
+}
+
+TEST_CASE("MAIL parameters are printed as mail options") {
+  auto srv = start();
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: opts\n\nbody\n"), "BODY=8BITMIME") == "250 OK");
+  srv.child.pump();
+  CHECK(srv.child.out.text() == std::string(kFollows) + "mail options: ['BODY=8BITMIME']\n" +
+                                    "Subject: opts\nX-Peer: 127.0.0.1\n\nbody\n" + kEnd);
+}
+
+TEST_CASE("X-Peer goes before the first empty line only, and not at all without one") {
+  auto srv = start();
+  auto c = srv.connect();
+  greet(c);
+  SUBCASE("two empty lines") {
+    CHECK(send_message(c, crlf("Subject: two\n\npara one\n\npara two\n")) == "250 OK");
+    srv.child.pump();
+    CHECK(srv.child.out.text() ==
+          printed("Subject: two\n", "para one\n\npara two\n"));
+  }
+  SUBCASE("no empty line") {
+    CHECK(send_message(c, crlf("Subject: none\nX-Other: yes\n")) == "250 OK");
+    srv.child.pump();
+    CHECK(srv.child.out.text() ==
+          std::string(kFollows) + "Subject: none\nX-Other: yes\n" + kEnd);
+  }
+}
+
+TEST_CASE("SMTPServer mode answers 250 OK and prints nothing") {
+  std::string mode;
+  SUBCASE("SMTPServer") { mode = "SMTPServer"; }
+  SUBCASE("sink") { mode = "sink"; }
+  SUBCASE("smtpd.SMTPServer") { mode = "smtpd.SMTPServer"; }
+  CAPTURE(mode);
+  auto srv = start({"-c", mode});
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: discarded\n\nbody\n")) == "250 OK");
+  CHECK(send_message(c, crlf("Subject: discarded too\n\nbody\n")) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto st = srv.stop();
+  CHECK(st.code == 0);
+  CHECK(srv.child.out.text() == "");
+}
+
+TEST_CASE("without -c the server prints messages like DebuggingServer") {
+  std::vector<std::string> options;
+  SUBCASE("no -c") {}
+  SUBCASE("-c debug") { options = {"-c", "debug"}; }
+  SUBCASE("--class smtpd.DebuggingServer") { options = {"--class", "smtpd.DebuggingServer"}; }
+  auto srv = start(options);
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: default\n\nbody\n")) == "250 OK");
+  srv.child.pump();
+  CHECK(srv.child.out.text() == printed("Subject: default\n", "body\n"));
+}
+
+TEST_CASE("20 clients at once all get their messages printed") {
+  constexpr int kClients = 20;
+  auto srv = start();
+  std::vector<Client> clients;
+  for (int i = 0; i < kClients; ++i) clients.push_back(srv.connect());
+  // Step all sessions forward together, so all 20 are open mid-transaction at once.
+  for (auto& c : clients) REQUIRE(starts_with(c.read_reply(), "220 "));
+  auto step = [&](const std::string& line, const std::string& want_prefix) {
+    for (auto& c : clients) REQUIRE(c.send(line + "\r\n"));
+    for (int i = 0; i < kClients; ++i) {
+      std::string r = clients[i].read_reply();
+      REQUIRE_MESSAGE(starts_with(r, want_prefix), "client " << i << ": " << line << " -> " << r);
+    }
+  };
+  step("EHLO many.example", "250");
+  step("MAIL FROM:<a@example.com>", "250 OK");
+  step("RCPT TO:<b@example.com>", "250 OK");
+  step("DATA", "354 ");
+  // Bodies go out in two halves, interleaved across clients.
+  for (int i = 0; i < kClients; ++i)
+    REQUIRE(clients[i].send("Subject: client " + std::to_string(i) + "\r\n\r\n"));
+  for (int i = 0; i < kClients; ++i)
+    REQUIRE(clients[i].send("body of client " + std::to_string(i) + "\r\n"));
+  step(".", "250 OK");
+  step("QUIT", "221 Bye");
+  std::string out = srv.stdout_text();
+  CHECK(count(out, kFollows) == kClients);
+  for (int i = 0; i < kClients; ++i) {
+    std::string n = std::to_string(i);
+    CHECK_MESSAGE(count(out, printed("Subject: client " + n + "\n", "body of client " + n + "\n")) == 1,
+                  "message of client " << i << " not printed whole and once");
+  }
+}
+
+// flood - pipeline NOOPs for up to `budget` without reading a reply: 3 million of them
+// (18 MB in, 24 MB of replies out), far more than the kernel buffers on both sides hold,
+// so a server that writes with blocking sends, or buffers without bound, shows it.
+inline void flood(Client& c, milliseconds budget) {
+  std::string noops;
+  noops.reserve(18000000);
+  for (int i = 0; i < 3000000; ++i) noops += "NOOP\r\n";
+  c.send(noops, budget);  // does not all fit unless the server buffers without bound
+}
+
+TEST_CASE("a stalled client does not hold up another client's transaction") {
+  auto srv = start();
+  auto stalled = srv.connect(kWait, 4096);
+  REQUIRE(starts_with(stalled.read_reply(), "220 "));
+  std::string rest_of_stalled;  // what the stalled client sends afterwards
+  std::string stalled_reply;    // and the reply it then expects
+
+  SUBCASE("half a command line") {
+    REQUIRE(stalled.send("EHLO stal"));
+    rest_of_stalled = "led.example\r\n";
+    stalled_reply = "250-";
+  }
+  SUBCASE("half a line of message data") {
+    REQUIRE(starts_with(stalled.command("EHLO stalled.example"), "250"));
+    REQUIRE(stalled.command("MAIL FROM:<a@example.com>") == "250 OK");
+    REQUIRE(stalled.command("RCPT TO:<b@example.com>") == "250 OK");
+    REQUIRE(stalled.command("DATA") == kDataReply);
+    REQUIRE(stalled.send("Subject: slow\r\n\r\nhalf a li"));
+    rest_of_stalled = "ne\r\n.\r\n";
+    stalled_reply = "250 OK";
+  }
+  SUBCASE("a client that never reads its replies") {
+    flood(stalled, milliseconds(1000));
+    rest_of_stalled = "";
+    stalled_reply = "";
+  }
+
+  // The other client must finish a whole transaction promptly.
+  auto other = srv.connect(milliseconds(2000));
+  std::string greeting = other.read_reply(milliseconds(2000));
+  REQUIRE(starts_with(greeting, "220 "));
+  REQUIRE(starts_with(other.command("EHLO other.example", milliseconds(2000)), "250"));
+  CHECK(other.command("MAIL FROM:<a@example.com>", milliseconds(2000)) == "250 OK");
+  CHECK(other.command("RCPT TO:<b@example.com>", milliseconds(2000)) == "250 OK");
+  CHECK(other.command("DATA", milliseconds(2000)) == kDataReply);
+  CHECK(other.send("Subject: not held up\r\n\r\nbody\r\n.\r\n"));
+  CHECK(other.read_reply(milliseconds(2000)) == "250 OK");
+  CHECK(other.command("QUIT", milliseconds(2000)) == "221 Bye");
+  CHECK(srv.stdout_text().find("Subject: not held up\n") != std::string::npos);
+
+  // And the stalled client is still served once it goes on.
+  if (!rest_of_stalled.empty()) {
+    REQUIRE(stalled.send(rest_of_stalled));
+    CHECK(starts_with(stalled.read_reply(), stalled_reply));
+    CHECK(stalled.command("QUIT") == "221 Bye");
+  }
+}
+
+#ifdef __linux__
+// rss_kb - resident memory of a process in kB, from /proc/PID/status (VmRSS), or -1.
+inline long rss_kb(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (starts_with(line, "VmRSS:")) return std::stol(line.substr(6));
+  return -1;
+}
+
+TEST_CASE("a client flooding commands without reading replies is throttled, not buffered") {
+  auto srv = start();
+  auto flooder = srv.connect(kWait, 4096);
+  REQUIRE(starts_with(flooder.read_reply(), "220 "));
+  long before = rss_kb(srv.child.pid());
+  REQUIRE(before > 0);
+  flood(flooder, milliseconds(1000));
+  long after = rss_kb(srv.child.pid());
+  INFO("server VmRSS before " << before << " kB, after " << after << " kB");
+  CHECK(after - before < 8 * 1024);  // megabytes of replies must not pile up in the server
+  // Others are still served, and the flooder is not dropped: its replies are all there.
+  auto other = srv.connect();
+  greet(other);
+  CHECK(other.command("QUIT") == "221 Bye");
+  flooder.close();
+  CHECK(srv.child.running());
+}
+#endif
+
+// cpu_seconds - user + system CPU time of a process, from /proc/PID/stat, or -1.
+inline double cpu_seconds(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  auto paren = text.rfind(')');
+  if (paren == std::string::npos) return -1;
+  std::istringstream fields(text.substr(paren + 2));
+  std::vector<std::string> f;
+  for (std::string w; fields >> w;) f.push_back(w);
+  if (f.size() < 13) return -1;  // f[0] is field 3 (state); utime is field 14, stime 15
+  return static_cast<double>(std::stoll(f[11]) + std::stoll(f[12])) /
+         static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+TEST_CASE("at the open-file limit the server neither spins nor floods stderr, and recovers") {
+  ignore_sigpipe();
+  auto srv = ServerProcess::launch({"-n", "127.0.0.1:0"}, kWait, 24);
+  // More clients than the server has descriptors: the kernel queues the rest (backlog).
+  std::vector<Client> clients;
+  for (int i = 0; i < 40; ++i) clients.push_back(srv.connect());
+  std::this_thread::sleep_for(milliseconds(200));  // let it hit EMFILE
+  double cpu_before = cpu_seconds(srv.child.pid());
+  std::size_t err_before = count(srv.stderr_text(), "\n");
+  // Watch it for one second (draining stderr so a flood cannot block it).
+  srv.child.wait_output(srv.child.err, [](const std::string&) { return false; },
+                        milliseconds(1000));
+  double cpu_used = cpu_seconds(srv.child.pid()) - cpu_before;
+  std::size_t err_lines = count(srv.stderr_text(), "\n") - err_before;
+  INFO("in 1 s at the limit: " << cpu_used << " s CPU, " << err_lines << " stderr lines; "
+       << "stderr starts: " << srv.stderr_text().substr(0, 300));
+  CHECK(cpu_used < 0.3);
+  CHECK(err_lines < 20);
+  // Once descriptors are free again, new clients are served.
+  clients.clear();
+  auto c = srv.connect();
+  CHECK(starts_with(c.read_reply(milliseconds(3000)), "220 "));
+  CHECK(c.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("a client that disconnects mid-DATA produces no message") {
+  auto srv = start();
+  {
+    auto quitter = srv.connect();
+    greet(quitter);
+    REQUIRE(quitter.command("MAIL FROM:<a@example.com>") == "250 OK");
+    REQUIRE(quitter.command("RCPT TO:<b@example.com>") == "250 OK");
+    REQUIRE(quitter.command("DATA") == kDataReply);
+    SUBCASE("after some lines") { REQUIRE(quitter.send("Subject: lost\r\n\r\npartial\r\n")); }
+    SUBCASE("after the dot but before its CRLF") {
+      REQUIRE(quitter.send("Subject: lost\r\n\r\npartial\r\n."));
+    }
+    SUBCASE("after a half line") { REQUIRE(quitter.send("Subject: lost\r\n\r\nparti")); }
+  }  // closed here
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: kept\n\nbody\n")) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto st = srv.stop();
+  CHECK(st.code == 0);
+  std::string out = srv.child.out.text();
+  CHECK(out == printed("Subject: kept\n", "body\n"));
+  CHECK(out.find("lost") == std::string::npos);
+}
+
+TEST_CASE("-s 100 announces SIZE 100 and refuses a 200-byte message with 552") {
+  auto srv = start({"-s", "100"});
+  auto c = srv.connect();
+  std::string greeting = c.read_reply();
+  REQUIRE(starts_with(greeting, "220 "));
+  std::string ehlo = c.command("EHLO client.example");
+  CHECK(ehlo.find("\n250-SIZE 100\n") != std::string::npos);
+  INFO("EHLO reply: " << ehlo);
+
+  REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");
+  REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
+  REQUIRE(c.command("DATA") == kDataReply);
+  std::string big = "Subject: too big\r\n\r\n";
+  while (big.size() < 200) big += "0123456789012345678901234567890123456789\r\n";
+  REQUIRE(c.send(big));
+  CHECK(c.command(".") == "552 Error: Too much mail data");
+  // Back in command state: commands are answered, not swallowed as message data.
+  CHECK(c.command("NOOP") == "250 OK");
+  CHECK(c.command("RSET") == "250 OK");
+  // A message within the limit still goes through.
+  CHECK(send_message(c, crlf("Subject: small\n\nok\n")) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  srv.stop();
+  std::string out = srv.child.out.text();
+  CHECK(out.find("too big") == std::string::npos);
+  CHECK(out == printed("Subject: small\n", "ok\n"));
+}
+
+TEST_CASE("far too much message data gets 552 and the session goes on") {
+  auto srv = start({"-s", "1000"});
+  auto c = srv.connect();
+  greet(c);
+  REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");
+  REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
+  REQUIRE(c.command("DATA") == kDataReply);
+  std::string chunk;
+  while (chunk.size() < 1000000) chunk += std::string(98, 'y') + "\r\n";
+  for (int i = 0; i < 5; ++i) REQUIRE(c.send(chunk));  // 5 MB, 5000 times the limit
+  CHECK(c.command(".") == "552 Error: Too much mail data");
+  CHECK(c.command("NOOP") == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  srv.stop();
+  CHECK(srv.child.out.text() == "");
+}
+
+TEST_CASE("a command line far too long gets 500 and the session goes on") {
+  auto srv = start();
+  auto c = srv.connect();
+  greet(c);
+  // 1 MB without a line end, then the line end: the server must neither buffer it all
+  // nor drop the client.
+  REQUIRE(c.send("NOOP " + std::string(1000000, 'z')));
+  CHECK(c.command("") == "500 Error: line too long");
+  CHECK(c.command("NOOP") == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("clients that vanish abruptly do not disturb the server") {
+  auto srv = start();
+  {
+    auto silent = srv.connect();  // closes without reading the greeting
+  }
+  {
+    auto reset = srv.connect();
+    greet(reset);
+    REQUIRE(reset.command("MAIL FROM:<a@example.com>") == "250 OK");
+    reset.reset();  // RST mid-transaction
+  }
+  {
+    auto unread = srv.connect();
+    REQUIRE(unread.send("EHLO gone.example\r\nNOOP\r\nNOOP\r\n"));
+    unread.reset();  // RST with replies still unread
+  }
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: still here\n\nbody\n")) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(srv.child.running());
+  auto st = srv.stop();
+  CHECK(st.code == 0);
+  CHECK(srv.child.out.text() == printed("Subject: still here\n", "body\n"));
+}
+
+TEST_CASE("MAIL with SIZE above the -s limit is refused with 552") {
+  auto srv = start({"-s", "100"});
+  auto c = srv.connect();
+  greet(c);
+  CHECK(c.command("MAIL FROM:<a@example.com> SIZE=101") ==
+        "552 Error: message size exceeds fixed maximum message size");
+  CHECK(c.command("MAIL FROM:<a@example.com> SIZE=100") == "250 OK");
+}
+
+TEST_CASE("-s 0 announces no SIZE") {
+  auto srv = start({"-s", "0"});
+  auto c = srv.connect();
+  std::string fqdn = greet(c, "NOOP");  // NOOP before EHLO is fine: 250 OK
+  std::string ehlo = c.command("EHLO client.example");
+  CHECK(ehlo == "250-" + fqdn + "\n250-8BITMIME\n250 HELP");
+  // And a large message is accepted.
+  std::string big = "Subject: big\r\n\r\n";
+  while (big.size() < 100000) big += std::string(70, 'x') + "\r\n";
+  CHECK(send_message(c, big) == "250 OK");
+}
+
+TEST_CASE("-u announces SMTPUTF8 and accepts the SMTPUTF8 parameter") {
+  SUBCASE("with -u") {
+    auto srv = start({"-u"});
+    auto c = srv.connect();
+    std::string fqdn = greet(c, "NOOP");
+    CHECK(c.command("EHLO client.example") ==
+          "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250-SMTPUTF8\n250 HELP");
+    CHECK(send_message(c, crlf("Subject: utf8\n\nGr\xc3\xbc\xc3\x9f" "e\n"), "SMTPUTF8") == "250 OK");
+    srv.child.pump();
+    CHECK(srv.child.out.text() == std::string(kFollows) + "mail options: ['SMTPUTF8']\n" +
+                                      "Subject: utf8\nX-Peer: 127.0.0.1\n\nGr\xc3\xbc\xc3\x9f" "e\n" +
+                                      kEnd);
+  }
+  SUBCASE("--smtputf8") {
+    auto srv = start({"--smtputf8"});
+    auto c = srv.connect();
+    greet(c, "NOOP");
+    CHECK(c.command("EHLO client.example").find("\n250-SMTPUTF8\n") != std::string::npos);
+  }
+  SUBCASE("without -u") {
+    auto srv = start();
+    auto c = srv.connect();
+    greet(c, "NOOP");
+    CHECK(c.command("EHLO client.example").find("SMTPUTF8") == std::string::npos);
+    CHECK(c.command("MAIL FROM:<a@example.com> SMTPUTF8") ==
+          "555 MAIL FROM parameters not recognized or not implemented");
+  }
+}
+
+TEST_CASE("port 0 gives a real port, announced in the one listening line") {
+  auto srv = start();
+  CHECK(srv.port() > 0);
+  CHECK(srv.port() < 65536);
+  CHECK(srv.listening_line() == "listening on 127.0.0.1:" + std::to_string(srv.port()));
+  // The listening line is all that is on stderr at start.
+  CHECK(srv.stderr_text() == srv.listening_line() + "\n");
+  auto c = srv.connect();
+  CHECK(starts_with(c.read_reply(), "220 "));
+}
+
+TEST_CASE("IPv6 [::1]:0 listens and serves a transaction") {
+  bool has_v6 = have_ipv6_loopback();
+  if (!has_v6) MESSAGE("this machine cannot bind [::1]; IPv6 listening cannot be tested here");
+  REQUIRE_MESSAGE(has_v6, "no IPv6 loopback (::1) on this machine");
+  auto srv = start({}, "[::1]:0");
+  CHECK(srv.listening_line() == "listening on [::1]:" + std::to_string(srv.port()));
+  CHECK(srv.host() == "::1");
+  auto c = srv.connect();
+  greet(c);
+  CHECK(send_message(c, crlf("Subject: six\n\nbody\n")) == "250 OK");
+  srv.child.pump();
+  CHECK(srv.child.out.text() == printed("Subject: six\n", "body\n", "::1"));
+}
+
+// run_smtpd - run smtpd with args to completion (bounded), as a user on a shell would.
+inline CommandResult run_smtpd(const std::vector<std::string>& args,
+                               milliseconds timeout = milliseconds(10000)) {
+  std::vector<std::string> argv{smtpd_bin()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, timeout);
+}
+
+// check_one_error_line - exit status `code`, nothing on stdout, exactly one line on stderr
+// starting "smtpd: ".
+inline void check_one_error_line(const CommandResult& r, int code) {
+  INFO(r.describe());
+  CHECK(r.status.exited);
+  CHECK(r.status.code == code);
+  CHECK(r.out == "");
+  CHECK(starts_with(r.err, "smtpd: "));
+  CHECK(count(r.err, "\n") == 1);
+  CHECK((!r.err.empty() && r.err.back() == '\n'));
+}
+
+TEST_CASE("bad command lines exit 1 with one line on stderr") {
+  std::vector<std::string> args;
+  SUBCASE("unknown option") { args = {"--no-such-option"}; }
+  SUBCASE("unknown short option") { args = {"-x"}; }
+  SUBCASE("-s abc") { args = {"-s", "abc", "127.0.0.1:0"}; }
+  SUBCASE("-c without a class") { args = {"-c"}; }
+  SUBCASE("local spec without a colon") { args = {"bad-spec-without-colon"}; }
+  SUBCASE("local port not a number") { args = {"127.0.0.1:abc"}; }
+  SUBCASE("remote spec without a colon") { args = {"127.0.0.1:0", "remote-without-colon"}; }
+  SUBCASE("three positional arguments") { args = {"127.0.0.1:0", "127.0.0.1:25", "extra"}; }
+  SUBCASE("unknown class") { args = {"-c", "NoSuchServer", "127.0.0.1:0"}; }
+  std::string argtext;
+  for (const auto& a : args) argtext += " " + a;
+  INFO("smtpd" << argtext);
+  check_one_error_line(run_smtpd(args), 1);
+}
+
+TEST_CASE("-c PureProxy and MailmanProxy exit 1: not implemented yet") {
+  SUBCASE("PureProxy") {
+    auto r = run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0"});
+    check_one_error_line(r, 1);
+    CHECK(r.err == "smtpd: PureProxy is not implemented yet\n");
+  }
+  SUBCASE("smtpd.PureProxy") {
+    auto r = run_smtpd({"-n", "-c", "smtpd.PureProxy", "127.0.0.1:0"});
+    check_one_error_line(r, 1);
+    CHECK(r.err.find("PureProxy is not implemented yet") != std::string::npos);
+  }
+  SUBCASE("MailmanProxy") {
+    auto r = run_smtpd({"-n", "--class", "MailmanProxy", "127.0.0.1:0"});
+    check_one_error_line(r, 1);
+    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
+  }
+}
+
+TEST_CASE("an address already in use exits 2 with one line") {
+  BusyPort busy;
+  auto r = run_smtpd({"-n", "127.0.0.1:" + std::to_string(busy.port())});
+  check_one_error_line(r, 2);
+}
+
+TEST_CASE("a host that does not resolve exits 2 with one line") {
+  auto r = run_smtpd({"-n", "no-such-host.invalid:0"});
+  check_one_error_line(r, 2);
+}
+
+TEST_CASE("-V and --version print a version and exit 0") {
+  std::string opt;
+  SUBCASE("-V") { opt = "-V"; }
+  SUBCASE("--version") { opt = "--version"; }
+  auto r = run_smtpd({opt});
+  INFO(r.describe());
+  CHECK(r.ok());
+  CHECK(r.err == "");
+  REQUIRE(count(r.out, "\n") == 1);
+  CHECK(r.out.find_first_of("0123456789") != std::string::npos);
+
+  // The greeting carries the same version.
+  auto srv = start();
+  auto c = srv.connect();
+  std::string greeting = c.read_reply();
+  std::string version = greeting.substr(greeting.rfind(' ') + 1);
+  CHECK_MESSAGE(r.out.find(version) != std::string::npos,
+                "greeting version '" << version << "' not in -V output '" << r.out << "'");
+}
+
+TEST_CASE("--help lists every option and exits 0") {
+  std::string opt;
+  SUBCASE("--help") { opt = "--help"; }
+  SUBCASE("-h") { opt = "-h"; }
+  auto r = run_smtpd({opt});
+  INFO(r.describe());
+  CHECK(r.ok());
+  CHECK(r.err == "");
+  for (std::string o : {"-n, --nosetuid", "-V, --version", "-c, --class", "-s, --size",
+                        "-u, --smtputf8", "-d, --debug", "-h, --help"}) {
+    CHECK_MESSAGE(r.out.find(o) != std::string::npos, "help does not list " << o);
+  }
+  for (std::string text : {"Do not change to user nobody", "Print the version and exit.",
+                           "DebuggingServer", "SMTPServer", "PureProxy", "MailmanProxy",
+                           "Largest message accepted", "Enable the SMTPUTF8 extension",
+                           "Trace the SMTP dialogue", "Print this help and exit."}) {
+    CHECK_MESSAGE(r.out.find(text) != std::string::npos, "help lacks '" << text << "'");
+  }
+}
+
+TEST_CASE("-d traces the client's commands on stderr") {
+  auto srv = start({"-d"});
+  auto c = srv.connect();
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  REQUIRE(starts_with(c.command("EHLO tracer.example"), "250"));
+  CHECK(srv.wait_stderr("EHLO tracer.example"));
+  REQUIRE(c.command("MAIL FROM:<trace-sender@example.com>") == "250 OK");
+  CHECK(srv.wait_stderr("trace-sender@example.com"));
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(srv.stop().code == 0);
+  // The replies and the connection are traced too.
+  const std::string& err = srv.child.err.text();
+  CHECK(err.find("221 Bye") != std::string::npos);
+  CHECK(err.find("127.0.0.1") != std::string::npos);
+  // Every trace line is a line: none is glued to the next.
+  CHECK(err.back() == '\n');
+}
+
+TEST_CASE("without -d nothing but the listening line goes to stderr") {
+  auto srv = start();
+  auto c = srv.connect();
+  greet(c, "EHLO quiet.example");
+  CHECK(send_message(c, crlf("Subject: q\n\nbody\n")) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(srv.stop().code == 0);
+  CHECK(srv.child.err.text() == srv.listening_line() + "\n");
+}
+
+TEST_CASE("SIGTERM and SIGINT end the server with exit 0") {
+  int sig = SIGTERM;
+  bool with_flooder = false;
+  SUBCASE("SIGTERM") { sig = SIGTERM; }
+  SUBCASE("SIGINT") { sig = SIGINT; }
+  SUBCASE("SIGTERM while a client never reads its replies") { with_flooder = true; }
+  auto srv = start();
+  auto idle = srv.connect();  // an open, idle connection must not keep it alive
+  REQUIRE(starts_with(idle.read_reply(), "220 "));
+  Client flooder;
+  if (with_flooder) {
+    // Replies it never reads are "pending output"; finishing it must not take forever.
+    flooder = srv.connect(kWait, 4096);
+    flood(flooder, milliseconds(500));
+  }
+  auto st = srv.stop(sig);
+  INFO(st.describe() << "; stderr: " << srv.child.err.text());
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+  CHECK_FALSE(st.timed_out);
+}
+
+TEST_CASE("pipelined commands in one write are answered in order") {
+  auto srv = start();
+  auto c = srv.connect();
+  std::string fqdn;
+  {
+    std::string greeting = c.read_reply();
+    REQUIRE(starts_with(greeting, "220 "));
+    fqdn = greeting.substr(4, greeting.find(' ', 4) - 4);
+  }
+  const std::string ehlo = "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250 HELP";
+  SUBCASE("envelope in one write, then the data") {
+    REQUIRE(c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
+                   "RCPT TO:<b@example.com>\r\nDATA\r\n"));
+    CHECK(c.read_reply() == ehlo);
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == kDataReply);
+    REQUIRE(c.send("Subject: piped\r\n\r\nbody\r\n.\r\nQUIT\r\n"));
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == "221 Bye");
+  }
+  SUBCASE("the whole session in one write") {
+    REQUIRE(c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
+                   "RCPT TO:<b@example.com>\r\nDATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\n"
+                   "NOOP\r\nQUIT\r\n"));
+    CHECK(c.read_reply() == ehlo);
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == kDataReply);
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == "250 OK");
+    CHECK(c.read_reply() == "221 Bye");
+  }
+  CHECK(c.wait_closed());
+  CHECK(srv.stdout_text() == printed("Subject: piped\n", "body\n"));
+}
+
+TEST_CASE("a 1 MB message is printed in full") {
+  auto srv = start();
+  auto c = srv.connect();
+  greet(c);
+  std::string body;
+  for (int i = 0; body.size() < 1000000; ++i)
+    body += "line " + std::to_string(i) + " " + std::string(60, 'x') + "\n";
+  CHECK(send_message(c, crlf("Subject: large\n\n" + body)) == "250 OK");
+  srv.child.pump();
+  const std::string& out = srv.child.out.text();
+  CHECK(out.size() == printed("Subject: large\n", body).size());
+  CHECK((out == printed("Subject: large\n", body)));
+}
+
+#ifdef __linux__
+// uid_of - the real uid of a process, from /proc/PID/status ("Uid: real eff saved fs").
+inline long uid_of(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (starts_with(line, "Uid:")) return std::stol(line.substr(4));
+  return -1;
+}
+
+TEST_CASE("started as root without -n the server runs as nobody; -n keeps the user") {
+  ignore_sigpipe();
+  if (::geteuid() != 0) {
+    // Not root: no change of user ever; both forms must run as us.
+    auto srv = ServerProcess::launch({"127.0.0.1:0"});
+    CHECK(uid_of(srv.child.pid()) == static_cast<long>(::getuid()));
+    return;
+  }
+  SUBCASE("without -n") {
+    auto srv = ServerProcess::launch({"127.0.0.1:0"});
+    CHECK(wait_until([&] { return uid_of(srv.child.pid()) != 0; }, milliseconds(2000)));
+    auto c = srv.connect();
+    CHECK(starts_with(c.read_reply(), "220 "));
+  }
+  SUBCASE("with -n") {
+    auto srv = ServerProcess::launch({"-n", "127.0.0.1:0"});
+    auto c = srv.connect();
+    CHECK(starts_with(c.read_reply(), "220 "));
+    CHECK(uid_of(srv.child.pid()) == 0);
+  }
+}
+#endif
+
+}  // namespace e2e
+}  // namespace smtpd_test

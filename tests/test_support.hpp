@@ -1,0 +1,839 @@
+// test_support.hpp - POSIX helpers for the end-to-end and interop tests.
+//
+// These tests talk to the built binary only (env SMTPD_BIN, default ./smtpd), never to
+// smtpd.cpp's internals. Everything here is bounded in time and owned by RAII objects:
+// a ServerProcess or a Client going out of scope (also when an assertion throws) kills
+// its child or closes its socket. Children also get SIGKILL from the kernel if the test
+// process dies (Linux PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind.
+//
+// Contents:
+//   1. Time and text - Deadline, wait_until, count, lines_of, starts_with
+//   2. Processes     - ExitStatus, OutputPipe, Child (spawn, pump, wait_exit), run_command
+//   3. Environment   - smtpd_bin, find_in_path
+//   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
+//                      ServerProcess (launch, wait_listening, connect, stop)
+//   5. Fixtures      - have_ipv6_loopback, BusyPort, TempFile, ignore_sigpipe
+//
+// Only loopback addresses are used (127.0.0.1, ::1). POSIX only.
+#ifndef SMTPD_TEST_SUPPORT_HPP
+#define SMTPD_TEST_SUPPORT_HPP
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+namespace smtpd_test {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+// Default bound for one wait (a reply, a line on stderr, a process exit).
+constexpr milliseconds kWait{5000};
+
+// ==== 1. Time and text ====
+
+// Deadline - a point in time; remaining_ms() is what is left, clamped to [0, INT_MAX].
+class Deadline {
+ public:
+  explicit Deadline(milliseconds timeout) : end_(Clock::now() + timeout) {}
+  bool expired() const { return Clock::now() >= end_; }
+  int remaining_ms() const {
+    auto left = std::chrono::duration_cast<milliseconds>(end_ - Clock::now()).count();
+    if (left < 0) return 0;
+    if (left > 1000000000) return 1000000000;
+    return static_cast<int>(left);
+  }
+
+ private:
+  Clock::time_point end_;
+};
+
+// wait_until - poll pred every few ms until it is true or timeout passes; returns pred().
+template <class Pred>
+bool wait_until(Pred pred, milliseconds timeout = kWait) {
+  Deadline deadline(timeout);
+  while (!pred()) {
+    if (deadline.expired()) return pred();
+    std::this_thread::sleep_for(milliseconds(2));
+  }
+  return true;
+}
+
+// count - number of non-overlapping occurrences of needle in hay.
+inline std::size_t count(const std::string& hay, const std::string& needle) {
+  std::size_t n = 0;
+  for (std::size_t pos = hay.find(needle); pos != std::string::npos;
+       pos = hay.find(needle, pos + needle.size()))
+    ++n;
+  return n;
+}
+
+// lines_of - split text on '\n' (a trailing '\n' does not make an empty last line).
+inline std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> lines;
+  std::string::size_type start = 0;
+  while (start < text.size()) {
+    auto nl = text.find('\n', start);
+    if (nl == std::string::npos) {
+      lines.push_back(text.substr(start));
+      break;
+    }
+    lines.push_back(text.substr(start, nl - start));
+    start = nl + 1;
+  }
+  return lines;
+}
+
+inline bool starts_with(const std::string& s, const std::string& prefix) {
+  return s.compare(0, prefix.size(), prefix) == 0;
+}
+
+// ==== 2. Processes ====
+
+// ExitStatus - how a child ended: exited(code), killed by a signal, or still running
+// when we gave up waiting (then the caller killed it).
+struct ExitStatus {
+  bool exited = false;
+  int code = -1;
+  int signal = 0;
+  bool timed_out = false;
+
+  std::string describe() const {
+    std::ostringstream os;
+    if (exited) os << "exit " << code;
+    else if (signal) os << "killed by signal " << signal;
+    else os << "unknown";
+    if (timed_out) os << " (after timing out)";
+    return os.str();
+  }
+};
+
+inline ExitStatus decode_status(int raw) {
+  ExitStatus st;
+  if (WIFEXITED(raw)) {
+    st.exited = true;
+    st.code = WEXITSTATUS(raw);
+  } else if (WIFSIGNALED(raw)) {
+    st.signal = WTERMSIG(raw);
+  }
+  return st;
+}
+
+// OutputPipe - the read end of a child's stdout or stderr, drained without blocking
+// into text(). Owned: closes its fd.
+class OutputPipe {
+ public:
+  OutputPipe() = default;
+  explicit OutputPipe(int fd) : fd_(fd) {
+    fcntl(fd_, F_SETFL, fcntl(fd_, F_GETFL) | O_NONBLOCK);
+  }
+  OutputPipe(const OutputPipe&) = delete;
+  OutputPipe& operator=(const OutputPipe&) = delete;
+  OutputPipe(OutputPipe&& o) noexcept { *this = std::move(o); }
+  OutputPipe& operator=(OutputPipe&& o) noexcept {
+    if (this != &o) {
+      close_fd();
+      fd_ = std::exchange(o.fd_, -1);
+      text_ = std::move(o.text_);
+      eof_ = o.eof_;
+    }
+    return *this;
+  }
+  ~OutputPipe() { close_fd(); }
+
+  int fd() const { return eof_ ? -1 : fd_; }
+  bool eof() const { return eof_; }
+  const std::string& text() const { return text_; }
+
+  // drain - read whatever is available now; never blocks.
+  void drain() {
+    if (fd_ < 0 || eof_) return;
+    char buf[65536];
+    for (;;) {
+      ssize_t n = ::read(fd_, buf, sizeof buf);
+      if (n > 0) {
+        text_.append(buf, static_cast<std::size_t>(n));
+      } else if (n == 0) {
+        eof_ = true;
+        return;
+      } else if (errno == EINTR) {
+        continue;
+      } else {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) eof_ = true;
+        return;
+      }
+    }
+  }
+
+ private:
+  void close_fd() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+  int fd_ = -1;
+  std::string text_;
+  bool eof_ = false;
+};
+
+// poll_pipes - wait up to timeout_ms for any of the pipes to become readable, then drain
+// them all. With every pipe at EOF it just sleeps a little (the caller polls something else).
+inline void poll_pipes(std::vector<OutputPipe*> pipes, int timeout_ms) {
+  std::vector<pollfd> fds;
+  for (auto* p : pipes)
+    if (p && p->fd() >= 0) fds.push_back({p->fd(), POLLIN, 0});
+  if (fds.empty()) {
+    if (timeout_ms > 0) std::this_thread::sleep_for(milliseconds(std::min(timeout_ms, 5)));
+    return;
+  }
+  ::poll(fds.data(), fds.size(), timeout_ms);
+  for (auto* p : pipes)
+    if (p) p->drain();
+}
+
+// Child - a forked-and-exec'd process with stdin on /dev/null and stdout/stderr on pipes.
+// The destructor kills (SIGKILL) and reaps it if it is still running.
+class Child {
+ public:
+  Child() = default;
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  Child(Child&& o) noexcept { *this = std::move(o); }
+  Child& operator=(Child&& o) noexcept {
+    if (this != &o) {
+      kill_and_reap();
+      pid_ = std::exchange(o.pid_, -1);
+      out = std::move(o.out);
+      err = std::move(o.err);
+      status_ = o.status_;
+    }
+    return *this;
+  }
+  ~Child() { kill_and_reap(); }
+
+  // spawn - start argv[0] (searched in PATH when it has no '/'); throws std::runtime_error
+  // when the program cannot be started (missing file, not executable). max_open_files > 0
+  // sets the child's RLIMIT_NOFILE (to provoke EMFILE).
+  static Child spawn(const std::vector<std::string>& argv, int max_open_files = 0) {
+    if (argv.empty()) throw std::runtime_error("spawn: empty argv");
+    int out_pipe[2], err_pipe[2], exec_pipe[2];
+    if (::pipe2(out_pipe, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    if (::pipe2(err_pipe, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    if (::pipe2(exec_pipe, O_CLOEXEC) != 0) throw std::runtime_error("pipe2 failed");
+    std::vector<char*> cargv;
+    for (const auto& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+    cargv.push_back(nullptr);
+    pid_t parent = ::getpid();
+
+    pid_t pid = ::fork();
+    if (pid < 0) throw std::runtime_error("fork failed");
+    if (pid == 0) {
+      // Child: async-signal-safe calls only.
+#ifdef __linux__
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != parent) _exit(127);
+#else
+      (void)parent;
+#endif
+      ::signal(SIGPIPE, SIG_DFL);
+      if (max_open_files > 0) {
+        rlimit lim{static_cast<rlim_t>(max_open_files), static_cast<rlim_t>(max_open_files)};
+        if (::setrlimit(RLIMIT_NOFILE, &lim) != 0) _exit(126);
+      }
+      int devnull = ::open("/dev/null", O_RDONLY);
+      if (devnull >= 0) ::dup2(devnull, 0);
+      ::dup2(out_pipe[1], 1);
+      ::dup2(err_pipe[1], 2);
+      ::execvp(cargv[0], cargv.data());
+      int e = errno;
+      ssize_t ignored = ::write(exec_pipe[1], &e, sizeof e);
+      (void)ignored;
+      _exit(127);
+    }
+    ::close(out_pipe[1]);
+    ::close(err_pipe[1]);
+    ::close(exec_pipe[1]);
+    Child c;
+    c.pid_ = pid;
+    c.out = OutputPipe(out_pipe[0]);
+    c.err = OutputPipe(err_pipe[0]);
+    // The exec pipe closes on a successful exec (CLOEXEC) or carries errno on failure.
+    int e = 0;
+    ssize_t n;
+    do n = ::read(exec_pipe[0], &e, sizeof e); while (n < 0 && errno == EINTR);
+    ::close(exec_pipe[0]);
+    if (n == static_cast<ssize_t>(sizeof e)) {
+      c.wait_exit(kWait);
+      throw std::runtime_error("cannot execute " + argv[0] + ": " + std::strerror(e));
+    }
+    return c;
+  }
+
+  pid_t pid() const { return pid_; }
+  bool running() {
+    reap(false);
+    return pid_ > 0;
+  }
+  const std::optional<ExitStatus>& status() const { return status_; }
+
+  // send_signal - send sig if the child is still running.
+  void send_signal(int sig) {
+    if (running()) ::kill(pid_, sig);
+  }
+
+  // pump - drain stdout and stderr without blocking (keeps the child from blocking on a
+  // full pipe). Call it from any wait loop.
+  void pump() {
+    out.drain();
+    err.drain();
+  }
+
+  // wait_exit - wait up to timeout for the child to end on its own, draining its output;
+  // on timeout kill it (SIGKILL) and mark the status timed_out. Also waits (bounded) for
+  // EOF on both pipes so all output is collected.
+  ExitStatus wait_exit(milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    bool timed_out = false;
+    while (running()) {
+      if (deadline.expired()) {
+        timed_out = true;
+        kill_and_reap();
+        break;
+      }
+      poll_pipes({&out, &err}, std::min(deadline.remaining_ms(), 10));
+    }
+    // Grandchildren could hold the pipes open; bound the wait for EOF.
+    Deadline eof_deadline(milliseconds(1000));
+    while ((!out.eof() || !err.eof()) && !eof_deadline.expired())
+      poll_pipes({&out, &err}, std::min(eof_deadline.remaining_ms(), 50));
+    pump();
+    ExitStatus st = status_.value_or(ExitStatus{});
+    st.timed_out = st.timed_out || timed_out;
+    status_ = st;
+    return st;
+  }
+
+  // wait_output - wait (draining both pipes) until pred(pipe.text()) holds, or timeout, or
+  // the pipe reached EOF. Returns pred's final value.
+  template <class Pred>
+  bool wait_output(OutputPipe& pipe, Pred pred, milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    for (;;) {
+      pump();
+      if (pred(pipe.text())) return true;
+      if (deadline.expired() || pipe.eof()) return pred(pipe.text());
+      poll_pipes({&out, &err}, std::min(deadline.remaining_ms(), 20));
+    }
+  }
+
+  OutputPipe out;
+  OutputPipe err;
+
+ private:
+  void reap(bool block) {
+    if (pid_ <= 0) return;
+    int raw = 0;
+    pid_t r;
+    do r = ::waitpid(pid_, &raw, block ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
+    if (r == pid_) {
+      status_ = decode_status(raw);
+      pid_ = -1;
+    } else if (r < 0) {
+      pid_ = -1;  // not our child any more (ECHILD): nothing left to reap
+    }
+  }
+  void kill_and_reap() {
+    if (pid_ <= 0) return;
+    reap(false);
+    if (pid_ <= 0) return;
+    ::kill(pid_, SIGKILL);
+    reap(true);
+    if (status_) status_->timed_out = true;
+  }
+
+  pid_t pid_ = -1;
+  std::optional<ExitStatus> status_;
+};
+
+// CommandResult - what run_command saw.
+struct CommandResult {
+  ExitStatus status;
+  std::string out;
+  std::string err;
+
+  bool ok() const { return status.exited && status.code == 0 && !status.timed_out; }
+  std::string describe() const {
+    return status.describe() + "\n--- stdout ---\n" + out + "\n--- stderr ---\n" + err;
+  }
+};
+
+// run_command - run argv with stdin on /dev/null, capture stdout/stderr, kill it after
+// timeout. A program that cannot be started gives exit 127 and the reason on err.
+inline CommandResult run_command(const std::vector<std::string>& argv,
+                                 milliseconds timeout = milliseconds(15000)) {
+  CommandResult r;
+  try {
+    Child c = Child::spawn(argv);
+    r.status = c.wait_exit(timeout);
+    r.out = c.out.text();
+    r.err = c.err.text();
+  } catch (const std::exception& e) {
+    r.status.exited = true;
+    r.status.code = 127;
+    r.err = e.what();
+  }
+  return r;
+}
+
+// ==== 3. Environment ====
+
+// smtpd_bin - the binary under test: $SMTPD_BIN or ./smtpd.
+inline std::string smtpd_bin() {
+  const char* env = std::getenv("SMTPD_BIN");
+  return (env && *env) ? env : "./smtpd";
+}
+
+// find_in_path - full path of an executable named name in $PATH, or "" if none.
+inline std::string find_in_path(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  std::string p = path ? path : "/usr/local/bin:/usr/bin:/bin";
+  std::stringstream ss(p);
+  std::string dir;
+  while (std::getline(ss, dir, ':')) {
+    if (dir.empty()) dir = ".";
+    std::string full = dir + "/" + name;
+    struct stat sb;
+    if (::stat(full.c_str(), &sb) == 0 && S_ISREG(sb.st_mode) && ::access(full.c_str(), X_OK) == 0)
+      return full;
+  }
+  return "";
+}
+
+// ==== 4. Sockets ====
+
+class ServerProcess;
+
+// Client - one TCP connection to a loopback address, with a line buffer. Every wait is
+// bounded; while waiting it also drains the server's stdout/stderr (if it knows the
+// server) so a server blocked on a full pipe cannot deadlock the test.
+class Client {
+ public:
+  Client() = default;
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  Client(Client&& o) noexcept { *this = std::move(o); }
+  Client& operator=(Client&& o) noexcept {
+    if (this != &o) {
+      close();
+      fd_ = std::exchange(o.fd_, -1);
+      buf_ = std::move(o.buf_);
+      eof_ = o.eof_;
+      server_ = o.server_;
+    }
+    return *this;
+  }
+  ~Client() { close(); }
+
+  // connect - to host (a numeric loopback address) and port; throws on failure/timeout.
+  // rcvbuf_bytes > 0 shrinks the receive buffer (SO_RCVBUF), so replies back up sooner.
+  static Client connect(const std::string& host, int port, ServerProcess* server = nullptr,
+                        milliseconds timeout = kWait, int rcvbuf_bytes = 0);
+
+  bool is_open() const { return fd_ >= 0; }
+  int fd() const { return fd_; }
+
+  void close() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+  // reset - close abruptly: SO_LINGER 0 makes the kernel send RST instead of FIN.
+  void reset() {
+    if (fd_ < 0) return;
+    linger lg{1, 0};
+    ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    close();
+  }
+
+  // send - write all bytes (bounded wait); false if the peer is gone or it timed out.
+  bool send(const std::string& data, milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    std::size_t off = 0;
+    while (off < data.size()) {
+      ssize_t n = ::send(fd_, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+      if (n > 0) {
+        off += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        if (deadline.expired()) return false;
+        wait_fd(POLLOUT, std::min(deadline.remaining_ms(), 20));
+        continue;
+      }
+      return false;
+    }
+    return true;
+  }
+
+  // recv_line - next line without its CRLF (or LF); nullopt on timeout or EOF.
+  std::optional<std::string> recv_line(milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    for (;;) {
+      auto nl = buf_.find('\n');
+      if (nl != std::string::npos) {
+        std::string line = buf_.substr(0, nl);
+        buf_.erase(0, nl + 1);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        return line;
+      }
+      if (eof_ || deadline.expired()) return std::nullopt;
+      fill(std::min(deadline.remaining_ms(), 20));
+    }
+  }
+
+  // read_reply - one SMTP reply (all "NNN-" lines and the final "NNN " line), lines joined
+  // with "\n"; "" on timeout/EOF (with whatever partial lines arrived prefixed "<partial>").
+  std::string read_reply(milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    std::string reply;
+    for (;;) {
+      auto line = recv_line(milliseconds(deadline.remaining_ms()));
+      if (!line) return reply.empty() ? "" : "<partial>" + reply;
+      if (!reply.empty()) reply += "\n";
+      reply += *line;
+      if (line->size() < 4 || (*line)[3] != '-') return reply;
+    }
+  }
+
+  // command - send line + CRLF and read the reply.
+  std::string command(const std::string& line, milliseconds timeout = kWait) {
+    if (!send(line + "\r\n", timeout)) return "<send failed>";
+    return read_reply(timeout);
+  }
+
+  // wait_closed - true once the server has closed the connection (EOF or reset) within
+  // timeout; unread data before EOF is kept in the buffer.
+  bool wait_closed(milliseconds timeout = kWait) {
+    Deadline deadline(timeout);
+    while (!eof_) {
+      if (deadline.expired()) return false;
+      fill(std::min(deadline.remaining_ms(), 20));
+    }
+    return true;
+  }
+
+  // pending - bytes received but not yet returned as lines.
+  const std::string& pending() const { return buf_; }
+
+  // poll_once - read what is available now (no waiting); lets a test check "nothing has
+  // arrived" without a sleep.
+  void poll_once() { fill(0); }
+
+ private:
+  void wait_fd(short events, int timeout_ms);
+  void fill(int timeout_ms) {
+    if (fd_ < 0) {
+      eof_ = true;
+      return;
+    }
+    wait_fd(POLLIN, timeout_ms);
+    char tmp[65536];
+    for (;;) {
+      ssize_t n = ::recv(fd_, tmp, sizeof tmp, 0);
+      if (n > 0) {
+        buf_.append(tmp, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n == 0) {
+        eof_ = true;
+        return;
+      }
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN && errno != EWOULDBLOCK) eof_ = true;  // reset counts as closed
+      return;
+    }
+  }
+
+  int fd_ = -1;
+  std::string buf_;
+  bool eof_ = false;
+  ServerProcess* server_ = nullptr;
+};
+
+// ServerProcess - the smtpd binary under test, started with args; waits for the
+// "listening on HOST:PORT" line on stderr. Destructor: SIGKILL and reap if still running.
+class ServerProcess {
+ public:
+  // start - spawn smtpd_bin() with args. Does not wait for the listening line.
+  static ServerProcess start(const std::vector<std::string>& args, int max_open_files = 0) {
+    std::vector<std::string> argv{smtpd_bin()};
+    argv.insert(argv.end(), args.begin(), args.end());
+    ServerProcess s;
+    s.args_ = args;
+    s.child = Child::spawn(argv, max_open_files);
+    return s;
+  }
+
+  // launch - start and wait for the listening line; throws std::runtime_error with the
+  // server's stderr if it does not appear within timeout.
+  static ServerProcess launch(const std::vector<std::string>& args,
+                              milliseconds timeout = kWait, int max_open_files = 0) {
+    ServerProcess s = start(args, max_open_files);
+    if (!s.wait_listening(timeout)) {
+      s.child.pump();
+      std::string err = s.child.err.text();
+      std::string why = s.child.running() ? "no listening line within timeout"
+                                          : "exited: " + s.child.status()->describe();
+      throw std::runtime_error("smtpd " + s.args_text() + " did not start (" + why +
+                               "); stderr: " + err);
+    }
+    return s;
+  }
+
+  // wait_listening - read stderr until a line "listening on HOST:PORT"; parses host/port.
+  bool wait_listening(milliseconds timeout = kWait) {
+    const std::string tag = "listening on ";
+    bool seen = child.wait_output(
+        child.err,
+        [&](const std::string& t) {
+          auto pos = t.find(tag);
+          return pos != std::string::npos && t.find('\n', pos) != std::string::npos;
+        },
+        timeout);
+    if (!seen) return false;
+    const std::string& t = child.err.text();
+    auto pos = t.find(tag);
+    listening_line_ = t.substr(pos, t.find('\n', pos) - pos);
+    std::string hostport = listening_line_.substr(tag.size());
+    auto colon = hostport.rfind(':');
+    if (colon == std::string::npos) return false;
+    host_ = hostport.substr(0, colon);
+    if (host_.size() >= 2 && host_.front() == '[' && host_.back() == ']')
+      host_ = host_.substr(1, host_.size() - 2);
+    try {
+      port_ = std::stoi(hostport.substr(colon + 1));
+    } catch (...) {
+      return false;
+    }
+    return port_ > 0;
+  }
+
+  const std::string& host() const { return host_; }
+  int port() const { return port_; }
+  const std::string& listening_line() const { return listening_line_; }
+  std::string args_text() const {
+    std::string s;
+    for (const auto& a : args_) s += (s.empty() ? "" : " ") + a;
+    return s;
+  }
+
+  // connect - a client to the address the server announced.
+  Client connect(milliseconds timeout = kWait, int rcvbuf_bytes = 0) {
+    return Client::connect(host_, port_, this, timeout, rcvbuf_bytes);
+  }
+
+  // stdout_text / stderr_text - everything the server printed so far (drains first).
+  const std::string& stdout_text() {
+    child.pump();
+    return child.out.text();
+  }
+  const std::string& stderr_text() {
+    child.pump();
+    return child.err.text();
+  }
+
+  // wait_stdout - wait until stdout contains needle `times` times (bounded).
+  bool wait_stdout(const std::string& needle, std::size_t times = 1,
+                   milliseconds timeout = kWait) {
+    return child.wait_output(
+        child.out, [&](const std::string& t) { return count(t, needle) >= times; }, timeout);
+  }
+  bool wait_stderr(const std::string& needle, milliseconds timeout = kWait) {
+    return child.wait_output(
+        child.err, [&](const std::string& t) { return t.find(needle) != std::string::npos; },
+        timeout);
+  }
+
+  // stop - SIGTERM (or sig), then wait up to timeout for the exit; SIGKILL after that.
+  ExitStatus stop(int sig = SIGTERM, milliseconds timeout = kWait) {
+    child.send_signal(sig);
+    return child.wait_exit(timeout);
+  }
+
+  Child child;
+
+ private:
+  std::vector<std::string> args_;
+  std::string host_;
+  int port_ = 0;
+  std::string listening_line_;
+};
+
+inline void Client::wait_fd(short events, int timeout_ms) {
+  if (server_) {
+    server_->child.pump();
+    // Wake up for either the socket or the server's pipes, whichever comes first.
+    Deadline deadline{milliseconds(timeout_ms)};
+    for (;;) {
+      std::vector<pollfd> fds{{fd_, events, 0}};
+      if (server_->child.out.fd() >= 0) fds.push_back({server_->child.out.fd(), POLLIN, 0});
+      if (server_->child.err.fd() >= 0) fds.push_back({server_->child.err.fd(), POLLIN, 0});
+      int rc = ::poll(fds.data(), fds.size(), deadline.remaining_ms());
+      server_->child.pump();
+      if (rc <= 0 || fds[0].revents != 0 || deadline.expired()) return;
+    }
+  }
+  pollfd p{fd_, events, 0};
+  ::poll(&p, 1, timeout_ms);
+}
+
+inline Client Client::connect(const std::string& host, int port, ServerProcess* server,
+                              milliseconds timeout, int rcvbuf_bytes) {
+  sockaddr_storage ss{};
+  socklen_t len = 0;
+  int family;
+  if (host.find(':') != std::string::npos) {
+    auto* a6 = reinterpret_cast<sockaddr_in6*>(&ss);
+    a6->sin6_family = AF_INET6;
+    a6->sin6_port = htons(static_cast<uint16_t>(port));
+    if (::inet_pton(AF_INET6, host.c_str(), &a6->sin6_addr) != 1)
+      throw std::runtime_error("not a numeric IPv6 address: " + host);
+    len = sizeof *a6;
+    family = AF_INET6;
+  } else {
+    auto* a4 = reinterpret_cast<sockaddr_in*>(&ss);
+    a4->sin_family = AF_INET;
+    a4->sin_port = htons(static_cast<uint16_t>(port));
+    if (::inet_pton(AF_INET, host.c_str(), &a4->sin_addr) != 1)
+      throw std::runtime_error("not a numeric IPv4 address: " + host);
+    len = sizeof *a4;
+    family = AF_INET;
+  }
+  Client c;
+  c.server_ = server;
+  c.fd_ = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (c.fd_ < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+  int one = 1;
+  ::setsockopt(c.fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (rcvbuf_bytes > 0)
+    ::setsockopt(c.fd_, SOL_SOCKET, SO_RCVBUF, &rcvbuf_bytes, sizeof rcvbuf_bytes);
+  if (::connect(c.fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    if (errno != EINPROGRESS)
+      throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": " +
+                               std::strerror(errno));
+    pollfd p{c.fd_, POLLOUT, 0};
+    if (::poll(&p, 1, static_cast<int>(timeout.count())) != 1)
+      throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": timeout");
+    int err = 0;
+    socklen_t elen = sizeof err;
+    ::getsockopt(c.fd_, SOL_SOCKET, SO_ERROR, &err, &elen);
+    if (err != 0)
+      throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": " +
+                               std::strerror(err));
+  }
+  return c;
+}
+
+// ==== 5. Fixtures ====
+
+// have_ipv6_loopback - true if a TCP socket can bind to [::1]:0 on this machine.
+inline bool have_ipv6_loopback() {
+  int fd = ::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_in6 a{};
+  a.sin6_family = AF_INET6;
+  a.sin6_addr = in6addr_loopback;
+  bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+  ::close(fd);
+  return ok;
+}
+
+// BusyPort - a listening socket on 127.0.0.1:<kernel-chosen port>, to provoke
+// "address in use". Closed by the destructor.
+class BusyPort {
+ public:
+  BusyPort() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd_ < 0) throw std::runtime_error("socket failed");
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) != 0 || ::listen(fd_, 1) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+      throw std::runtime_error(std::string("busy port: ") + std::strerror(errno));
+    port_ = ntohs(a.sin_port);
+  }
+  BusyPort(const BusyPort&) = delete;
+  BusyPort& operator=(const BusyPort&) = delete;
+  ~BusyPort() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// TempFile - a file under $TMPDIR (or /tmp) with the given contents, removed at scope end.
+class TempFile {
+ public:
+  explicit TempFile(const std::string& contents) {
+    const char* dir = std::getenv("TMPDIR");
+    std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/smtpd-test-XXXXXX";
+    std::vector<char> name(tmpl.begin(), tmpl.end());
+    name.push_back('\0');
+    int fd = ::mkstemp(name.data());
+    if (fd < 0) throw std::runtime_error("mkstemp failed");
+    path_ = name.data();
+    std::size_t off = 0;
+    while (off < contents.size()) {
+      ssize_t n = ::write(fd, contents.data() + off, contents.size() - off);
+      if (n <= 0 && errno != EINTR) break;
+      if (n > 0) off += static_cast<std::size_t>(n);
+    }
+    ::close(fd);
+  }
+  TempFile(const TempFile&) = delete;
+  TempFile& operator=(const TempFile&) = delete;
+  ~TempFile() { ::unlink(path_.c_str()); }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+// ignore_sigpipe - writing to a closed socket must fail with EPIPE, not kill the tests.
+// (send uses MSG_NOSIGNAL; this also covers anything else.)
+inline void ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
+
+}  // namespace smtpd_test
+
+#endif  // SMTPD_TEST_SUPPORT_HPP
