@@ -33,11 +33,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -83,6 +85,11 @@ constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
+constexpr long long kConnectTimeoutMs = 30 * 1000;  // --connect-timeout: reaching the upstream
+// --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
+// replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
+constexpr long long kReplyTimeoutMs = 120 * 1000;
+constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
 
 // ==== 3. Platform layer ====
 // Sockets, poll and signals differ between Winsock and BSD sockets; the difference stops here.
@@ -125,6 +132,7 @@ inline std::string socket_error_text(int err) {
 }
 inline bool address_in_use(int err) { return err == WSAEADDRINUSE; }
 inline bool out_of_descriptors(int err) { return err == WSAEMFILE || err == WSAENOBUFS; }
+inline bool connect_in_progress(int err) { return err == WSAEWOULDBLOCK || err == WSAEINPROGRESS; }
 
 // SocketRuntime - WSAStartup for the lifetime of the server
 struct SocketRuntime {
@@ -173,6 +181,7 @@ inline bool address_in_use(int err) { return err == EADDRINUSE; }
 inline bool out_of_descriptors(int err) {
   return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
+inline bool connect_in_progress(int err) { return err == EINPROGRESS || err == EINTR; }
 
 struct SocketRuntime {};
 
@@ -206,6 +215,102 @@ inline bool drop_privileges(std::string& error) {
   return true;
 }
 #endif
+
+// Socket addresses, the same on both systems once the headers above are in.
+//   Endpoint, format_endpoint, numeric_address, resolve_endpoint, start_connect, connect_error
+
+struct Endpoint {
+  std::string host;  // as given: a name, an IPv4 address or an IPv6 address without brackets
+  std::uint16_t port = 0;
+};
+
+// format_endpoint - "127.0.0.1:8025" or "[::1]:8025"
+inline std::string format_endpoint(const std::string& host, unsigned port) {
+  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
+  return host + ":" + std::to_string(port);
+}
+
+// numeric_address - IP address text and port of a socket address
+inline std::pair<std::string, unsigned> numeric_address(const sockaddr* addr, socklen_t len) {
+  char host[NI_MAXHOST] = {0}, serv[NI_MAXSERV] = {0};
+  if (getnameinfo(addr, len, host, sizeof host, serv, sizeof serv,
+                  NI_NUMERICHOST | NI_NUMERICSERV) != 0)
+    return {"?", 0};
+  std::string text = host;
+  if (text.rfind("::ffff:", 0) == 0 && text.find('.') != std::string::npos)
+    text = text.substr(7);  // an IPv4 client on a dual-stack socket
+  return {text, static_cast<unsigned>(std::atoi(serv))};
+}
+
+// SocketAddress - one resolved address, ready for connect()
+struct SocketAddress {
+  sockaddr_storage storage{};
+  socklen_t length = 0;
+  int family = AF_INET;
+};
+
+// resolve_endpoint - every address of a host, in getaddrinfo's order; empty on failure
+inline std::vector<SocketAddress> resolve_endpoint(const Endpoint& where, std::string& error) {
+  struct addrinfo hints {};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  struct addrinfo* found = nullptr;
+  std::string port = std::to_string(where.port);
+  std::vector<SocketAddress> addresses;
+  int rc = getaddrinfo(where.host.c_str(), port.c_str(), &hints, &found);
+  if (rc != 0) {
+    error = gai_strerror(rc);
+    return addresses;
+  }
+  for (struct addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    SocketAddress address;
+    std::memcpy(&address.storage, a->ai_addr, a->ai_addrlen);
+    address.length = static_cast<socklen_t>(a->ai_addrlen);
+    address.family = a->ai_family;
+    addresses.push_back(address);
+  }
+  freeaddrinfo(found);
+  return addresses;
+}
+
+// start_connect - a non-blocking connect; kInvalidSocket and `error` when it failed at once
+inline socket_t start_connect(const SocketAddress& to, std::string& error) {
+  socket_t s = socket(to.family, SOCK_STREAM, 0);
+  if (s == kInvalidSocket) {
+    error = socket_error_text(last_socket_error());
+    return s;
+  }
+  if (!set_nonblocking(s)) {
+    error = socket_error_text(last_socket_error());
+    close_socket(s);
+    return kInvalidSocket;
+  }
+  int on = 1;
+  setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
+  if (connect(s, reinterpret_cast<const sockaddr*>(&to.storage), to.length) != 0) {
+    int err = last_socket_error();
+    if (!connect_in_progress(err)) {
+      error = socket_error_text(err);
+      close_socket(s);
+      return kInvalidSocket;
+    }
+  }
+  return s;
+}
+
+// connect_error - after a non-blocking connect became writable: 0, or why it failed
+inline int connect_error(socket_t s) {
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (getsockopt(s, SOL_SOCKET, SO_ERROR, reinterpret_cast<char*>(&err), &len) != 0)
+    return last_socket_error();
+  return err;
+}
+
+// is_loopback_host - 127.0.0.0/8, ::1 or "localhost": where a relay is not an open relay
+inline bool is_loopback_host(const std::string& host) {
+  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+}
 
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
@@ -759,16 +864,19 @@ constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
 // client sent, output() holds the replies to send, and a finished message waits in
-// take_message() until the mode's verdict comes back through finish_message(). No sockets, no
+// take_message() until the mode's verdict comes back through answer(). No sockets, no
 // clock, no printing: tests and fuzzers drive it directly. State names follow smtpd.py's
 // SMTPChannel (smtp_state, seen_greeting, mailfrom, rcpttos, received_data, fqdn, peer).
-//   Channel::feed, output, consume_output, has_message, take_message, finish_message,
-//   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
+// A mode that must consult someone else (a relay asks its upstream) sets ask_envelope, and
+// then MAIL and RCPT wait for a verdict too, through the same question() and answer().
+//   Channel::feed, output, consume_output, question, take_message, answer, wants_input,
+//   is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
   std::string fqdn = "localhost";               // name in the greeting and in EHLO
   std::uint64_t data_size_limit = kDataSizeDefault;  // 0: no limit, no SIZE in EHLO
   bool enable_smtputf8 = false;                 // -u: announce and accept SMTPUTF8
+  bool ask_envelope = false;                    // MAIL and RCPT wait for the mode's verdict
   std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
 };
 
@@ -786,17 +894,20 @@ struct Envelope {
 class Channel {
  public:
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
-  // decides on a finished message, Closing after QUIT once the reply is queued.
+  // decides (question() says on what), Closing after QUIT once the reply is queued.
   enum class State { Command, Data, Waiting, Closing };
+  enum class Question { None, Mail, Rcpt, Message };
 
   Channel(ChannelConfig config, std::string peer);
 
   void feed(std::string_view bytes);
   const std::string& output() const { return output_; }
   void consume_output(std::size_t n) { output_.erase(0, n); }
-  bool has_message() const { return smtp_state == State::Waiting; }
+  Question question() const { return question_; }
+  bool has_message() const { return question_ == Question::Message; }
+  const std::string& pending_address() const { return pending_address_; }  // MAIL/RCPT asked
   Envelope take_message();
-  void finish_message(const std::string& reply);
+  void answer(const std::string& reply);
   bool wants_input() const;
   bool is_closing() const { return smtp_state == State::Closing; }
 
@@ -853,8 +964,11 @@ class Channel {
   void cmd_rset(const Arg& arg);
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
+  void ask(Question question, const std::string& address);
 
   ChannelConfig config_;
+  Question question_ = Question::None;
+  std::string pending_address_;    // the MAIL or RCPT address waiting for a verdict
   std::string output_;
   std::size_t input_pos_ = 0;     // processed prefix of received_lines
   std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
@@ -1033,6 +1147,13 @@ void Channel::end_of_data() {
     set_rset_state();
     return;
   }
+  ask(Question::Message, "");
+}
+
+// ask - wait for the mode's verdict; input stays buffered until answer()
+void Channel::ask(Question question, const std::string& address) {
+  question_ = question;
+  pending_address_ = address;
   enter_state(State::Waiting);
 }
 
@@ -1049,10 +1170,21 @@ Envelope Channel::take_message() {
   return envelope;
 }
 
-// finish_message - the mode's verdict; an empty reply means "250 OK", as in smtpd.py
-void Channel::finish_message(const std::string& reply) {
+// answer - the mode's verdict on the question asked; an empty reply means "250 OK", as in
+// smtpd.py's process_message returning None. A 2xx reply accepts the MAIL or RCPT address.
+void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
-  set_post_data_state();
+  Question question = std::exchange(question_, Question::None);
+  bool accepted = reply.empty() || reply[0] == '2';
+  if (question == Question::Message) {
+    set_post_data_state();
+  } else {
+    enter_state(State::Command);
+    if (question == Question::Mail && accepted) mailfrom = pending_address_;
+    if (question == Question::Mail && !accepted) require_smtputf8 = false;
+    if (question == Question::Rcpt && accepted) rcpttos.push_back(pending_address_);
+  }
+  pending_address_.clear();
   push(reply.empty() ? std::string(kReplyOk) : reply);
   process_input();
 }
@@ -1173,6 +1305,7 @@ void Channel::cmd_mail(const Arg& arg) {
   if (!mailfrom.empty()) return push(kReplyNestedMail);
   mail_options = python_split(ascii_upper(parsed->rest));
   if (!check_mail_params(syntax)) return;
+  if (config_.ask_envelope) return ask(Question::Mail, parsed->address);
   mailfrom = parsed->address;
   push(kReplyOk);
 }
@@ -1223,6 +1356,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
   auto params = parse_params(options);
   if (!params) return push(syntax);
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
+  if (config_.ask_envelope) return ask(Question::Rcpt, parsed->address);
   rcpttos.push_back(parsed->address);
   push(kReplyOk);
 }
@@ -1250,21 +1384,78 @@ void Channel::cmd_data(const Arg& arg) {
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 
 // ==== 8. Server modes ====
-// What happens to a finished message: the -c CLASS of smtpd.py. A mode returns the reply for
-// the end of DATA: empty for "250 OK", or a whole reply line (process_message's string).
-// A mode that cannot keep a message answers 4xx, so the client keeps it and retries.
-//   ServerMode, SinkServer (SMTPServer), DebuggingServer, format_debug_message
+// What happens to mail: the -c CLASS of smtpd.py. The loop opens a ModeSession for each client
+// and asks it about every step the channel waits on; the session answers through a Verdict,
+// at once (the sink, the printer) or later (the relay, once its upstream has replied). An
+// empty verdict means the usual success reply. A mode that cannot keep a message answers 4xx,
+// so the client keeps it and retries.
+//   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
+//   MessageMode (smtpd.py's process_message): SinkServer, DebuggingServer;
+//   UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
+
+// Reactor - the loop's services to modes: watch a socket, run a timer (section 9 has the loop)
+class Reactor {
+ public:
+  using ReadyHandler = std::function<void(short revents)>;
+  using TimerHandler = std::function<void()>;
+  virtual ~Reactor() = default;
+  virtual void watch(socket_t s, short events, ReadyHandler on_ready) = 0;  // add or change
+  virtual void unwatch(socket_t s) = 0;
+  virtual std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) = 0;
+  virtual void cancel_timer(std::uint64_t id) = 0;
+};
+
+using Verdict = std::function<void(const std::string& reply)>;
+
+// MailRequest - what a relay needs to know of an accepted-looking MAIL command
+struct MailRequest {
+  std::string address;               // "<>" for the null sender
+  std::vector<std::string> options;  // upper-cased, as the channel keeps them
+  bool smtputf8 = false;
+};
+
+// ModeSession - one client's dealings with the mode; only relays care about MAIL and RCPT
+class ModeSession {
+ public:
+  virtual ~ModeSession() = default;
+  virtual void on_mail(const MailRequest&, Verdict verdict) { verdict(""); }
+  virtual void on_rcpt(const std::string&, Verdict verdict) { verdict(""); }
+  virtual void on_message(Envelope envelope, Verdict verdict) = 0;
+};
 
 class ServerMode {
  public:
   virtual ~ServerMode() = default;
+  virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
+  virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
+};
+
+// MessageMode - a mode that judges whole messages on the spot, as smtpd.py's
+// process_message does: it returns "" for "250 OK" or the reply line to send instead
+class MessageMode : public ServerMode {
+ public:
   virtual std::string process_message(const Envelope& envelope) = 0;
+  std::unique_ptr<ModeSession> open_session(Reactor&, const std::string&) override {
+    return std::make_unique<Session>(*this);
+  }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    explicit Session(MessageMode& mode) : mode_(mode) {}
+    void on_message(Envelope envelope, Verdict verdict) override {
+      verdict(mode_.process_message(envelope));
+    }
+
+   private:
+    MessageMode& mode_;
+  };
 };
 
 // SinkServer - SMTPServer: accepts every message and discards it
 // differs from smtpd.py: its SMTPServer.process_message raises NotImplementedError and drops
 // the connection; on the command line "override process_message" can only mean a sink.
-class SinkServer : public ServerMode {
+class SinkServer : public MessageMode {
  public:
   std::string process_message(const Envelope&) override { return ""; }
 };
@@ -1307,7 +1498,7 @@ inline std::string format_debug_message(const Envelope& envelope) {
 }
 
 // DebuggingServer - prints each message on a stream, flushed before the client hears 250
-class DebuggingServer : public ServerMode {
+class DebuggingServer : public MessageMode {
  public:
   explicit DebuggingServer(std::FILE* out) : out_(out) {}
   std::string process_message(const Envelope& envelope) override {
@@ -1324,35 +1515,411 @@ class DebuggingServer : public ServerMode {
   std::FILE* out_;
 };
 
-// ==== 9. Event loop ====
-// One thread, non-blocking sockets and poll(): a listener, and a Connection per client that
-// pairs a socket with its Channel. Each turn polls every socket, accepts new clients, reads
-// what is there into channels, hands finished messages to the mode, and writes what it can.
-// A client that does not read its replies or is slow only waits for itself.
-//   Listener, open_listener, Connection, Server::run
-
-struct Endpoint {
-  std::string host;  // as given: a name, an IPv4 address or an IPv6 address without brackets
-  std::uint16_t port = 0;
+// UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
+// failed, closed or timed out) and text says why
+struct UpstreamReply {
+  int code = 0;
+  std::string text;  // all its lines, CRLF between them, none after the last
+  bool is_positive() const { return code >= 200 && code < 300; }
 };
 
-// format_endpoint - "127.0.0.1:8025" or "[::1]:8025"
-inline std::string format_endpoint(const std::string& host, unsigned port) {
-  if (host.find(':') != std::string::npos) return "[" + host + "]:" + std::to_string(port);
-  return host + ":" + std::to_string(port);
+struct UpstreamSettings {
+  std::string name;                     // "host:port", for messages
+  std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
+  std::string helo_name;                // our name in EHLO/HELO
+  long long connect_timeout_ms = kConnectTimeoutMs;
+  long long reply_timeout_ms = kReplyTimeoutMs;
+};
+
+// UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
+// send one command (or the message text), wait for its reply, and so on. One question at a
+// time; every wait has a timeout. It never blocks and never calls a handler after its end.
+class UpstreamClient {
+ public:
+  using ReplyHandler = std::function<void(const UpstreamReply&)>;
+
+  UpstreamClient(Reactor& reactor, const UpstreamSettings& settings)
+      : reactor_(reactor), settings_(settings) {}
+  ~UpstreamClient() { close(); }
+  UpstreamClient(const UpstreamClient&) = delete;
+  UpstreamClient& operator=(const UpstreamClient&) = delete;
+
+  // open - connect to the first address that answers; the greeting is the first reply
+  void open(ReplyHandler on_greeting) {
+    waiting_ = std::move(on_greeting);
+    connect_to(0);
+  }
+
+  // send - bytes out (a command line or the whole message); the handler gets the reply
+  void send(std::string bytes, ReplyHandler on_reply) {
+    if (socket_ == kInvalidSocket) {
+      UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
+      return on_reply(none);
+    }
+    out_ += bytes;
+    waiting_ = std::move(on_reply);
+    arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
+    flush();
+  }
+
+  // quit - say goodbye without waiting for the answer, then close
+  void quit() {
+    if (socket_ != kInvalidSocket && !is_connecting_ && out_.empty()) {
+      static const char kQuit[] = "QUIT\r\n";
+      ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
+    }
+    close();
+  }
+
+  bool is_open() const { return socket_ != kInvalidSocket && !is_connecting_; }
+
+ private:
+  void connect_to(std::size_t index) {
+    close_socket_only();
+    if (index >= settings_.addresses.size()) return fail("cannot connect: " + failure_);
+    address_index_ = index;
+    std::string error;
+    socket_ = start_connect(settings_.addresses[index], error);
+    if (socket_ == kInvalidSocket) {
+      failure_ = error;
+      return connect_to(index + 1);
+    }
+    is_connecting_ = true;
+    reactor_.watch(socket_, POLLOUT, [this](short revents) { on_ready(revents); });
+    arm_timer(settings_.connect_timeout_ms, "");
+  }
+
+  void on_ready(short revents) {
+    if (is_connecting_) return on_connect_ready();
+    if (revents & (POLLIN | POLLHUP | POLLERR)) read_replies();
+    if (socket_ != kInvalidSocket && (revents & POLLOUT)) flush();
+  }
+
+  void on_connect_ready() {
+    int err = connect_error(socket_);
+    if (err != 0) {
+      failure_ = socket_error_text(err);
+      return connect_to(address_index_ + 1);
+    }
+    is_connecting_ = false;
+    arm_timer(settings_.reply_timeout_ms, "sent no greeting within the reply timeout");
+    update_watch();
+  }
+
+  void update_watch() {
+    if (socket_ == kInvalidSocket) return;
+    short events = POLLIN;
+    if (!out_.empty()) events |= POLLOUT;
+    reactor_.watch(socket_, events, [this](short revents) { on_ready(revents); });
+  }
+
+  void flush() {
+    while (!out_.empty()) {
+      auto n = ::send(socket_, out_.data(), static_cast<int>(std::min<std::size_t>(out_.size(), 1 << 20)),
+                      kSendFlags);
+      if (n > 0) {
+        out_.erase(0, static_cast<std::size_t>(n));
+        continue;
+      }
+      int err = last_socket_error();
+      if (n < 0 && would_block(err)) break;
+      return fail("failed while sending: " + socket_error_text(err));
+    }
+    update_watch();
+  }
+
+  void read_replies() {
+    char buffer[16 * 1024];
+    for (;;) {
+      auto n = recv(socket_, buffer, sizeof buffer, 0);
+      if (n > 0) {
+        in_.append(buffer, static_cast<std::size_t>(n));
+        if (!take_replies()) return;  // a handler closed us, or the reply was bad
+        if (in_.size() > kUpstreamReplyLimit) return fail("sent an over-long reply");
+        continue;
+      }
+      int err = n < 0 ? last_socket_error() : 0;
+      if (n < 0 && would_block(err)) return;
+      return fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+    }
+  }
+
+  // take_replies - complete reply lines; false when this client should stop reading
+  bool take_replies() {
+    std::size_t end;
+    while ((end = in_.find('\n')) != std::string::npos) {
+      std::string line = in_.substr(0, end);
+      in_.erase(0, end + 1);
+      if (!line.empty() && line.back() == '\r') line.pop_back();
+      bool is_code = line.size() >= 3 && is_decimal(line.substr(0, 3));
+      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-')) {
+        fail("sent a malformed reply: " + printable(line.substr(0, 80)));
+        return false;
+      }
+      if (!reply_.text.empty()) reply_.text += "\r\n";
+      reply_.text += line;
+      if (line.size() > 3 && line[3] == '-') continue;
+      reply_.code = std::stoi(line.substr(0, 3));
+      UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
+      if (!deliver(reply)) return false;
+    }
+    return true;
+  }
+
+  // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
+  bool deliver(const UpstreamReply& reply) {
+    reactor_.cancel_timer(std::exchange(timer_, 0));
+    if (!waiting_) {
+      fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
+      return false;
+    }
+    ReplyHandler handler = std::exchange(waiting_, nullptr);
+    bool was_open = socket_ != kInvalidSocket;
+    handler(reply);  // may send the next command, or close this client
+    return was_open && socket_ != kInvalidSocket;
+  }
+
+  void arm_timer(long long ms, const std::string& what) {
+    reactor_.cancel_timer(timer_);
+    timer_ = reactor_.start_timer(ms, [this, what] {
+      timer_ = 0;
+      if (is_connecting_) {
+        failure_ = "timed out";
+        return connect_to(address_index_ + 1);
+      }
+      fail(what);
+    });
+  }
+
+  void fail(const std::string& why) {
+    failure_ = why;
+    close();
+    if (waiting_) std::exchange(waiting_, nullptr)(UpstreamReply{0, why});
+  }
+
+  void close_socket_only() {
+    if (socket_ == kInvalidSocket) return;
+    reactor_.unwatch(socket_);
+    close_socket(socket_);
+    socket_ = kInvalidSocket;
+    is_connecting_ = false;
+  }
+
+  void close() {
+    close_socket_only();
+    reactor_.cancel_timer(std::exchange(timer_, 0));
+    out_.clear();
+    in_.clear();
+  }
+
+  Reactor& reactor_;
+  const UpstreamSettings& settings_;
+  socket_t socket_ = kInvalidSocket;
+  bool is_connecting_ = false;
+  std::size_t address_index_ = 0;
+  std::uint64_t timer_ = 0;
+  std::string out_;
+  std::string in_;
+  UpstreamReply reply_;  // the lines of a multi-line reply so far
+  ReplyHandler waiting_;
+  std::string failure_;  // why the last attempt failed
+};
+
+// relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
+// empty line (or at the end if there is none), as smtpd.py's PureProxy inserts it; CRLF line
+// ends; dot-stuffing redone (RFC 5321 4.5.2); the final ".".
+inline std::string relay_payload(const std::string& data, const std::string& peer) {
+  std::string out;
+  out.reserve(data.size() + data.size() / 32 + peer.size() + 16);
+  bool peer_added = false;
+  auto add_line = [&out](std::string_view line) {
+    if (!line.empty() && line[0] == '.') out += '.';
+    out.append(line.data(), line.size());
+    out += "\r\n";
+  };
+  std::size_t start = 0;
+  for (;;) {
+    std::size_t end = data.find('\n', start);
+    std::string_view line(data.data() + start,
+                          (end == std::string::npos ? data.size() : end) - start);
+    if (!peer_added && line.empty()) {
+      add_line("X-Peer: " + peer);
+      peer_added = true;
+    }
+    add_line(line);
+    if (end == std::string::npos) break;
+    start = end + 1;
+  }
+  if (!peer_added) add_line("X-Peer: " + peer);
+  out += ".\r\n";
+  return out;
 }
 
-// numeric_address - IP address text and port of a socket address
-inline std::pair<std::string, unsigned> numeric_address(const sockaddr* addr, socklen_t len) {
-  char host[NI_MAXHOST] = {0}, serv[NI_MAXSERV] = {0};
-  if (getnameinfo(addr, len, host, sizeof host, serv, sizeof serv,
-                  NI_NUMERICHOST | NI_NUMERICSERV) != 0)
-    return {"?", 0};
-  std::string text = host;
-  if (text.rfind("::ffff:", 0) == 0 && text.find('.') != std::string::npos)
-    text = text.substr(7);  // an IPv4 client on a dual-stack socket
-  return {text, static_cast<unsigned>(std::atoi(serv))};
-}
+// PureProxy - relays each client's transaction to the upstream server step by step, and
+// answers the client with the upstream's own replies: MAIL, each RCPT and the end of DATA.
+// When the upstream cannot be reached or fails, the client hears 451 and keeps its mail.
+// differs from smtpd.py: Python answers 250 first, relays afterwards with a blocking client
+// (every other client waits), drops refused mail, and fails on every message in Python 3.
+class PureProxy : public ServerMode {
+ public:
+  explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
+  bool asks_envelope() const override { return true; }
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) override {
+    return std::make_unique<Session>(reactor, settings_, peer);
+  }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
+        : reactor_(reactor), settings_(settings), peer_(std::move(peer)) {}
+    ~Session() override {
+      if (upstream_) upstream_->quit();
+    }
+
+    void on_mail(const MailRequest& mail, Verdict verdict) override {
+      with_upstream([this, mail, verdict](const std::string& failure) {
+        if (!failure.empty()) return verdict(failure);
+        std::string refusal;
+        std::string command = mail_command(mail, refusal);
+        if (!refusal.empty()) return verdict(refusal);
+        auto send_mail = [this, command, verdict] {
+          upstream_->send(command, [this, verdict](const UpstreamReply& reply) {
+            in_transaction_ = reply.is_positive();
+            verdict(relayed(reply, "MAIL"));
+          });
+        };
+        if (!in_transaction_) return send_mail();
+        upstream_->send("RSET\r\n", [this, send_mail, verdict](const UpstreamReply& reply) {
+          if (!reply.is_positive()) return verdict(relayed(reply, "RSET"));
+          in_transaction_ = false;
+          send_mail();
+        });
+      });
+    }
+
+    void on_rcpt(const std::string& rcpt, Verdict verdict) override {
+      if (!upstream_ || !upstream_->is_open()) return verdict(lost());
+      upstream_->send("RCPT TO:<" + rcpt + ">\r\n", [this, verdict](const UpstreamReply& reply) {
+        verdict(relayed(reply, "RCPT"));
+      });
+    }
+
+    void on_message(Envelope envelope, Verdict verdict) override {
+      if (!upstream_ || !upstream_->is_open()) return verdict(lost());
+      auto payload = std::make_shared<std::string>(relay_payload(envelope.data, envelope.peer));
+      envelope.data.clear();
+      upstream_->send("DATA\r\n", [this, payload, verdict](const UpstreamReply& go_ahead) {
+        if (go_ahead.code != 354) return verdict(relayed(go_ahead, "DATA"));
+        upstream_->send(std::move(*payload), [this, verdict](const UpstreamReply& reply) {
+          in_transaction_ = false;
+          verdict(relayed(reply, "the message"));
+        });
+      });
+    }
+
+   private:
+    // with_upstream - an open, greeted upstream connection, or the 451 that says why not
+    void with_upstream(std::function<void(const std::string& failure)> then) {
+      if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
+      retired_ = std::move(upstream_);  // never destroyed inside its own handler
+      upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
+      is_greeted_ = false;
+      in_transaction_ = false;
+      upstream_->open([this, then](const UpstreamReply& greeting) {
+        if (!greeting.is_positive()) return then(unavailable(greeting));
+        greet(true, then);
+      });
+    }
+
+    // greet - EHLO, falling back to HELO when the upstream does not know EHLO
+    void greet(bool extended, std::function<void(const std::string& failure)> then) {
+      std::string verb = extended ? "EHLO " : "HELO ";
+      upstream_->send(verb + settings_.helo_name + "\r\n",
+                      [this, extended, then](const UpstreamReply& reply) {
+                        if (extended && reply.code >= 500) return greet(false, then);
+                        if (!reply.is_positive()) return then(unavailable(reply));
+                        extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
+                        is_greeted_ = true;
+                        then("");
+                      });
+    }
+
+    static std::vector<std::string> ehlo_keywords(const std::string& text) {
+      std::vector<std::string> keywords;
+      std::size_t start = text.find("\r\n");  // the first line is the upstream's name
+      while (start != std::string::npos) {
+        start += 2;
+        std::size_t end = text.find("\r\n", start);
+        std::string line = text.substr(start, end == std::string::npos ? end : end - start);
+        std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
+        if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+        start = end;
+      }
+      return keywords;
+    }
+
+    bool offers(const char* keyword) const {
+      return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
+    }
+
+    // mail_command - MAIL FROM with the client's parameters the upstream understands;
+    // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
+    std::string mail_command(const MailRequest& mail, std::string& refusal) const {
+      std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
+      for (const std::string& option : mail.options) {
+        std::string key = option.substr(0, option.find('='));
+        if (key == "SIZE" && offers("SIZE")) command += " " + option;
+        if (key == "BODY" && offers("8BITMIME")) command += " " + option;
+        if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
+          refusal = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
+        if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
+        if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
+          refusal = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
+      }
+      return command + "\r\n";
+    }
+
+    // relayed - the upstream's reply for the client; no reply at all becomes a 451
+    std::string relayed(const UpstreamReply& reply, const char* step) const {
+      if (reply.code == 0) return unavailable(reply);
+      if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
+      return "451 Error: unexpected reply from the upstream server to " + std::string(step) +
+             ": " + printable(reply.text.substr(0, 200));
+    }
+
+    std::string unavailable(const UpstreamReply& reply) const {
+      if (reply.code == 0)
+        return "451 Error: upstream server " + settings_.name + " " + reply.text +
+               "; try again later";
+      return "451 Error: upstream server " + settings_.name + " refused the session: " +
+             printable(reply.text.substr(0, 200));
+    }
+
+    std::string lost() const {
+      return "451 Error: the connection to upstream server " + settings_.name +
+             " was lost; try again later";
+    }
+
+    Reactor& reactor_;
+    const UpstreamSettings& settings_;
+    std::string peer_;
+    std::unique_ptr<UpstreamClient> upstream_;
+    std::unique_ptr<UpstreamClient> retired_;
+    bool is_greeted_ = false;
+    bool in_transaction_ = false;
+    std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
+  };
+
+  UpstreamSettings settings_;
+};
+
+// ==== 9. Event loop ====
+// One thread, non-blocking sockets and poll(): the listener, a Connection per client that pairs
+// its socket with its Channel and its ModeSession, and the sockets and timers modes ask for
+// (Reactor). Each turn polls everything, serves what is ready, fires due timers and accepts
+// new clients. A slow client, or a slow upstream, only ever holds up the clients it serves.
+//   StartError, open_listener, Connection, ServerOptions, Server (run, pump, the Reactor)
 
 class StartError : public std::runtime_error {
  public:
@@ -1361,22 +1928,17 @@ class StartError : public std::runtime_error {
 
 // open_listener - bind and listen on the first address the host resolves to (as smtpd.py)
 inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
-  struct addrinfo hints {};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  struct addrinfo* found = nullptr;
-  std::string port = std::to_string(where.port);
-  int rc = getaddrinfo(where.host.c_str(), port.c_str(), &hints, &found);
-  if (rc != 0 || found == nullptr)
-    throw StartError("cannot resolve " + where.host + ": " + gai_strerror(rc));
-  std::unique_ptr<struct addrinfo, void (*)(struct addrinfo*)> guard(found, freeaddrinfo);
-  socket_t s = socket(found->ai_family, found->ai_socktype, found->ai_protocol);
+  std::string error;
+  std::vector<SocketAddress> addresses = resolve_endpoint(where, error);
+  if (addresses.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
+  const SocketAddress& first = addresses.front();
+  socket_t s = socket(first.family, SOCK_STREAM, 0);
   if (s == kInvalidSocket)
     throw StartError("cannot create a socket: " + socket_error_text(last_socket_error()));
   int on = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
   std::string target = format_endpoint(where.host, where.port);
-  if (bind(s, found->ai_addr, static_cast<socklen_t>(found->ai_addrlen)) != 0) {
+  if (bind(s, reinterpret_cast<const sockaddr*>(&first.storage), first.length) != 0) {
     int err = last_socket_error();
     close_socket(s);
     throw StartError("cannot listen on " + target + ": " + socket_error_text(err) +
@@ -1395,17 +1957,25 @@ inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
   return s;
 }
 
-// Connection - one client: its socket, its channel, and whether it has hung up
+// Connection - one client: its socket, its channel, its session with the mode
 struct Connection {
-  Connection(socket_t s, ChannelConfig config, std::string peer_ip)
-      : socket(s), channel(std::move(config), std::move(peer_ip)) {}
-  ~Connection() { close_socket(socket); }
+  Connection(std::uint64_t connection_id, socket_t s, ChannelConfig config, std::string peer_ip)
+      : id(connection_id), socket(s), channel(std::move(config), std::move(peer_ip)) {}
+  ~Connection() {
+    session.reset();  // first, while the socket number is still ours
+    close_socket(socket);
+  }
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
 
+  std::uint64_t id;
   socket_t socket;
   Channel channel;
-  bool is_dead = false;  // hung up, failed, or done after QUIT: close at the end of the turn
+  std::unique_ptr<ModeSession> session;
+  bool is_asking = false;      // a question is with the mode; its verdict has not come yet
+  bool is_pumping = false;     // pump() is on the stack for this connection
+  bool is_input_closed = false;  // the client sent EOF; finish what it asked, then close
+  bool is_dead = false;        // closed at the end of this turn
 };
 
 struct ServerOptions {
@@ -1413,45 +1983,128 @@ struct ServerOptions {
   bool debug = false;
 };
 
-class Server {
+class Server : public Reactor {
  public:
   Server(socket_t listener, ServerOptions options, ServerMode& mode)
-      : listener_(listener), options_(std::move(options)), mode_(mode) {}
-  ~Server() {
+      : listener_(listener), options_(std::move(options)), mode_(mode) {
+    options_.channel.ask_envelope = mode.asks_envelope();
+  }
+  ~Server() override {
+    connections_.clear();
     if (listener_ != kInvalidSocket) close_socket(listener_);
   }
 
-  // run - serve until a stop is requested; finishes queued replies before returning
+  // run - serve until a stop is requested; queued replies get a moment to leave
   void run() {
-    std::vector<pollfd_t> fds;
-    while (!g_stop_requested) {
-      fds.clear();
-      int wait_ms = kPollWakeMs;
-      long long pause_left = accept_paused_until_ms_ - now_ms();
-      if (pause_left > 0) wait_ms = static_cast<int>(std::min<long long>(wait_ms, pause_left));
-      fds.push_back(pollfd_t{listener_, static_cast<short>(pause_left > 0 ? 0 : POLLIN), 0});
-      for (auto& c : connections_) fds.push_back(pollfd_t{c->socket, events_for(*c), 0});
-      int ready = poll_sockets(fds.data(), fds.size(), wait_ms);
-      if (ready < 0) {
-        int err = last_socket_error();
-        if (interrupted(err)) continue;
-        throw StartError("poll failed: " + socket_error_text(err));
-      }
-      // Connections accepted this turn come after the polled ones and wait for the next turn.
-      std::size_t polled = connections_.size();
-      for (std::size_t i = 0; i < polled; ++i) serve(*connections_[i], fds[i + 1].revents);
-      if (fds[0].revents & POLLIN) accept_clients();
-      close_dead();
-    }
+    while (!g_stop_requested) turn();
     flush_before_exit();
   }
 
   std::size_t connection_count() const { return connections_.size(); }
 
+  // Reactor: the sockets and timers modes ask for
+  void watch(socket_t s, short events, ReadyHandler on_ready) override {
+    Watcher& w = watchers_[s];
+    w.events = events;
+    w.on_ready = std::move(on_ready);
+    w.generation = ++last_generation_;
+  }
+  void unwatch(socket_t s) override { watchers_.erase(s); }
+  std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) override {
+    std::uint64_t id = ++last_timer_id_;
+    timers_[id] = Timer{now_ms() + delay_ms, std::move(on_expiry)};
+    return id;
+  }
+  void cancel_timer(std::uint64_t id) override { timers_.erase(id); }
+
  private:
+  struct Watcher {
+    short events = 0;
+    ReadyHandler on_ready;
+    std::uint64_t generation = 0;  // a watch renewed during a turn ignores that turn's events
+  };
+  struct Timer {
+    long long deadline_ms;
+    TimerHandler on_expiry;
+  };
+  // What each pollfd of a turn stands for.
+  struct Polled {
+    Connection* connection;   // or nullptr for a watcher
+    socket_t watched;
+    std::uint64_t generation;
+  };
+
+  static long long now_ms() {
+    using namespace std::chrono;
+    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  }
+
+  // turn - one poll over everything, then serve what is ready
+  void turn() {
+    fds_.clear();
+    polled_.clear();
+    long long now = now_ms();
+    bool accepting = accept_paused_until_ms_ <= now;
+    fds_.push_back(pollfd_t{listener_, static_cast<short>(accepting ? POLLIN : 0), 0});
+    polled_.push_back(Polled{nullptr, kInvalidSocket, 0});
+    for (auto& c : connections_) {
+      fds_.push_back(pollfd_t{c->socket, events_for(*c), 0});
+      polled_.push_back(Polled{c.get(), kInvalidSocket, 0});
+    }
+    for (auto& [s, w] : watchers_) {
+      fds_.push_back(pollfd_t{s, w.events, 0});
+      polled_.push_back(Polled{nullptr, s, w.generation});
+    }
+    int ready = poll_sockets(fds_.data(), fds_.size(), wait_ms(now, accepting));
+    if (ready < 0) {
+      int err = last_socket_error();
+      if (interrupted(err)) return;
+      throw StartError("poll failed: " + socket_error_text(err));
+    }
+    for (std::size_t i = 1; i < fds_.size(); ++i) {
+      if (fds_[i].revents == 0) continue;
+      if (polled_[i].connection != nullptr)
+        serve(*polled_[i].connection, fds_[i].revents);
+      else
+        serve_watcher(polled_[i], fds_[i].revents);
+    }
+    fire_timers();
+    if (fds_[0].revents & POLLIN) accept_clients();
+    close_dead();
+  }
+
+  // wait_ms - until the next timer, the end of an accept pause, or the usual wake-up
+  int wait_ms(long long now, bool accepting) const {
+    long long wait = kPollWakeMs;
+    if (!accepting) wait = std::min(wait, accept_paused_until_ms_ - now);
+    for (const auto& [id, timer] : timers_) wait = std::min(wait, timer.deadline_ms - now);
+    return static_cast<int>(std::max(0LL, wait));
+  }
+
+  void serve_watcher(const Polled& p, short revents) {
+    auto it = watchers_.find(p.watched);
+    if (it == watchers_.end() || it->second.generation != p.generation) return;
+    ReadyHandler handler = it->second.on_ready;  // a copy: the handler may unwatch itself
+    handler(revents);
+  }
+
+  void fire_timers() {
+    long long now = now_ms();
+    std::vector<std::uint64_t> due;
+    for (const auto& [id, timer] : timers_)
+      if (timer.deadline_ms <= now) due.push_back(id);
+    for (std::uint64_t id : due) {
+      auto it = timers_.find(id);
+      if (it == timers_.end()) continue;  // cancelled by an earlier one
+      TimerHandler handler = std::move(it->second.on_expiry);
+      timers_.erase(it);
+      handler();
+    }
+  }
+
   short events_for(const Connection& c) const {
     short events = 0;
-    if (c.channel.wants_input()) events |= POLLIN;
+    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty()) events |= POLLOUT;
     return events;
   }
@@ -1488,26 +2141,25 @@ class Server {
       trace("connection from " + format_endpoint(ip, port));
       ChannelConfig config = options_.channel;
       if (options_.debug) config.trace = [](const std::string& line) { log_line(line); };
-      connections_.push_back(std::make_unique<Connection>(s, std::move(config), ip));
+      auto c = std::make_unique<Connection>(++last_connection_id_, s, std::move(config), ip);
+      c->session = mode_.open_session(*this, ip);
+      by_id_[c->id] = c.get();
+      connections_.push_back(std::move(c));
       write_some(*connections_.back());  // the greeting
     }
   }
 
-  // serve - one polled connection: read, let the mode judge messages, write
+  // serve - one polled connection: read, let the mode answer, write
   void serve(Connection& c, short revents) {
     if (c.is_dead) return;
     if (revents & (POLLIN | POLLHUP | POLLERR)) read_some(c);
-    deliver_messages(c);
-    if (!c.is_dead && !c.channel.output().empty()) write_some(c);
-    if (c.channel.is_closing() && c.channel.output().empty()) c.is_dead = true;
+    pump(c);
+    settle(c);
   }
 
   void read_some(Connection& c) {
     static char buffer[kReadChunk];
-    if (!c.channel.wants_input()) {
-      // Not reading now; still notice a hang-up so a dead client does not linger.
-      return;
-    }
+    if (c.is_input_closed || !c.channel.wants_input()) return;
     auto n = recv(c.socket, buffer, sizeof buffer, 0);
     if (n > 0) {
       c.channel.feed(std::string_view(buffer, static_cast<std::size_t>(n)));
@@ -1515,15 +2167,64 @@ class Server {
     }
     int err = n < 0 ? last_socket_error() : 0;
     if (n < 0 && would_block(err)) return;
-    trace(c.channel.peer + (n == 0 ? " closed the connection" : " failed: " + socket_error_text(err)));
-    c.is_dead = true;  // a message not finished with "." was never answered 250: drop it
+    if (n < 0) {
+      trace(c.channel.peer + " failed: " + socket_error_text(err));
+      c.is_dead = true;
+      return;
+    }
+    // EOF: the client may still wait for replies to what it sent (a half-close after QUIT).
+    // A message not finished with "." was never answered 250, so nothing is lost.
+    trace(c.channel.peer + " closed its side of the connection");
+    c.is_input_closed = true;
   }
 
-  void deliver_messages(Connection& c) {
-    while (!c.is_dead && c.channel.has_message()) {
-      Envelope envelope = c.channel.take_message();
-      c.channel.finish_message(mode_.process_message(envelope));
+  // pump - hand the channel's questions to the mode until one has to wait for its answer
+  void pump(Connection& c) {
+    if (c.is_pumping) return;  // called from a verdict inside the loop below: it goes on
+    c.is_pumping = true;
+    while (!c.is_dead && !c.is_asking && c.channel.question() != Channel::Question::None) {
+      c.is_asking = true;
+      ask(c);
     }
+    c.is_pumping = false;
+  }
+
+  void ask(Connection& c) {
+    Verdict verdict = [this, id = c.id](const std::string& reply) { on_verdict(id, reply); };
+    switch (c.channel.question()) {
+      case Channel::Question::Mail:
+        return c.session->on_mail(
+            MailRequest{c.channel.pending_address(), c.channel.mail_options,
+                        c.channel.require_smtputf8},
+            verdict);
+      case Channel::Question::Rcpt:
+        return c.session->on_rcpt(c.channel.pending_address(), verdict);
+      case Channel::Question::Message:
+        return c.session->on_message(c.channel.take_message(), verdict);
+      case Channel::Question::None:
+        c.is_asking = false;
+        return;
+    }
+  }
+
+  // on_verdict - the mode answered, now or later; a closed connection no longer cares
+  void on_verdict(std::uint64_t id, const std::string& reply) {
+    auto it = by_id_.find(id);
+    if (it == by_id_.end() || it->second->is_dead) return;
+    Connection& c = *it->second;
+    c.is_asking = false;
+    c.channel.answer(reply);
+    if (c.is_pumping) return;  // the pump loop on the stack carries on
+    pump(c);
+    settle(c);
+  }
+
+  // settle - write what is queued; close when the conversation is over
+  void settle(Connection& c) {
+    if (!c.is_dead && !c.channel.output().empty()) write_some(c);
+    bool is_waiting = c.is_asking || c.channel.question() != Channel::Question::None;
+    bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
+    if (is_done && c.channel.output().empty()) c.is_dead = true;
   }
 
   void write_some(Connection& c) {
@@ -1541,6 +2242,8 @@ class Server {
   }
 
   void close_dead() {
+    for (auto& c : connections_)
+      if (c->is_dead) by_id_.erase(c->id);
     auto dead = [](const std::unique_ptr<Connection>& c) { return c->is_dead; };
     connections_.erase(std::remove_if(connections_.begin(), connections_.end(), dead),
                        connections_.end());
@@ -1561,11 +2264,7 @@ class Server {
       poll_sockets(&none, 0, 50);
     }
     connections_.clear();
-  }
-
-  static long long now_ms() {
-    using namespace std::chrono;
-    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+    by_id_.clear();
   }
 
   socket_t listener_;
@@ -1574,6 +2273,14 @@ class Server {
   ServerOptions options_;
   ServerMode& mode_;
   std::vector<std::unique_ptr<Connection>> connections_;
+  std::unordered_map<std::uint64_t, Connection*> by_id_;
+  std::uint64_t last_connection_id_ = 0;
+  std::unordered_map<socket_t, Watcher> watchers_;
+  std::uint64_t last_generation_ = 0;
+  std::map<std::uint64_t, Timer> timers_;
+  std::uint64_t last_timer_id_ = 0;
+  std::vector<pollfd_t> fds_;
+  std::vector<Polled> polled_;
 };
 
 // ==== 10. Command line ====
@@ -1593,6 +2300,8 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
+  long long connect_timeout_ms = kConnectTimeoutMs;
+  long long reply_timeout_ms = kReplyTimeoutMs;
 };
 
 class UsageError : public std::runtime_error {
@@ -1666,6 +2375,16 @@ inline std::uint64_t parse_size(const std::string& text) {
   return std::stoull(text);
 }
 
+// parse_seconds - a positive number of seconds (fractions allowed) as milliseconds
+inline long long parse_seconds(const std::string& text, const char* option) {
+  char* end = nullptr;
+  double seconds = std::strtod(text.c_str(), &end);
+  if (text.empty() || end == nullptr || *end != '\0' || !(seconds > 0) || seconds > 86400)
+    throw UsageError(std::string("invalid ") + option + ": " + text +
+                     " (expected seconds, more than 0 and at most 86400)");
+  return std::max(1LL, static_cast<long long>(seconds * 1000));
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -1687,6 +2406,12 @@ inline cxxopts::Options build_options() {
                  "limit (default 33554432).",
        cxxopts::value<std::string>(), "LIMIT")
       ("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")
+      ("connect-timeout", "PureProxy: seconds to wait for the upstream server to accept the "
+                          "connection (default 30).",
+       cxxopts::value<std::string>(), "SECONDS")
+      ("reply-timeout", "PureProxy: seconds to wait for each reply of the upstream server "
+                        "(default 120).",
+       cxxopts::value<std::string>(), "SECONDS")
       ("d,debug", "Trace the SMTP dialogue and connections on stderr.")
       ("h,help", "Print this help and exit.")
       ("addresses", "", cxxopts::value<std::vector<std::string>>());
@@ -1718,6 +2443,11 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   s.enable_smtputf8 = result.count("smtputf8") > 0;
   if (result.count("size")) s.size_limit = parse_size(result["size"].as<std::string>());
   if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
+  if (result.count("connect-timeout"))
+    s.connect_timeout_ms =
+        parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
+  if (result.count("reply-timeout"))
+    s.reply_timeout_ms = parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -1730,21 +2460,45 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
+// upstream_settings - the relay's upstream, resolved once at start so the loop never waits
+// for a name lookup; throws StartError when the name does not resolve
+inline UpstreamSettings upstream_settings(const Settings& s, const std::string& our_name) {
+  UpstreamSettings upstream;
+  upstream.name = format_endpoint(s.remote.host, s.remote.port);
+  std::string error;
+  upstream.addresses = resolve_endpoint(s.remote, error);
+  if (upstream.addresses.empty())
+    throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
+  upstream.helo_name = our_name;
+  upstream.connect_timeout_ms = s.connect_timeout_ms;
+  upstream.reply_timeout_ms = s.reply_timeout_ms;
+  return upstream;
+}
+
 // make_mode - the ServerMode for a Settings; modes not yet built are refused by name
-inline std::unique_ptr<ServerMode> make_mode(const Settings& s) {
+inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::string& our_name) {
   switch (s.mode) {
     case ModeKind::Sink: return std::make_unique<SinkServer>();
     case ModeKind::Debugging: return std::make_unique<DebuggingServer>(stdout);
-    case ModeKind::PureProxy:
+    case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
     case ModeKind::MailmanProxy: break;
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
 }
 
+// warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
+inline void warn_if_open_relay(const Settings& s, const std::string& bound) {
+  if (s.mode != ModeKind::PureProxy || is_loopback_host(s.local.host)) return;
+  log_line("warning: " + std::string(mode_name(s.mode)) + " on " + bound +
+           " relays mail from anyone who can connect: this can make an open relay");
+}
+
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
+  [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
+  std::string our_name;
   try {
     CommandLine cl = parse_command_line(argc, argv);
     if (!cl.settings) {
@@ -1752,12 +2506,15 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitOk;
     }
     settings = *cl.settings;
-    mode = make_mode(settings);
+    our_name = fully_qualified_hostname();
+    mode = make_mode(settings, our_name);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
+  } catch (const StartError& e) {
+    log_line(e.what());
+    return kExitCannotListen;
   }
-  [[maybe_unused]] SocketRuntime sockets;
   install_stop_handlers();
   std::string bound;
   socket_t listener;
@@ -1776,12 +2533,13 @@ inline int run_smtpd(int argc, const char* const* argv) {
     }
   }
   ServerOptions options;
-  options.channel.fqdn = fully_qualified_hostname();
+  options.channel.fqdn = our_name;
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.debug = settings.debug;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
   std::fflush(stderr);
+  warn_if_open_relay(settings, bound);
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));

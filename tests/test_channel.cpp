@@ -30,7 +30,7 @@ struct Session {
   Envelope deliver(const std::string& reply = "") {
     REQUIRE(channel.has_message());
     Envelope e = channel.take_message();
-    channel.finish_message(reply);
+    channel.answer(reply);
     return e;
   }
   Channel channel;
