@@ -61,6 +61,7 @@
 #include <pwd.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #endif
 
@@ -90,6 +91,9 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;  // --connect-timeout: reachi
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
 constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
+constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
+constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
 
 // ==== 3. Platform layer ====
 // Sockets, poll and signals differ between Winsock and BSD sockets; the difference stops here.
@@ -155,6 +159,26 @@ inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
 }
+
+// Child processes (--exec) are POSIX only for now: CreateProcess with overlapped pipes does
+// not fit WSAPoll, which polls sockets only.
+using process_t = int;
+struct ChildProcess {
+  process_t pid = -1;
+  socket_t to_child = kInvalidSocket;    // its standard input
+  socket_t from_child = kInvalidSocket;  // its standard output
+};
+inline bool spawn_shell(const std::string&, const std::vector<std::pair<std::string, std::string>>&,
+                        ChildProcess&, std::string& error) {
+  error = "running commands is not supported on Windows yet";
+  return false;
+}
+inline void kill_child(const ChildProcess&) {}
+inline bool reap_child(const ChildProcess&, int& exit_code) {
+  exit_code = -1;
+  return true;
+}
+inline void close_pipe(socket_t) {}
 #else
 using socket_t = int;
 using pollfd_t = struct pollfd;
@@ -213,6 +237,77 @@ inline bool drop_privileges(std::string& error) {
     return false;
   }
   return true;
+}
+
+// Child processes for --exec: /bin/sh -c COMMAND in its own process group, with pipes for its
+// standard input and output that the loop polls like sockets.
+using process_t = pid_t;
+struct ChildProcess {
+  process_t pid = -1;
+  socket_t to_child = kInvalidSocket;    // its standard input
+  socket_t from_child = kInvalidSocket;  // its standard output
+};
+
+// spawn_shell - start `sh -c command` with extra environment variables; false and `error`
+// when it could not start
+inline bool spawn_shell(const std::string& command,
+                        const std::vector<std::pair<std::string, std::string>>& environment,
+                        ChildProcess& child, std::string& error) {
+  int in[2], out[2];
+  if (pipe(in) != 0) return error = std::strerror(errno), false;
+  if (pipe(out) != 0) {
+    error = std::strerror(errno);
+    ::close(in[0]), ::close(in[1]);
+    return false;
+  }
+  pid_t pid = fork();
+  if (pid < 0) {
+    error = std::strerror(errno);
+    for (int fd : {in[0], in[1], out[0], out[1]}) ::close(fd);
+    return false;
+  }
+  if (pid == 0) {  // the child: only async-signal-safe calls matter here, and setenv is fine
+    setpgid(0, 0);  // so a timeout can kill what the command started too
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    for (int fd : {in[0], in[1], out[0], out[1]}) ::close(fd);
+    signal(SIGPIPE, SIG_DFL);
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
+    for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
+    execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  setpgid(pid, pid);  // also here, so the group exists before we might kill it
+  ::close(in[0]);
+  ::close(out[1]);
+  child.pid = pid;
+  child.to_child = in[1];
+  child.from_child = out[0];
+  set_nonblocking(child.to_child);
+  set_nonblocking(child.from_child);
+  fcntl(child.to_child, F_SETFD, FD_CLOEXEC);
+  fcntl(child.from_child, F_SETFD, FD_CLOEXEC);
+  return true;
+}
+
+// kill_child - the command and everything it started
+inline void kill_child(const ChildProcess& child) {
+  if (child.pid > 0) kill(-child.pid, SIGKILL);
+}
+
+// reap_child - true once the child has ended; exit_code is its status, or 128+signal
+inline bool reap_child(const ChildProcess& child, int& exit_code) {
+  int status = 0;
+  pid_t done = waitpid(child.pid, &status, WNOHANG);
+  if (done == 0) return false;
+  if (done < 0) return exit_code = -1, true;
+  exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  return true;
+}
+
+inline void close_pipe(socket_t fd) {
+  if (fd != kInvalidSocket) ::close(fd);
 }
 #endif
 
@@ -1391,6 +1486,7 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 // so the client keeps it and retries.
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
 //   MessageMode (smtpd.py's process_message): SinkServer, DebuggingServer;
+//   CommandRun (one run of the --exec command);
 //   UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
 
 // Reactor - the loop's services to modes: watch a socket, run a timer (section 9 has the loop)
@@ -1513,6 +1609,161 @@ class DebuggingServer : public MessageMode {
 
  private:
   std::FILE* out_;
+};
+
+// CommandRun - one run of the --exec command for one message, inside the loop: the message
+// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
+// first line of output become the reply (smtpd.py's process_message, as a program).
+//   exit 0, no reply code printed   -> "" (250 OK)
+//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
+//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
+class CommandRun {
+ public:
+  using Done = std::function<void(const std::string& reply)>;
+
+  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+      : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
+  ~CommandRun() { stop(); }
+  CommandRun(const CommandRun&) = delete;
+  CommandRun& operator=(const CommandRun&) = delete;
+
+  // start - run the command for this message; `done` is called once, later or at once
+  void start(const Envelope& envelope, Done done) {
+    done_ = std::move(done);
+    input_ = envelope.data;
+    if (!input_.empty() && input_.back() != '\n') input_ += '\n';
+    std::string error;
+    if (!spawn_shell(command_, environment_for(envelope), child_, error))
+      return finish("451 Error: cannot run the --exec command: " + error);
+    is_running_ = true;
+    timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
+    reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
+    reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
+  }
+
+  static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
+    auto joined = [](const std::vector<std::string>& items) {
+      std::string out;
+      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
+      return out;
+    };
+    return {{"SMTPD_PEER", e.peer},
+            {"SMTPD_MAILFROM", e.mailfrom},
+            {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+            {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+            {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+  }
+
+  // reply_for - the reply for an exit status and what the command printed
+  static std::string reply_for(int exit_code, const std::string& output) {
+    if (exit_code != 0)
+      return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
+             "); try again later";
+    std::string line = output.substr(0, output.find('\n'));
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
+                    (line.size() == 3 || line[3] == ' ' || line[3] == '-') &&
+                    line[0] >= '2' && line[0] <= '5';
+    return has_code ? printable(line) : "";
+  }
+
+ private:
+  void write_input() {
+    while (written_ < input_.size()) {
+      auto n = ::write(child_.to_child, input_.data() + written_,
+                       std::min<std::size_t>(input_.size() - written_, 1 << 16));
+      if (n > 0) {
+        written_ += static_cast<std::size_t>(n);
+        continue;
+      }
+      if (n < 0 && would_block(errno)) return;
+      break;  // the command does not read all of it (EPIPE): that is its business
+    }
+    close_input();
+  }
+
+  void close_input() {
+    if (child_.to_child == kInvalidSocket) return;
+    reactor_.unwatch(child_.to_child);
+    close_pipe(child_.to_child);
+    child_.to_child = kInvalidSocket;
+  }
+
+  void read_output() {
+    char buffer[4096];
+    for (;;) {
+      auto n = ::read(child_.from_child, buffer, sizeof buffer);
+      if (n > 0) {
+        if (output_.size() < kExecOutputLimit) output_.append(buffer, static_cast<std::size_t>(n));
+        continue;
+      }
+      if (n < 0 && would_block(errno)) return;
+      break;  // end of its output: it is about to exit, if it has not already
+    }
+    reactor_.unwatch(child_.from_child);
+    close_pipe(child_.from_child);
+    child_.from_child = kInvalidSocket;
+    wait_for_exit();
+  }
+
+  // wait_for_exit - the output is closed; look for the exit status until it comes
+  void wait_for_exit() {
+    int exit_code = 0;
+    if (!reap_child(child_, exit_code)) {
+      reap_timer_ = reactor_.start_timer(kExecReapPollMs, [this] {
+        reap_timer_ = 0;
+        wait_for_exit();
+      });
+      return;
+    }
+    is_running_ = false;
+    finish(reply_for(exit_code, output_));
+  }
+
+  void on_timeout() {
+    timer_ = 0;
+    kill_child(child_);
+    stop();
+    finish("451 Error: the --exec command ran longer than " + std::to_string(timeout_ms_ / 1000) +
+           " s and was stopped; try again later");
+  }
+
+  // stop - no more events from this run; a command still running is killed and reaped
+  void stop() {
+    reactor_.cancel_timer(std::exchange(timer_, 0));
+    reactor_.cancel_timer(std::exchange(reap_timer_, 0));
+    close_input();
+    if (child_.from_child != kInvalidSocket) {
+      reactor_.unwatch(child_.from_child);
+      close_pipe(child_.from_child);
+      child_.from_child = kInvalidSocket;
+    }
+    if (is_running_) {
+      int exit_code;
+      kill_child(child_);
+      for (int i = 0; i < 100 && !reap_child(child_, exit_code); ++i) {
+        pollfd_t none{};
+        poll_sockets(&none, 0, 10);  // SIGKILL is quick; bounded at 1 s all the same
+      }
+      is_running_ = false;
+    }
+  }
+
+  void finish(const std::string& reply) {
+    if (done_) std::exchange(done_, nullptr)(reply);
+  }
+
+  Reactor& reactor_;
+  std::string command_;
+  long long timeout_ms_;
+  ChildProcess child_;
+  bool is_running_ = false;
+  std::string input_;
+  std::size_t written_ = 0;
+  std::string output_;
+  std::uint64_t timer_ = 0;
+  std::uint64_t reap_timer_ = 0;
+  Done done_;
 };
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
