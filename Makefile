@@ -58,7 +58,7 @@ deps:
 
 # Rebuild when the compiler or flags change, not only when sources do.
 BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(CPPFLAGS) | $(CXXFLAGS) | $(LDFLAGS) | $(LDLIBS)
-.build-flags: FORCE
+.build-flags: FORCE | deps
 	@echo '$(BUILD_ID)' | cmp -s - $@ || echo '$(BUILD_ID)' > $@
 
 smtpd: smtpd.cpp .build-flags | deps

@@ -11,6 +11,8 @@
 namespace smtpd_test {
 namespace interop {
 
+TEST_SUITE_BEGIN("interop");
+
 // require_tool - full path of program; fails the test naming the Debian package if absent.
 inline std::string require_tool(const std::string& program, const std::string& package) {
   std::string path = find_in_path(program);
@@ -27,15 +29,16 @@ inline ServerProcess start(std::vector<std::string> options = {}) {
   return ServerProcess::launch(options);
 }
 
-// kSmtplibSend - python3 -c script: argv = port, mail options (comma list or ""), then the
-// message bytes come from the Python literal in argv[3] (UTF-8 text, "\n" line ends).
-// Prints "sent" on success; any smtplib exception makes it exit 1 with a traceback.
+// kSmtplibSend - python3 -c script; argv: port, mail options (comma-separated or ""),
+// sender, message (UTF-8, "\n" line ends, sent with CRLF). os.fsencode gives back the
+// argument bytes whatever the locale. Prints "sent" on success; an smtplib exception
+// makes it exit 1 with a traceback.
 constexpr const char* kSmtplibSend = R"PY(
-import smtplib, sys
+import os, smtplib, sys
 port = int(sys.argv[1])
 options = [o for o in sys.argv[2].split(',') if o]
-sender = sys.argv[3]
-message = sys.argv[4].replace('\n', '\r\n').encode('utf-8')
+sender = os.fsencode(sys.argv[3]).decode('utf-8')
+message = os.fsencode(sys.argv[4]).replace(b'\n', b'\r\n')
 with smtplib.SMTP('127.0.0.1', port, timeout=10) as s:
     refused = s.sendmail(sender, ['b@example.com'], message, mail_options=options)
     assert not refused, refused
@@ -185,6 +188,8 @@ TEST_CASE("swaks sending a large body to smtpd -s 100 is refused with 552") {
   srv.stop();
   CHECK(srv.child.out.text() == "");
 }
+
+TEST_SUITE_END();
 
 }  // namespace interop
 }  // namespace smtpd_test
