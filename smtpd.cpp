@@ -2684,7 +2684,11 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   try {
     result = options.parse(argc, argv);
   } catch (const std::exception& e) {
-    throw UsageError(e.what());
+    // cxxopts quotes names with U+2018/U+2019; a one-line error should be plain ASCII
+    std::string text = e.what();
+    for (const char* quote : {"\xe2\x80\x98", "\xe2\x80\x99"})
+      for (std::size_t at; (at = text.find(quote)) != std::string::npos;) text.replace(at, 3, "'");
+    throw UsageError(text);
   }
   if (result.count("help")) return {std::nullopt, help_text(options)};
   if (result.count("version")) return {std::nullopt, std::string(kVersion) + "\n"};
