@@ -1780,6 +1780,7 @@ struct UpstreamSettings {
   std::string helo_name;                // our name in EHLO/HELO
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
+  std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
@@ -1806,6 +1807,12 @@ class UpstreamClient {
     if (socket_ == kInvalidSocket) {
       UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
       return on_reply(none);
+    }
+    if (settings_.trace) {
+      bool is_command = bytes.size() < 1024 && bytes.find("\r\n") == bytes.size() - 2;
+      settings_.trace("upstream " + settings_.name + " <- " +
+                      (is_command ? printable(bytes.substr(0, bytes.size() - 2))
+                                  : "(message, " + std::to_string(bytes.size()) + " bytes)"));
     }
     out_ += bytes;
     waiting_ = std::move(on_reply);
@@ -1920,6 +1927,7 @@ class UpstreamClient {
   // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
   bool deliver(const UpstreamReply& reply) {
     reactor_.cancel_timer(std::exchange(timer_, 0));
+    if (settings_.trace) settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
       fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
       return false;
@@ -1943,6 +1951,7 @@ class UpstreamClient {
   }
 
   void fail(const std::string& why) {
+    if (settings_.trace) settings_.trace("upstream " + settings_.name + " " + why);
     failure_ = why;
     close();
     if (waiting_) std::exchange(waiting_, nullptr)(UpstreamReply{0, why});
@@ -2727,6 +2736,7 @@ inline UpstreamSettings upstream_settings(const Settings& s, const std::string& 
   upstream.helo_name = our_name;
   upstream.connect_timeout_ms = s.connect_timeout_ms;
   upstream.reply_timeout_ms = s.reply_timeout_ms;
+  if (s.debug) upstream.trace = [](const std::string& line) { log_line(line); };
   return upstream;
 }
 
