@@ -586,22 +586,13 @@ inline std::string printable(std::string_view s) {
   return out;
 }
 
-// fully_qualified_hostname - socket.getfqdn() in spirit: the canonical name of this host
+// fully_qualified_hostname - this host's name for the greeting and EHLO
+// differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
+// seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
 inline std::string fully_qualified_hostname() {
   char name[256] = {0};
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
-  std::string host = name;
-  if (host.find('.') != std::string::npos) return host;
-  struct addrinfo hints {};
-  hints.ai_flags = AI_CANONNAME;
-  hints.ai_family = AF_UNSPEC;
-  struct addrinfo* found = nullptr;
-  if (getaddrinfo(name, nullptr, &hints, &found) == 0 && found != nullptr) {
-    if (found->ai_canonname != nullptr && std::strchr(found->ai_canonname, '.') != nullptr)
-      host = found->ai_canonname;
-    freeaddrinfo(found);
-  }
-  return host;
+  return name;
 }
 
 // log_line - one line on stderr, prefixed with the program name
