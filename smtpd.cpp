@@ -48,6 +48,11 @@
 #include <winsock2.h>
 #include <ws2tcpip.h>
 #include <windows.h>
+#include <direct.h>
+#include <fcntl.h>
+#include <io.h>
+#include <process.h>
+#include <sys/stat.h>
 #else
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -58,6 +63,7 @@
 #include <poll.h>
 #include <pwd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 #endif
@@ -83,12 +89,21 @@ constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
+constexpr int kDrainGraceMs = 5000;  // --max-messages: time open sessions get to finish; then 421
+constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
+                                       // has one thread, so a longer wait would stall every client;
+                                       // past it the client gets 451 and retries.
+constexpr int kLockRetryMs = 10;       // --mbox: pause between two attempts to take the lock
+constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; RFC 5321 4.5.3.1.5
+                                           // allows 512 per reply line
 
 // ==== 3. Platform layer ====
-// Sockets, poll and signals differ between Winsock and BSD sockets; the difference stops here.
-// Nothing below this section spells closesocket, WSAGetLastError, errno for sockets, or _WIN32.
+// Sockets, poll, signals and synced files differ between Windows and POSIX; the difference
+// stops here. Nothing below this section spells closesocket, WSAGetLastError, errno for
+// sockets, fsync, or _WIN32.
 //   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
-//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges
+//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
+//   File, make_directory, rename_file, remove_file, sync_directory, process_id
 
 #ifdef _WIN32
 using socket_t = SOCKET;
@@ -207,9 +222,211 @@ inline bool drop_privileges(std::string& error) {
 }
 #endif
 
+// Files, for the Maildir and mbox outputs: a message counts as kept only once it is on disk,
+// so they need fsync, an atomic rename, a whole-file lock and a directory sync. File is a
+// descriptor that closes itself; every call returns false with "what PATH: reason" in error.
+//   File (create_new, open_append, write_all, sync, lock, size, truncate, close),
+//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators
+
+// fail_path - error = "what PATH: reason"; returns false
+inline bool fail_path(const char* what, const std::string& path, std::string& error, int err) {
+  error = std::string(what) + " " + path + ": " + std::strerror(err);
+  return false;
+}
+
+class File {
+ public:
+  File() = default;
+  ~File() {
+    std::string ignored;
+    close(ignored);
+  }
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  bool create_new(const std::string& path, std::string& error);   // fails if it exists
+  bool open_append(const std::string& path, std::string& error);  // created if missing
+  bool write_all(std::string_view data, std::string& error);
+  bool sync(std::string& error);
+  bool lock(int timeout_ms, std::string& error);  // exclusive, whole file; close releases it
+  bool size(std::int64_t& bytes, std::string& error);
+  void truncate(std::int64_t bytes);  // best effort: undo a half-written append
+  bool close(std::string& error);
+
+ private:
+  bool open(const std::string& path, int flags, std::string& error);
+  bool fail(const char* what, std::string& error, int err) const {
+    return fail_path(what, path_, error, err);
+  }
+  int fd_ = -1;
+  std::string path_;
+};
+
+#ifdef _WIN32
+constexpr const char* kPathSeparators = "/\\";
+constexpr int kCreateNewFlags = _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY | _O_NOINHERIT;
+constexpr int kAppendFlags = _O_WRONLY | _O_APPEND | _O_CREAT | _O_BINARY | _O_NOINHERIT;
+
+inline bool File::open(const std::string& path, int flags, std::string& error) {
+  path_ = path;
+  fd_ = _open(path.c_str(), flags, _S_IREAD | _S_IWRITE);
+  return fd_ >= 0 || fail("cannot open", error, errno);
+}
+inline bool File::write_all(std::string_view data, std::string& error) {
+  while (!data.empty()) {
+    unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(data.size(), 1u << 30));
+    int n = _write(fd_, data.data(), chunk);
+    if (n <= 0) return fail("cannot write", error, n < 0 ? errno : ENOSPC);
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+inline bool File::sync(std::string& error) {
+  return _commit(fd_) == 0 || fail("cannot sync", error, errno);
+}
+// lock - LockFileEx over the largest range; retried so a busy file cannot hang the loop
+inline bool File::lock(int timeout_ms, std::string& error) {
+  HANDLE handle = reinterpret_cast<HANDLE>(_get_osfhandle(fd_));
+  for (int waited = 0;; waited += kLockRetryMs) {
+    OVERLAPPED at{};
+    if (LockFileEx(handle, LOCKFILE_EXCLUSIVE_LOCK | LOCKFILE_FAIL_IMMEDIATELY, 0, MAXDWORD,
+                   MAXDWORD, &at))
+      return true;
+    DWORD err = GetLastError();
+    if (err != ERROR_LOCK_VIOLATION || waited >= timeout_ms) {
+      error = "cannot lock " + path_ + ": " +
+              (err == ERROR_LOCK_VIOLATION ? std::string("locked by another program")
+                                           : socket_error_text(static_cast<int>(err)));
+      return false;
+    }
+    Sleep(kLockRetryMs);
+  }
+}
+inline bool File::size(std::int64_t& bytes, std::string& error) {
+  bytes = _filelengthi64(fd_);
+  return bytes >= 0 || fail("cannot measure", error, errno);
+}
+inline void File::truncate(std::int64_t bytes) { (void)_chsize_s(fd_, bytes); }
+inline bool File::close(std::string& error) {
+  if (fd_ < 0) return true;
+  int rc = _close(fd_);
+  fd_ = -1;
+  return rc == 0 || fail("cannot close", error, errno);
+}
+
+// make_directory - _mkdir; an existing one is fine
+inline bool make_directory(const std::string& path, std::string& error) {
+  if (_mkdir(path.c_str()) == 0 || errno == EEXIST) return true;
+  return fail_path("cannot create directory", path, error, errno);
+}
+// rename_file - replaces the target, as POSIX rename does
+inline bool rename_file(const std::string& from, const std::string& to, std::string& error) {
+  if (MoveFileExA(from.c_str(), to.c_str(), MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH))
+    return true;
+  error = "cannot rename " + from + " to " + to + ": " +
+          socket_error_text(static_cast<int>(GetLastError()));
+  return false;
+}
+inline void remove_file(const std::string& path) { _unlink(path.c_str()); }
+// sync_directory - Windows cannot sync a directory; MOVEFILE_WRITE_THROUGH stands in for it
+inline bool sync_directory(const std::string&, std::string&) { return true; }
+inline long process_id() { return static_cast<long>(_getpid()); }
+#else
+constexpr const char* kPathSeparators = "/";
+constexpr int kCreateNewFlags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+constexpr int kAppendFlags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC;
+
+// open - new files are 0600: mail is private
+inline bool File::open(const std::string& path, int flags, std::string& error) {
+  path_ = path;
+  do fd_ = ::open(path.c_str(), flags, 0600);
+  while (fd_ < 0 && errno == EINTR);
+  return fd_ >= 0 || fail("cannot open", error, errno);
+}
+inline bool File::write_all(std::string_view data, std::string& error) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd_, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail("cannot write", error, n < 0 ? errno : ENOSPC);
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+inline bool File::sync(std::string& error) {
+  return ::fsync(fd_) == 0 || fail("cannot sync", error, errno);
+}
+// lock - an fcntl write lock on the whole file, as mutt and Python's mailbox take; retried
+// with F_SETLK rather than waiting in F_SETLKW, so a lock held for long gives an error
+// instead of a server that stops answering everyone.
+inline bool File::lock(int timeout_ms, std::string& error) {
+  for (int waited = 0;; waited += kLockRetryMs) {
+    struct flock whole {};
+    whole.l_type = F_WRLCK;
+    whole.l_whence = SEEK_SET;  // l_start 0, l_len 0: the whole file, however long it grows
+    if (::fcntl(fd_, F_SETLK, &whole) == 0) return true;
+    int err = errno;
+    bool is_busy = err == EACCES || err == EAGAIN;
+    if (!is_busy && err != EINTR) return fail("cannot lock", error, err);
+    if (waited >= timeout_ms) {
+      error = "cannot lock " + path_ + ": locked by another program for " +
+              std::to_string(timeout_ms / 1000) + " s";
+      return false;
+    }
+    ::poll(nullptr, 0, kLockRetryMs);
+  }
+}
+inline bool File::size(std::int64_t& bytes, std::string& error) {
+  struct stat info {};
+  if (::fstat(fd_, &info) != 0) return fail("cannot measure", error, errno);
+  bytes = static_cast<std::int64_t>(info.st_size);
+  return true;
+}
+inline void File::truncate(std::int64_t bytes) {
+  int rc;
+  do rc = ::ftruncate(fd_, static_cast<off_t>(bytes));
+  while (rc != 0 && errno == EINTR);
+}
+inline bool File::close(std::string& error) {
+  if (fd_ < 0) return true;
+  int rc = ::close(fd_);  // not retried on EINTR: on Linux the descriptor is gone either way
+  fd_ = -1;
+  return rc == 0 || fail("cannot close", error, errno);
+}
+
+// make_directory - mkdir with mode 0700; an existing one is fine
+inline bool make_directory(const std::string& path, std::string& error) {
+  if (::mkdir(path.c_str(), 0700) == 0 || errno == EEXIST) return true;
+  return fail_path("cannot create directory", path, error, errno);
+}
+inline bool rename_file(const std::string& from, const std::string& to, std::string& error) {
+  if (::rename(from.c_str(), to.c_str()) == 0) return true;
+  error = "cannot rename " + from + " to " + to + ": " + std::strerror(errno);
+  return false;
+}
+inline void remove_file(const std::string& path) { ::unlink(path.c_str()); }
+// sync_directory - fsync a directory, so a rename into it survives a crash
+inline bool sync_directory(const std::string& path, std::string& error) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return fail_path("cannot open", path, error, errno);
+  bool is_synced = ::fsync(fd) == 0;
+  int err = errno;
+  ::close(fd);
+  return is_synced || fail_path("cannot sync", path, error, err);
+}
+inline long process_id() { return static_cast<long>(::getpid()); }
+#endif
+
+inline bool File::create_new(const std::string& path, std::string& error) {
+  return open(path, kCreateNewFlags, error);
+}
+inline bool File::open_append(const std::string& path, std::string& error) {
+  return open(path, kAppendFlags, error);
+}
+
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
-// check, Python's repr of a str for the "mail options:" line, and host-name lookup.
+// check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
+// asctime date of mbox "From " lines, wall-clock time, and host-name lookup.
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -386,17 +603,109 @@ inline std::string printable(std::string_view s) {
   return out;
 }
 
-// fully_qualified_hostname - socket.getfqdn() in spirit: the canonical name of this host
-inline std::string fully_qualified_hostname() {
+// json_string - s as a JSON string (RFC 8259 section 7): quotes, backslashes and control
+// characters escaped; bytes that are not UTF-8 become U+FFFD, so the output always parses
+inline std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  std::uint32_t cp;
+  std::size_t len;
+  for (std::size_t i = 0; i < s.size(); i += len) {
+    if (!decode_utf8_at(s, i, cp, len)) {
+      out += "\\ufffd";
+      len = 1;
+      continue;
+    }
+    switch (cp) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (cp < 0x20 || cp == 0x7F) {
+          char buf[16];
+          std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(cp));
+          out += buf;
+        } else {
+          out.append(s.data() + i, len);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// json_list - a list of strings as a JSON array: ["a", "b"], spaced as Python's json.dumps
+inline std::string json_list(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i > 0 ? ", " : "") + json_string(items[i]);
+  return out + "]";
+}
+
+// base64_encode - RFC 4648 section 4, with padding and no line breaks
+inline std::string base64_encode(std::string_view bytes) {
+  static const char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (std::size_t i = 0; i < bytes.size(); i += 3) {
+    std::size_t n = std::min<std::size_t>(3, bytes.size() - i);
+    std::uint32_t group = 0;
+    for (std::size_t k = 0; k < 3; ++k)
+      group = (group << 8) | (k < n ? static_cast<unsigned char>(bytes[i + k]) : 0u);
+    for (std::size_t k = 0; k < 4; ++k)
+      out += k <= n ? kAlphabet[(group >> (18 - 6 * k)) & 0x3F] : '=';
+  }
+  return out;
+}
+
+// format_asctime_utc - Python's time.asctime(time.gmtime(t)): "Sun Nov 29 05:10:00 2026".
+// Computed by hand (days to civil date, H. Hinnant's algorithm) rather than with gmtime and
+// strftime, which differ between C libraries and follow the locale.
+inline std::string format_asctime_utc(std::int64_t t) {
+  static const char* const kDays[] = {"Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"};
+  static const char* const kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                        "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  std::int64_t days = t / 86400, secs = t % 86400;
+  if (secs < 0) secs += 86400, days -= 1;
+  std::int64_t z = days + 719468;  // days since 0000-03-01
+  std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+  std::int64_t doe = z - era * 146097;
+  std::int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+  std::int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+  std::int64_t mp = (5 * doy + 2) / 153;
+  std::int64_t day = doy - (153 * mp + 2) / 5 + 1;
+  std::int64_t month = mp < 10 ? mp + 3 : mp - 9;
+  std::int64_t year = yoe + era * 400 + (month <= 2 ? 1 : 0);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s %s %2d %02d:%02d:%02d %lld", kDays[((days % 7) + 7) % 7],
+                kMonths[month - 1], static_cast<int>(day), static_cast<int>(secs / 3600),
+                static_cast<int>(secs / 60 % 60), static_cast<int>(secs % 60),
+                static_cast<long long>(year));
+  return buf;
+}
+
+// unix_time_us - microseconds since 1970 by the wall clock (for names and dates in files)
+inline std::int64_t unix_time_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+// host_name - gethostname(), "localhost" if it fails
+inline std::string host_name() {
   char name[256] = {0};
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
-  std::string host = name;
+  return name;
+}
+
+// fully_qualified_hostname - socket.getfqdn() in spirit: the canonical name of this host
+inline std::string fully_qualified_hostname() {
+  std::string host = host_name();
   if (host.find('.') != std::string::npos) return host;
   struct addrinfo hints {};
   hints.ai_flags = AI_CANONNAME;
   hints.ai_family = AF_UNSPEC;
   struct addrinfo* found = nullptr;
-  if (getaddrinfo(name, nullptr, &hints, &found) == 0 && found != nullptr) {
+  if (getaddrinfo(host.c_str(), nullptr, &hints, &found) == 0 && found != nullptr) {
     if (found->ai_canonname != nullptr && std::strchr(found->ai_canonname, '.') != nullptr)
       host = found->ai_canonname;
     freeaddrinfo(found);
@@ -755,6 +1064,9 @@ constexpr const char* kReplyVrfyCannot =
     "252 Cannot VRFY user, but will accept message and attempt delivery";
 constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
+// Our own replies, for what smtpd.py never had to say:
+constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
+constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -763,7 +1075,7 @@ constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // clock, no printing: tests and fuzzers drive it directly. State names follow smtpd.py's
 // SMTPChannel (smtp_state, seen_greeting, mailfrom, rcpttos, received_data, fqdn, peer).
 //   Channel::feed, output, consume_output, has_message, take_message, finish_message,
-//   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
+//   close_with, wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
   std::string fqdn = "localhost";               // name in the greeting and in EHLO
@@ -797,6 +1109,7 @@ class Channel {
   bool has_message() const { return smtp_state == State::Waiting; }
   Envelope take_message();
   void finish_message(const std::string& reply);
+  void close_with(const std::string& reply);
   bool wants_input() const;
   bool is_closing() const { return smtp_state == State::Closing; }
 
@@ -1057,6 +1370,13 @@ void Channel::finish_message(const std::string& reply) {
   process_input();
 }
 
+// close_with - the server is going away: send this reply (a 421) and close after it, in
+// whatever state the session was (RFC 5321 3.8 allows 421 at any time)
+void Channel::close_with(const std::string& reply) {
+  push(reply);
+  enter_state(State::Closing);
+}
+
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
 // differs from smtpd.py: Python keeps this table in the class, shared by all connections, and
 // clears it whenever a client connects; here each connection has its own.
@@ -1253,7 +1573,11 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 // What happens to a finished message: the -c CLASS of smtpd.py. A mode returns the reply for
 // the end of DATA: empty for "250 OK", or a whole reply line (process_message's string).
 // A mode that cannot keep a message answers 4xx, so the client keeps it and retries.
-//   ServerMode, SinkServer (SMTPServer), DebuggingServer, format_debug_message
+// SMTPServer and DebuggingServer hand each message to a list of outputs (--maildir, --mbox,
+// the printer on stdout), in order; the 250 comes only once every one of them has it.
+//   ServerMode, MessageOutput, StreamPrinter, MaildirStore, MboxStore, DeliveringServer,
+//   SinkServer (SMTPServer), DebuggingServer, format_debug_message, format_json_message,
+//   maildir_unique_name, format_mbox_entry, not_stored_reply
 
 class ServerMode {
  public:
@@ -1261,12 +1585,12 @@ class ServerMode {
   virtual std::string process_message(const Envelope& envelope) = 0;
 };
 
-// SinkServer - SMTPServer: accepts every message and discards it
-// differs from smtpd.py: its SMTPServer.process_message raises NotImplementedError and drops
-// the connection; on the command line "override process_message" can only mean a sink.
-class SinkServer : public ServerMode {
+// MessageOutput - one place a message goes; deliver() is true only once the message is
+// safely there, and otherwise says why in error ("cannot write /x/y: No space left on device")
+class MessageOutput {
  public:
-  std::string process_message(const Envelope&) override { return ""; }
+  virtual ~MessageOutput() = default;
+  virtual bool deliver(const Envelope& envelope, std::string& error) = 0;
 };
 
 // split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
@@ -1306,30 +1630,232 @@ inline std::string format_debug_message(const Envelope& envelope) {
   return out;
 }
 
-// DebuggingServer - prints each message on a stream, flushed before the client hears 250
-class DebuggingServer : public ServerMode {
+// format_json_message - --json: one line holding process_message's arguments; the data as
+// text when it is UTF-8, else as base64, and data_encoding says which
+inline std::string format_json_message(const Envelope& envelope) {
+  bool is_text = is_valid_utf8(envelope.data);
+  return "{\"peer\": " + json_string(envelope.peer) +
+         ", \"mailfrom\": " + json_string(envelope.mailfrom) +
+         ", \"rcpttos\": " + json_list(envelope.rcpttos) +
+         ", \"mail_options\": " + json_list(envelope.mail_options) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) +
+         ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
+         (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
+         ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
+}
+
+// StreamPrinter - each message, formatted, on a stream (stdout); flushed before the 250
+class StreamPrinter : public MessageOutput {
  public:
-  explicit DebuggingServer(std::FILE* out) : out_(out) {}
-  std::string process_message(const Envelope& envelope) override {
-    std::string text = format_debug_message(envelope);
-    bool written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
-    if (std::fflush(out_) != 0 || !written) {
-      std::clearerr(out_);
-      return "451 Error: could not write the message; try again later";
-    }
-    return "";
+  using Format = std::string (*)(const Envelope&);
+  StreamPrinter(std::FILE* out, Format format) : out_(out), format_(format) {}
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    std::string text = format_(envelope);
+    errno = 0;
+    bool is_written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
+    if (std::fflush(out_) == 0 && is_written) return true;
+    error = std::string("cannot write to standard output: ") +
+            (errno != 0 ? std::strerror(errno) : "write error");
+    std::clearerr(out_);
+    return false;
   }
 
  private:
   std::FILE* out_;
+  Format format_;
+};
+
+// message_file_text - the message as a file holds it: data is its lines joined with "\n",
+// so one "\n" ends the last line (a message whose last line is empty ends in "\n\n")
+inline std::string message_file_text(const std::string& data) { return data + "\n"; }
+
+// maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
+// cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
+inline std::string maildir_unique_name(std::int64_t seconds, long usec, long pid,
+                                       std::uint64_t count, std::string_view host) {
+  std::string name = std::to_string(seconds) + ".M" + std::to_string(usec) + "P" +
+                     std::to_string(pid) + "Q" + std::to_string(count) + ".";
+  for (char c : host) {
+    if (c == '/')
+      name += "\\057";
+    else if (c == ':')
+      name += "\\072";
+    else
+      name += c;
+  }
+  return name;
+}
+
+// make_directories - mkdir -p: path and any missing parents. Errors on the parents are
+// ignored; the last mkdir (or the file written below it) reports the real problem.
+inline bool make_directories(const std::string& path, std::string& error) {
+  for (std::size_t at = path.find_first_of(kPathSeparators, 1); at != std::string::npos;
+       at = path.find_first_of(kPathSeparators, at + 1)) {
+    std::string ignored;
+    make_directory(path.substr(0, at), ignored);
+  }
+  return make_directory(path, error);
+}
+
+// MaildirStore - --maildir DIR: written to tmp/, synced, renamed into new/, new/ synced.
+// The directories are made (again) for every message, so a Maildir removed while the server
+// runs comes back. No name comes from the message: only time, pid, a counter and the host.
+class MaildirStore : public MessageOutput {
+ public:
+  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(host_name()) {}
+
+  // make_maildir - DIR and its tmp, new and cur, where missing
+  static bool make_maildir(const std::string& dir, std::string& error) {
+    if (!make_directories(dir, error)) return false;
+    for (const char* sub : {"/tmp", "/new", "/cur"})
+      if (!make_directory(dir + sub, error)) return false;
+    return true;
+  }
+
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    if (!make_maildir(dir_, error)) return false;
+    std::int64_t now = unix_time_us();
+    std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
+                                           process_id(), ++count_, host_);
+    std::string tmp = dir_ + "/tmp/" + name;
+    if (!write_synced(tmp, message_file_text(envelope.data), error)) return false;
+    if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
+      remove_file(tmp);
+      return false;
+    }
+    // If this sync fails the message is in new/ all the same; the 451 that follows makes the
+    // client send it again, which is better than a 250 for a message a crash could lose.
+    return sync_directory(dir_ + "/new", error);
+  }
+
+ private:
+  // write_synced - a new file with these bytes, on disk when this returns true
+  static bool write_synced(const std::string& path, std::string_view text, std::string& error) {
+    File file;
+    if (!file.create_new(path, error)) return false;
+    if (file.write_all(text, error) && file.sync(error) && file.close(error)) return true;
+    remove_file(path);
+    return false;
+  }
+
+  std::string dir_;
+  std::string host_;
+  std::uint64_t count_ = 0;  // messages named by this process: the Q part of the name
+};
+
+// mboxrd_quote - one more '>' before each line that matches ^>*From  (the mboxrd rule, so a
+// reader can undo it exactly), and "\n" after every line, the last one included
+inline std::string mboxrd_quote(std::string_view data) {
+  std::string out;
+  out.reserve(data.size() + 64);
+  std::size_t start = 0;
+  do {
+    std::size_t end = data.find('\n', start);
+    std::string_view line = data.substr(start, end == std::string_view::npos ? end : end - start);
+    std::size_t arrows = line.find_first_not_of('>');
+    if (arrows != std::string_view::npos && line.substr(arrows, 5) == "From ") out += '>';
+    out.append(line.data(), line.size());
+    out += '\n';
+    start = end == std::string_view::npos ? data.size() + 1 : end + 1;
+  } while (start <= data.size());
+  return out;
+}
+
+// format_mbox_entry - "From SENDER DATE", the quoted message, and the empty line that ends it.
+// The null sender <> is written MAILER-DAEMON, as mail systems do; white space and control
+// characters in a (quoted) address become '_', so the line stays one line of two fields.
+inline std::string format_mbox_entry(const Envelope& envelope, std::int64_t unix_seconds) {
+  std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
+                           ? std::string("MAILER-DAEMON")
+                           : envelope.mailfrom;
+  for (char& c : sender)
+    if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
+  return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n" +
+         mboxrd_quote(envelope.data) + "\n";
+}
+
+// MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
+// that fails half-way is cut off again, so the mbox never holds half a message.
+class MboxStore : public MessageOutput {
+ public:
+  explicit MboxStore(std::string path) : path_(std::move(path)) {}
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    std::string entry = format_mbox_entry(envelope, unix_time_us() / 1000000);
+    File file;
+    std::int64_t size_before = 0;
+    if (!file.open_append(path_, error) || !file.lock(kMboxLockWaitMs, error) ||
+        !file.size(size_before, error))
+      return false;
+    if (file.write_all(entry, error) && file.sync(error)) return file.close(error);
+    file.truncate(size_before);
+    return false;
+  }
+
+ private:
+  std::string path_;
+};
+
+// not_stored_reply - the 451 for a message an output could not keep, with its reason
+inline std::string not_stored_reply(const std::string& reason) {
+  return kReplyNotStored + printable(reason).substr(0, kReasonLimit);
+}
+
+using MessageOutputs = std::vector<std::unique_ptr<MessageOutput>>;
+
+// DeliveringServer - a mode that hands each message to its outputs in order and answers
+// 250 once all of them have it; the first that fails gets the client a 451 (the client
+// retries), the reason on stderr, and the outputs after it are not tried.
+class DeliveringServer : public ServerMode {
+ public:
+  explicit DeliveringServer(MessageOutputs outputs) : outputs_(std::move(outputs)) {}
+  std::string process_message(const Envelope& envelope) override {
+    for (auto& output : outputs_) {
+      std::string error;
+      if (!output->deliver(envelope, error)) {
+        log_line("could not store a message from " + envelope.peer + ": " + error);
+        return not_stored_reply(error);
+      }
+    }
+    // The --exec hook (issue 4) is to run here, after the outputs: it decides the reply, and
+    // runs without blocking the loop, so it needs the asynchronous hooks of the event loop.
+    return "";
+  }
+
+ protected:
+  void add_output(std::unique_ptr<MessageOutput> output) { outputs_.push_back(std::move(output)); }
+
+ private:
+  MessageOutputs outputs_;
+};
+
+// SinkServer - SMTPServer: accepts every message; keeps it only where outputs say (--maildir,
+// --mbox, --json), so with none it is discarded
+// differs from smtpd.py: its SMTPServer.process_message raises NotImplementedError and drops
+// the connection; on the command line "override process_message" can only mean a sink.
+class SinkServer : public DeliveringServer {
+ public:
+  explicit SinkServer(MessageOutputs outputs = {}) : DeliveringServer(std::move(outputs)) {}
+};
+
+// DebuggingServer - prints each message on a stream, after the other outputs (so a printed
+// message is already stored), flushed before the client hears 250; --json changes the format
+class DebuggingServer : public DeliveringServer {
+ public:
+  explicit DebuggingServer(std::FILE* out, MessageOutputs outputs = {},
+                           StreamPrinter::Format format = format_debug_message)
+      : DeliveringServer(std::move(outputs)) {
+    add_output(std::make_unique<StreamPrinter>(out, format));
+  }
 };
 
 // ==== 9. Event loop ====
 // One thread, non-blocking sockets and poll(): a listener, and a Connection per client that
 // pairs a socket with its Channel. Each turn polls every socket, accepts new clients, reads
 // what is there into channels, hands finished messages to the mode, and writes what it can.
-// A client that does not read its replies or is slow only waits for itself.
-//   Listener, open_listener, Connection, Server::run
+// A client that does not read its replies or is slow only waits for itself. The loop also
+// ends by itself after --max-messages or --idle-exit; the poll timeout wakes it in time.
+//   Listener, open_listener, Connection, Server::run, count_delivery, is_time_to_exit,
+//   close_remaining, wake_ms
 
 struct Endpoint {
   std::string host;  // as given: a name, an IPv4 address or an IPv6 address without brackets
@@ -1411,6 +1937,8 @@ struct Connection {
 struct ServerOptions {
   ChannelConfig channel;
   bool debug = false;
+  std::uint64_t max_messages = 0;          // --max-messages: 0 for no limit
+  std::chrono::milliseconds idle_exit{0};  // --idle-exit: 0 for never
 };
 
 class Server {
@@ -1421,15 +1949,19 @@ class Server {
     if (listener_ != kInvalidSocket) close_socket(listener_);
   }
 
-  // run - serve until a stop is requested; finishes queued replies before returning
+  // run - serve until a stop is requested or a limit says to exit (--max-messages,
+  // --idle-exit); finishes queued replies before returning
   void run() {
     std::vector<pollfd_t> fds;
-    while (!g_stop_requested) {
+    idle_since_ = Clock::now();
+    while (!g_stop_requested && !is_time_to_exit()) {
       fds.clear();
-      int wait_ms = kPollWakeMs;
+      int wait_ms = wake_ms();
       long long pause_left = accept_paused_until_ms_ - now_ms();
       if (pause_left > 0) wait_ms = static_cast<int>(std::min<long long>(wait_ms, pause_left));
-      fds.push_back(pollfd_t{listener_, static_cast<short>(pause_left > 0 ? 0 : POLLIN), 0});
+      if (is_listening())
+        fds.push_back(pollfd_t{listener_, static_cast<short>(pause_left > 0 ? 0 : POLLIN), 0});
+      std::size_t first = fds.size();  // the connections follow the listener, while it is open
       for (auto& c : connections_) fds.push_back(pollfd_t{c->socket, events_for(*c), 0});
       int ready = poll_sockets(fds.data(), fds.size(), wait_ms);
       if (ready < 0) {
@@ -1439,10 +1971,12 @@ class Server {
       }
       // Connections accepted this turn come after the polled ones and wait for the next turn.
       std::size_t polled = connections_.size();
-      for (std::size_t i = 0; i < polled; ++i) serve(*connections_[i], fds[i + 1].revents);
-      if (fds[0].revents & POLLIN) accept_clients();
+      for (std::size_t i = 0; i < polled; ++i) serve(*connections_[i], fds[first + i].revents);
+      // serve() may have closed the listener (the message limit): then fds[0] is stale
+      if (first > 0 && is_listening() && (fds[0].revents & POLLIN)) accept_clients();
       close_dead();
     }
+    if (is_draining_) close_remaining();
     flush_before_exit();
   }
 
@@ -1522,7 +2056,9 @@ class Server {
   void deliver_messages(Connection& c) {
     while (!c.is_dead && c.channel.has_message()) {
       Envelope envelope = c.channel.take_message();
-      c.channel.finish_message(mode_.process_message(envelope));
+      std::string reply = mode_.process_message(envelope);
+      c.channel.finish_message(reply);
+      if (reply.empty() || reply[0] == '2') count_delivery();
     }
   }
 
@@ -1541,9 +2077,59 @@ class Server {
   }
 
   void close_dead() {
+    bool had_clients = !connections_.empty();
     auto dead = [](const std::unique_ptr<Connection>& c) { return c->is_dead; };
     connections_.erase(std::remove_if(connections_.begin(), connections_.end(), dead),
                        connections_.end());
+    if (had_clients && connections_.empty()) idle_since_ = Clock::now();
+  }
+
+  // -- Exiting by itself: --max-messages N and --idle-exit SECONDS --
+  // After the N-th delivered message (its 250 queued) the listener closes; the sessions still
+  // open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a 421.
+  // With --idle-exit the loop ends once no client has been connected for that long, counted
+  // from the start or from when the last client left.
+
+  bool is_listening() const { return listener_ != kInvalidSocket; }
+
+  // count_delivery - one more message accepted with 2xx; at the limit, stop accepting
+  void count_delivery() {
+    ++messages_delivered_;
+    if (options_.max_messages == 0 || messages_delivered_ < options_.max_messages) return;
+    if (is_draining_) return;
+    trace("message limit reached (" + std::to_string(messages_delivered_) +
+          "); no new clients, exiting when the open sessions end");
+    close_socket(listener_);
+    listener_ = kInvalidSocket;
+    is_draining_ = true;
+    drain_deadline_ = Clock::now() + std::chrono::milliseconds(kDrainGraceMs);
+  }
+
+  // is_time_to_exit - after the limit, all sessions done or their grace over; or no client
+  // for --idle-exit
+  bool is_time_to_exit() const {
+    auto now = Clock::now();
+    if (is_draining_) return connections_.empty() || now >= drain_deadline_;
+    return options_.idle_exit.count() > 0 && connections_.empty() &&
+           now - idle_since_ >= options_.idle_exit;
+  }
+
+  // close_remaining - after the limit, a 421 to the sessions that are still open
+  void close_remaining() {
+    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
+    for (auto& c : connections_)
+      if (!c->is_dead && !c->channel.is_closing()) c->channel.close_with(reply);
+  }
+
+  // wake_ms - the poll timeout: kPollWakeMs, or less when a deadline above comes sooner
+  int wake_ms() const {
+    auto now = Clock::now();
+    auto wake = now + std::chrono::milliseconds(kPollWakeMs);
+    if (is_draining_) wake = std::min(wake, drain_deadline_);
+    if (options_.idle_exit.count() > 0 && connections_.empty())
+      wake = std::min(wake, idle_since_ + options_.idle_exit);
+    auto ms = std::chrono::ceil<std::chrono::milliseconds>(wake - now).count();
+    return static_cast<int>(std::max<long long>(0, ms));
   }
 
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
@@ -1568,12 +2154,18 @@ class Server {
     return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
   }
 
-  socket_t listener_;
+  using Clock = std::chrono::steady_clock;
+
+  socket_t listener_;  // kInvalidSocket once the message limit closed it
   long long accept_paused_until_ms_ = 0;
   bool is_accept_failing_ = false;
   ServerOptions options_;
   ServerMode& mode_;
   std::vector<std::unique_ptr<Connection>> connections_;
+  std::uint64_t messages_delivered_ = 0;
+  bool is_draining_ = false;          // the message limit is reached; the listener is closed
+  Clock::time_point drain_deadline_;  // open sessions get a 421 when this passes
+  Clock::time_point idle_since_;      // start, or when the last client left
 };
 
 // ==== 10. Command line ====
@@ -1593,6 +2185,11 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
+  std::string maildir;                  // --maildir: empty for none
+  std::string mbox;                     // --mbox: empty for none
+  bool json = false;                    // --json
+  std::uint64_t max_messages = 0;       // --max-messages: 0 for no limit
+  std::uint64_t idle_exit_seconds = 0;  // --idle-exit: 0 for never
 };
 
 class UsageError : public std::runtime_error {
@@ -1666,6 +2263,23 @@ inline std::uint64_t parse_size(const std::string& text) {
   return std::stoull(text);
 }
 
+// parse_count - a whole number for --max-messages or --idle-exit; nine digits at most, so
+// seconds still fit in milliseconds
+inline std::uint64_t parse_count(const std::string& text, const char* option) {
+  if (!is_decimal(text) || text.size() > 9)
+    throw UsageError("invalid " + std::string(option) + ": '" + text +
+                     "' (expected a whole number)");
+  return std::stoull(text);
+}
+
+// parse_path - the argument of --maildir or --mbox, which must not be empty
+inline std::string parse_path(const cxxopts::ParseResult& result, const char* option) {
+  if (!result.count(option)) return "";
+  std::string path = result[option].as<std::string>();
+  if (path.empty()) throw UsageError("--" + std::string(option) + " needs a path");
+  return path;
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -1688,6 +2302,22 @@ inline cxxopts::Options build_options() {
        cxxopts::value<std::string>(), "LIMIT")
       ("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")
       ("d,debug", "Trace the SMTP dialogue and connections on stderr.")
+      ("maildir", "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+                  "if missing), synced before the 250 reply.",
+       cxxopts::value<std::string>(), "DIR")
+      ("mbox", "Also append each message to FILE in mboxrd format, locked, synced before the "
+               "250 reply.",
+       cxxopts::value<std::string>(), "FILE")
+      ("json", "Print each message as one line of JSON instead of the DebuggingServer layout; "
+               "SMTPServer prints it too.")
+      ("max-messages", "Exit with status 0 once N messages are delivered and the open "
+                       "sessions have ended (after at most " +
+                           std::to_string(kDrainGraceMs / 1000) +
+                           " s more); 0 means no limit (the default).",
+       cxxopts::value<std::string>(), "N")
+      ("idle-exit", "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+                    "never (the default).",
+       cxxopts::value<std::string>(), "SECONDS")
       ("h,help", "Print this help and exit.")
       ("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
@@ -1698,7 +2328,7 @@ inline std::string help_text(cxxopts::Options& options) {
   return options.help() +
          "\nDefaults: localhost:8025 to listen on, localhost:25 as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
-         "as 'listening on HOST:PORT'. See man smtpd for modes and exit statuses.\n";
+         "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
@@ -1718,6 +2348,13 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   s.enable_smtputf8 = result.count("smtputf8") > 0;
   if (result.count("size")) s.size_limit = parse_size(result["size"].as<std::string>());
   if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
+  s.maildir = parse_path(result, "maildir");
+  s.mbox = parse_path(result, "mbox");
+  s.json = result.count("json") > 0;
+  if (result.count("max-messages"))
+    s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("idle-exit"))
+    s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -1730,15 +2367,38 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
-// make_mode - the ServerMode for a Settings; modes not yet built are refused by name
+// make_stores - the --maildir and --mbox outputs, in that order
+inline MessageOutputs make_stores(const Settings& s) {
+  MessageOutputs stores;
+  if (!s.maildir.empty()) stores.push_back(std::make_unique<MaildirStore>(s.maildir));
+  if (!s.mbox.empty()) stores.push_back(std::make_unique<MboxStore>(s.mbox));
+  return stores;
+}
+
+// make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
+// stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(const Settings& s) {
+  StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
   switch (s.mode) {
-    case ModeKind::Sink: return std::make_unique<SinkServer>();
-    case ModeKind::Debugging: return std::make_unique<DebuggingServer>(stdout);
+    case ModeKind::Sink: {
+      MessageOutputs outputs = make_stores(s);
+      if (s.json) outputs.push_back(std::make_unique<StreamPrinter>(stdout, format));
+      return std::make_unique<SinkServer>(std::move(outputs));
+    }
+    case ModeKind::Debugging:
+      return std::make_unique<DebuggingServer>(stdout, make_stores(s), format);
     case ModeKind::PureProxy:
     case ModeKind::MailmanProxy: break;
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
+}
+
+// prepare_outputs - make the Maildir at start (so an empty one is there to look at), as the
+// user we now run as; a failure is only logged: each message tries again, with 451 meanwhile
+inline void prepare_outputs(const Settings& s) {
+  std::string error;
+  if (!s.maildir.empty() && !MaildirStore::make_maildir(s.maildir, error))
+    log_line(error + "; messages get 451 until it can be made");
 }
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
@@ -1775,11 +2435,14 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitPrivileges;
     }
   }
+  prepare_outputs(settings);
   ServerOptions options;
   options.channel.fqdn = fully_qualified_hostname();
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.debug = settings.debug;
+  options.max_messages = settings.max_messages;
+  options.idle_exit = std::chrono::seconds(settings.idle_exit_seconds);
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
   std::fflush(stderr);
   if (settings.debug)
