@@ -39,7 +39,7 @@ TEST_SOURCES := $(wildcard tests/*.cpp tests/*.hpp)
 # man --warnings formats with groff-base's troff (man-db depends on it).
 BUILD_NEEDS := header:cxxopts.hpp:libcxxopts-dev:cxxopts
 TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
-               cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks \
+               cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
                cmd:man:man-db cmd:groff:groff-base
 NEEDS := $(BUILD_NEEDS)

@@ -50,6 +50,11 @@
 #include <winsock2.h>
 #include <ws2tcpip.h>
 #include <windows.h>
+#include <direct.h>
+#include <fcntl.h>
+#include <io.h>
+#include <process.h>
+#include <sys/stat.h>
 #else
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -60,6 +65,7 @@
 #include <poll.h>
 #include <pwd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -94,12 +100,21 @@ constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
+constexpr int kDrainGraceMs = 5000;  // --max-messages: time open sessions get to finish; then 421
+constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
+                                       // has one thread, so a longer wait would stall every client;
+                                       // past it the client gets 451 and retries.
+constexpr int kLockRetryMs = 10;       // --mbox: pause between two attempts to take the lock
+constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; RFC 5321 4.5.3.1.5
+                                           // allows 512 per reply line
 
 // ==== 3. Platform layer ====
-// Sockets, poll and signals differ between Winsock and BSD sockets; the difference stops here.
-// Nothing below this section spells closesocket, WSAGetLastError, errno for sockets, or _WIN32.
+// Sockets, poll, signals and synced files differ between Windows and POSIX; the difference
+// stops here. Nothing below this section spells closesocket, WSAGetLastError, errno for
+// sockets, fsync, or _WIN32.
 //   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
-//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges
+//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
+//   File, make_directory, rename_file, remove_file, sync_directory, process_id
 
 #ifdef _WIN32
 using socket_t = SOCKET;
@@ -407,9 +422,211 @@ inline bool is_loopback_host(const std::string& host) {
   return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
 }
 
+// Files, for the Maildir and mbox outputs: a message counts as kept only once it is on disk,
+// so they need fsync, an atomic rename, a whole-file lock and a directory sync. File is a
+// descriptor that closes itself; every call returns false with "what PATH: reason" in error.
+//   File (create_new, open_append, write_all, sync, lock, size, truncate, close),
+//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators
+
+// fail_path - error = "what PATH: reason"; returns false
+inline bool fail_path(const char* what, const std::string& path, std::string& error, int err) {
+  error = std::string(what) + " " + path + ": " + std::strerror(err);
+  return false;
+}
+
+class File {
+ public:
+  File() = default;
+  ~File() {
+    std::string ignored;
+    close(ignored);
+  }
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+
+  bool create_new(const std::string& path, std::string& error);   // fails if it exists
+  bool open_append(const std::string& path, std::string& error);  // created if missing
+  bool write_all(std::string_view data, std::string& error);
+  bool sync(std::string& error);
+  bool lock(int timeout_ms, std::string& error);  // exclusive, whole file; close releases it
+  bool size(std::int64_t& bytes, std::string& error);
+  void truncate(std::int64_t bytes);  // best effort: undo a half-written append
+  bool close(std::string& error);
+
+ private:
+  bool open(const std::string& path, int flags, std::string& error);
+  bool fail(const char* what, std::string& error, int err) const {
+    return fail_path(what, path_, error, err);
+  }
+  int fd_ = -1;
+  std::string path_;
+};
+
+#ifdef _WIN32
+constexpr const char* kPathSeparators = "/\\";
+constexpr int kCreateNewFlags = _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY | _O_NOINHERIT;
+constexpr int kAppendFlags = _O_WRONLY | _O_APPEND | _O_CREAT | _O_BINARY | _O_NOINHERIT;
+
+inline bool File::open(const std::string& path, int flags, std::string& error) {
+  path_ = path;
+  fd_ = _open(path.c_str(), flags, _S_IREAD | _S_IWRITE);
+  return fd_ >= 0 || fail("cannot open", error, errno);
+}
+inline bool File::write_all(std::string_view data, std::string& error) {
+  while (!data.empty()) {
+    unsigned chunk = static_cast<unsigned>(std::min<std::size_t>(data.size(), 1u << 30));
+    int n = _write(fd_, data.data(), chunk);
+    if (n <= 0) return fail("cannot write", error, n < 0 ? errno : ENOSPC);
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+inline bool File::sync(std::string& error) {
+  return _commit(fd_) == 0 || fail("cannot sync", error, errno);
+}
+// lock - LockFileEx over the largest range; retried so a busy file cannot hang the loop
+inline bool File::lock(int timeout_ms, std::string& error) {
+  HANDLE handle = reinterpret_cast<HANDLE>(_get_osfhandle(fd_));
+  for (int waited = 0;; waited += kLockRetryMs) {
+    OVERLAPPED at{};
+    if (LockFileEx(handle, LOCKFILE_EXCLUSIVE_LOCK | LOCKFILE_FAIL_IMMEDIATELY, 0, MAXDWORD,
+                   MAXDWORD, &at))
+      return true;
+    DWORD err = GetLastError();
+    if (err != ERROR_LOCK_VIOLATION || waited >= timeout_ms) {
+      error = "cannot lock " + path_ + ": " +
+              (err == ERROR_LOCK_VIOLATION ? std::string("locked by another program")
+                                           : socket_error_text(static_cast<int>(err)));
+      return false;
+    }
+    Sleep(kLockRetryMs);
+  }
+}
+inline bool File::size(std::int64_t& bytes, std::string& error) {
+  bytes = _filelengthi64(fd_);
+  return bytes >= 0 || fail("cannot measure", error, errno);
+}
+inline void File::truncate(std::int64_t bytes) { (void)_chsize_s(fd_, bytes); }
+inline bool File::close(std::string& error) {
+  if (fd_ < 0) return true;
+  int rc = _close(fd_);
+  fd_ = -1;
+  return rc == 0 || fail("cannot close", error, errno);
+}
+
+// make_directory - _mkdir; an existing one is fine
+inline bool make_directory(const std::string& path, std::string& error) {
+  if (_mkdir(path.c_str()) == 0 || errno == EEXIST) return true;
+  return fail_path("cannot create directory", path, error, errno);
+}
+// rename_file - replaces the target, as POSIX rename does
+inline bool rename_file(const std::string& from, const std::string& to, std::string& error) {
+  if (MoveFileExA(from.c_str(), to.c_str(), MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH))
+    return true;
+  error = "cannot rename " + from + " to " + to + ": " +
+          socket_error_text(static_cast<int>(GetLastError()));
+  return false;
+}
+inline void remove_file(const std::string& path) { _unlink(path.c_str()); }
+// sync_directory - Windows cannot sync a directory; MOVEFILE_WRITE_THROUGH stands in for it
+inline bool sync_directory(const std::string&, std::string&) { return true; }
+inline long process_id() { return static_cast<long>(_getpid()); }
+#else
+constexpr const char* kPathSeparators = "/";
+constexpr int kCreateNewFlags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+constexpr int kAppendFlags = O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC;
+
+// open - new files are 0600: mail is private
+inline bool File::open(const std::string& path, int flags, std::string& error) {
+  path_ = path;
+  do fd_ = ::open(path.c_str(), flags, 0600);
+  while (fd_ < 0 && errno == EINTR);
+  return fd_ >= 0 || fail("cannot open", error, errno);
+}
+inline bool File::write_all(std::string_view data, std::string& error) {
+  while (!data.empty()) {
+    ssize_t n = ::write(fd_, data.data(), data.size());
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return fail("cannot write", error, n < 0 ? errno : ENOSPC);
+    data.remove_prefix(static_cast<std::size_t>(n));
+  }
+  return true;
+}
+inline bool File::sync(std::string& error) {
+  return ::fsync(fd_) == 0 || fail("cannot sync", error, errno);
+}
+// lock - an fcntl write lock on the whole file, as mutt and Python's mailbox take; retried
+// with F_SETLK rather than waiting in F_SETLKW, so a lock held for long gives an error
+// instead of a server that stops answering everyone.
+inline bool File::lock(int timeout_ms, std::string& error) {
+  for (int waited = 0;; waited += kLockRetryMs) {
+    struct flock whole {};
+    whole.l_type = F_WRLCK;
+    whole.l_whence = SEEK_SET;  // l_start 0, l_len 0: the whole file, however long it grows
+    if (::fcntl(fd_, F_SETLK, &whole) == 0) return true;
+    int err = errno;
+    bool is_busy = err == EACCES || err == EAGAIN;
+    if (!is_busy && err != EINTR) return fail("cannot lock", error, err);
+    if (waited >= timeout_ms) {
+      error = "cannot lock " + path_ + ": locked by another program for " +
+              std::to_string(timeout_ms / 1000) + " s";
+      return false;
+    }
+    ::poll(nullptr, 0, kLockRetryMs);
+  }
+}
+inline bool File::size(std::int64_t& bytes, std::string& error) {
+  struct stat info {};
+  if (::fstat(fd_, &info) != 0) return fail("cannot measure", error, errno);
+  bytes = static_cast<std::int64_t>(info.st_size);
+  return true;
+}
+inline void File::truncate(std::int64_t bytes) {
+  int rc;
+  do rc = ::ftruncate(fd_, static_cast<off_t>(bytes));
+  while (rc != 0 && errno == EINTR);
+}
+inline bool File::close(std::string& error) {
+  if (fd_ < 0) return true;
+  int rc = ::close(fd_);  // not retried on EINTR: on Linux the descriptor is gone either way
+  fd_ = -1;
+  return rc == 0 || fail("cannot close", error, errno);
+}
+
+// make_directory - mkdir with mode 0700; an existing one is fine
+inline bool make_directory(const std::string& path, std::string& error) {
+  if (::mkdir(path.c_str(), 0700) == 0 || errno == EEXIST) return true;
+  return fail_path("cannot create directory", path, error, errno);
+}
+inline bool rename_file(const std::string& from, const std::string& to, std::string& error) {
+  if (::rename(from.c_str(), to.c_str()) == 0) return true;
+  error = "cannot rename " + from + " to " + to + ": " + std::strerror(errno);
+  return false;
+}
+inline void remove_file(const std::string& path) { ::unlink(path.c_str()); }
+// sync_directory - fsync a directory, so a rename into it survives a crash
+inline bool sync_directory(const std::string& path, std::string& error) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return fail_path("cannot open", path, error, errno);
+  bool is_synced = ::fsync(fd) == 0;
+  int err = errno;
+  ::close(fd);
+  return is_synced || fail_path("cannot sync", path, error, err);
+}
+inline long process_id() { return static_cast<long>(::getpid()); }
+#endif
+
+inline bool File::create_new(const std::string& path, std::string& error) {
+  return open(path, kCreateNewFlags, error);
+}
+inline bool File::open_append(const std::string& path, std::string& error) {
+  return open(path, kAppendFlags, error);
+}
+
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
-// check, Python's repr of a str for the "mail options:" line, and host-name lookup.
+// check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
+// asctime date of mbox "From " lines, wall-clock time, and host-name lookup.
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -586,13 +803,105 @@ inline std::string printable(std::string_view s) {
   return out;
 }
 
+// json_string - s as a JSON string (RFC 8259 section 7): quotes, backslashes and control
+// characters escaped; bytes that are not UTF-8 become U+FFFD, so the output always parses
+inline std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  std::uint32_t cp;
+  std::size_t len;
+  for (std::size_t i = 0; i < s.size(); i += len) {
+    if (!decode_utf8_at(s, i, cp, len)) {
+      out += "\\ufffd";
+      len = 1;
+      continue;
+    }
+    switch (cp) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (cp < 0x20 || cp == 0x7F) {
+          char buf[16];
+          std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(cp));
+          out += buf;
+        } else {
+          out.append(s.data() + i, len);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+// json_list - a list of strings as a JSON array: ["a", "b"], spaced as Python's json.dumps
+inline std::string json_list(const std::vector<std::string>& items) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < items.size(); ++i) out += (i > 0 ? ", " : "") + json_string(items[i]);
+  return out + "]";
+}
+
+// base64_encode - RFC 4648 section 4, with padding and no line breaks
+inline std::string base64_encode(std::string_view bytes) {
+  static const char kAlphabet[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  for (std::size_t i = 0; i < bytes.size(); i += 3) {
+    std::size_t n = std::min<std::size_t>(3, bytes.size() - i);
+    std::uint32_t group = 0;
+    for (std::size_t k = 0; k < 3; ++k)
+      group = (group << 8) | (k < n ? static_cast<unsigned char>(bytes[i + k]) : 0u);
+    for (std::size_t k = 0; k < 4; ++k)
+      out += k <= n ? kAlphabet[(group >> (18 - 6 * k)) & 0x3F] : '=';
+  }
+  return out;
+}
+
+// format_asctime_utc - Python's time.asctime(time.gmtime(t)): "Sun Nov 29 05:10:00 2026".
+// Computed by hand (days to civil date, H. Hinnant's algorithm) rather than with gmtime and
+// strftime, which differ between C libraries and follow the locale.
+inline std::string format_asctime_utc(std::int64_t t) {
+  static const char* const kDays[] = {"Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"};
+  static const char* const kMonths[] = {"Jan", "Feb", "Mar", "Apr", "May", "Jun",
+                                        "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"};
+  std::int64_t days = t / 86400, secs = t % 86400;
+  if (secs < 0) secs += 86400, days -= 1;
+  std::int64_t z = days + 719468;  // days since 0000-03-01
+  std::int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+  std::int64_t doe = z - era * 146097;
+  std::int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+  std::int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+  std::int64_t mp = (5 * doy + 2) / 153;
+  std::int64_t day = doy - (153 * mp + 2) / 5 + 1;
+  std::int64_t month = mp < 10 ? mp + 3 : mp - 9;
+  std::int64_t year = yoe + era * 400 + (month <= 2 ? 1 : 0);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%s %s %2d %02d:%02d:%02d %lld", kDays[((days % 7) + 7) % 7],
+                kMonths[month - 1], static_cast<int>(day), static_cast<int>(secs / 3600),
+                static_cast<int>(secs / 60 % 60), static_cast<int>(secs % 60),
+                static_cast<long long>(year));
+  return buf;
+}
+
+// unix_time_us - microseconds since 1970 by the wall clock (for names and dates in files)
+inline std::int64_t unix_time_us() {
+  using namespace std::chrono;
+  return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+// host_name - gethostname(), "localhost" if it fails
+inline std::string host_name() {
+  char name[256] = {0};
+  if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
+  return name;
+}
+
 // fully_qualified_hostname - this host's name for the greeting and EHLO
 // differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
 // seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
 inline std::string fully_qualified_hostname() {
-  char name[256] = {0};
-  if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
-  return name;
+  return host_name();
 }
 
 // log_line - one line on stderr, prefixed with the program name
@@ -946,6 +1255,9 @@ constexpr const char* kReplyVrfyCannot =
     "252 Cannot VRFY user, but will accept message and attempt delivery";
 constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
+// Our own replies, for what smtpd.py never had to say:
+constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
+constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -955,8 +1267,8 @@ constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // SMTPChannel (smtp_state, seen_greeting, mailfrom, rcpttos, received_data, fqdn, peer).
 // A mode that must consult someone else (a relay asks its upstream) sets ask_envelope, and
 // then MAIL and RCPT wait for a verdict too, through the same question() and answer().
-//   Channel::feed, output, consume_output, question, take_message, answer, wants_input,
-//   is_closing; one cmd_* handler per verb, listed in kCommands.
+//   Channel::feed, output, consume_output, question, take_message, answer, close_with,
+//   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
   std::string fqdn = "localhost";               // name in the greeting and in EHLO
@@ -994,6 +1306,7 @@ class Channel {
   const std::string& pending_address() const { return pending_address_; }  // MAIL/RCPT asked
   Envelope take_message();
   void answer(const std::string& reply);
+  void close_with(const std::string& reply);
   bool wants_input() const;
   bool is_closing() const { return smtp_state == State::Closing; }
 
@@ -1275,6 +1588,14 @@ void Channel::answer(const std::string& reply) {
   process_input();
 }
 
+// close_with - the server is going away: send this reply (a 421) and close after it, in
+// whatever state the session was (RFC 5321 3.8 allows 421 at any time)
+void Channel::close_with(const std::string& reply) {
+  question_ = Question::None;  // a verdict still to come no longer matters
+  push(reply);
+  enter_state(State::Closing);
+}
+
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
 // differs from smtpd.py: Python keeps this table in the class, shared by all connections, and
 // clears it whenever a client connects; here each connection has its own.
@@ -1472,14 +1793,16 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 // ==== 8. Server modes ====
 // What happens to mail: the -c CLASS of smtpd.py. The loop opens a ModeSession for each client
 // and asks it about every step the channel waits on; the session answers through a Verdict,
-// at once (the sink, the printer) or later (the relay, once its upstream has replied). An
+// at once (the printer) or later (--exec, or the relay once its upstream has replied). An
 // empty verdict means the usual success reply. A mode that cannot keep a message answers 4xx,
-// so the client keeps it and retries.
+// so the client keeps it and retries. SMTPServer and DebuggingServer run the --exec command
+// first (it may refuse the message), then hand the message to their outputs (--maildir,
+// --mbox, the printer on stdout) in order; the 250 comes only once every one of them has it.
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
-//   MessageMode (smtpd.py's process_message): SinkServer, DebuggingServer;
-//   CommandRun (one run of the --exec command);
-//   UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
-
+//   MessageOutput, StreamPrinter, MaildirStore, MboxStore, format_debug_message,
+//   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
+//   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
+//   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
 // Reactor - the loop's services to modes: watch a socket, run a timer (section 9 has the loop)
 class Reactor {
  public:
@@ -1517,34 +1840,12 @@ class ServerMode {
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
 };
 
-// MessageMode - a mode that judges whole messages on the spot, as smtpd.py's
-// process_message does: it returns "" for "250 OK" or the reply line to send instead
-class MessageMode : public ServerMode {
+// MessageOutput - one place a message goes; deliver() is true only once the message is
+// safely there, and otherwise says why in error ("cannot write /x/y: No space left on device")
+class MessageOutput {
  public:
-  virtual std::string process_message(const Envelope& envelope) = 0;
-  std::unique_ptr<ModeSession> open_session(Reactor&, const std::string&) override {
-    return std::make_unique<Session>(*this);
-  }
-
- private:
-  class Session : public ModeSession {
-   public:
-    explicit Session(MessageMode& mode) : mode_(mode) {}
-    void on_message(Envelope envelope, Verdict verdict) override {
-      verdict(mode_.process_message(envelope));
-    }
-
-   private:
-    MessageMode& mode_;
-  };
-};
-
-// SinkServer - SMTPServer: accepts every message and discards it
-// differs from smtpd.py: its SMTPServer.process_message raises NotImplementedError and drops
-// the connection; on the command line "override process_message" can only mean a sink.
-class SinkServer : public MessageMode {
- public:
-  std::string process_message(const Envelope&) override { return ""; }
+  virtual ~MessageOutput() = default;
+  virtual bool deliver(const Envelope& envelope, std::string& error) = 0;
 };
 
 // split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
@@ -1584,22 +1885,169 @@ inline std::string format_debug_message(const Envelope& envelope) {
   return out;
 }
 
-// DebuggingServer - prints each message on a stream, flushed before the client hears 250
-class DebuggingServer : public MessageMode {
+// format_json_message - --json: one line holding process_message's arguments; the data as
+// text when it is UTF-8, else as base64, and data_encoding says which
+inline std::string format_json_message(const Envelope& envelope) {
+  bool is_text = is_valid_utf8(envelope.data);
+  return "{\"peer\": " + json_string(envelope.peer) +
+         ", \"mailfrom\": " + json_string(envelope.mailfrom) +
+         ", \"rcpttos\": " + json_list(envelope.rcpttos) +
+         ", \"mail_options\": " + json_list(envelope.mail_options) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) +
+         ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
+         (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
+         ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
+}
+
+// StreamPrinter - each message, formatted, on a stream (stdout); flushed before the 250
+class StreamPrinter : public MessageOutput {
  public:
-  explicit DebuggingServer(std::FILE* out) : out_(out) {}
-  std::string process_message(const Envelope& envelope) override {
-    std::string text = format_debug_message(envelope);
-    bool written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
-    if (std::fflush(out_) != 0 || !written) {
-      std::clearerr(out_);
-      return "451 Error: could not write the message; try again later";
-    }
-    return "";
+  using Format = std::string (*)(const Envelope&);
+  StreamPrinter(std::FILE* out, Format format) : out_(out), format_(format) {}
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    std::string text = format_(envelope);
+    errno = 0;
+    bool is_written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
+    if (std::fflush(out_) == 0 && is_written) return true;
+    error = std::string("cannot write to standard output: ") +
+            (errno != 0 ? std::strerror(errno) : "write error");
+    std::clearerr(out_);
+    return false;
   }
 
  private:
   std::FILE* out_;
+  Format format_;
+};
+
+// message_file_text - the message as a file holds it: data is its lines joined with "\n",
+// so one "\n" ends the last line (a message whose last line is empty ends in "\n\n")
+inline std::string message_file_text(const std::string& data) { return data + "\n"; }
+
+// maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
+// cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
+inline std::string maildir_unique_name(std::int64_t seconds, long usec, long pid,
+                                       std::uint64_t count, std::string_view host) {
+  std::string name = std::to_string(seconds) + ".M" + std::to_string(usec) + "P" +
+                     std::to_string(pid) + "Q" + std::to_string(count) + ".";
+  for (char c : host) {
+    if (c == '/')
+      name += "\\057";
+    else if (c == ':')
+      name += "\\072";
+    else
+      name += c;
+  }
+  return name;
+}
+
+// make_directories - mkdir -p: path and any missing parents. Errors on the parents are
+// ignored; the last mkdir (or the file written below it) reports the real problem.
+inline bool make_directories(const std::string& path, std::string& error) {
+  for (std::size_t at = path.find_first_of(kPathSeparators, 1); at != std::string::npos;
+       at = path.find_first_of(kPathSeparators, at + 1)) {
+    std::string ignored;
+    make_directory(path.substr(0, at), ignored);
+  }
+  return make_directory(path, error);
+}
+
+// MaildirStore - --maildir DIR: written to tmp/, synced, renamed into new/, new/ synced.
+// The directories are made (again) for every message, so a Maildir removed while the server
+// runs comes back. No name comes from the message: only time, pid, a counter and the host.
+class MaildirStore : public MessageOutput {
+ public:
+  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(host_name()) {}
+
+  // make_maildir - DIR and its tmp, new and cur, where missing
+  static bool make_maildir(const std::string& dir, std::string& error) {
+    if (!make_directories(dir, error)) return false;
+    for (const char* sub : {"/tmp", "/new", "/cur"})
+      if (!make_directory(dir + sub, error)) return false;
+    return true;
+  }
+
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    if (!make_maildir(dir_, error)) return false;
+    std::int64_t now = unix_time_us();
+    std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
+                                           process_id(), ++count_, host_);
+    std::string tmp = dir_ + "/tmp/" + name;
+    if (!write_synced(tmp, message_file_text(envelope.data), error)) return false;
+    if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
+      remove_file(tmp);
+      return false;
+    }
+    // If this sync fails the message is in new/ all the same; the 451 that follows makes the
+    // client send it again, which is better than a 250 for a message a crash could lose.
+    return sync_directory(dir_ + "/new", error);
+  }
+
+ private:
+  // write_synced - a new file with these bytes, on disk when this returns true
+  static bool write_synced(const std::string& path, std::string_view text, std::string& error) {
+    File file;
+    if (!file.create_new(path, error)) return false;
+    if (file.write_all(text, error) && file.sync(error) && file.close(error)) return true;
+    remove_file(path);
+    return false;
+  }
+
+  std::string dir_;
+  std::string host_;
+  std::uint64_t count_ = 0;  // messages named by this process: the Q part of the name
+};
+
+// mboxrd_quote - one more '>' before each line that matches ^>*From  (the mboxrd rule, so a
+// reader can undo it exactly), and "\n" after every line, the last one included
+inline std::string mboxrd_quote(std::string_view data) {
+  std::string out;
+  out.reserve(data.size() + 64);
+  std::size_t start = 0;
+  do {
+    std::size_t end = data.find('\n', start);
+    std::string_view line = data.substr(start, end == std::string_view::npos ? end : end - start);
+    std::size_t arrows = line.find_first_not_of('>');
+    if (arrows != std::string_view::npos && line.substr(arrows, 5) == "From ") out += '>';
+    out.append(line.data(), line.size());
+    out += '\n';
+    start = end == std::string_view::npos ? data.size() + 1 : end + 1;
+  } while (start <= data.size());
+  return out;
+}
+
+// format_mbox_entry - "From SENDER DATE", the quoted message, and the empty line that ends it.
+// The null sender <> is written MAILER-DAEMON, as mail systems do; white space and control
+// characters in a (quoted) address become '_', so the line stays one line of two fields.
+inline std::string format_mbox_entry(const Envelope& envelope, std::int64_t unix_seconds) {
+  std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
+                           ? std::string("MAILER-DAEMON")
+                           : envelope.mailfrom;
+  for (char& c : sender)
+    if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
+  return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n" +
+         mboxrd_quote(envelope.data) + "\n";
+}
+
+// MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
+// that fails half-way is cut off again, so the mbox never holds half a message.
+class MboxStore : public MessageOutput {
+ public:
+  explicit MboxStore(std::string path) : path_(std::move(path)) {}
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    std::string entry = format_mbox_entry(envelope, unix_time_us() / 1000000);
+    File file;
+    std::int64_t size_before = 0;
+    if (!file.open_append(path_, error) || !file.lock(kMboxLockWaitMs, error) ||
+        !file.size(size_before, error))
+      return false;
+    if (file.write_all(entry, error) && file.sync(error)) return file.close(error);
+    file.truncate(size_before);
+    return false;
+  }
+
+ private:
+  std::string path_;
 };
 
 // CommandRun - one run of the --exec command for one message, inside the loop: the message
@@ -1755,6 +2203,110 @@ class CommandRun {
   std::uint64_t timer_ = 0;
   std::uint64_t reap_timer_ = 0;
   Done done_;
+};
+
+// not_stored_reply - the 451 for a message an output could not keep, with its reason
+inline std::string not_stored_reply(const std::string& reason) {
+  return kReplyNotStored + printable(reason).substr(0, kReasonLimit);
+}
+
+using MessageOutputs = std::vector<std::unique_ptr<MessageOutput>>;
+
+// DeliveringServer - SMTPServer and DebuggingServer: each message goes first to the --exec
+// command, if any, which may refuse it; then to the outputs in order. The client hears 250
+// once all of them have it; the first output that fails gets the client a 451 (it retries),
+// the reason on stderr, and the outputs after it are not tried.
+class DeliveringServer : public ServerMode {
+ public:
+  struct Hook {
+    std::string command;  // --exec; empty for none
+    long long timeout_ms = kExecTimeoutMs;
+  };
+
+  DeliveringServer(MessageOutputs outputs, Hook hook)
+      : outputs_(std::move(outputs)), hook_(std::move(hook)) {}
+
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(*this, reactor);
+  }
+
+  // store - the message to every output; "" once all have it, else the 451 to send
+  std::string store(const Envelope& envelope) {
+    for (auto& output : outputs_) {
+      std::string error;
+      if (!output->deliver(envelope, error)) {
+        log_line("could not store a message from " + envelope.peer + ": " + error);
+        return not_stored_reply(error);
+      }
+    }
+    return "";
+  }
+
+ protected:
+  void add_output(std::unique_ptr<MessageOutput> output) { outputs_.push_back(std::move(output)); }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
+    ~Session() override { reactor_.cancel_timer(cleanup_timer_); }
+
+    void on_message(Envelope envelope, Verdict verdict) override {
+      if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
+      auto message = std::make_shared<Envelope>(std::move(envelope));
+      retire_run();
+      run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
+      run_->start(*message, [this, message, verdict](const std::string& reply) {
+        bool is_accepted = reply.empty() || reply[0] == '2';
+        if (!is_accepted) return verdict(reply);
+        std::string refusal = mode_.store(*message);
+        verdict(refusal.empty() ? reply : refusal);
+      });
+    }
+
+   private:
+    // retire_run - a finished run may still be on the stack (its verdict led here): free it
+    // on a later turn of the loop, never from inside its own callback
+    void retire_run() {
+      if (!run_) return;
+      retired_.push_back(std::move(run_));
+      if (cleanup_timer_ == 0)
+        cleanup_timer_ = reactor_.start_timer(0, [this] {
+          cleanup_timer_ = 0;
+          retired_.clear();
+        });
+    }
+
+    DeliveringServer& mode_;
+    Reactor& reactor_;
+    std::unique_ptr<CommandRun> run_;
+    std::vector<std::unique_ptr<CommandRun>> retired_;
+    std::uint64_t cleanup_timer_ = 0;
+  };
+
+  MessageOutputs outputs_;
+  Hook hook_;
+};
+
+// SinkServer - SMTPServer: accepts every message; keeps it only where outputs say (--maildir,
+// --mbox, --json), so with none it is discarded
+// differs from smtpd.py: its SMTPServer.process_message raises NotImplementedError and drops
+// the connection; on the command line "override process_message" is --exec.
+class SinkServer : public DeliveringServer {
+ public:
+  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {})
+      : DeliveringServer(std::move(outputs), std::move(hook)) {}
+};
+
+// DebuggingServer - prints each message on a stream, after the other outputs (so a printed
+// message is already stored), flushed before the client hears 250; --json changes the format
+class DebuggingServer : public DeliveringServer {
+ public:
+  explicit DebuggingServer(std::FILE* out, MessageOutputs outputs = {},
+                           StreamPrinter::Format format = format_debug_message, Hook hook = {})
+      : DeliveringServer(std::move(outputs), std::move(hook)) {
+    add_output(std::make_unique<StreamPrinter>(out, format));
+  }
 };
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
@@ -2009,8 +2561,9 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
 // PureProxy - relays each client's transaction to the upstream server step by step, and
 // answers the client with the upstream's own replies: MAIL, each RCPT and the end of DATA.
 // When the upstream cannot be reached or fails, the client hears 451 and keeps its mail.
-// differs from smtpd.py: Python answers 250 first, relays afterwards with a blocking client
-// (every other client waits), drops refused mail, and fails on every message in Python 3.
+// differs from smtpd.py: Python relays with a blocking client (every other client waits),
+// then answers 250 whatever the upstream said, so refused mail is dropped; on Python 3 it
+// fails on every message before answering.
 class PureProxy : public ServerMode {
  public:
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
@@ -2025,6 +2578,7 @@ class PureProxy : public ServerMode {
     Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
         : reactor_(reactor), settings_(settings), peer_(std::move(peer)) {}
     ~Session() override {
+      reactor_.cancel_timer(cleanup_timer_);
       if (upstream_) upstream_->quit();
     }
 
@@ -2050,14 +2604,14 @@ class PureProxy : public ServerMode {
     }
 
     void on_rcpt(const std::string& rcpt, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open()) return verdict(lost());
+      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
       upstream_->send("RCPT TO:<" + rcpt + ">\r\n", [this, verdict](const UpstreamReply& reply) {
         verdict(relayed(reply, "RCPT"));
       });
     }
 
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open()) return verdict(lost());
+      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
       auto payload = std::make_shared<std::string>(relay_payload(envelope.data, envelope.peer));
       envelope.data.clear();
       upstream_->send("DATA\r\n", [this, payload, verdict](const UpstreamReply& go_ahead) {
@@ -2073,7 +2627,7 @@ class PureProxy : public ServerMode {
     // with_upstream - an open, greeted upstream connection, or the 451 that says why not
     void with_upstream(std::function<void(const std::string& failure)> then) {
       if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
-      retired_ = std::move(upstream_);  // never destroyed inside its own handler
+      retire_upstream();
       upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
       is_greeted_ = false;
       in_transaction_ = false;
@@ -2110,6 +2664,19 @@ class PureProxy : public ServerMode {
       return keywords;
     }
 
+    // retire_upstream - an old upstream client may still be on the stack (its reply led
+    // here): free it on a later turn of the loop, never from inside its own handler
+    void retire_upstream() {
+      if (!upstream_) return;
+      upstream_->quit();
+      retired_.push_back(std::move(upstream_));
+      if (cleanup_timer_ == 0)
+        cleanup_timer_ = reactor_.start_timer(0, [this] {
+          cleanup_timer_ = 0;
+          retired_.clear();
+        });
+    }
+
     bool offers(const char* keyword) const {
       return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
     }
@@ -2131,9 +2698,17 @@ class PureProxy : public ServerMode {
       return command + "\r\n";
     }
 
-    // relayed - the upstream's reply for the client; no reply at all becomes a 451
-    std::string relayed(const UpstreamReply& reply, const char* step) const {
+    // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
+    // does a 421: the upstream is going away, but this client's session with us is not
+    std::string relayed(const UpstreamReply& reply, const char* step) {
+      if (reply.code == 0 || reply.code == 421) {
+        is_greeted_ = false;  // the next MAIL opens a new upstream session
+        in_transaction_ = false;
+      }
       if (reply.code == 0) return unavailable(reply);
+      if (reply.code == 421)
+        return "451 Error: upstream server " + settings_.name + " closed the session: " +
+               printable(reply.text.substr(0, 200));
       if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
       return "451 Error: unexpected reply from the upstream server to " + std::string(step) +
              ": " + printable(reply.text.substr(0, 200));
@@ -2156,7 +2731,8 @@ class PureProxy : public ServerMode {
     const UpstreamSettings& settings_;
     std::string peer_;
     std::unique_ptr<UpstreamClient> upstream_;
-    std::unique_ptr<UpstreamClient> retired_;
+    std::vector<std::unique_ptr<UpstreamClient>> retired_;
+    std::uint64_t cleanup_timer_ = 0;
     bool is_greeted_ = false;
     bool in_transaction_ = false;
     std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
@@ -2232,6 +2808,8 @@ struct Connection {
 struct ServerOptions {
   ChannelConfig channel;
   bool debug = false;
+  std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
+  long long idle_exit_ms = 0;      // --idle-exit: 0 for never
 };
 
 class Server : public Reactor {
@@ -2245,9 +2823,12 @@ class Server : public Reactor {
     if (listener_ != kInvalidSocket) close_socket(listener_);
   }
 
-  // run - serve until a stop is requested; queued replies get a moment to leave
+  // run - serve until a stop is requested or a limit says to exit (--max-messages,
+  // --idle-exit); queued replies get a moment to leave
   void run() {
-    while (!g_stop_requested) turn();
+    idle_since_ms_ = now_ms();
+    while (!g_stop_requested && !is_time_to_exit()) turn();
+    if (is_draining_) close_remaining();
     flush_before_exit();
   }
 
@@ -2296,8 +2877,13 @@ class Server : public Reactor {
     polled_.clear();
     long long now = now_ms();
     bool accepting = accept_paused_until_ms_ <= now;
-    fds_.push_back(pollfd_t{listener_, static_cast<short>(accepting ? POLLIN : 0), 0});
-    polled_.push_back(Polled{nullptr, kInvalidSocket, 0});
+    // The listener is polled first while it is open (--max-messages closes it); WSAPoll
+    // refuses an invalid socket, so a closed one is left out rather than passed as -1.
+    std::size_t first = is_listening() ? 1 : 0;
+    if (first == 1) {
+      fds_.push_back(pollfd_t{listener_, static_cast<short>(accepting ? POLLIN : 0), 0});
+      polled_.push_back(Polled{nullptr, kInvalidSocket, 0});
+    }
     for (auto& c : connections_) {
       fds_.push_back(pollfd_t{c->socket, events_for(*c), 0});
       polled_.push_back(Polled{c.get(), kInvalidSocket, 0});
@@ -2312,7 +2898,7 @@ class Server : public Reactor {
       if (interrupted(err)) return;
       throw StartError("poll failed: " + socket_error_text(err));
     }
-    for (std::size_t i = 1; i < fds_.size(); ++i) {
+    for (std::size_t i = first; i < fds_.size(); ++i) {
       if (fds_[i].revents == 0) continue;
       if (polled_[i].connection != nullptr)
         serve(*polled_[i].connection, fds_[i].revents);
@@ -2320,14 +2906,19 @@ class Server : public Reactor {
         serve_watcher(polled_[i], fds_[i].revents);
     }
     fire_timers();
-    if (fds_[0].revents & POLLIN) accept_clients();
+    // serving may have closed the listener (the message limit): then fds_[0] is stale
+    if (first == 1 && is_listening() && (fds_[0].revents & POLLIN)) accept_clients();
     close_dead();
   }
 
-  // wait_ms - until the next timer, the end of an accept pause, or the usual wake-up
+  // wait_ms - until the next timer, the end of an accept pause, a --max-messages or
+  // --idle-exit deadline, or the usual wake-up
   int wait_ms(long long now, bool accepting) const {
     long long wait = kPollWakeMs;
     if (!accepting) wait = std::min(wait, accept_paused_until_ms_ - now);
+    if (is_draining_) wait = std::min(wait, drain_deadline_ms_ - now);
+    if (options_.idle_exit_ms > 0 && connections_.empty())
+      wait = std::min(wait, idle_since_ms_ + options_.idle_exit_ms - now);
     for (const auto& [id, timer] : timers_) wait = std::min(wait, timer.deadline_ms - now);
     return static_cast<int>(std::max(0LL, wait));
   }
@@ -2450,8 +3041,13 @@ class Server : public Reactor {
             verdict);
       case Channel::Question::Rcpt:
         return c.session->on_rcpt(c.channel.pending_address(), verdict);
-      case Channel::Question::Message:
-        return c.session->on_message(c.channel.take_message(), verdict);
+      case Channel::Question::Message: {
+        Verdict counted = [this, verdict](const std::string& reply) {
+          if (reply.empty() || reply[0] == '2') count_delivery();
+          verdict(reply);
+        };
+        return c.session->on_message(c.channel.take_message(), counted);
+      }
       case Channel::Question::None:
         c.is_asking = false;
         return;
@@ -2493,12 +3089,53 @@ class Server : public Reactor {
   }
 
   void close_dead() {
+    bool had_clients = !connections_.empty();
     for (auto& c : connections_)
       if (c->is_dead) by_id_.erase(c->id);
     auto dead = [](const std::unique_ptr<Connection>& c) { return c->is_dead; };
     connections_.erase(std::remove_if(connections_.begin(), connections_.end(), dead),
                        connections_.end());
+    if (had_clients && connections_.empty()) idle_since_ms_ = now_ms();
   }
+
+  // -- Exiting by itself: --max-messages N and --idle-exit SECONDS --
+  // After the N-th delivered message (its 250 queued) the listener closes; the sessions still
+  // open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a 421.
+  // With --idle-exit the loop ends once no client has been connected for that long, counted
+  // from the start or from when the last client left.
+
+  bool is_listening() const { return listener_ != kInvalidSocket; }
+
+  // count_delivery - one more message accepted with 2xx; at the limit, stop accepting
+  void count_delivery() {
+    ++messages_delivered_;
+    if (options_.max_messages == 0 || messages_delivered_ < options_.max_messages) return;
+    if (is_draining_) return;
+    trace("message limit reached (" + std::to_string(messages_delivered_) +
+          "); no new clients, exiting when the open sessions end");
+    close_socket(listener_);
+    listener_ = kInvalidSocket;
+    is_draining_ = true;
+    drain_deadline_ms_ = now_ms() + kDrainGraceMs;
+  }
+
+  // is_time_to_exit - after the limit, all sessions done or their grace over; or no client
+  // for --idle-exit
+  bool is_time_to_exit() const {
+    long long now = now_ms();
+    if (is_draining_) return connections_.empty() || now >= drain_deadline_ms_;
+    return options_.idle_exit_ms > 0 && connections_.empty() &&
+           now - idle_since_ms_ >= options_.idle_exit_ms;
+  }
+
+  // close_remaining - after the limit, a 421 to the sessions that are still open
+  void close_remaining() {
+    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
+    for (auto& c : connections_)
+      if (!c->is_dead && !c->channel.is_closing()) c->channel.close_with(reply);
+  }
+
+
 
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
   void flush_before_exit() {
@@ -2518,7 +3155,8 @@ class Server : public Reactor {
     by_id_.clear();
   }
 
-  socket_t listener_;
+
+  socket_t listener_;  // kInvalidSocket once the message limit closed it
   long long accept_paused_until_ms_ = 0;
   bool is_accept_failing_ = false;
   ServerOptions options_;
@@ -2532,6 +3170,10 @@ class Server : public Reactor {
   std::uint64_t last_timer_id_ = 0;
   std::vector<pollfd_t> fds_;
   std::vector<Polled> polled_;
+  std::uint64_t messages_delivered_ = 0;
+  bool is_draining_ = false;          // the message limit is reached; the listener is closed
+  long long drain_deadline_ms_ = 0;   // open sessions get a 421 when this passes
+  long long idle_since_ms_ = 0;       // start, or when the last client left
 };
 
 // ==== 10. Command line ====
@@ -2553,6 +3195,13 @@ struct Settings {
   Endpoint remote;
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
+  std::string maildir;                  // --maildir: empty for none
+  std::string mbox;                     // --mbox: empty for none
+  bool json = false;                    // --json
+  std::uint64_t max_messages = 0;       // --max-messages: 0 for no limit
+  std::uint64_t idle_exit_seconds = 0;  // --idle-exit: 0 for never
+  std::string exec_command;             // --exec: empty for none
+  long long exec_timeout_ms = kExecTimeoutMs;
 };
 
 class UsageError : public std::runtime_error {
@@ -2628,12 +3277,31 @@ inline std::uint64_t parse_size(const std::string& text) {
 
 // parse_seconds - a positive number of seconds (fractions allowed) as milliseconds
 inline long long parse_seconds(const std::string& text, const char* option) {
-  char* end = nullptr;
-  double seconds = std::strtod(text.c_str(), &end);
-  if (text.empty() || end == nullptr || *end != '\0' || !(seconds > 0) || seconds > 86400)
+  std::size_t dot = text.find('.');
+  bool is_number = is_decimal(text.substr(0, dot)) &&
+                   (dot == std::string::npos || is_decimal(text.substr(dot + 1)));
+  double seconds = is_number ? std::strtod(text.c_str(), nullptr) : 0;
+  if (!is_number || !(seconds > 0) || seconds > 86400)
     throw UsageError(std::string("invalid ") + option + ": " + text +
                      " (expected seconds, more than 0 and at most 86400)");
   return std::max(1LL, static_cast<long long>(seconds * 1000));
+}
+
+// parse_count - a whole number for --max-messages or --idle-exit; nine digits at most, so
+// seconds still fit in milliseconds
+inline std::uint64_t parse_count(const std::string& text, const char* option) {
+  if (!is_decimal(text) || text.size() > 9)
+    throw UsageError("invalid " + std::string(option) + ": '" + text +
+                     "' (expected a whole number)");
+  return std::stoull(text);
+}
+
+// parse_path - the argument of --maildir or --mbox, which must not be empty
+inline std::string parse_path(const cxxopts::ParseResult& result, const char* option) {
+  if (!result.count(option)) return "";
+  std::string path = result[option].as<std::string>();
+  if (path.empty()) throw UsageError("--" + std::string(option) + " needs a path");
+  return path;
 }
 
 struct CommandLine {
@@ -2664,6 +3332,29 @@ inline cxxopts::Options build_options() {
                         "(default 120).",
        cxxopts::value<std::string>(), "SECONDS")
       ("d,debug", "Trace the SMTP dialogue and connections on stderr.")
+      ("maildir", "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+                  "if missing), synced before the 250 reply.",
+       cxxopts::value<std::string>(), "DIR")
+      ("mbox", "Also append each message to FILE in mboxrd format, locked, synced before the "
+               "250 reply.",
+       cxxopts::value<std::string>(), "FILE")
+      ("json", "Print each message as one line of JSON instead of the DebuggingServer layout; "
+               "SMTPServer prints it too.")
+      ("exec", "Run COMMAND with sh -c for each message, the message on its standard input and "
+               "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+               "is the reply), anything else gives 451.",
+       cxxopts::value<std::string>(), "COMMAND")
+      ("exec-timeout", "Seconds the --exec command may run before it is killed and the client "
+                       "gets 451 (default 30).",
+       cxxopts::value<std::string>(), "SECONDS")
+      ("max-messages", "Exit with status 0 once N messages are delivered and the open "
+                       "sessions have ended (after at most " +
+                           std::to_string(kDrainGraceMs / 1000) +
+                           " s more); 0 means no limit (the default).",
+       cxxopts::value<std::string>(), "N")
+      ("idle-exit", "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+                    "never (the default).",
+       cxxopts::value<std::string>(), "SECONDS")
       ("h,help", "Print this help and exit.")
       ("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
@@ -2674,7 +3365,7 @@ inline std::string help_text(cxxopts::Options& options) {
   return options.help() +
          "\nDefaults: localhost:8025 to listen on, localhost:25 as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
-         "as 'listening on HOST:PORT'. See man smtpd for modes and exit statuses.\n";
+         "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
@@ -2703,6 +3394,23 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
         parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
   if (result.count("reply-timeout"))
     s.reply_timeout_ms = parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
+  s.maildir = parse_path(result, "maildir");
+  s.mbox = parse_path(result, "mbox");
+  s.json = result.count("json") > 0;
+  bool has_outputs = !s.maildir.empty() || !s.mbox.empty() || s.json || result.count("exec");
+  if (has_outputs && (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy))
+    throw UsageError("--maildir, --mbox, --json and --exec work with SMTPServer and "
+                     "DebuggingServer, not with " + std::string(mode_name(s.mode)));
+  if (result.count("exec")) {
+    s.exec_command = result["exec"].as<std::string>();
+    if (s.exec_command.empty()) throw UsageError("--exec needs a command");
+  }
+  if (result.count("exec-timeout"))
+    s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
+  if (result.count("max-messages"))
+    s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("idle-exit"))
+    s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -2731,11 +3439,27 @@ inline UpstreamSettings upstream_settings(const Settings& s, const std::string& 
   return upstream;
 }
 
-// make_mode - the ServerMode for a Settings; modes not yet built are refused by name
+// make_stores - the --maildir and --mbox outputs, in that order
+inline MessageOutputs make_stores(const Settings& s) {
+  MessageOutputs stores;
+  if (!s.maildir.empty()) stores.push_back(std::make_unique<MaildirStore>(s.maildir));
+  if (!s.mbox.empty()) stores.push_back(std::make_unique<MboxStore>(s.mbox));
+  return stores;
+}
+
+// make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
+// stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::string& our_name) {
+  StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
+  DeliveringServer::Hook hook{s.exec_command, s.exec_timeout_ms};
   switch (s.mode) {
-    case ModeKind::Sink: return std::make_unique<SinkServer>();
-    case ModeKind::Debugging: return std::make_unique<DebuggingServer>(stdout);
+    case ModeKind::Sink: {
+      MessageOutputs outputs = make_stores(s);
+      if (s.json) outputs.push_back(std::make_unique<StreamPrinter>(stdout, format));
+      return std::make_unique<SinkServer>(std::move(outputs), hook);
+    }
+    case ModeKind::Debugging:
+      return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
     case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
     case ModeKind::MailmanProxy: break;
   }
@@ -2747,6 +3471,14 @@ inline void warn_if_open_relay(const Settings& s, const std::string& bound) {
   if (s.mode != ModeKind::PureProxy || is_loopback_host(s.local.host)) return;
   log_line("warning: " + std::string(mode_name(s.mode)) + " on " + bound +
            " relays mail from anyone who can connect: this can make an open relay");
+}
+
+// prepare_outputs - make the Maildir at start (so an empty one is there to look at), as the
+// user we now run as; a failure is only logged: each message tries again, with 451 meanwhile
+inline void prepare_outputs(const Settings& s) {
+  std::string error;
+  if (!s.maildir.empty() && !MaildirStore::make_maildir(s.maildir, error))
+    log_line(error + "; messages get 451 until it can be made");
 }
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
@@ -2788,11 +3520,14 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitPrivileges;
     }
   }
+  prepare_outputs(settings);
   ServerOptions options;
   options.channel.fqdn = our_name;
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.debug = settings.debug;
+  options.max_messages = settings.max_messages;
+  options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
   std::fflush(stderr);
   warn_if_open_relay(settings, bound);

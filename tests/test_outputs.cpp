@@ -1,0 +1,727 @@
+// test_outputs.cpp - the message outputs (--maildir, --mbox, --json) and exiting by itself
+// (--max-messages, --idle-exit).
+//
+// First the formatting functions of smtpd.cpp, called directly (JSON strings, base64, the
+// mbox date and quoting, Maildir names, the order of outputs and the 451). Then the built
+// binary end to end, with real readers: Python's mailbox module reads the Maildir and the
+// mbox back, jq parses the JSON, and tests/use-in-ci.sh runs the README's CI example.
+// Every wait is bounded; everything listens on 127.0.0.1.
+#include <dirent.h>
+#include <doctest/doctest.h>
+
+#include <climits>
+#include <fstream>
+#include <iterator>
+#include <regex>
+
+#include "test_support.hpp"
+
+namespace smtpd_test {
+namespace outputs {
+
+// ==== Unit tests of the formatting functions ====
+
+TEST_CASE("json_string escapes quotes, backslashes and control characters") {
+  CHECK(json_string("") == "\"\"");
+  CHECK(json_string("plain text") == "\"plain text\"");
+  CHECK(json_string("say \"hi\" \\ bye") == "\"say \\\"hi\\\" \\\\ bye\"");
+  CHECK(json_string("a\nb\rc\td") == "\"a\\nb\\rc\\td\"");
+  CHECK(json_string(std::string("\x01\x1f\x7f", 3)) == "\"\\u0001\\u001f\\u007f\"");
+  CHECK(json_string(std::string("nul\0x", 5)) == "\"nul\\u0000x\"");
+  SUBCASE("UTF-8 stays as it is; bytes that are not UTF-8 become U+FFFD") {
+    CHECK(json_string("caf\xc3\xa9 \xe2\x9c\x93") == "\"caf\xc3\xa9 \xe2\x9c\x93\"");
+    CHECK(json_string("caf\xe9!") == "\"caf\\ufffd!\"");
+    CHECK(json_string("\xed\xa0\x80") == "\"\\ufffd\\ufffd\\ufffd\"");  // a surrogate
+  }
+  CHECK(json_list({}) == "[]");
+  CHECK(json_list({"a", "b\"c"}) == "[\"a\", \"b\\\"c\"]");
+}
+
+TEST_CASE("base64_encode follows RFC 4648") {
+  // The test vectors of RFC 4648 section 10.
+  CHECK(base64_encode("") == "");
+  CHECK(base64_encode("f") == "Zg==");
+  CHECK(base64_encode("fo") == "Zm8=");
+  CHECK(base64_encode("foo") == "Zm9v");
+  CHECK(base64_encode("foob") == "Zm9vYg==");
+  CHECK(base64_encode("fooba") == "Zm9vYmE=");
+  CHECK(base64_encode("foobar") == "Zm9vYmFy");
+  CHECK(base64_encode(std::string("\x00\xff\xfe\x80", 4)) == "AP/+gA==");
+  CHECK(base64_encode(std::string(57, '\xff')).size() == 76);  // no line breaks
+  CHECK(base64_encode(std::string(57, '\xff')).find('\n') == std::string::npos);
+}
+
+TEST_CASE("format_asctime_utc writes dates as Python's time.asctime(time.gmtime(t))") {
+  // Expected values from Python 3.
+  CHECK(format_asctime_utc(0) == "Thu Jan  1 00:00:00 1970");
+  CHECK(format_asctime_utc(1795929000) == "Sun Nov 29 05:10:00 2026");
+  CHECK(format_asctime_utc(951782400) == "Tue Feb 29 00:00:00 2000");
+  CHECK(format_asctime_utc(4107542399) == "Sun Feb 28 23:59:59 2100");
+  CHECK(format_asctime_utc(-86400) == "Wed Dec 31 00:00:00 1969");
+}
+
+TEST_CASE("format_json_message: one line, text when UTF-8, else base64") {
+  Envelope e;
+  e.peer = "127.0.0.1";
+  e.mailfrom = "a@example.com";
+  e.rcpttos = {"b@example.com", "c@example.com"};
+  e.mail_options = {"SIZE=42", "BODY=8BITMIME"};
+  e.data = "Subject: \"hi\"\n\nbody\ttab";
+  CHECK(format_json_message(e) ==
+        "{\"peer\": \"127.0.0.1\", \"mailfrom\": \"a@example.com\", "
+        "\"rcpttos\": [\"b@example.com\", \"c@example.com\"], "
+        "\"mail_options\": [\"SIZE=42\", \"BODY=8BITMIME\"], \"rcpt_options\": [], "
+        "\"size\": 23, \"data\": \"Subject: \\\"hi\\\"\\n\\nbody\\ttab\", "
+        "\"data_encoding\": \"utf-8\"}\n");
+  e.rcpttos = {"b@example.com"};
+  e.mail_options.clear();
+  e.mailfrom = "<>";
+  e.data = "caf\xe9";
+  CHECK(format_json_message(e) ==
+        "{\"peer\": \"127.0.0.1\", \"mailfrom\": \"<>\", \"rcpttos\": [\"b@example.com\"], "
+        "\"mail_options\": [], \"rcpt_options\": [], \"size\": 4, \"data\": \"Y2Fm6Q==\", "
+        "\"data_encoding\": \"base64\"}\n");
+}
+
+TEST_CASE("mboxrd_quote adds one '>' to lines matching ^>*From  and ends every line") {
+  CHECK(mboxrd_quote("From here") == ">From here\n");
+  CHECK(mboxrd_quote(">From here") == ">>From here\n");
+  CHECK(mboxrd_quote(">>>From x\nFrom y\nx From z") == ">>>>From x\n>From y\nx From z\n");
+  SUBCASE("lines that only look alike stay as they are") {
+    CHECK(mboxrd_quote("From:a@b\nFROM x\nfrom x\n From x\n>From\n>>") ==
+          "From:a@b\nFROM x\nfrom x\n From x\n>From\n>>\n");
+  }
+  SUBCASE("line ends") {
+    CHECK(mboxrd_quote("") == "\n");
+    CHECK(mboxrd_quote("a") == "a\n");
+    CHECK(mboxrd_quote("a\n") == "a\n\n");  // a message whose last line is empty
+    CHECK(mboxrd_quote("a\n\nFrom b") == "a\n\n>From b\n");
+  }
+}
+
+TEST_CASE("format_mbox_entry: From line with the sender and date, quoted text, empty line") {
+  Envelope e;
+  e.mailfrom = "a@example.com";
+  e.data = "Subject: x\n\nFrom me";
+  CHECK(format_mbox_entry(e, 1795929000) ==
+        "From a@example.com Sun Nov 29 05:10:00 2026\nSubject: x\n\n>From me\n\n");
+  e.mailfrom = "<>";
+  CHECK(starts_with(format_mbox_entry(e, 0), "From MAILER-DAEMON Thu Jan  1 00:00:00 1970\n"));
+  e.mailfrom = "\"two words\ttab\"@example.com";
+  CHECK(starts_with(format_mbox_entry(e, 0),
+                    "From \"two_words_tab\"@example.com Thu Jan  1 00:00:00 1970\n"));
+}
+
+TEST_CASE("maildir_unique_name: time, pid, counter and the host with / and : escaped") {
+  CHECK(maildir_unique_name(1795929000, 123456, 4242, 7, "mail.example") ==
+        "1795929000.M123456P4242Q7.mail.example");
+  CHECK(maildir_unique_name(1, 0, 2, 3, "a/b:c") == "1.M0P2Q3.a\\057b\\072c");
+  CHECK(message_file_text("a\nb") == "a\nb\n");
+  CHECK(message_file_text("a\n") == "a\n\n");
+}
+
+// FakeOutput - records the messages it was given; fails when told to.
+struct FakeOutput : MessageOutput {
+  FakeOutput(std::vector<std::string>& log, std::string name, bool fails)
+      : log_(log), name_(std::move(name)), fails_(fails) {}
+  bool deliver(const Envelope& envelope, std::string& error) override {
+    log_.push_back(name_ + ":" + envelope.data);
+    if (fails_) error = name_ + " is full";
+    return !fails_;
+  }
+  std::vector<std::string>& log_;
+  std::string name_;
+  bool fails_;
+};
+
+TEST_CASE("outputs run in order; the first failure answers 451 and stops the rest") {
+  std::vector<std::string> log;
+  Envelope e;
+  e.peer = "127.0.0.1";
+  e.data = "msg";
+  SUBCASE("all succeed: 250") {
+    MessageOutputs outputs;
+    outputs.push_back(std::make_unique<FakeOutput>(log, "one", false));
+    outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
+    SinkServer sink(std::move(outputs));
+    CHECK(sink.process_message(e) == "");
+    CHECK(log == std::vector<std::string>{"one:msg", "two:msg"});
+  }
+  SUBCASE("the first fails: 451 with its reason, the second is not tried") {
+    MessageOutputs outputs;
+    outputs.push_back(std::make_unique<FakeOutput>(log, "one", true));
+    outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
+    SinkServer sink(std::move(outputs));
+    CHECK(sink.process_message(e) == "451 Error: could not store the message: one is full");
+    CHECK(log == std::vector<std::string>{"one:msg"});
+  }
+  SUBCASE("no outputs: a plain sink") {
+    SinkServer sink;
+    CHECK(sink.process_message(e) == "");
+  }
+  CHECK(not_stored_reply("bad\r\nline") ==
+        "451 Error: could not store the message: bad\\x0d\\x0aline");
+  CHECK(not_stored_reply(std::string(1000, 'x')).size() == std::strlen(kReplyNotStored) + 400);
+}
+
+TEST_CASE("command line: --maildir, --mbox, --json, --max-messages, --idle-exit") {
+  auto parse = [](std::vector<const char*> args) {
+    args.insert(args.begin(), "smtpd");
+    return parse_command_line(static_cast<int>(args.size()), args.data());
+  };
+  Settings plain = *parse({}).settings;
+  CHECK(plain.maildir == "");
+  CHECK(plain.mbox == "");
+  CHECK_FALSE(plain.json);
+  CHECK(plain.max_messages == 0);
+  CHECK(plain.idle_exit_seconds == 0);
+  Settings s = *parse({"--maildir", "/tmp/md", "--mbox", "/tmp/mb", "--json", "--max-messages", "3",
+                       "--idle-exit", "10"})
+                    .settings;
+  CHECK(s.maildir == "/tmp/md");
+  CHECK(s.mbox == "/tmp/mb");
+  CHECK(s.json);
+  CHECK(s.max_messages == 3);
+  CHECK(s.idle_exit_seconds == 10);
+  CHECK_THROWS_AS(parse({"--max-messages", "-1"}), UsageError);
+  CHECK_THROWS_AS(parse({"--max-messages", "three"}), UsageError);
+  CHECK_THROWS_AS(parse({"--idle-exit", "1.5"}), UsageError);
+  CHECK_THROWS_AS(parse({"--idle-exit", "9999999999"}), UsageError);
+  CHECK_THROWS_AS(parse({"--maildir", ""}), UsageError);
+  CHECK_THROWS_AS(parse({"--mbox", ""}), UsageError);
+}
+
+// ==== Helpers for the end-to-end tests ====
+
+// TempDir - a fresh directory under $TMPDIR (or /tmp), removed with its contents at scope end.
+class TempDir {
+ public:
+  TempDir() {
+    const char* dir = std::getenv("TMPDIR");
+    std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/smtpd-outputs-XXXXXX";
+    std::vector<char> name(tmpl.begin(), tmpl.end());
+    name.push_back('\0');
+    if (::mkdtemp(name.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = name.data();
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() { run_command({"rm", "-rf", path_}, milliseconds(10000)); }
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+inline void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+// list_dir - the names in a directory (without . and ..), sorted; empty if it cannot be read.
+inline std::vector<std::string> list_dir(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  while (dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+inline unsigned file_mode(const std::string& path) {
+  struct stat info {};
+  if (::stat(path.c_str(), &info) != 0) return 0;
+  return static_cast<unsigned>(info.st_mode & 07777);
+}
+
+// hex - bytes as lower-case hex, as Python's bytes.hex() writes them.
+inline std::string hex(const std::string& bytes) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  for (char ch : bytes) {
+    unsigned char c = static_cast<unsigned char>(ch);
+    out += digits[c >> 4];
+    out += digits[c & 15];
+  }
+  return out;
+}
+
+// wire_text - a message written with "\n" line ends, as SMTP sends it: CRLF line ends, and
+// one more '.' before each line that starts with '.' (RFC 5321 4.5.2).
+inline std::string wire_text(const std::string& message) {
+  std::string out;
+  for (const std::string& line : lines_of(message))
+    out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
+  return out;
+}
+
+// send_mail - one transaction on a greeted client; returns the reply to the final dot.
+inline std::string send_mail(Client& c, const std::string& message,
+                             const std::string& from = "a@example.com") {
+  REQUIRE(c.command("MAIL FROM:<" + from + ">") == "250 OK");
+  REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
+  REQUIRE(c.command("DATA") == "354 End data with <CR><LF>.<CR><LF>");
+  REQUIRE(c.send(wire_text(message)));
+  return c.command(".");
+}
+
+inline std::string require_tool(const std::string& program, const std::string& package) {
+  std::string path = find_in_path(program);
+  REQUIRE_MESSAGE(!path.empty(), program << " not found in PATH: install the Debian package "
+                                         << package << " (apt-get install " << package << ")");
+  return path;
+}
+
+// The messages the readers must get back byte for byte: "From " and ">From " in bodies,
+// lines starting with dots, a message whose last line is empty, non-ASCII text.
+inline std::vector<std::string> tricky_messages() {
+  return {
+      "From: a@example.com\nSubject: one\n\nFrom the start of a line.\n>From quoted once.\n"
+      "..x\n.\n>>From twice\nlast line\n",
+      "Subject: two\n\nFrom here\n\n",
+      "Subject: three\n\ncaf\xc3\xa9 \xe2\x9c\x93\n.leading dot\n",
+  };
+}
+
+// kReadMaildir - python3 -c script: argv[1] is a Maildir; prints each message's bytes in hex.
+constexpr const char* kReadMaildir = R"PY(
+import mailbox, sys
+box = mailbox.Maildir(sys.argv[1], create=False)
+for key in box.keys():
+    print(box.get_bytes(key).hex())
+)PY";
+
+// kReadMbox - python3 -c script: argv[1] is an mbox; prints each message's From line, a tab,
+// and its bytes in hex after undoing the mboxrd quoting (one '>' less on ^>+From ).
+constexpr const char* kReadMbox = R"PY(
+import mailbox, re, sys
+box = mailbox.mbox(sys.argv[1], create=False)
+for key in box.keys():
+    data = re.sub(rb'(?m)^>(>*From )', rb'\1', box.get_bytes(key))
+    print(box.get_message(key).get_from(), data.hex(), sep='\t')
+)PY";
+
+// kHoldLock - python3 -c script: takes an fcntl write lock on argv[1] (as mutt or Python's
+// mailbox would), says "locked", holds it for argv[2] seconds.
+constexpr const char* kHoldLock = R"PY(
+import fcntl, sys, time
+f = open(sys.argv[1], 'ab')
+fcntl.lockf(f, fcntl.LOCK_EX)
+print('locked', flush=True)
+time.sleep(float(sys.argv[2]))
+)PY";
+
+inline ServerProcess start(std::vector<std::string> options) {
+  ignore_sigpipe();
+  options.insert(options.begin(), "-n");
+  options.push_back("127.0.0.1:0");
+  return ServerProcess::launch(options);
+}
+
+// ==== Maildir ====
+
+TEST_CASE("--maildir: Python's mailbox.Maildir reads every message back byte for byte") {
+  std::string python = require_tool("python3", "python3");
+  TempDir tmp;
+  std::string maildir = tmp / "deep/er/mail";  // parents are made too
+  auto srv = start({"-c", "sink", "--maildir", maildir});
+  // The empty Maildir is there before any message.
+  CHECK(list_dir(maildir) == std::vector<std::string>{"cur", "new", "tmp"});
+  auto c = srv.connect();
+  e2e::greet(c);
+  std::vector<std::string> sent = tricky_messages();
+  for (const auto& m : sent) CHECK(send_mail(c, m) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+
+  // The files are there as soon as the client has its 250s.
+  std::vector<std::string> names = list_dir(maildir + "/new");
+  REQUIRE(names.size() == sent.size());
+  CHECK(list_dir(maildir + "/tmp").empty());
+  CHECK(list_dir(maildir + "/cur").empty());
+  const std::regex name_pattern(R"(\d+\.M\d+P)" + std::to_string(srv.child.pid()) +
+                                R"(Q[123]\.[^/:]+)");
+  for (const auto& name : names) {
+    CHECK_MESSAGE(std::regex_match(name, name_pattern), "file name " << name);
+    CHECK(file_mode(maildir + "/new/" + name) == 0600);
+  }
+  CHECK(file_mode(maildir) == 0700);
+
+  auto r = run_command({python, "-c", kReadMaildir, maildir});
+  INFO(r.describe());
+  REQUIRE(r.ok());
+  std::vector<std::string> got = lines_of(r.out), want;
+  for (const auto& m : sent) want.push_back(hex(m));
+  std::sort(got.begin(), got.end());
+  std::sort(want.begin(), want.end());
+  CHECK(got == want);
+  CHECK(srv.stdout_text() == "");  // a sink prints nothing without --json
+}
+
+TEST_CASE("--maildir: no file name comes from the message") {
+  TempDir tmp;
+  std::string maildir = tmp / "mail";
+  auto srv = start({"-c", "sink", "--maildir", maildir});
+  auto c = srv.connect();
+  e2e::greet(c);
+  CHECK(send_mail(c, "Subject: ../../escape\nMessage-ID: <../x/y@z>\n\nbody\n",
+                  "../../../tmp/x@example.com") == "250 OK");
+  CHECK(list_dir(tmp.path()) == std::vector<std::string>{"mail"});
+  CHECK(list_dir(maildir) == std::vector<std::string>{"cur", "new", "tmp"});
+  auto names = list_dir(maildir + "/new");
+  REQUIRE(names.size() == 1);
+  CHECK(names[0].find("escape") == std::string::npos);
+  CHECK(names[0].find("..") == std::string::npos);
+  CHECK(names[0].find('/') == std::string::npos);
+}
+
+// ==== mbox ====
+
+TEST_CASE("--mbox: Python's mailbox.mbox reads every message back byte for byte") {
+  std::string python = require_tool("python3", "python3");
+  TempDir tmp;
+  std::string mbox = tmp / "mail.mbox";
+  auto srv = start({"-c", "sink", "--mbox", mbox});
+  auto c = srv.connect();
+  e2e::greet(c);
+  std::vector<std::string> sent = tricky_messages();
+  std::vector<std::string> senders = {"a@example.com", "", "c@example.com"};  // "" is <>
+  for (std::size_t i = 0; i < sent.size(); ++i)
+    CHECK(send_mail(c, sent[i], senders[i]) == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(file_mode(mbox) == 0600);
+
+  std::string text = read_file(mbox);
+  CHECK(text.find("\n>From the start of a line.\n>>From quoted once.\n") != std::string::npos);
+  CHECK(text.find("\n>>>From twice\n") != std::string::npos);
+
+  auto r = run_command({python, "-c", kReadMbox, mbox});
+  INFO(r.describe());
+  REQUIRE(r.ok());
+  std::vector<std::string> lines = lines_of(r.out);
+  REQUIRE(lines.size() == sent.size());
+  const std::regex date(
+      R"( (Mon|Tue|Wed|Thu|Fri|Sat|Sun) [A-Z][a-z]{2} [ 123]\d \d\d:\d\d:\d\d \d{4})");
+  for (std::size_t i = 0; i < sent.size(); ++i) {
+    auto tab = lines[i].find('\t');
+    REQUIRE(tab != std::string::npos);
+    std::string from = lines[i].substr(0, tab);
+    std::string sender = senders[i].empty() ? "MAILER-DAEMON" : senders[i];
+    CHECK(starts_with(from, sender + " "));
+    CHECK_MESSAGE(std::regex_match(from.substr(sender.size()), date), "From line: " << from);
+    CHECK(lines[i].substr(tab + 1) == hex(sent[i]));
+  }
+}
+
+TEST_CASE("--mbox waits for another program's lock before appending") {
+  std::string python = require_tool("python3", "python3");
+  TempDir tmp;
+  std::string mbox = tmp / "locked.mbox";
+  auto srv = start({"-c", "sink", "--mbox", mbox});
+  Child holder = Child::spawn({python, "-c", kHoldLock, mbox, "1"});
+  REQUIRE(holder.wait_output(holder.out, [](const std::string& t) { return t == "locked\n"; }));
+  auto c = srv.connect();
+  e2e::greet(c);
+  auto before = Clock::now();
+  CHECK(send_mail(c, "Subject: waited\n\nbody\n") == "250 OK");
+  auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - before).count();
+  CHECK(waited >= 300);  // the holder kept the lock for about a second after "locked"
+  CHECK(waited < 4000);
+  CHECK(holder.wait_exit().code == 0);
+  CHECK(read_file(mbox).find("\nSubject: waited\n\nbody\n\n") != std::string::npos);
+}
+
+// ==== JSON ====
+
+// jq_run - jq with these arguments over a file; REQUIREs success.
+inline std::string jq_run(const std::string& jq, std::vector<std::string> args,
+                          const std::string& file) {
+  args.insert(args.begin(), jq);
+  args.push_back(file);
+  auto r = run_command(args);
+  INFO(r.describe());
+  REQUIRE(r.ok());
+  return r.out;
+}
+
+TEST_CASE("--json: jq parses every line; text is UTF-8, other data base64") {
+  std::string jq = require_tool("jq", "jq");
+  std::string mode;
+  SUBCASE("SMTPServer") { mode = "SMTPServer"; }
+  SUBCASE("DebuggingServer") { mode = "DebuggingServer"; }
+  CAPTURE(mode);
+  auto srv = start({"-c", mode, "--json"});
+  auto c = srv.connect();
+  e2e::greet(c);
+  const std::string text = std::string("Subject: \"quoted\" \\ back\n\ntab\there, ") +
+                           "bell\x07, escape\x1b, caf\xc3\xa9 \xe2\x9c\x93\n..x\nFrom y\n";
+  const std::string binary = "Subject: latin-1\n\ncaf\xe9 cr\xe8me \xff\xfe\n";
+  CHECK(send_mail(c, text) == "250 OK");
+  REQUIRE(c.command("MAIL FROM:<> BODY=8BITMIME") == "250 OK");
+  REQUIRE(c.command("RCPT TO:<x@example.com>") == "250 OK");
+  REQUIRE(c.command("RCPT TO:<y@example.com>") == "250 OK");
+  REQUIRE(c.command("DATA") == "354 End data with <CR><LF>.<CR><LF>");
+  REQUIRE(c.send(wire_text(binary)));
+  CHECK(c.command(".") == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+
+  // The line is on stdout, flushed, before the 250.
+  std::string out = srv.stdout_text();
+  REQUIRE(count(out, "\n") == 2);
+  TempFile file(out);
+  CHECK(count(jq_run(jq, {"-c", "."}, file.path()), "\n") == 2);
+  CHECK(jq_run(jq,
+               {"-c",
+                "[.peer, .mailfrom, .rcpttos, .mail_options, .rcpt_options, .size, "
+                ".data_encoding]"},
+               file.path()) ==
+        "[\"127.0.0.1\",\"a@example.com\",[\"b@example.com\"],[],[]," +
+            std::to_string(text.size() - 1) +
+            ",\"utf-8\"]\n"
+            "[\"127.0.0.1\",\"<>\",[\"x@example.com\",\"y@example.com\"],[\"BODY=8BITMIME\"],[]," +
+            std::to_string(binary.size() - 1) + ",\"base64\"]\n");
+  // data is the message without its last "\n", as Envelope::data holds it.
+  CHECK(jq_run(jq, {"-j", "select(.data_encoding == \"utf-8\") | .data"}, file.path()) ==
+        text.substr(0, text.size() - 1));
+  std::string encoded =
+      jq_run(jq, {"-j", "select(.data_encoding == \"base64\") | .data"}, file.path());
+  TempFile encoded_file(encoded);
+  auto decoded = run_command({"base64", "-d", encoded_file.path()});
+  INFO(decoded.describe());
+  CHECK(decoded.ok());
+  CHECK(decoded.out == binary.substr(0, binary.size() - 1));
+}
+
+// ==== Outputs together, and outputs that fail ====
+
+TEST_CASE("-c DebuggingServer --maildir --mbox prints and stores each message") {
+  TempDir tmp;
+  auto srv = start({"-c", "DebuggingServer", "--maildir", tmp / "md", "--mbox", tmp / "mb"});
+  auto c = srv.connect();
+  e2e::greet(c);
+  CHECK(send_mail(c, "Subject: everywhere\n\nbody\n") == "250 OK");
+  srv.child.pump();
+  CHECK(srv.child.out.text() == e2e::printed("Subject: everywhere\n", "body\n"));
+  auto names = list_dir(tmp / "md/new");
+  REQUIRE(names.size() == 1);
+  CHECK(read_file(tmp / "md/new/" + names[0]) == "Subject: everywhere\n\nbody\n");
+  std::string mbox = read_file(tmp / "mb");
+  CHECK(starts_with(mbox, "From a@example.com "));
+  CHECK(mbox.substr(mbox.find('\n') + 1) == "Subject: everywhere\n\nbody\n\n");
+}
+
+TEST_CASE("an output that fails gives 451, nothing is printed, and the server goes on") {
+  TempDir tmp;
+  std::string file = tmp / "a-regular-file";
+  write_file(file, "not a directory\n");
+  std::vector<std::string> options;
+  std::string reason;
+  SUBCASE("--maildir below a regular file") {
+    options = {"--maildir", file + "/maildir"};
+    reason = "cannot create directory " + file + "/maildir: Not a directory";
+  }
+  SUBCASE("--mbox below a regular file") {
+    options = {"--mbox", file + "/mail.mbox"};
+    reason = "cannot open " + file + "/mail.mbox: Not a directory";
+  }
+  SUBCASE("--mbox is a directory") {
+    options = {"--mbox", tmp.path()};
+    reason = "cannot open " + tmp.path() + ": Is a directory";
+  }
+  options.insert(options.end(), {"-c", "DebuggingServer", "--max-messages", "1"});
+  auto srv = start(options);
+  auto c = srv.connect();
+  e2e::greet(c);
+  const std::string reply = "451 Error: could not store the message: " + reason;
+  CHECK(send_mail(c, "Subject: lost\n\nbody\n") == reply);
+  CHECK(c.command("NOOP") == "250 OK");
+  CHECK(send_mail(c, "Subject: lost again\n\nbody\n") == reply);
+  CHECK(c.command("QUIT") == "221 Bye");
+  // A 451 does not count towards --max-messages: new clients are still served.
+  auto other = srv.connect();
+  e2e::greet(other);
+  CHECK(other.command("QUIT") == "221 Bye");
+  CHECK(srv.child.running());
+  CHECK(srv.wait_stderr("smtpd: could not store a message from 127.0.0.1: " + reason + "\n"));
+  auto st = srv.stop();
+  CHECK(st.code == 0);
+  CHECK(srv.child.out.text() == "");  // the printer comes after the failed store
+}
+
+// ==== Exiting by itself ====
+
+TEST_CASE("--max-messages 3 exits 0 by itself once the clients are done") {
+  TempDir tmp;
+  auto srv = start({"-c", "sink", "--maildir", tmp / "md", "--max-messages", "3"});
+  SUBCASE("three clients, one message each") {
+    for (int i = 0; i < 3; ++i) {
+      auto c = srv.connect();
+      e2e::greet(c);
+      CHECK(send_mail(c, "Subject: " + std::to_string(i) + "\n\nbody\n") == "250 OK");
+      CHECK(c.command("QUIT") == "221 Bye");
+    }
+  }
+  SUBCASE("one client, three messages; a new client is refused after the third") {
+    auto c = srv.connect();
+    e2e::greet(c);
+    for (int i = 0; i < 3; ++i)
+      CHECK(send_mail(c, "Subject: " + std::to_string(i) + "\n\nbody\n") == "250 OK");
+    CHECK_THROWS(srv.connect(milliseconds(1000)));  // the listener is closed
+    CHECK(c.command("NOOP") == "250 OK");           // the open session goes on
+    CHECK(c.command("QUIT") == "221 Bye");
+  }
+  auto st = srv.child.wait_exit(milliseconds(3000));
+  INFO(st.describe() << "; stderr: " << srv.child.err.text());
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+  CHECK(list_dir(tmp / "md/new").size() == 3);
+}
+
+TEST_CASE("--max-messages: a session still open after the limit waits for its QUIT") {
+  auto srv = start({"-c", "sink", "--max-messages", "1"});
+  auto early = srv.connect();  // connected before the limit, idle
+  std::string fqdn = e2e::greet(early);
+  auto sender = srv.connect();
+  e2e::greet(sender);
+  CHECK(send_mail(sender, "Subject: the one\n\nbody\n") == "250 OK");
+  CHECK(sender.command("QUIT") == "221 Bye");
+  CHECK(sender.wait_closed());
+  SUBCASE("it quits: 221, then the server exits 0") {
+    CHECK(srv.child.running());
+    CHECK(send_mail(early, "Subject: after the limit\n\nbody\n") == "250 OK");
+    CHECK(early.command("QUIT") == "221 Bye");
+    auto st = srv.child.wait_exit(milliseconds(3000));
+    CHECK(st.exited);
+    CHECK(st.code == 0);
+  }
+  SUBCASE("it stays silent: 421 after the grace of 5 s, then the server exits 0") {
+    auto before = Clock::now();
+    std::string reply = early.read_reply(milliseconds(8000));
+    auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - before).count();
+    CHECK(reply == "421 " + fqdn + " closing: message limit reached");
+    CHECK(waited > 3500);
+    CHECK(waited < 7500);
+    CHECK(early.wait_closed());
+    auto st = srv.child.wait_exit(milliseconds(3000));
+    CHECK(st.exited);
+    CHECK(st.code == 0);
+  }
+}
+
+TEST_CASE("--idle-exit 1 exits 0 by itself when no client is connected for a second") {
+  SUBCASE("no client at all") {
+    auto before = Clock::now();
+    auto srv = start({"-c", "sink", "--idle-exit", "1"});
+    auto st = srv.child.wait_exit(milliseconds(4000));
+    auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - before).count();
+    INFO(st.describe() << " after " << took << " ms");
+    CHECK(st.exited);
+    CHECK(st.code == 0);
+    CHECK_FALSE(st.timed_out);
+    CHECK(took >= 900);
+    CHECK(took < 3000);
+  }
+  SUBCASE("a connected client keeps it running; the clock starts when it leaves") {
+    auto srv = start({"-c", "sink", "--idle-exit", "1"});
+    auto c = srv.connect();
+    e2e::greet(c);
+    std::this_thread::sleep_for(milliseconds(1500));
+    CHECK(srv.child.running());
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(c.wait_closed());
+    auto left = Clock::now();
+    auto st = srv.child.wait_exit(milliseconds(4000));
+    auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - left).count();
+    INFO(st.describe() << " " << took << " ms after the client left");
+    CHECK(st.exited);
+    CHECK(st.code == 0);
+    CHECK(took >= 800);
+    CHECK(took < 3000);
+  }
+}
+
+// ==== The README's CI example ====
+
+// readme_ci_script - the sh block of README.md's "Use it in your tests" section.
+inline std::string readme_ci_script() {
+  std::string readme = read_file("README.md");
+  auto section = readme.find("## Use it in your tests");
+  if (section == std::string::npos) return "";
+  auto start = readme.find("```sh\n", section);
+  if (start == std::string::npos) return "";
+  start += 6;
+  auto end = readme.find("```\n", start);
+  return end == std::string::npos ? "" : readme.substr(start, end - start);
+}
+
+TEST_CASE("tests/use-in-ci.sh (the README's example) passes, as a CI job would run it") {
+  require_tool("curl", "curl");
+  std::string script = read_file("tests/use-in-ci.sh");
+  REQUIRE_MESSAGE(!script.empty(), "run the tests from the project root");
+  CHECK_MESSAGE(readme_ci_script() == script,
+                "README.md's 'Use it in your tests' example differs from tests/use-in-ci.sh");
+  // The script calls "smtpd" from PATH, as after make install: put the binary under test there.
+  TempDir bin;
+  char resolved[PATH_MAX];
+  REQUIRE(::realpath(smtpd_bin().c_str(), resolved) != nullptr);
+  REQUIRE(::symlink(resolved, (bin / "smtpd").c_str()) == 0);
+  const char* path = std::getenv("PATH");
+  auto r = run_command({"env", "PATH=" + bin.path() + ":" + (path ? path : "/usr/bin:/bin"), "sh",
+                        "tests/use-in-ci.sh"},
+                       milliseconds(30000));
+  INFO(r.describe());
+  CHECK(r.ok());
+  auto lines = lines_of(r.out);
+  REQUIRE(lines.size() == 6);
+  CHECK(std::regex_match(lines[0], std::regex("smtpd is listening on port [1-9][0-9]*")));
+  CHECK(lines[1] == "smtpd exited with status 0");
+  CHECK(lines[2] == "3 messages in the Maildir");
+  CHECK(lines[3] == "Subject: test 1");
+  CHECK(lines[4] == "Subject: test 2");
+  CHECK(lines[5] == "Subject: test 3");
+  CHECK(r.err == "");
+}
+
+// ==== The same words everywhere ====
+
+// man_text - the man page's text lines joined with spaces, "\-" as "-".
+inline std::string man_text() {
+  std::string text;
+  for (const auto& line : lines_of(read_file("man/smtpd.1"))) {
+    if (starts_with(line, ".")) continue;
+    text += line + " ";
+  }
+  for (auto at = text.find("\\-"); at != std::string::npos; at = text.find("\\-", at))
+    text.replace(at, 2, "-");
+  return text;
+}
+
+TEST_CASE("--help, the man page and README.md describe every option in the same words") {
+  cxxopts::Options options = build_options();
+  std::string readme = read_file("README.md");
+  std::string man = man_text();
+  REQUIRE(!readme.empty());
+  REQUIRE(!man.empty());
+  auto r = run_command({smtpd_bin(), "--help"});
+  for (const auto& option : options.group_help("").options) {
+    if (option.desc.empty()) continue;  // the positional addresses
+    CHECK_MESSAGE(readme.find("| " + option.desc + " |") != std::string::npos,
+                  "README.md's options table lacks: " << option.desc);
+    CHECK_MESSAGE(man.find(option.desc) != std::string::npos, "smtpd.1 lacks: " << option.desc);
+  }
+  for (std::string o :
+       {"--maildir DIR", "--mbox FILE", "--json", "--max-messages N", "--idle-exit SECONDS"})
+    CHECK_MESSAGE(r.out.find(o) != std::string::npos, "--help does not list " << o);
+}
+
+}  // namespace outputs
+}  // namespace smtpd_test
