@@ -12,3 +12,4 @@
 #include "test_support.hpp"
 #include "test_e2e.cpp"
 #include "test_interop.cpp"
+#include "test_proxy.cpp"
