@@ -36,12 +36,14 @@ TEST_CXXFLAGS  := $(STD) -g -O1 $(WARNINGS) -pthread
 TEST_SOURCES := $(wildcard tests/*.cpp tests/*.hpp)
 
 # What the build needs, and what the tests need on top (KIND:NAME:DEBIAN_PACKAGE[:OTHER_NAME]).
-# man --warnings formats with groff-base's troff (man-db depends on it).
+# man --warnings formats with groff-base's troff (man-db depends on it). smtp-sink, the
+# PureProxy tests' upstream, comes with postfix (in /usr/sbin; ensure-tools.sh installs it
+# without starting the Postfix daemon).
 BUILD_NEEDS := header:cxxopts.hpp:libcxxopts-dev:cxxopts
 TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
                cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
-               cmd:man:man-db cmd:groff:groff-base
+               cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix
 NEEDS := $(BUILD_NEEDS)
 ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)

@@ -337,6 +337,15 @@ inline double cpu_seconds(pid_t pid) {
 TEST_CASE("at the open-file limit the server neither spins nor floods stderr, and recovers") {
   ignore_sigpipe();
   auto srv = ServerProcess::launch({"-n", "127.0.0.1:0"}, kWait, 24);
+  // One whole session first, so smtpd-asan has checked a ModeSession's deletion once while it
+  // still has descriptors: UBSan's vptr check calls pipe() (IsAccessibleMemoryRange) on a type
+  // it has not seen yet, which fails with EMFILE and reports a false "invalid vptr".
+  {
+    auto warm = srv.connect();
+    REQUIRE(starts_with(warm.read_reply(), "220 "));
+    REQUIRE(warm.command("QUIT") == "221 Bye");
+    REQUIRE(warm.wait_closed());
+  }
   // More clients than the server has descriptors: the kernel queues the rest (backlog).
   std::vector<Client> clients;
   for (int i = 0; i < 40; ++i) clients.push_back(srv.connect());
@@ -588,19 +597,19 @@ TEST_CASE("bad command lines exit 1 with one line on stderr") {
   check_one_error_line(run_smtpd(args), 1);
 }
 
-TEST_CASE("-c PureProxy and MailmanProxy exit 1: not implemented yet") {
-  SUBCASE("PureProxy") {
-    auto r = run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0"});
-    check_one_error_line(r, 1);
-    CHECK(r.err == "smtpd: PureProxy is not implemented yet\n");
-  }
-  SUBCASE("smtpd.PureProxy") {
-    auto r = run_smtpd({"-n", "-c", "smtpd.PureProxy", "127.0.0.1:0"});
-    check_one_error_line(r, 1);
-    CHECK(r.err.find("PureProxy is not implemented yet") != std::string::npos);
-  }
+TEST_CASE("-c MailmanProxy exits 1: not implemented yet") {
   SUBCASE("MailmanProxy") {
     auto r = run_smtpd({"-n", "--class", "MailmanProxy", "127.0.0.1:0"});
+    check_one_error_line(r, 1);
+    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
+  }
+  SUBCASE("smtpd.MailmanProxy") {
+    auto r = run_smtpd({"-n", "-c", "smtpd.MailmanProxy", "127.0.0.1:0"});
+    check_one_error_line(r, 1);
+    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
+  }
+  SUBCASE("mailman") {
+    auto r = run_smtpd({"-n", "-c", "mailman", "127.0.0.1:0"});
     check_one_error_line(r, 1);
     CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
   }

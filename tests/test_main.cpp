@@ -13,3 +13,4 @@
 #include "test_e2e.cpp"
 #include "test_interop.cpp"
 #include "test_outputs.cpp"
+#include "test_proxy.cpp"

@@ -1,0 +1,1011 @@
+// test_proxy.cpp - PureProxy end to end: a client, ./smtpd -c PureProxy, and a real upstream.
+//
+// The upstreams all listen on 127.0.0.1: Postfix's smtp-sink (Debian package postfix) with its
+// fault switches and its -d dump of every message it receives, our own DebuggingServer, and a
+// small scripted server in a thread of this process. Each test checks what the client hears
+// and what the upstream got: a message the client got 250 for must be at the upstream byte for
+// byte, and the upstream must have accepted nothing the client was not told about.
+//
+//   Fixtures: SmtpSink, ScriptedUpstream, ClosedPort, SilentListener, FullBacklogPort,
+//             start_proxy, start_debugging
+//   Helpers:  on_the_wire, as_relayed, try_message
+#include <doctest/doctest.h>
+
+#include <dirent.h>
+#include <pwd.h>
+
+#include <atomic>
+#include <cctype>
+#include <fstream>
+#include <iterator>
+#include <thread>
+
+#include "test_support.hpp"
+
+namespace smtpd_test {
+namespace proxy {
+
+TEST_SUITE_BEGIN("proxy");
+
+using e2e::kDataReply;
+using e2e::kEnd;
+using e2e::kFollows;
+
+// Replies smtp-sink gives (Postfix 3.x); the proxy must hand them on unchanged.
+constexpr const char* kSinkMailOk = "250 2.1.0 Ok";
+constexpr const char* kSinkRcptOk = "250 2.1.5 Ok";
+constexpr const char* kSinkDataOk = "250 2.0.0 Ok";
+constexpr const char* kSinkSoft = "450 4.3.0 Error: command failed";  // -r
+constexpr const char* kSinkHard = "500 5.3.0 Error: command failed";  // -f
+constexpr const char* kNo8Bit = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
+constexpr const char* kNoUtf8 = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
+
+// seconds_since - seconds from start until now, as a double.
+inline double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// ==== Fixtures ====
+
+// free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
+// be told to pick their own, as smtp-sink cannot).
+inline int free_port() {
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw std::runtime_error("socket failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    ::close(fd);
+    throw std::runtime_error(std::string("free port: ") + std::strerror(errno));
+  }
+  ::close(fd);
+  return ntohs(a.sin_port);
+}
+
+// loopback_socket - a TCP socket bound to 127.0.0.1:<kernel-chosen port>; returns the port.
+inline int loopback_socket(int& fd) {
+  fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw std::runtime_error("socket failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
+    throw std::runtime_error(std::string("bind 127.0.0.1:0: ") + std::strerror(errno));
+  return ntohs(a.sin_port);
+}
+
+// ClosedPort - a port on 127.0.0.1 that is bound but not listening, so a connection to it is
+// refused for as long as this object lives (nobody else can take the port meanwhile).
+class ClosedPort {
+ public:
+  ClosedPort() { port_ = loopback_socket(fd_); }
+  ClosedPort(const ClosedPort&) = delete;
+  ClosedPort& operator=(const ClosedPort&) = delete;
+  ~ClosedPort() { ::close(fd_); }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// SilentListener - a listener on 127.0.0.1 that never accepts: connections complete (the
+// kernel queues up to 64) but never hear a greeting.
+class SilentListener {
+ public:
+  SilentListener() {
+    port_ = loopback_socket(fd_);
+    if (::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
+  }
+  SilentListener(const SilentListener&) = delete;
+  SilentListener& operator=(const SilentListener&) = delete;
+  ~SilentListener() { ::close(fd_); }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+};
+
+// FullBacklogPort - a listener that never accepts, with its accept queue already full (one
+// connection made here fills a backlog of 0): Linux then drops further SYNs, so a connect to
+// it neither succeeds nor fails until the connecting side gives up.
+class FullBacklogPort {
+ public:
+  FullBacklogPort() {
+    port_ = loopback_socket(fd_);
+    if (::listen(fd_, 0) != 0) throw std::runtime_error("listen failed");
+    filler_ = Client::connect("127.0.0.1", port_);
+  }
+  FullBacklogPort(const FullBacklogPort&) = delete;
+  FullBacklogPort& operator=(const FullBacklogPort&) = delete;
+  ~FullBacklogPort() {
+    filler_.close();
+    ::close(fd_);
+  }
+  int port() const { return port_; }
+
+ private:
+  int fd_ = -1;
+  int port_ = 0;
+  Client filler_;
+};
+
+// TempDir - a fresh directory under $TMPDIR (or /tmp), removed with its files at scope end.
+class TempDir {
+ public:
+  TempDir() {
+    const char* dir = std::getenv("TMPDIR");
+    std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/smtpd-proxy-XXXXXX";
+    std::vector<char> name(tmpl.begin(), tmpl.end());
+    name.push_back('\0');
+    if (::mkdtemp(name.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = name.data();
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() {
+    for (const std::string& f : files()) ::unlink((path_ + "/" + f).c_str());
+    ::rmdir(path_.c_str());
+  }
+  const std::string& path() const { return path_; }
+
+  // files - the names in the directory, sorted.
+  std::vector<std::string> files() const {
+    std::vector<std::string> names;
+    if (DIR* d = ::opendir(path_.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(n);
+      }
+      ::closedir(d);
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::string path_;
+};
+
+// smtp_sink_path - /usr/sbin/smtp-sink (or one on PATH); fails the test naming the package.
+inline std::string smtp_sink_path() {
+  std::string path = "/usr/sbin/smtp-sink";
+  if (::access(path.c_str(), X_OK) != 0) path = find_in_path("smtp-sink");
+  REQUIRE_MESSAGE(!path.empty(), "smtp-sink not found in /usr/sbin or PATH: install the Debian "
+                                 "package postfix (see tests/ensure-tools.sh)");
+  return path;
+}
+
+// SmtpSink - Postfix's smtp-sink on 127.0.0.1:<free port> with the given switches, writing
+// each transaction to its own file in a temporary directory (-d). The file starts at MAIL
+// with smtp-sink's own X-... and Received: lines, gets the message text as it arrives (CRs
+// and the stuffed dots taken out), ends with an empty line when "." arrives, and is deleted
+// if the transaction is abandoned (RSET, QUIT or a disconnect before ".").
+//
+// As root smtp-sink insists on -u USER. We pass the user we already are (root): switching to
+// nobody would change the effective uid, and the kernel then drops the parent-death signal
+// test_support.hpp sets, so a crashed test run would leave smtp-sink listening forever.
+class SmtpSink {
+ public:
+  explicit SmtpSink(std::vector<std::string> switches = {}) {
+    std::string program = smtp_sink_path();
+    std::string last_error;
+    for (int attempt = 0; attempt < 5; ++attempt) {  // the free port may be taken meanwhile
+      port_ = free_port();
+      std::vector<std::string> argv{program};
+      if (::geteuid() == 0) {
+        const passwd* pw = ::getpwuid(0);
+        argv.insert(argv.end(), {"-u", pw ? pw->pw_name : "root"});
+      }
+      argv.insert(argv.end(), {"-d", dir_.path() + "/msg."});
+      argv.insert(argv.end(), switches.begin(), switches.end());
+      argv.insert(argv.end(), {"127.0.0.1:" + std::to_string(port_), "64"});
+      child = Child::spawn(argv);
+      if (wait_ready()) return;
+      child.pump();
+      last_error = child.err.text();
+      child = Child();
+    }
+    throw std::runtime_error("smtp-sink did not start: " + last_error);
+  }
+
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // dump_count - how many transactions smtp-sink has on file right now.
+  std::size_t dump_count() const { return dir_.files().size(); }
+
+  // dumps - the contents of the dump files, in name order (names are random).
+  std::vector<std::string> dumps() const {
+    std::vector<std::string> out;
+    for (const std::string& f : dir_.files()) {
+      std::ifstream in(dir_.path() + "/" + f, std::ios::binary);
+      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    return out;
+  }
+
+  // messages - the message part of each dump: everything after smtp-sink's three-line
+  // Received: header ("Received: ...", "\tby ...", "\t<date>").
+  std::vector<std::string> messages() const {
+    std::vector<std::string> out;
+    for (const std::string& d : dumps()) {
+      auto by = d.find("\n\tby ");
+      auto by_end = by == std::string::npos ? by : d.find('\n', by + 1);
+      auto date_end = by_end == std::string::npos ? by_end : d.find('\n', by_end + 1);
+      out.push_back(date_end == std::string::npos ? "<no Received header in:>" + d
+                                                  : d.substr(date_end + 1));
+    }
+    return out;
+  }
+
+  // header - the value of smtp-sink's X-... line named name in dump d ("" if none).
+  static std::string header(const std::string& d, const std::string& name) {
+    for (const std::string& line : lines_of(d))
+      if (starts_with(line, name + ": ")) return line.substr(name.size() + 2);
+    return "";
+  }
+
+  Child child;
+
+ private:
+  // wait_ready - true once smtp-sink greets a connection; false if it exited (port taken).
+  bool wait_ready() {
+    Deadline deadline(kWait);
+    while (!deadline.expired()) {
+      child.pump();
+      if (!child.running()) return false;
+      try {
+        Client probe = Client::connect("127.0.0.1", port_, nullptr, milliseconds(500));
+        if (starts_with(probe.read_reply(milliseconds(1000)), "220 smtp-sink")) return true;
+      } catch (const std::exception&) {
+        // not listening yet
+      }
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+
+  TempDir dir_;
+  int port_ = 0;
+};
+
+// ScriptedUpstream - a minimal SMTP server in a thread of this process, on 127.0.0.1. It
+// answers as a sink does (220, EHLO with 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after
+// ".", 221) except on its first connection, where after the greeting and EHLO it never
+// answers again: one upstream session stalled in the middle while others go on.
+class ScriptedUpstream {
+ public:
+  ScriptedUpstream() {
+    port_ = loopback_socket(listener_);
+    if (::listen(listener_, 16) != 0) throw std::runtime_error("listen failed");
+    thread_ = std::thread([this] { serve(); });
+  }
+  ScriptedUpstream(const ScriptedUpstream&) = delete;
+  ScriptedUpstream& operator=(const ScriptedUpstream&) = delete;
+  ~ScriptedUpstream() {
+    stop_ = true;
+    thread_.join();
+    for (Conn& c : conns_) ::close(c.fd);
+    ::close(listener_);
+  }
+
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int messages() const { return messages_; }       // "." answered 250
+  int stalled_mails() const { return stalled_; }   // MAIL commands left unanswered
+
+ private:
+  struct Conn {
+    int fd = -1;
+    bool stalls = false;  // the first connection stalls at MAIL
+    std::string in;
+    bool in_data = false;
+    bool is_stalled = false;
+  };
+
+  void serve() {
+    while (!stop_) {
+      std::vector<pollfd> fds{{listener_, POLLIN, 0}};
+      for (const Conn& c : conns_) fds.push_back({c.fd, POLLIN, 0});
+      if (::poll(fds.data(), fds.size(), 20) <= 0) continue;
+      for (std::size_t i = 1; i < fds.size(); ++i)
+        if (fds[i].revents) read_from(conns_[i - 1]);
+      auto closed = [](const Conn& c) { return c.fd < 0; };
+      conns_.erase(std::remove_if(conns_.begin(), conns_.end(), closed), conns_.end());
+      if (fds[0].revents & POLLIN) {
+        int fd = ::accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd < 0) continue;
+        Conn c;
+        c.fd = fd;
+        c.stalls = accepted_++ == 0;
+        conns_.push_back(std::move(c));
+        say(conns_.back(), "220 scripted ESMTP");
+      }
+    }
+  }
+
+  void say(Conn& c, const std::string& reply) {
+    std::string line = reply + "\r\n";
+    ::send(c.fd, line.data(), line.size(), MSG_NOSIGNAL);  // small; the buffer takes it
+  }
+
+  void read_from(Conn& c) {
+    char buf[4096];
+    ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+    if (n <= 0) {
+      ::close(c.fd);
+      c.fd = -1;
+      return;
+    }
+    c.in.append(buf, static_cast<std::size_t>(n));
+    std::size_t nl;
+    while (c.fd >= 0 && (nl = c.in.find("\r\n")) != std::string::npos) {
+      std::string line = c.in.substr(0, nl);
+      c.in.erase(0, nl + 2);
+      answer(c, line);
+    }
+  }
+
+  void answer(Conn& c, const std::string& line) {
+    if (c.is_stalled) return;
+    if (c.in_data) {
+      if (line == ".") {
+        c.in_data = false;
+        ++messages_;
+        say(c, "250 2.0.0 queued");
+      }
+      return;
+    }
+    std::string verb = line.substr(0, 4);
+    for (char& ch : verb) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+    if (verb == "EHLO") return say(c, "250-scripted\r\n250 8BITMIME");
+    if (verb == "HELO") return say(c, "250 scripted");
+    if (verb == "MAIL" && c.stalls) {
+      c.is_stalled = true;
+      ++stalled_;
+      return;
+    }
+    if (verb == "MAIL" || verb == "RCPT" || verb == "RSET" || verb == "NOOP")
+      return say(c, "250 2.0.0 Ok");
+    if (verb == "DATA") {
+      c.in_data = true;
+      return say(c, "354 go ahead");
+    }
+    if (verb == "QUIT") {
+      say(c, "221 Bye");
+      ::close(c.fd);
+      c.fd = -1;
+      return;
+    }
+    say(c, "500 5.5.1 unknown command");
+  }
+
+  int listener_ = -1;
+  int port_ = 0;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> messages_{0};
+  std::atomic<int> stalled_{0};
+  int accepted_ = 0;
+  std::vector<Conn> conns_;  // touched by the thread only
+};
+
+// start_proxy - ./smtpd -n -c PureProxy [options] 127.0.0.1:0 UPSTREAM, listening.
+inline ServerProcess start_proxy(const std::string& upstream,
+                                 std::vector<std::string> options = {}) {
+  ignore_sigpipe();
+  std::vector<std::string> args{"-n", "-c", "PureProxy"};
+  args.insert(args.end(), options.begin(), options.end());
+  args.insert(args.end(), {"127.0.0.1:0", upstream});
+  return ServerProcess::launch(args);
+}
+
+// start_debugging - our DebuggingServer on 127.0.0.1:0, the proxy's upstream in a chain.
+inline ServerProcess start_debugging(std::vector<std::string> options = {}) {
+  ignore_sigpipe();
+  options.insert(options.begin(), {"-n", "-c", "DebuggingServer"});
+  options.push_back("127.0.0.1:0");
+  return ServerProcess::launch(options);
+}
+
+inline std::string address_of(const ServerProcess& s) {
+  return "127.0.0.1:" + std::to_string(s.port());
+}
+
+// ==== Helpers ====
+
+// on_the_wire - a message written with "\n" line ends as the client sends it after DATA:
+// CRLF line ends, and a dot doubled at the start of a line (RFC 5321 4.5.2).
+inline std::string on_the_wire(const std::string& text) {
+  std::string out;
+  for (const std::string& line : lines_of(text))
+    out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
+  return out;
+}
+
+// as_relayed - the same message as the proxy must hand it on, "\n" line ends, unstuffed:
+// "X-Peer: <peer>" before the first empty line, or as the last line when there is none.
+inline std::string as_relayed(const std::string& text, const std::string& peer = "127.0.0.1") {
+  std::string out;
+  bool added = false;
+  for (const std::string& line : lines_of(text)) {
+    if (!added && line.empty()) {
+      out += "X-Peer: " + peer + "\n";
+      added = true;
+    }
+    out += line + "\n";
+  }
+  if (!added) out += "X-Peer: " + peer + "\n";
+  return out;
+}
+
+// Outcome - the replies of one transaction; a step not reached stays "".
+struct Outcome {
+  std::string mail, rcpt, data, end;
+  bool accepted() const { return starts_with(end, "250"); }
+};
+
+// try_message - MAIL (with params), RCPT, DATA, the text (on_the_wire) and "."; stops at
+// the first step that is not answered 250 (354 for DATA).
+inline Outcome try_message(Client& c, const std::string& text, const std::string& mail_params = "",
+                           const std::string& from = "a@example.com",
+                           const std::string& to = "b@example.com") {
+  Outcome o;
+  o.mail = c.command("MAIL FROM:<" + from + ">" + (mail_params.empty() ? "" : " " + mail_params));
+  if (!starts_with(o.mail, "250")) return o;
+  o.rcpt = c.command("RCPT TO:<" + to + ">");
+  if (!starts_with(o.rcpt, "250")) return o;
+  o.data = c.command("DATA");
+  if (o.data != kDataReply) return o;
+  if (!c.send(on_the_wire(text))) return o;
+  o.end = c.command(".");
+  return o;
+}
+
+// greet_proxy - read the proxy's greeting and say EHLO; REQUIREs both.
+inline std::string greet_proxy(Client& c) {
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  std::string ehlo = c.command("EHLO client.example");
+  REQUIRE(starts_with(ehlo, "250"));
+  return ehlo;
+}
+
+// The message the byte-for-byte tests send: headers, dot lines (stuffed on the wire),
+// UTF-8 and a Latin-1 byte, trailing blanks, a second empty line.
+constexpr const char* kEightBitMessage =
+    "From: a@example.com\n"
+    "To: b@example.com\n"
+    "Subject: relay \xc3\xa9t\xc3\xa9\n"
+    "\n"
+    "first line\n"
+    ".a line that starts with a dot\n"
+    ".\n"
+    "..two dots\n"
+    "Gr\xc3\xbc\xc3\x9f" "e, 20 \xe2\x82\xac and a Latin-1 byte: caf\xe9\n"
+    "trailing blanks   \n"
+    "\n"
+    "last line\n";
+
+// ==== Tests ====
+
+TEST_CASE("a relayed message arrives at smtp-sink byte for byte, with X-Peer added") {
+  SmtpSink sink;
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+
+  SUBCASE("8BITMIME body with dot lines; SIZE dropped, as smtp-sink does not offer it") {
+    Outcome o = try_message(c, kEightBitMessage, "BODY=8BITMIME SIZE=400");
+    CHECK(o.mail == kSinkMailOk);
+    CHECK(o.rcpt == kSinkRcptOk);
+    CHECK(o.end == kSinkDataOk);
+    CHECK(c.command("QUIT") == "221 Bye");
+    REQUIRE(wait_until([&] { return sink.dump_count() == 1; }));
+    CHECK(sink.messages() == std::vector<std::string>{as_relayed(kEightBitMessage) + "\n"});
+    std::string dump = sink.dumps().at(0);
+    CHECK(SmtpSink::header(dump, "X-Mail-Args") == "<a@example.com> BODY=8BITMIME");
+    CHECK(SmtpSink::header(dump, "X-Rcpt-Args") == "<b@example.com>");
+    CHECK(SmtpSink::header(dump, "X-Client-Proto") == "ESMTP");  // EHLO, not HELO
+  }
+  SUBCASE("a message with no empty line gets X-Peer as its last line") {
+    const std::string text = "Subject: no body\nX-Other: yes\n";
+    CHECK(try_message(c, text).end == kSinkDataOk);
+    CHECK(c.command("QUIT") == "221 Bye");
+    REQUIRE(wait_until([&] { return sink.dump_count() == 1; }));
+    CHECK(sink.messages() == std::vector<std::string>{as_relayed(text) + "\n"});
+  }
+  SUBCASE("three messages in one session (RSET upstream between them) all arrive") {
+    std::vector<std::string> sent;
+    int accepted = 0;
+    for (int i = 0; i < 3; ++i) {
+      sent.push_back("Subject: number " + std::to_string(i) + "\n\n.body " + std::to_string(i) +
+                     "\n");
+      accepted += try_message(c, sent.back()).accepted();
+      if (i == 1) CHECK(c.command("RSET") == "250 OK");  // a client RSET between, too
+    }
+    CHECK(accepted == 3);
+    CHECK(c.command("QUIT") == "221 Bye");
+    REQUIRE(wait_until([&] { return sink.dump_count() == 3; }));
+    std::vector<std::string> want;
+    for (const std::string& s : sent) want.push_back(as_relayed(s) + "\n");
+    std::vector<std::string> got = sink.messages();
+    std::sort(want.begin(), want.end());
+    std::sort(got.begin(), got.end());
+    CHECK(got == want);
+  }
+}
+
+TEST_CASE("five clients at once through one proxy: every 250 is a message at smtp-sink") {
+  constexpr int kClients = 5;
+  SmtpSink sink;
+  auto proxy = start_proxy(sink.address());
+  std::vector<Client> clients;
+  for (int i = 0; i < kClients; ++i) {
+    clients.push_back(proxy.connect());
+    greet_proxy(clients.back());
+  }
+  // Every session's MAIL opens its own upstream session; all are open at once.
+  for (auto& c : clients) REQUIRE(c.command("MAIL FROM:<a@example.com>") == kSinkMailOk);
+  for (auto& c : clients) REQUIRE(c.command("RCPT TO:<b@example.com>") == kSinkRcptOk);
+  for (auto& c : clients) REQUIRE(c.command("DATA") == kDataReply);
+  int accepted = 0;
+  for (int i = 0; i < kClients; ++i) {
+    REQUIRE(clients[i].send(on_the_wire("Subject: client " + std::to_string(i) + "\n\nbody\n")));
+    accepted += clients[i].command(".") == kSinkDataOk;
+  }
+  for (auto& c : clients) CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(accepted == kClients);
+  CHECK(wait_until([&] { return sink.dump_count() == static_cast<std::size_t>(kClients); }));
+  std::vector<std::string> got = sink.messages();
+  for (int i = 0; i < kClients; ++i) {
+    std::string want = as_relayed("Subject: client " + std::to_string(i) + "\n\nbody\n") + "\n";
+    CHECK_MESSAGE(std::count(got.begin(), got.end(), want) == 1, "client " << i);
+  }
+}
+
+TEST_CASE("a refused RCPT is refused to the client right then, with the upstream's reply") {
+  std::string fault, want;
+  SUBCASE("soft (smtp-sink -r rcpt): 4xx") {
+    fault = "-r";
+    want = kSinkSoft;
+  }
+  SUBCASE("hard (smtp-sink -f rcpt): 5xx") {
+    fault = "-f";
+    want = kSinkHard;
+  }
+  SmtpSink sink({fault, "rcpt"});
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+  Outcome o = try_message(c, "Subject: refused\n\nbody\n");
+  CHECK(o.mail == kSinkMailOk);
+  CHECK(o.rcpt == want);
+  CHECK(c.command("DATA") == "503 Error: need RCPT command");
+  // The transaction stays open at the upstream until it is reset; the next MAIL resets it.
+  CHECK(c.command("RSET") == "250 OK");
+  Outcome again = try_message(c, "Subject: refused again\n\nbody\n");
+  CHECK(again.mail == kSinkMailOk);  // not "503 nested MAIL": the proxy sent RSET first
+  CHECK(again.rcpt == want);
+  CHECK(c.command("QUIT") == "221 Bye");
+  // No 250 for a message, and nothing left at the upstream once the sessions are over.
+  CHECK(wait_until([&] { return sink.dump_count() == 0; }));
+}
+
+TEST_CASE("a refused end of DATA is the client's final reply, never a 250") {
+  std::string fault, want;
+  SUBCASE("soft (smtp-sink -r .)") {
+    fault = "-r";
+    want = kSinkSoft;
+  }
+  SUBCASE("hard (smtp-sink -f .)") {
+    fault = "-f";
+    want = kSinkHard;
+  }
+  SmtpSink sink({fault, "."});
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+  int accepted = 0;
+  for (int i = 0; i < 2; ++i) {
+    Outcome o = try_message(c, "Subject: refused at the end\n\nbody\n");
+    CHECK(o.mail == kSinkMailOk);
+    CHECK(o.rcpt == kSinkRcptOk);
+    CHECK(o.end == want);
+    accepted += o.accepted();
+  }
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(accepted == 0);
+  // smtp-sink keeps the text of a message it then refuses: both reached it and were refused
+  // there (the upstream accepted 0, as many as the client got 250 for).
+  CHECK(wait_until([&] { return sink.dump_count() == 2; }));
+}
+
+TEST_CASE("an upstream that drops the connection gives the client 4xx, never 250") {
+  std::vector<std::string> switches;
+  std::string at;  // where the client hears about it
+  std::size_t reached = 0;  // messages whose text reached smtp-sink
+  SUBCASE("disconnect at RCPT (-q rcpt)") {
+    switches = {"-q", "rcpt"};
+    at = "rcpt";
+  }
+  SUBCASE("421 at RCPT (-Q rcpt)") {
+    switches = {"-Q", "rcpt"};
+    at = "rcpt";
+  }
+  SUBCASE("disconnect at DATA (-q data)") {
+    switches = {"-q", "data"};
+    at = "end";
+  }
+  SUBCASE("421 at DATA (-Q data)") {
+    switches = {"-Q", "data"};
+    at = "end";
+  }
+  SUBCASE("disconnect after the text, at . (-q .)") {
+    switches = {"-q", "."};
+    at = "end";
+    reached = 2;
+  }
+  SmtpSink sink(switches);
+  auto proxy = start_proxy(sink.address());
+  auto first = proxy.connect();
+  greet_proxy(first);
+  Client second;  // after a 421, a new client (see the 421 test case below)
+  int accepted = 0;
+  for (int i = 0; i < 2; ++i) {  // the second transaction needs a new upstream session
+    CAPTURE(i);
+    if (i == 1 && switches[0] == "-Q") {
+      second = proxy.connect();
+      greet_proxy(second);
+    }
+    Client& c = second.is_open() ? second : first;
+    Outcome o = try_message(c, "Subject: dropped\n\nbody\n");
+    CHECK(o.mail == kSinkMailOk);
+    std::string reply = at == "rcpt" ? o.rcpt : o.end;
+    CHECK_MESSAGE(starts_with(reply, "4"), "reply: " << reply);
+    if (starts_with(reply, "451")) {  // "closed the connection", or a reset if it was quicker
+      CHECK(starts_with(reply, "451 Error: upstream server " + sink.address() + " "));
+      CHECK(reply.substr(reply.size() - 17) == "; try again later");
+    }
+    accepted += o.accepted();
+    if (at == "rcpt") CHECK(c.command("RSET") == "250 OK");
+  }
+  CHECK(first.command("QUIT") == "221 Bye");
+  if (second.is_open()) CHECK(second.command("QUIT") == "221 Bye");
+  CHECK(accepted == 0);
+  CHECK(wait_until([&] { return sink.dump_count() == reached; }));
+}
+
+// may_fail: smtpd.cpp keeps using an upstream connection after relaying its 421 (reported to
+// the lead); the session's next MAIL then gets 451 instead of the new session's 250. Drop the
+// decorator once PureProxy closes its upstream session on 421.
+TEST_CASE("after an upstream 421 the client's next MAIL gets a new upstream session" *
+          doctest::may_fail()) {
+  SmtpSink sink({"-Q", "rcpt"});
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+  // Pipelined, so the proxy has the next MAIL in hand as soon as the 421 arrives.
+  REQUIRE(c.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRSET\r\n"
+                 "MAIL FROM:<a@example.com>\r\nQUIT\r\n"));
+  CHECK(c.read_reply() == kSinkMailOk);
+  CHECK(c.read_reply() == "421 4.0.0 Server closing connection");
+  CHECK(c.read_reply() == "250 OK");
+  CHECK(c.read_reply() == kSinkMailOk);
+  CHECK(c.read_reply() == "221 Bye");
+}
+
+TEST_CASE("an upstream without ESMTP (smtp-sink -e) is greeted with HELO; 8-bit mail gets 554") {
+  SmtpSink sink({"-e"});
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+  CHECK(c.command("MAIL FROM:<a@example.com> BODY=8BITMIME") == kNo8Bit);
+  const std::string text = "Subject: plain old SMTP\n\n.dot\n";
+  Outcome o = try_message(c, text);
+  CHECK(o.mail == kSinkMailOk);
+  CHECK(o.end == kSinkDataOk);
+  CHECK(c.command("QUIT") == "221 Bye");
+  REQUIRE(wait_until([&] { return sink.dump_count() == 1; }));
+  CHECK(SmtpSink::header(sink.dumps().at(0), "X-Client-Proto") == "SMTP");  // HELO, not EHLO
+  CHECK(sink.messages() == std::vector<std::string>{as_relayed(text) + "\n"});
+}
+
+TEST_CASE("a whole pipelined session in one write is relayed in order") {
+  SmtpSink sink;
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  REQUIRE(c.send("EHLO pipe.example\r\n"
+                 "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
+                 on_the_wire("Subject: one\n\n.first\n") + ".\r\n"
+                 "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
+                 on_the_wire("Subject: two\n\n.second\n") + ".\r\nQUIT\r\n"));
+  CHECK(starts_with(c.read_reply(), "250-"));
+  int accepted = 0;
+  for (int i = 0; i < 2; ++i) {
+    CHECK(c.read_reply() == kSinkMailOk);
+    CHECK(c.read_reply() == kSinkRcptOk);
+    CHECK(c.read_reply() == kDataReply);
+    std::string end = c.read_reply();
+    CHECK(end == kSinkDataOk);
+    accepted += end == kSinkDataOk;
+  }
+  CHECK(c.read_reply() == "221 Bye");
+  CHECK(c.wait_closed());
+  CHECK(wait_until([&] { return sink.dump_count() == static_cast<std::size_t>(accepted); }));
+  std::vector<std::string> got = sink.messages();
+  std::sort(got.begin(), got.end());
+  CHECK(got == std::vector<std::string>{as_relayed("Subject: one\n\n.first\n") + "\n",
+                                        as_relayed("Subject: two\n\n.second\n") + "\n"});
+}
+
+TEST_CASE("a client that hangs up while its upstream is slow does not disturb the proxy") {
+  SilentListener silent;  // every upstream session waits for a greeting
+  std::string upstream = "127.0.0.1:" + std::to_string(silent.port());
+  auto proxy = start_proxy(upstream, {"--reply-timeout", "1"});
+  {
+    auto quitter = proxy.connect();
+    greet_proxy(quitter);
+    REQUIRE(quitter.send("MAIL FROM:<a@example.com>\r\n"));
+    quitter.reset();
+  }
+  {
+    auto closer = proxy.connect();
+    greet_proxy(closer);
+    REQUIRE(closer.send("MAIL FROM:<a@example.com>\r\nQUIT\r\n"));
+    ::shutdown(closer.fd(), SHUT_WR);  // half-close: the replies are still owed
+    CHECK(starts_with(closer.read_reply(milliseconds(8000)), "451 Error: upstream server "));
+    CHECK(closer.read_reply() == "221 Bye");
+    CHECK(closer.wait_closed());
+  }
+  auto c = proxy.connect();
+  greet_proxy(c);
+  CHECK(c.command("MAIL FROM:<a@example.com>", milliseconds(8000)) ==
+        "451 Error: upstream server " + upstream +
+            " sent no greeting within the reply timeout; try again later");
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto st = proxy.stop();
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+}
+
+TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy stays up") {
+  ClosedPort dead;
+  std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
+  auto proxy = start_proxy(upstream);
+  auto c = proxy.connect();
+  greet_proxy(c);
+  for (int i = 0; i < 2; ++i) {  // each MAIL tries again
+    std::string reply = c.command("MAIL FROM:<a@example.com>");
+    CHECK(starts_with(reply, "451 Error: upstream server " + upstream + " cannot connect: "));
+    CHECK(reply.find("refused") != std::string::npos);
+    CHECK(reply.substr(reply.size() - 17) == "; try again later");
+    CHECK(c.command("RCPT TO:<b@example.com>") == "503 Error: need MAIL command");
+  }
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto other = proxy.connect();
+  CHECK(starts_with(other.read_reply(), "220 "));
+}
+
+TEST_CASE("an upstream that does not answer in time gives 451 after the timeout") {
+  std::unique_ptr<SmtpSink> sink;
+  std::unique_ptr<SilentListener> silent;
+  std::unique_ptr<FullBacklogPort> full;
+  std::string upstream, option, why;
+  SUBCASE("smtp-sink -W mail:4 with --reply-timeout 1: MAIL") {
+    sink = std::make_unique<SmtpSink>(std::vector<std::string>{"-W", "mail:4"});
+    upstream = sink->address();
+    option = "--reply-timeout";
+    why = "did not reply within the reply timeout";
+  }
+  SUBCASE("a listener that never accepts, --reply-timeout 1: no greeting") {
+    silent = std::make_unique<SilentListener>();
+    upstream = "127.0.0.1:" + std::to_string(silent->port());
+    option = "--reply-timeout";
+    why = "sent no greeting within the reply timeout";
+  }
+  SUBCASE("a listener whose backlog is full, --connect-timeout 1: no connection") {
+    full = std::make_unique<FullBacklogPort>();
+    upstream = "127.0.0.1:" + std::to_string(full->port());
+    option = "--connect-timeout";
+    why = "cannot connect: timed out";
+  }
+  auto proxy = start_proxy(upstream, {option, "1"});
+  auto c = proxy.connect();
+  greet_proxy(c);
+  auto start = Clock::now();
+  std::string reply = c.command("MAIL FROM:<a@example.com>", milliseconds(8000));
+  double took = seconds_since(start);
+  CHECK(reply == "451 Error: upstream server " + upstream + " " + why + "; try again later");
+  CHECK(took >= 0.9);
+  CHECK(took < 3.0);
+  CHECK(c.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("a stalled upstream session slows only its own client") {
+  // Both clients go through one proxy to one upstream; only the upstream session opened for
+  // client A stalls (at MAIL). Client B's whole transaction must finish while A still waits,
+  // and A then hears 451 when its --reply-timeout (3 s) runs out.
+  ScriptedUpstream upstream;
+  auto proxy = start_proxy(upstream.address(), {"--reply-timeout", "3"});
+  auto a = proxy.connect();
+  greet_proxy(a);
+  auto a_start = Clock::now();
+  REQUIRE(a.send("MAIL FROM:<a@example.com>\r\n"));
+  REQUIRE(wait_until([&] { return upstream.stalled_mails() == 1; }));
+
+  auto b_start = Clock::now();
+  auto b = proxy.connect();
+  greet_proxy(b);
+  Outcome o = try_message(b, "Subject: from B\n\nbody\n");
+  double b_took = seconds_since(b_start);
+  CHECK(o.mail == "250 2.0.0 Ok");
+  CHECK(o.end == "250 2.0.0 queued");
+  CHECK(b_took < 1.5);
+  CHECK(b.command("QUIT") == "221 Bye");
+  a.poll_once();
+  CHECK_MESSAGE(a.pending() == "", "A was answered while its upstream stalled");
+
+  std::string a_reply = a.read_reply(milliseconds(8000));
+  double a_took = seconds_since(a_start);
+  CHECK(a_reply == "451 Error: upstream server " + upstream.address() +
+                       " did not reply within the reply timeout; try again later");
+  CHECK(a_took >= 2.9);
+  CHECK(a_took < 6.0);
+  CHECK(a.command("QUIT") == "221 Bye");
+  CHECK(upstream.messages() == static_cast<int>(o.accepted()));  // B's one message
+}
+
+TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the one sent") {
+  auto downstream = start_debugging();
+  auto proxy = start_proxy(address_of(downstream));
+  auto c = proxy.connect();
+  greet_proxy(c);
+  const std::string text = "From: a@example.com\nSubject: chained\n\nfirst\n.dot\n.\n..two\nlast\n";
+  // The proxy's X-Peer goes before the first empty line; DebuggingServer adds its own there.
+  const std::string headers = "From: a@example.com\nSubject: chained\nX-Peer: 127.0.0.1\n";
+  const std::string body = "first\n.dot\n.\n..two\nlast\n";
+  const std::string printed = std::string(kFollows) + headers + "X-Peer: 127.0.0.1\n\n" + body + kEnd;
+  int accepted = 0;
+  SUBCASE("three messages") {
+    for (int i = 0; i < 3; ++i) {
+      Outcome o = try_message(c, text);
+      CHECK(o.mail == "250 OK");
+      CHECK(o.rcpt == "250 OK");
+      CHECK(o.end == "250 OK");
+      accepted += o.accepted();
+    }
+    CHECK(downstream.wait_stdout(kFollows, 3));
+    CHECK(downstream.stdout_text() == printed + printed + printed);
+  }
+  SUBCASE("SIZE and BODY go on, as DebuggingServer offers both") {
+    Outcome o = try_message(c, text, "SIZE=100 BODY=8BITMIME");
+    CHECK(o.end == "250 OK");
+    accepted += o.accepted();
+    CHECK(downstream.wait_stdout(kEnd));
+    CHECK(downstream.stdout_text() ==
+          std::string(kFollows) + "mail options: ['SIZE=100', 'BODY=8BITMIME']\n" + headers +
+              "X-Peer: 127.0.0.1\n\n" + body + kEnd);
+  }
+  CHECK(c.command("QUIT") == "221 Bye");
+  CHECK(downstream.stop().code == 0);
+  CHECK(count(downstream.child.out.text(), kFollows) == static_cast<std::size_t>(accepted));
+}
+
+TEST_CASE("BODY=8BITMIME to an upstream without 8BITMIME (smtp-sink -8) gets 554") {
+  SmtpSink sink({"-8"});
+  auto proxy = start_proxy(sink.address());
+  auto c = proxy.connect();
+  greet_proxy(c);
+  CHECK(c.command("MAIL FROM:<a@example.com> BODY=8BITMIME") == kNo8Bit);
+  CHECK(c.command("RCPT TO:<b@example.com>") == "503 Error: need MAIL command");
+  // A 7-bit message still goes through.
+  Outcome o = try_message(c, "Subject: seven bits\n\nplain\n");
+  CHECK(o.end == kSinkDataOk);
+  CHECK(c.command("QUIT") == "221 Bye");
+  REQUIRE(wait_until([&] { return sink.dump_count() == 1; }));
+  CHECK(sink.messages() == std::vector<std::string>{as_relayed("Subject: seven bits\n\nplain\n") + "\n"});
+}
+
+TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 553") {
+  const std::string from = "j\xc3\xbcrgen@example.com";
+  const std::string to = "b\xc3\xa9@example.com";
+  const std::string text = "Subject: gr\xc3\xbc\xc3\x9f" "e\n\nUTF-8 all the way\n";
+  SUBCASE("upstream: DebuggingServer -u") {
+    auto downstream = start_debugging({"-u"});
+    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto c = proxy.connect();
+    CHECK(greet_proxy(c).find("\n250-SMTPUTF8\n") != std::string::npos);
+    Outcome o = try_message(c, text, "SMTPUTF8", from, to);
+    CHECK(o.mail == "250 OK");
+    CHECK(o.rcpt == "250 OK");
+    CHECK(o.end == "250 OK");
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(downstream.wait_stdout(kEnd));
+    CHECK(downstream.stdout_text() == std::string(kFollows) + "mail options: ['SMTPUTF8']\n" +
+                                          "Subject: gr\xc3\xbc\xc3\x9f" "e\nX-Peer: 127.0.0.1\n"
+                                          "X-Peer: 127.0.0.1\n\nUTF-8 all the way\n" + kEnd);
+  }
+  SUBCASE("upstream: DebuggingServer without -u") {
+    auto downstream = start_debugging();
+    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto c = proxy.connect();
+    greet_proxy(c);
+    CHECK(c.command("MAIL FROM:<" + from + "> SMTPUTF8") == kNoUtf8);
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(downstream.stop().code == 0);
+    CHECK(downstream.child.out.text() == "");
+  }
+}
+
+TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.1 it does not") {
+  ClosedPort dead;
+  std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
+  SUBCASE("0.0.0.0:0") {
+    ignore_sigpipe();
+    auto proxy = ServerProcess::launch({"-n", "-c", "PureProxy", "0.0.0.0:0", upstream});
+    CHECK(proxy.wait_stderr("open relay\n"));
+    CHECK(proxy.stderr_text() == proxy.listening_line() + "\nsmtpd: warning: PureProxy on 0.0.0.0:" +
+                                     std::to_string(proxy.port()) +
+                                     " relays mail from anyone who can connect: this can make "
+                                     "an open relay\n");
+  }
+  SUBCASE("127.0.0.1:0") {
+    auto proxy = start_proxy(upstream);
+    auto c = proxy.connect();
+    greet_proxy(c);
+    CHECK(c.command("QUIT") == "221 Bye");
+    CHECK(proxy.stop().code == 0);
+    CHECK(proxy.child.err.text() == proxy.listening_line() + "\n");
+  }
+}
+
+TEST_CASE("bad --reply-timeout and --connect-timeout values exit 1 with one line") {
+  std::string option, value;
+  SUBCASE("--reply-timeout 0") { option = "--reply-timeout", value = "0"; }
+  SUBCASE("--reply-timeout -1") { option = "--reply-timeout", value = "-1"; }
+  SUBCASE("--reply-timeout abc") { option = "--reply-timeout", value = "abc"; }
+  SUBCASE("--reply-timeout 5s") { option = "--reply-timeout", value = "5s"; }
+  SUBCASE("--reply-timeout ''") { option = "--reply-timeout", value = ""; }
+  SUBCASE("--reply-timeout nan") { option = "--reply-timeout", value = "nan"; }
+  SUBCASE("--reply-timeout 1e9") { option = "--reply-timeout", value = "1e9"; }
+  SUBCASE("--connect-timeout 0") { option = "--connect-timeout", value = "0"; }
+  SUBCASE("--connect-timeout x") { option = "--connect-timeout", value = "x"; }
+  INFO("smtpd -n -c PureProxy " << option << " '" << value << "'");
+  auto r = e2e::run_smtpd({"-n", "-c", "PureProxy", option, value, "127.0.0.1:0", "127.0.0.1:25"});
+  e2e::check_one_error_line(r, 1);
+  CHECK(r.err.find(option) != std::string::npos);
+}
+
+TEST_CASE("an upstream host that does not resolve exits 2 with one line") {
+  // A resolver with no network may take a while to give up; still bounded.
+  auto r = e2e::run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0", "no-such-host.invalid:25"},
+                          milliseconds(30000));
+  e2e::check_one_error_line(r, 2);
+  CHECK(r.err.find("no-such-host.invalid") != std::string::npos);
+}
+
+TEST_CASE("--help shows the two PureProxy timeouts with their defaults") {
+  auto r = e2e::run_smtpd({"--help"});
+  INFO(r.describe());
+  CHECK(r.ok());
+  std::string help;  // with each run of blanks and newlines as one space: cxxopts wraps lines
+  for (char ch : r.out)
+    if (!(std::isspace(static_cast<unsigned char>(ch)) && !help.empty() && help.back() == ' '))
+      help += std::isspace(static_cast<unsigned char>(ch)) ? ' ' : ch;
+  CHECK(help.find("--connect-timeout SECONDS PureProxy: seconds to wait for the upstream server "
+                  "to accept the connection (default 30).") != std::string::npos);
+  CHECK(help.find("--reply-timeout SECONDS PureProxy: seconds to wait for each reply of the "
+                  "upstream server (default 120).") != std::string::npos);
+}
+
+TEST_SUITE_END();
+
+}  // namespace proxy
+}  // namespace smtpd_test
