@@ -2707,8 +2707,8 @@ class PureProxy : public ServerMode {
       }
       if (reply.code == 0) return unavailable(reply);
       if (reply.code == 421)
-        return "451 Error: upstream server " + settings_.name + " closed the session: " +
-               printable(reply.text.substr(0, 200));
+        return "451 Error: upstream server " + settings_.name + " closed the session (" +
+               printable(reply.text.substr(0, 200)) + "); try again later";
       if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
       return "451 Error: unexpected reply from the upstream server to " + std::string(step) +
              ": " + printable(reply.text.substr(0, 200));

@@ -144,7 +144,7 @@ TEST_CASE("outputs run in order; the first failure answers 451 and stops the res
     outputs.push_back(std::make_unique<FakeOutput>(log, "one", false));
     outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
     SinkServer sink(std::move(outputs));
-    CHECK(sink.process_message(e) == "");
+    CHECK(sink.store(e) == "");
     CHECK(log == std::vector<std::string>{"one:msg", "two:msg"});
   }
   SUBCASE("the first fails: 451 with its reason, the second is not tried") {
@@ -152,12 +152,12 @@ TEST_CASE("outputs run in order; the first failure answers 451 and stops the res
     outputs.push_back(std::make_unique<FakeOutput>(log, "one", true));
     outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
     SinkServer sink(std::move(outputs));
-    CHECK(sink.process_message(e) == "451 Error: could not store the message: one is full");
+    CHECK(sink.store(e) == "451 Error: could not store the message: one is full");
     CHECK(log == std::vector<std::string>{"one:msg"});
   }
   SUBCASE("no outputs: a plain sink") {
     SinkServer sink;
-    CHECK(sink.process_message(e) == "");
+    CHECK(sink.store(e) == "");
   }
   CHECK(not_stored_reply("bad\r\nline") ==
         "451 Error: could not store the message: bad\\x0d\\x0aline");
