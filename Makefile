@@ -49,7 +49,7 @@ ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)
 endif
 
-.PHONY: all deps run test test-asan install uninstall clean FORCE
+.PHONY: all deps run test test-asan fuzz install uninstall clean FORCE
 .DEFAULT_GOAL := all
 
 all: smtpd
@@ -100,6 +100,21 @@ install: smtpd
 uninstall:
 	rm -f '$(DESTDIR)$(BINDIR)/smtpd' '$(DESTDIR)$(MANDIR)/man1/smtpd.1'
 
+# fuzz: the channel under libFuzzer (clang, libclang-rt-14-dev on Debian) for FUZZ_SECONDS,
+# from a seed dialogue made here; a crash or broken invariant stops it with a non-zero status.
+FUZZ_SECONDS ?= 60
+FUZZ_CXX ?= clang++
+fuzz/fuzz_channel: fuzz/fuzz_channel.cpp smtpd.cpp | deps
+	$(FUZZ_CXX) $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) $< -o $@
+
+fuzz: fuzz/fuzz_channel
+	@corpus=$$(mktemp -d) && \
+	printf '\005\007EHLO a\r\nMAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n..y\r\n.\r\nQUIT\r\n' \
+	    > "$$corpus/seed" && \
+	./fuzz/fuzz_channel -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
+	    "$$corpus" > "$$corpus.log" 2>&1; status=$$?; tail -n 12 "$$corpus.log"; \
+	rm -rf "$$corpus" "$$corpus.log"; exit $$status
+
 clean:
-	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags
+	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags fuzz/fuzz_channel
 	rm -rf build

@@ -522,3 +522,66 @@ TEST_CASE("command line: defaults, classes and addresses") {
   CHECK_THROWS_AS(parse({"::1:25"}), UsageError);
   CHECK_THROWS_AS(parse({"a:1", "b:2", "c:3"}), UsageError);
 }
+
+TEST_CASE("with ask_envelope, MAIL and RCPT wait for the mode's verdict") {
+  ChannelConfig config = test_config();
+  config.ask_envelope = true;
+  Session s(config);
+  s.send("EHLO a\r\n");
+  CHECK(s.send("MAIL FROM:<a@b> BODY=8BITMIME\r\nRCPT TO:<c@d>\r\n") == "");
+  CHECK(s.channel.question() == Channel::Question::Mail);
+  CHECK(s.channel.pending_address() == "a@b");
+  CHECK(s.channel.mailfrom.empty());  // not until the verdict
+  s.channel.answer("");
+  CHECK(s.channel.mailfrom == "a@b");
+  CHECK(s.channel.question() == Channel::Question::Rcpt);  // the pipelined RCPT, in order
+  CHECK(s.channel.pending_address() == "c@d");
+  s.channel.answer("550 5.1.1 no such user");
+  CHECK(s.take() == "250 OK\r\n550 5.1.1 no such user\r\n");
+  CHECK(s.channel.rcpttos.empty());
+  CHECK(s.send("RCPT TO:<e@f>\r\n") == "");
+  s.channel.answer("250 2.1.5 ok");
+  CHECK(s.take() == "250 2.1.5 ok\r\n");
+  CHECK(s.channel.rcpttos == std::vector<std::string>{"e@f"});
+}
+
+TEST_CASE("a refused MAIL leaves no sender behind") {
+  ChannelConfig config = test_config(0, true);
+  config.ask_envelope = true;
+  Session s(config);
+  s.send("EHLO a\r\nMAIL FROM:<a@b> SMTPUTF8\r\n");
+  CHECK(s.channel.require_smtputf8);
+  s.channel.answer("451 upstream away");
+  CHECK(s.take() == "451 upstream away\r\n");
+  CHECK(s.channel.mailfrom.empty());
+  CHECK_FALSE(s.channel.require_smtputf8);
+  CHECK(s.send("RCPT TO:<c@d>\r\n") == "503 Error: need MAIL command\r\n");
+}
+
+TEST_CASE("a multi-line reply from the mode is sent as it is") {
+  ChannelConfig config = test_config();
+  config.ask_envelope = true;
+  Session s(config);
+  s.send("EHLO a\r\nMAIL FROM:<a@b>\r\n");
+  s.channel.answer("250-first\r\n250 second");
+  CHECK(s.take() == "250-first\r\n250 second\r\n");
+}
+
+TEST_CASE("close_with sends its reply and closes, even while a verdict is pending") {
+  Session s;
+  s.send("HELO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n.\r\n");
+  REQUIRE(s.channel.has_message());
+  s.channel.close_with("421 test.example closing");
+  CHECK(s.take() == "421 test.example closing\r\n");
+  CHECK(s.channel.is_closing());
+  CHECK(s.channel.question() == Channel::Question::None);
+  s.channel.answer("");  // a late verdict changes nothing
+  CHECK(s.take() == "");
+}
+
+TEST_CASE("relay_payload: X-Peer after the headers, CRLF, dot-stuffing, final dot") {
+  CHECK(relay_payload("Subject: x\n\n.dot\nend", "192.0.2.9") ==
+        "Subject: x\r\nX-Peer: 192.0.2.9\r\n\r\n..dot\r\nend\r\n.\r\n");
+  CHECK(relay_payload("no body", "::1") == "no body\r\nX-Peer: ::1\r\n.\r\n");
+  CHECK(relay_payload("", "192.0.2.9") == "X-Peer: 192.0.2.9\r\n\r\n.\r\n");
+}
