@@ -99,6 +99,7 @@ constexpr long long kReplyTimeoutMs = 120 * 1000;
 constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
+constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
 constexpr int kDrainGraceMs = 5000;  // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
@@ -136,6 +137,7 @@ inline int poll_sockets(pollfd_t* fds, std::size_t n, int timeout_ms) {
 inline int last_socket_error() { return WSAGetLastError(); }
 inline bool would_block(int err) { return err == WSAEWOULDBLOCK || err == WSAEINTR; }
 inline bool interrupted(int err) { return err == WSAEINTR; }
+inline void set_close_on_exec(socket_t) {}  // Windows handles are not inherited by default
 inline bool set_nonblocking(socket_t s) {
   u_long on = 1;
   return ioctlsocket(s, FIONBIO, &on) == 0;
@@ -216,6 +218,9 @@ inline bool set_nonblocking(socket_t s) {
   return flags >= 0 && fcntl(s, F_SETFL, flags | O_NONBLOCK) == 0;
 }
 inline std::string socket_error_text(int err) { return std::strerror(err); }
+// set_close_on_exec - a command run by --exec must not inherit our sockets: a client's
+// connection would stay open (after its 221) as long as the command runs
+inline void set_close_on_exec(socket_t s) { fcntl(s, F_SETFD, FD_CLOEXEC); }
 inline bool address_in_use(int err) { return err == EADDRINUSE; }
 inline bool out_of_descriptors(int err) {
   return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
@@ -390,6 +395,7 @@ inline socket_t start_connect(const SocketAddress& to, std::string& error) {
     error = socket_error_text(last_socket_error());
     return s;
   }
+  set_close_on_exec(s);
   if (!set_nonblocking(s)) {
     error = socket_error_text(last_socket_error());
     close_socket(s);
@@ -2069,8 +2075,7 @@ class CommandRun {
   // start - run the command for this message; `done` is called once, later or at once
   void start(const Envelope& envelope, Done done) {
     done_ = std::move(done);
-    input_ = envelope.data;
-    if (!input_.empty() && input_.back() != '\n') input_ += '\n';
+    input_ = message_file_text(envelope.data);  // as --maildir writes it
     std::string error;
     if (!spawn_shell(command_, environment_for(envelope), child_, error))
       return finish("451 Error: cannot run the --exec command: " + error);
@@ -2093,7 +2098,9 @@ class CommandRun {
             {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
   }
 
-  // reply_for - the reply for an exit status and what the command printed
+  // reply_for - the reply for an exit status and what the command printed. Only the first
+  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
+  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
   static std::string reply_for(int exit_code, const std::string& output) {
     if (exit_code != 0)
       return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
@@ -2102,8 +2109,13 @@ class CommandRun {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
                     (line.size() == 3 || line[3] == ' ' || line[3] == '-') &&
-                    line[0] >= '2' && line[0] <= '5';
-    return has_code ? printable(line) : "";
+                    line[0] >= '1' && line[0] <= '5';
+    if (!has_code) return "";
+    if (line[0] == '1' || line[0] == '3')
+      return "451 Error: the --exec command replied " + line.substr(0, 3) +
+             ", which does not end a message; try again later";
+    if (line.size() > 3) line[3] = ' ';
+    return printable(line).substr(0, kReplyLineLimit);
   }
 
  private:
@@ -2163,7 +2175,9 @@ class CommandRun {
     timer_ = 0;
     kill_child(child_);
     stop();
-    finish("451 Error: the --exec command ran longer than " + std::to_string(timeout_ms_ / 1000) +
+    char seconds[32];
+    std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout_ms_) / 1000);
+    finish(std::string("451 Error: the --exec command ran longer than ") + seconds +
            " s and was stopped; try again later");
   }
 
@@ -2762,6 +2776,7 @@ inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
   socket_t s = socket(first.family, SOCK_STREAM, 0);
   if (s == kInvalidSocket)
     throw StartError("cannot create a socket: " + socket_error_text(last_socket_error()));
+  set_close_on_exec(s);
   int on = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
   std::string target = format_endpoint(where.host, where.port);
@@ -2973,6 +2988,7 @@ class Server : public Reactor {
         return;
       }
       is_accept_failing_ = false;
+      set_close_on_exec(s);
       if (!set_nonblocking(s)) {
         close_socket(s);
         continue;

@@ -14,3 +14,4 @@
 #include "test_interop.cpp"
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
+#include "test_exec.cpp"
