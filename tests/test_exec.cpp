@@ -20,7 +20,6 @@ namespace exec_hook {
 
 using outputs::list_dir;
 using outputs::read_file;
-using outputs::TempDir;
 using outputs::write_file;
 
 TEST_SUITE_BEGIN("exec");

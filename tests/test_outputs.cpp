@@ -193,26 +193,6 @@ TEST_CASE("command line: --maildir, --mbox, --json, --max-messages, --idle-exit"
 
 // ==== Helpers for the end-to-end tests ====
 
-// TempDir - a fresh directory under $TMPDIR (or /tmp), removed with its contents at scope end.
-class TempDir {
- public:
-  TempDir() {
-    const char* dir = std::getenv("TMPDIR");
-    std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/smtpd-outputs-XXXXXX";
-    std::vector<char> name(tmpl.begin(), tmpl.end());
-    name.push_back('\0');
-    if (::mkdtemp(name.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = name.data();
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  ~TempDir() { run_command({"rm", "-rf", path_}, milliseconds(10000)); }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
-
- private:
-  std::string path_;
-};
 
 inline std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -833,6 +834,41 @@ class TempFile {
 // ignore_sigpipe - writing to a closed socket must fail with EPIPE, not kill the tests.
 // (send uses MSG_NOSIGNAL; this also covers anything else.)
 inline void ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
+
+// TempDir - a fresh directory under $TMPDIR (or /tmp), removed with its contents at scope end.
+class TempDir {
+ public:
+  TempDir() {
+    const char* dir = std::getenv("TMPDIR");
+    std::string tmpl = std::string(dir && *dir ? dir : "/tmp") + "/smtpd-test-XXXXXX";
+    std::vector<char> name(tmpl.begin(), tmpl.end());
+    name.push_back('\0');
+    if (::mkdtemp(name.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
+    path_ = name.data();
+  }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  ~TempDir() { run_command({"rm", "-rf", path_}, std::chrono::milliseconds(10000)); }
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& name) const { return path_ + "/" + name; }
+
+  // files - the names in the directory, sorted
+  std::vector<std::string> files() const {
+    std::vector<std::string> names;
+    if (DIR* d = ::opendir(path_.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(n);
+      }
+      ::closedir(d);
+    }
+    std::sort(names.begin(), names.end());
+    return names;
+  }
+
+ private:
+  std::string path_;
+};
 
 }  // namespace smtpd_test
 
