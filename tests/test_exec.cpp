@@ -18,7 +18,6 @@
 namespace smtpd_test {
 namespace exec_hook {
 
-using outputs::list_dir;
 using outputs::read_file;
 using outputs::write_file;
 

@@ -204,20 +204,6 @@ inline void write_file(const std::string& path, const std::string& text) {
   out << text;
 }
 
-// list_dir - the names in a directory (without . and ..), sorted; empty if it cannot be read.
-inline std::vector<std::string> list_dir(const std::string& path) {
-  std::vector<std::string> names;
-  DIR* dir = ::opendir(path.c_str());
-  if (dir == nullptr) return names;
-  while (dirent* entry = ::readdir(dir)) {
-    std::string name = entry->d_name;
-    if (name != "." && name != "..") names.push_back(name);
-  }
-  ::closedir(dir);
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 inline unsigned file_mode(const std::string& path) {
   struct stat info {};
   if (::stat(path.c_str(), &info) != 0) return 0;

@@ -6,7 +6,7 @@
 // and what the upstream got: a message the client got 250 for must be at the upstream byte for
 // byte, and the upstream must have accepted nothing the client was not told about.
 //
-//   Fixtures: SmtpSink, ScriptedUpstream, ClosedPort, SilentListener, FullBacklogPort,
+//   Fixtures: SmtpSink, ScriptedUpstream, IdlePort, FullBacklogPort,
 //             start_proxy, start_debugging
 //   Helpers:  on_the_wire, as_relayed, try_message
 #include <doctest/doctest.h>
@@ -79,32 +79,20 @@ inline int loopback_socket(int& fd) {
   return ntohs(a.sin_port);
 }
 
-// ClosedPort - a port on 127.0.0.1 that is bound but not listening, so a connection to it is
-// refused for as long as this object lives (nobody else can take the port meanwhile).
-class ClosedPort {
+// IdlePort - a port on 127.0.0.1 that never answers. Closed: bound but not listening, so a
+// connection is refused for as long as this object lives (nobody else can take the port).
+// Silent: listening but never accepting, so connections complete (the kernel queues up to 64)
+// and never hear a greeting.
+class IdlePort {
  public:
-  ClosedPort() { port_ = loopback_socket(fd_); }
-  ClosedPort(const ClosedPort&) = delete;
-  ClosedPort& operator=(const ClosedPort&) = delete;
-  ~ClosedPort() { ::close(fd_); }
-  int port() const { return port_; }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-};
-
-// SilentListener - a listener on 127.0.0.1 that never accepts: connections complete (the
-// kernel queues up to 64) but never hear a greeting.
-class SilentListener {
- public:
-  SilentListener() {
+  enum Kind { Closed, Silent };
+  explicit IdlePort(Kind kind) {
     port_ = loopback_socket(fd_);
-    if (::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
+    if (kind == Silent && ::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
   }
-  SilentListener(const SilentListener&) = delete;
-  SilentListener& operator=(const SilentListener&) = delete;
-  ~SilentListener() { ::close(fd_); }
+  IdlePort(const IdlePort&) = delete;
+  IdlePort& operator=(const IdlePort&) = delete;
+  ~IdlePort() { ::close(fd_); }
   int port() const { return port_; }
 
  private:
@@ -710,7 +698,7 @@ TEST_CASE("a whole pipelined session in one write is relayed in order") {
 }
 
 TEST_CASE("a client that hangs up while its upstream is slow does not disturb the proxy") {
-  SilentListener silent;  // every upstream session waits for a greeting
+  IdlePort silent(IdlePort::Silent);  // every upstream session waits for a greeting
   std::string upstream = "127.0.0.1:" + std::to_string(silent.port());
   auto proxy = start_proxy(upstream, {"--reply-timeout", "1"});
   {
@@ -740,7 +728,7 @@ TEST_CASE("a client that hangs up while its upstream is slow does not disturb th
 }
 
 TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy stays up") {
-  ClosedPort dead;
+  IdlePort dead(IdlePort::Closed);
   std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
   auto proxy = start_proxy(upstream);
   auto c = proxy.connect();
@@ -759,7 +747,7 @@ TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy 
 
 TEST_CASE("an upstream that does not answer in time gives 451 after the timeout") {
   std::unique_ptr<SmtpSink> sink;
-  std::unique_ptr<SilentListener> silent;
+  std::unique_ptr<IdlePort> silent;
   std::unique_ptr<FullBacklogPort> full;
   std::string upstream, option, why;
   SUBCASE("smtp-sink -W mail:4 with --reply-timeout 1: MAIL") {
@@ -769,7 +757,7 @@ TEST_CASE("an upstream that does not answer in time gives 451 after the timeout"
     why = "did not reply within the reply timeout";
   }
   SUBCASE("a listener that never accepts, --reply-timeout 1: no greeting") {
-    silent = std::make_unique<SilentListener>();
+    silent = std::make_unique<IdlePort>(IdlePort::Silent);
     upstream = "127.0.0.1:" + std::to_string(silent->port());
     option = "--reply-timeout";
     why = "sent no greeting within the reply timeout";
@@ -909,7 +897,7 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
 }
 
 TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.1 it does not") {
-  ClosedPort dead;
+  IdlePort dead(IdlePort::Closed);
   std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
   SUBCASE("0.0.0.0:0") {
     ignore_sigpipe();

@@ -835,6 +835,20 @@ class TempFile {
 // (send uses MSG_NOSIGNAL; this also covers anything else.)
 inline void ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
 
+// list_dir - the names in a directory (without . and ..), sorted; empty if it cannot be read.
+inline std::vector<std::string> list_dir(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  while (dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
 // TempDir - a fresh directory under $TMPDIR (or /tmp), removed with its contents at scope end.
 class TempDir {
  public:
@@ -852,19 +866,8 @@ class TempDir {
   const std::string& path() const { return path_; }
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }
 
-  // files - the names in the directory, sorted
-  std::vector<std::string> files() const {
-    std::vector<std::string> names;
-    if (DIR* d = ::opendir(path_.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        std::string n = e->d_name;
-        if (n != "." && n != "..") names.push_back(n);
-      }
-      ::closedir(d);
-    }
-    std::sort(names.begin(), names.end());
-    return names;
-  }
+  std::vector<std::string> files() const { return list_dir(path_); }
+
 
  private:
   std::string path_;
