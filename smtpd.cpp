@@ -179,6 +179,7 @@ inline bool drop_privileges(std::string& error) {
 
 // Child processes (--exec) are POSIX only for now: CreateProcess with overlapped pipes does
 // not fit WSAPoll, which polls sockets only.
+constexpr bool kCanRunCommands = false;
 using process_t = int;
 struct ChildProcess {
   process_t pid = -1;
@@ -261,6 +262,7 @@ inline bool drop_privileges(std::string& error) {
 
 // Child processes for --exec: /bin/sh -c COMMAND in its own process group, with pipes for its
 // standard input and output that the loop polls like sockets.
+constexpr bool kCanRunCommands = true;
 using process_t = pid_t;
 struct ChildProcess {
   process_t pid = -1;
@@ -3420,6 +3422,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   if (result.count("exec")) {
     s.exec_command = result["exec"].as<std::string>();
     if (s.exec_command.empty()) throw UsageError("--exec needs a command");
+    if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
   }
   if (result.count("exec-timeout"))
     s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
