@@ -66,6 +66,7 @@
 #include <pwd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -92,6 +93,7 @@ constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
+constexpr unsigned long kMaxDescriptors = 1UL << 20;  // the soft limit is raised up to this
 constexpr long long kConnectTimeoutMs = 30 * 1000;  // --connect-timeout: reaching the upstream
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
@@ -172,6 +174,7 @@ inline BOOL WINAPI on_console_event(DWORD) {
 // install_stop_handlers - Ctrl-C and console close end the loop cleanly
 inline void install_stop_handlers() { SetConsoleCtrlHandler(on_console_event, TRUE); }
 inline bool running_as_root() { return false; }
+inline void raise_descriptor_limit() {}  // WSAPoll has no per-process descriptor limit to raise
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -244,6 +247,15 @@ inline void install_stop_handlers() {
   signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not kill the server
 }
 inline bool running_as_root() { return geteuid() == 0; }
+
+// raise_descriptor_limit - each client is a descriptor, and the usual soft limit (1024) is far
+// below what the loop can hold; take what the hard limit allows, as servers commonly do
+inline void raise_descriptor_limit() {
+  struct rlimit limit {};
+  if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+  limit.rlim_cur = std::min<rlim_t>(limit.rlim_max, kMaxDescriptors);
+  setrlimit(RLIMIT_NOFILE, &limit);
+}
 
 // drop_privileges - become user nobody (groups first: after setuid we could not change them)
 inline bool drop_privileges(std::string& error) {
@@ -3523,6 +3535,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     return kExitCannotListen;
   }
   install_stop_handlers();
+  raise_descriptor_limit();
   std::string bound;
   socket_t listener;
   try {

@@ -801,6 +801,31 @@ TEST_CASE("started as root without -n the server runs as nobody; -n keeps the us
 }
 #endif
 
+// Each client is a descriptor: the server takes the hard limit, not the usual soft 1024.
+TEST_CASE("the server raises its soft limit on open files to the hard limit") {
+  rlimit saved{};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  if (saved.rlim_max <= 64) {
+    MESSAGE("hard limit too low to test: " << saved.rlim_max);
+    CHECK(saved.rlim_max > 64);  // fails loudly rather than skipping
+    return;
+  }
+  rlimit low = saved;
+  low.rlim_cur = 64;  // the server inherits this soft limit
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+  ServerProcess srv = ServerProcess::launch({"-n", "-c", "sink", "127.0.0.1:0"});
+  ::setrlimit(RLIMIT_NOFILE, &saved);
+  std::ifstream limits("/proc/" + std::to_string(srv.child.pid()) + "/limits");
+  std::string line, soft;
+  while (std::getline(limits, line))
+    if (line.rfind("Max open files", 0) == 0) soft = line;
+  REQUIRE(!soft.empty());
+  std::istringstream fields(soft.substr(std::string("Max open files").size()));
+  unsigned long long soft_limit = 0;
+  fields >> soft_limit;
+  CHECK(soft_limit == std::min<unsigned long long>(saved.rlim_max, 1ULL << 20));
+}
+
 TEST_SUITE_END();
 
 }  // namespace e2e
