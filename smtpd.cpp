@@ -173,6 +173,9 @@ inline BOOL WINAPI on_console_event(DWORD) {
 }
 // install_stop_handlers - Ctrl-C and console close end the loop cleanly
 inline void install_stop_handlers() { SetConsoleCtrlHandler(on_console_event, TRUE); }
+// binary_stdout - the C runtime's text mode would turn each "\n" of a printed message into
+// "\r\n"; messages go out as the bytes they are, as on POSIX
+inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
 inline void raise_descriptor_limit() {}  // WSAPoll has no per-process descriptor limit to raise
 inline bool drop_privileges(std::string& error) {
@@ -247,6 +250,7 @@ inline void install_stop_handlers() {
   signal(SIGPIPE, SIG_IGN);  // a client that hangs up must not kill the server
 }
 inline bool running_as_root() { return geteuid() == 0; }
+inline void binary_stdout() {}  // POSIX streams have no text mode
 
 // raise_descriptor_limit - each client is a descriptor, and the usual soft limit (1024) is far
 // below what the loop can hold; take what the hard limit allows, as servers commonly do
@@ -3536,6 +3540,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   }
   install_stop_handlers();
   raise_descriptor_limit();
+  binary_stdout();
   std::string bound;
   socket_t listener;
   try {

@@ -39,7 +39,8 @@ have() {
         command -v "$2" >/dev/null 2>&1 ||
             [ -x "/usr/sbin/$2" ] || [ -x "/usr/local/sbin/$2" ] || [ -x "/sbin/$2" ] ;;
     perl) perl -M"$(printf '%s' "$2" | sed 's/-/::/g')" -e 1 >/dev/null 2>&1 ;;
-    *)    echo "ensure-tools.sh: unknown kind '$1' (header, cmd or perl)" >&2; exit 2 ;;
+    file) [ -e "$2" ] ;;  # an absolute path (a package with no command, such as wine64)
+    *)    echo "ensure-tools.sh: unknown kind '$1' (header, cmd, perl or file)" >&2; exit 2 ;;
     esac
 }
 
