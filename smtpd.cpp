@@ -11,13 +11,14 @@
 // Contents
 //   1. Includes
 //   2. Limits and defaults
-//   3. Platform layer        (the only place that knows Winsock from BSD sockets)
-//   4. Small utilities       (strings as Python sees them, logging)
+//   3. Platform layer        (the only place that knows Windows from POSIX: sockets, signals,
+//                             synced files, child processes, socket addresses)
+//   4. Small utilities       (strings as Python sees them, JSON, base64, dates, logging)
 //   5. Addresses             (the part of Python's email address parser that smtpd uses)
 //   6. Replies               (every reply text, named)
-//   7. SMTP channel          (the pure state machine: bytes in, replies and messages out)
-//   8. Server modes          (SMTPServer sink, DebuggingServer printer)
-//   9. Event loop            (listener, connections, poll)
+//   7. SMTP channel          (the pure state machine: bytes in, replies and questions out)
+//   8. Server modes          (outputs, --exec, SMTPServer, DebuggingServer, PureProxy)
+//   9. Event loop            (listener, connections, poll, timers: the Reactor modes use)
 //  10. Command line          (options, addresses, validation)
 //  11. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
