@@ -2866,8 +2866,6 @@ class Server : public Reactor {
     flush_before_exit();
   }
 
-  std::size_t connection_count() const { return connections_.size(); }
-
   // Reactor: the sockets and timers modes ask for
   void watch(socket_t s, short events, ReadyHandler on_ready) override {
     Watcher& w = watchers_[s];
