@@ -184,26 +184,6 @@ inline bool drop_privileges(std::string& error) {
   return true;  // Windows has no setuid; -n is implied
 }
 
-// Child processes (--exec) are POSIX only for now: CreateProcess with overlapped pipes does
-// not fit WSAPoll, which polls sockets only.
-constexpr bool kCanRunCommands = false;
-using process_t = int;
-struct ChildProcess {
-  process_t pid = -1;
-  socket_t to_child = kInvalidSocket;    // its standard input
-  socket_t from_child = kInvalidSocket;  // its standard output
-};
-inline bool spawn_shell(const std::string&, const std::vector<std::pair<std::string, std::string>>&,
-                        ChildProcess&, std::string& error) {
-  error = "running commands is not supported on Windows yet";
-  return false;
-}
-inline void kill_child(const ChildProcess&) {}
-inline bool reap_child(const ChildProcess&, int& exit_code) {
-  exit_code = -1;
-  return true;
-}
-inline void close_pipe(socket_t) {}
 #else
 using socket_t = int;
 using pollfd_t = struct pollfd;
@@ -277,15 +257,38 @@ inline bool drop_privileges(std::string& error) {
   return true;
 }
 
+#endif
+
 // Child processes for --exec: /bin/sh -c COMMAND in its own process group, with pipes for its
-// standard input and output that the loop polls like sockets.
-constexpr bool kCanRunCommands = true;
+// standard input and output that the loop polls like sockets. POSIX only for now: on Windows
+// CreateProcess with overlapped pipes does not fit WSAPoll, which polls sockets only.
+//   ChildProcess, spawn_shell, kill_child, reap_child, close_pipe, kCanRunCommands
+#ifdef _WIN32
+using process_t = int;
+#else
 using process_t = pid_t;
+#endif
 struct ChildProcess {
   process_t pid = -1;
   socket_t to_child = kInvalidSocket;    // its standard input
   socket_t from_child = kInvalidSocket;  // its standard output
 };
+
+#ifdef _WIN32
+constexpr bool kCanRunCommands = false;
+inline bool spawn_shell(const std::string&, const std::vector<std::pair<std::string, std::string>>&,
+                        ChildProcess&, std::string& error) {
+  error = "running commands is not supported on Windows yet";
+  return false;
+}
+inline void kill_child(const ChildProcess&) {}
+inline bool reap_child(const ChildProcess&, int& exit_code) {
+  exit_code = -1;
+  return true;
+}
+inline void close_pipe(socket_t) {}
+#else
+constexpr bool kCanRunCommands = true;
 
 // spawn_shell - start `sh -c command` with extra environment variables; false and `error`
 // when it could not start
@@ -915,18 +918,14 @@ inline std::int64_t unix_time_us() {
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
 }
 
-// host_name - gethostname(), "localhost" if it fails
+// host_name - gethostname(), "localhost" if it fails: the name in the greeting, in EHLO and
+// in Maildir file names
+// differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
+// seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
 inline std::string host_name() {
   char name[256] = {0};
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
   return name;
-}
-
-// fully_qualified_hostname - this host's name for the greeting and EHLO
-// differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
-// seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
-inline std::string fully_qualified_hostname() {
-  return host_name();
 }
 
 // log_line - one line on stderr, prefixed with the program name
@@ -1502,12 +1501,13 @@ bool Channel::process_command_bytes() {
     }
     return false;
   }
+  // A view is enough: command handlers never touch received_lines (only answer() resumes
+  // input processing, and never from inside a handler).
   std::string_view line(received_lines.data() + input_pos_, end - input_pos_);
   std::size_t size = dropped_bytes_ + line.size();
-  std::string copy(line);  // the handler may append to received_lines' neighbours
   input_pos_ = end + 2;
   dropped_bytes_ = 0;
-  handle_command_line(copy, size);
+  handle_command_line(line, size);
   return true;
 }
 
@@ -1838,6 +1838,32 @@ class Reactor {
   virtual void unwatch(socket_t s) = 0;
   virtual std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) = 0;
   virtual void cancel_timer(std::uint64_t id) = 0;
+};
+
+// Retired - objects whose own callback may still be on the stack (their reply led to their
+// replacement): kept until a later turn of the loop, never destroyed inside that callback
+template <class T>
+class Retired {
+ public:
+  explicit Retired(Reactor& reactor) : reactor_(reactor) {}
+  ~Retired() { reactor_.cancel_timer(timer_); }
+  Retired(const Retired&) = delete;
+  Retired& operator=(const Retired&) = delete;
+
+  void add(std::unique_ptr<T> object) {
+    if (!object) return;
+    objects_.push_back(std::move(object));
+    if (timer_ != 0) return;
+    timer_ = reactor_.start_timer(0, [this] {
+      timer_ = 0;
+      objects_.clear();
+    });
+  }
+
+ private:
+  Reactor& reactor_;
+  std::vector<std::unique_ptr<T>> objects_;
+  std::uint64_t timer_ = 0;
 };
 
 using Verdict = std::function<void(const std::string& reply)>;
@@ -2281,13 +2307,13 @@ class DeliveringServer : public ServerMode {
  private:
   class Session : public ModeSession {
    public:
-    Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
-    ~Session() override { reactor_.cancel_timer(cleanup_timer_); }
+    Session(DeliveringServer& mode, Reactor& reactor)
+        : mode_(mode), reactor_(reactor), retired_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
       if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
       auto message = std::make_shared<Envelope>(std::move(envelope));
-      retire_run();
+      retired_.add(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         bool is_accepted = reply.empty() || reply[0] == '2';
@@ -2298,23 +2324,10 @@ class DeliveringServer : public ServerMode {
     }
 
    private:
-    // retire_run - a finished run may still be on the stack (its verdict led here): free it
-    // on a later turn of the loop, never from inside its own callback
-    void retire_run() {
-      if (!run_) return;
-      retired_.push_back(std::move(run_));
-      if (cleanup_timer_ == 0)
-        cleanup_timer_ = reactor_.start_timer(0, [this] {
-          cleanup_timer_ = 0;
-          retired_.clear();
-        });
-    }
-
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
-    std::vector<std::unique_ptr<CommandRun>> retired_;
-    std::uint64_t cleanup_timer_ = 0;
+    Retired<CommandRun> retired_;
   };
 
   MessageOutputs outputs_;
@@ -2609,9 +2622,8 @@ class PureProxy : public ServerMode {
   class Session : public ModeSession {
    public:
     Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
-        : reactor_(reactor), settings_(settings), peer_(std::move(peer)) {}
+        : reactor_(reactor), settings_(settings), peer_(std::move(peer)), retired_(reactor) {}
     ~Session() override {
-      reactor_.cancel_timer(cleanup_timer_);
       if (upstream_) upstream_->quit();
     }
 
@@ -2660,7 +2672,8 @@ class PureProxy : public ServerMode {
     // with_upstream - an open, greeted upstream connection, or the 451 that says why not
     void with_upstream(std::function<void(const std::string& failure)> then) {
       if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
-      retire_upstream();
+      if (upstream_) upstream_->quit();
+      retired_.add(std::move(upstream_));  // its reply may have led here
       upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
       is_greeted_ = false;
       in_transaction_ = false;
@@ -2695,19 +2708,6 @@ class PureProxy : public ServerMode {
         start = end;
       }
       return keywords;
-    }
-
-    // retire_upstream - an old upstream client may still be on the stack (its reply led
-    // here): free it on a later turn of the loop, never from inside its own handler
-    void retire_upstream() {
-      if (!upstream_) return;
-      upstream_->quit();
-      retired_.push_back(std::move(upstream_));
-      if (cleanup_timer_ == 0)
-        cleanup_timer_ = reactor_.start_timer(0, [this] {
-          cleanup_timer_ = 0;
-          retired_.clear();
-        });
     }
 
     bool offers(const char* keyword) const {
@@ -2764,8 +2764,7 @@ class PureProxy : public ServerMode {
     const UpstreamSettings& settings_;
     std::string peer_;
     std::unique_ptr<UpstreamClient> upstream_;
-    std::vector<std::unique_ptr<UpstreamClient>> retired_;
-    std::uint64_t cleanup_timer_ = 0;
+    Retired<UpstreamClient> retired_;
     bool is_greeted_ = false;
     bool in_transaction_ = false;
     std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
@@ -2963,6 +2962,7 @@ class Server : public Reactor {
   }
 
   void fire_timers() {
+    if (timers_.empty()) return;
     long long now = now_ms();
     std::vector<std::uint64_t> due;
     for (const auto& [id, timer] : timers_)
@@ -3528,7 +3528,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitOk;
     }
     settings = *cl.settings;
-    our_name = fully_qualified_hostname();
+    our_name = host_name();
     mode = make_mode(settings, our_name);
   } catch (const UsageError& e) {
     log_line(e.what());

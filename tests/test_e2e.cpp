@@ -616,7 +616,7 @@ TEST_CASE("-c MailmanProxy exits 1: not implemented yet") {
 }
 
 TEST_CASE("an address already in use exits 2 with one line") {
-  BusyPort busy;
+  IdlePort busy(IdlePort::Silent);  // listening: the port is in use
   auto r = run_smtpd({"-n", "127.0.0.1:" + std::to_string(busy.port())});
   check_one_error_line(r, 2);
 }

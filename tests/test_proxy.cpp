@@ -50,55 +50,11 @@ inline double seconds_since(Clock::time_point start) {
 // free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
 // be told to pick their own, as smtp-sink cannot).
 inline int free_port() {
-  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error("socket failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
-    ::close(fd);
-    throw std::runtime_error(std::string("free port: ") + std::strerror(errno));
-  }
+  int fd = -1;
+  int port = loopback_socket(fd);
   ::close(fd);
-  return ntohs(a.sin_port);
+  return port;
 }
-
-// loopback_socket - a TCP socket bound to 127.0.0.1:<kernel-chosen port>; returns the port.
-inline int loopback_socket(int& fd) {
-  fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0) throw std::runtime_error("socket failed");
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 ||
-      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0)
-    throw std::runtime_error(std::string("bind 127.0.0.1:0: ") + std::strerror(errno));
-  return ntohs(a.sin_port);
-}
-
-// IdlePort - a port on 127.0.0.1 that never answers. Closed: bound but not listening, so a
-// connection is refused for as long as this object lives (nobody else can take the port).
-// Silent: listening but never accepting, so connections complete (the kernel queues up to 64)
-// and never hear a greeting.
-class IdlePort {
- public:
-  enum Kind { Closed, Silent };
-  explicit IdlePort(Kind kind) {
-    port_ = loopback_socket(fd_);
-    if (kind == Silent && ::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
-  }
-  IdlePort(const IdlePort&) = delete;
-  IdlePort& operator=(const IdlePort&) = delete;
-  ~IdlePort() { ::close(fd_); }
-  int port() const { return port_; }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-};
 
 // FullBacklogPort - a listener that never accepts, with its accept queue already full (one
 // connection made here fills a backlog of 0): Linux then drops further SYNs, so a connect to

@@ -12,7 +12,7 @@
 //   3. Environment   - smtpd_bin, find_in_path
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, stop)
-//   5. Fixtures      - have_ipv6_loopback, BusyPort, TempFile, ignore_sigpipe
+//   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe
 //
 // Only loopback addresses are used (127.0.0.1, ::1). POSIX only.
 #ifndef SMTPD_TEST_SUPPORT_HPP
@@ -775,27 +775,37 @@ inline bool have_ipv6_loopback() {
   return ok;
 }
 
-// BusyPort - a listening socket on 127.0.0.1:<kernel-chosen port>, to provoke
-// "address in use". Closed by the destructor.
-class BusyPort {
+// loopback_socket - a TCP socket bound to 127.0.0.1:<kernel-chosen port>; returns the port.
+inline int loopback_socket(int& fd) {
+  fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) throw std::runtime_error("socket failed");
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) != 0 ||
+      ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+    int err = errno;
+    ::close(fd);
+    throw std::runtime_error(std::string("bind 127.0.0.1:0: ") + std::strerror(err));
+  }
+  return ntohs(a.sin_port);
+}
+
+// IdlePort - a port on 127.0.0.1 that never answers. Closed: bound but not listening, so a
+// connection is refused for as long as this object lives (nobody else can take the port).
+// Silent: listening but never accepting, so connections complete (the kernel queues up to 64)
+// and never hear a greeting.
+class IdlePort {
  public:
-  BusyPort() {
-    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd_ < 0) throw std::runtime_error("socket failed");
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof a;
-    if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) != 0 || ::listen(fd_, 1) != 0 ||
-        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0)
-      throw std::runtime_error(std::string("busy port: ") + std::strerror(errno));
-    port_ = ntohs(a.sin_port);
+  enum Kind { Closed, Silent };
+  explicit IdlePort(Kind kind) {
+    port_ = loopback_socket(fd_);
+    if (kind == Silent && ::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
   }
-  BusyPort(const BusyPort&) = delete;
-  BusyPort& operator=(const BusyPort&) = delete;
-  ~BusyPort() {
-    if (fd_ >= 0) ::close(fd_);
-  }
+  IdlePort(const IdlePort&) = delete;
+  IdlePort& operator=(const IdlePort&) = delete;
+  ~IdlePort() { ::close(fd_); }
   int port() const { return port_; }
 
  private:
