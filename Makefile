@@ -10,6 +10,7 @@
 #   make uninstall
 #   make deps           check for everything the build and tests need; on Debian, as root,
 #                       apt-get installs what is missing (see tests/ensure-tools.sh)
+#   make format-check   clang-format --dry-run over the sources; fails on any difference
 #   make clean
 #
 # CPPFLAGS, CXXFLAGS, LDFLAGS and LDLIBS from the command line are added after ours.
@@ -49,7 +50,7 @@ ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)
 endif
 
-.PHONY: all deps run test test-asan fuzz windows install uninstall clean FORCE
+.PHONY: all deps run test test-asan fuzz windows format-check install uninstall clean FORCE
 .DEFAULT_GOAL := all
 
 all: smtpd
@@ -149,6 +150,12 @@ fuzz: fuzz/fuzz_channel
 	./fuzz/fuzz_channel -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
 	    "$$corpus" > "$$corpus.log" 2>&1; status=$$?; tail -n 12 "$$corpus.log"; \
 	rm -rf "$$corpus" "$$corpus.log"; exit $$status
+
+# format-check: the layout .clang-format describes, checked rather than applied
+FORMAT_SOURCES := smtpd.cpp $(wildcard tests/*.cpp tests/*.hpp fuzz/*.cpp)
+format-check:
+	@CXX='$(CXX)' sh tests/ensure-tools.sh cmd:clang-format:clang-format
+	clang-format --dry-run --Werror $(FORMAT_SOURCES)
 
 clean:
 	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags fuzz/fuzz_channel

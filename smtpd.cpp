@@ -26,8 +26,8 @@
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -48,14 +48,14 @@
 #ifndef WIN32_LEAN_AND_MEAN
 #define WIN32_LEAN_AND_MEAN
 #endif
-#include <winsock2.h>
-#include <ws2tcpip.h>
-#include <windows.h>
 #include <direct.h>
 #include <fcntl.h>
 #include <io.h>
 #include <process.h>
 #include <sys/stat.h>
+#include <windows.h>
+#include <winsock2.h>
+#include <ws2tcpip.h>
 #else
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -65,9 +65,9 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pwd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/resource.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -81,21 +81,21 @@
 
 constexpr const char* kVersion = "smtpd 1.0.0";
 constexpr std::size_t kCommandSizeLimit = 512;  // smtpd.py command_size_limit; RFC 5321 4.5.3.1.4
-constexpr std::size_t kSizeParamExtra = 26;     // smtpd.py: MAIL may grow by 26 with SIZE (RFC 1870)
-constexpr std::size_t kSmtpUtf8Extra = 10;      // smtpd.py: MAIL may grow by 10 with SMTPUTF8
+constexpr std::size_t kSizeParamExtra = 26;  // smtpd.py: MAIL may grow by 26 with SIZE (RFC 1870)
+constexpr std::size_t kSmtpUtf8Extra = 10;   // smtpd.py: MAIL may grow by 10 with SMTPUTF8
 constexpr std::size_t kLongestCommand = kCommandSizeLimit + kSizeParamExtra + kSmtpUtf8Extra;
-constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+constexpr std::uint64_t kDataSizeDefault = 33554432;     // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
 constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
 constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
-constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
-constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
+constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
+constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
 constexpr unsigned long kMaxDescriptors = 1UL << 20;  // the soft limit is raised up to this
-constexpr long long kConnectTimeoutMs = 30 * 1000;  // --connect-timeout: reaching the upstream
+constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reaching the upstream
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
@@ -104,7 +104,7 @@ constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of t
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
-constexpr int kDrainGraceMs = 5000;  // --max-messages: time open sessions get to finish; then 421
+constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
@@ -308,7 +308,7 @@ inline bool spawn_shell(const std::string& command,
     for (int fd : {in[0], in[1], out[0], out[1]}) ::close(fd);
     return false;
   }
-  if (pid == 0) {  // the child: only async-signal-safe calls matter here, and setenv is fine
+  if (pid == 0) {   // the child: only async-signal-safe calls matter here, and setenv is fine
     setpgid(0, 0);  // so a timeout can kill what the command started too
     dup2(in[0], 0);
     dup2(out[1], 1);
@@ -1092,8 +1092,9 @@ class AddressParser {
         bool at_edge = out.empty() || i + 1 == pieces.size();
         bool next_to_dot = pieces[i + (i + 1 < pieces.size() ? 1 : 0)].kind == Piece::Dot ||
                            (i > 0 && pieces[i - 1].kind == Piece::Dot);
-        bool only_spaces_follow = std::all_of(pieces.begin() + static_cast<long>(i), pieces.end(),
-                                              [](const Piece& q) { return q.kind == Piece::Space; });
+        bool only_spaces_follow =
+            std::all_of(pieces.begin() + static_cast<long>(i), pieces.end(),
+                        [](const Piece& q) { return q.kind == Piece::Space; });
         if (at_edge || next_to_dot || only_spaces_follow) continue;
         if (!out.empty() && out.back() == ' ') continue;
       }
@@ -1104,8 +1105,8 @@ class AddressParser {
 
   // quote_if_needed - addr_spec quotes a local part holding specials or white space
   static std::string quote_if_needed(const std::string& local) {
-    bool needs = std::any_of(local.begin(), local.end(),
-                             [](char c) { return c != '.' && is_atom_end(c); });
+    bool needs =
+        std::any_of(local.begin(), local.end(), [](char c) { return c != '.' && is_atom_end(c); });
     if (!needs) return local;
     std::string out = "\"";
     for (char c : local) {
@@ -1273,8 +1274,7 @@ constexpr const char* kReplySizeExceeded =
 constexpr const char* kReplyTooMuchData = "552 Error: Too much mail data";
 constexpr const char* kReplyMailParams =
     "555 MAIL FROM parameters not recognized or not implemented";
-constexpr const char* kReplyRcptParams =
-    "555 RCPT TO parameters not recognized or not implemented";
+constexpr const char* kReplyRcptParams = "555 RCPT TO parameters not recognized or not implemented";
 constexpr const char* kReplyVrfyCannot =
     "252 Cannot VRFY user, but will accept message and attempt delivery";
 constexpr const char* kReplyExpn = "502 EXPN not implemented";
@@ -1295,11 +1295,11 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 //   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
-  std::string fqdn = "localhost";               // name in the greeting and in EHLO
+  std::string fqdn = "localhost";                    // name in the greeting and in EHLO
   std::uint64_t data_size_limit = kDataSizeDefault;  // 0: no limit, no SIZE in EHLO
-  bool enable_smtputf8 = false;                 // -u: announce and accept SMTPUTF8
-  bool ask_envelope = false;                    // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
+  bool enable_smtputf8 = false;                      // -u: announce and accept SMTPUTF8
+  bool ask_envelope = false;                         // MAIL and RCPT wait for the mode's verdict
+  std::function<void(const std::string&)> trace;     // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1336,15 +1336,15 @@ class Channel {
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
-  std::string seen_greeting;              // HELO/EHLO argument; empty before the greeting
-  bool extended_smtp = false;             // EHLO (rather than HELO) was the greeting
-  std::string mailfrom;                   // empty: no MAIL yet (Python's None)
+  std::string seen_greeting;   // HELO/EHLO argument; empty before the greeting
+  bool extended_smtp = false;  // EHLO (rather than HELO) was the greeting
+  std::string mailfrom;        // empty: no MAIL yet (Python's None)
   std::vector<std::string> rcpttos;
   std::vector<std::string> mail_options;
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
-  std::string received_data;              // the message being received, unstuffed
-  std::string received_lines;             // input bytes not yet processed as a whole line
+  std::string received_data;   // the message being received, unstuffed
+  std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string fqdn;
   const std::string peer;
 
@@ -1391,9 +1391,9 @@ class Channel {
 
   ChannelConfig config_;
   Question question_ = Question::None;
-  std::string pending_address_;    // the MAIL or RCPT address waiting for a verdict
+  std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
-  std::size_t input_pos_ = 0;     // processed prefix of received_lines
+  std::size_t input_pos_ = 0;      // processed prefix of received_lines
   std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
@@ -1658,7 +1658,8 @@ void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
 // differs from smtpd.py: a second HELO/EHLO resets the transaction like RSET and is answered
 // again (RFC 5321 4.1.4), where Python answers "503 Duplicate HELO/EHLO".
 void Channel::greet(const Arg& arg, bool extended) {
-  if (!has_text(arg)) return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
+  if (!has_text(arg))
+    return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
   set_rset_state();
   seen_greeting = *arg;
   extended_smtp = extended;
@@ -2153,8 +2154,8 @@ class CommandRun {
     std::string line = output.substr(0, output.find('\n'));
     if (!line.empty() && line.back() == '\r') line.pop_back();
     bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
-                    (line.size() == 3 || line[3] == ' ' || line[3] == '-') &&
-                    line[0] >= '1' && line[0] <= '5';
+                    (line.size() == 3 || line[3] == ' ' || line[3] == '-') && line[0] >= '1' &&
+                    line[0] <= '5';
     if (!has_code) return "";
     if (line[0] == '1' || line[0] == '3')
       return "451 Error: the --exec command replied " + line.substr(0, 3) +
@@ -2364,9 +2365,9 @@ struct UpstreamReply {
 };
 
 struct UpstreamSettings {
-  std::string name;                     // "host:port", for messages
+  std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                // our name in EHLO/HELO
+  std::string helo_name;                 // our name in EHLO/HELO
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
@@ -2462,8 +2463,8 @@ class UpstreamClient {
 
   void flush() {
     while (!out_.empty()) {
-      auto n = ::send(socket_, out_.data(), static_cast<int>(std::min<std::size_t>(out_.size(), 1 << 20)),
-                      kSendFlags);
+      auto n = ::send(socket_, out_.data(),
+                      static_cast<int>(std::min<std::size_t>(out_.size(), 1 << 20)), kSendFlags);
       if (n > 0) {
         out_.erase(0, static_cast<std::size_t>(n));
         continue;
@@ -2516,7 +2517,8 @@ class UpstreamClient {
   // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
   bool deliver(const UpstreamReply& reply) {
     reactor_.cancel_timer(std::exchange(timer_, 0));
-    if (settings_.trace) settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
+    if (settings_.trace)
+      settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
       fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
       return false;
@@ -2686,14 +2688,14 @@ class PureProxy : public ServerMode {
     // greet - EHLO, falling back to HELO when the upstream does not know EHLO
     void greet(bool extended, std::function<void(const std::string& failure)> then) {
       std::string verb = extended ? "EHLO " : "HELO ";
-      upstream_->send(verb + settings_.helo_name + "\r\n",
-                      [this, extended, then](const UpstreamReply& reply) {
-                        if (extended && reply.code >= 500) return greet(false, then);
-                        if (!reply.is_positive()) return then(unavailable(reply));
-                        extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
-                        is_greeted_ = true;
-                        then("");
-                      });
+      upstream_->send(
+          verb + settings_.helo_name + "\r\n", [this, extended, then](const UpstreamReply& reply) {
+            if (extended && reply.code >= 500) return greet(false, then);
+            if (!reply.is_positive()) return then(unavailable(reply));
+            extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
+            is_greeted_ = true;
+            then("");
+          });
     }
 
     static std::vector<std::string> ehlo_keywords(const std::string& text) {
@@ -2743,16 +2745,16 @@ class PureProxy : public ServerMode {
         return "451 Error: upstream server " + settings_.name + " closed the session (" +
                printable(reply.text.substr(0, 200)) + "); try again later";
       if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-      return "451 Error: unexpected reply from the upstream server to " + std::string(step) +
-             ": " + printable(reply.text.substr(0, 200));
+      return "451 Error: unexpected reply from the upstream server to " + std::string(step) + ": " +
+             printable(reply.text.substr(0, 200));
     }
 
     std::string unavailable(const UpstreamReply& reply) const {
       if (reply.code == 0)
         return "451 Error: upstream server " + settings_.name + " " + reply.text +
                "; try again later";
-      return "451 Error: upstream server " + settings_.name + " refused the session: " +
-             printable(reply.text.substr(0, 200));
+      return "451 Error: upstream server " + settings_.name +
+             " refused the session: " + printable(reply.text.substr(0, 200));
     }
 
     std::string lost() const {
@@ -2832,10 +2834,10 @@ struct Connection {
   socket_t socket;
   Channel channel;
   std::unique_ptr<ModeSession> session;
-  bool is_asking = false;      // a question is with the mode; its verdict has not come yet
-  bool is_pumping = false;     // pump() is on the stack for this connection
+  bool is_asking = false;        // a question is with the mode; its verdict has not come yet
+  bool is_pumping = false;       // pump() is on the stack for this connection
   bool is_input_closed = false;  // the client sent EOF; finish what it asked, then close
-  bool is_dead = false;        // closed at the end of this turn
+  bool is_dead = false;          // closed at the end of this turn
 };
 
 struct ServerOptions {
@@ -2892,7 +2894,7 @@ class Server : public Reactor {
   };
   // What each pollfd of a turn stands for.
   struct Polled {
-    Connection* connection;   // or nullptr for a watcher
+    Connection* connection;  // or nullptr for a watcher
     socket_t watched;
     std::uint64_t generation;
   };
@@ -3068,12 +3070,10 @@ class Server : public Reactor {
     Verdict verdict = [this, id = c.id](const std::string& reply) { on_verdict(id, reply); };
     switch (c.channel.question()) {
       case Channel::Question::Mail:
-        return c.session->on_mail(
-            MailRequest{c.channel.pending_address(), c.channel.mail_options,
-                        c.channel.require_smtputf8},
-            verdict);
-      case Channel::Question::Rcpt:
-        return c.session->on_rcpt(c.channel.pending_address(), verdict);
+        return c.session->on_mail(MailRequest{c.channel.pending_address(), c.channel.mail_options,
+                                              c.channel.require_smtputf8},
+                                  verdict);
+      case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
       case Channel::Question::Message: {
         Verdict counted = [this, verdict](const std::string& reply) {
           if (reply.empty() || reply[0] == '2') count_delivery();
@@ -3081,9 +3081,7 @@ class Server : public Reactor {
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
-      case Channel::Question::None:
-        c.is_asking = false;
-        return;
+      case Channel::Question::None: c.is_asking = false; return;
     }
   }
 
@@ -3168,8 +3166,6 @@ class Server : public Reactor {
       if (!c->is_dead && !c->channel.is_closing()) c->channel.close_with(reply);
   }
 
-
-
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
   void flush_before_exit() {
     for (int turn = 0; turn < 20; ++turn) {
@@ -3188,7 +3184,6 @@ class Server : public Reactor {
     by_id_.clear();
   }
 
-
   socket_t listener_;  // kInvalidSocket once the message limit closed it
   long long accept_paused_until_ms_ = 0;
   bool is_accept_failing_ = false;
@@ -3204,9 +3199,9 @@ class Server : public Reactor {
   std::vector<pollfd_t> fds_;
   std::vector<Polled> polled_;
   std::uint64_t messages_delivered_ = 0;
-  bool is_draining_ = false;          // the message limit is reached; the listener is closed
-  long long drain_deadline_ms_ = 0;   // open sessions get a 421 when this passes
-  long long idle_since_ms_ = 0;       // start, or when the last client left
+  bool is_draining_ = false;         // the message limit is reached; the listener is closed
+  long long drain_deadline_ms_ = 0;  // open sessions get a 421 when this passes
+  long long idle_since_ms_ = 0;      // start, or when the last client left
 };
 
 // ==== 10. Command line ====
@@ -3344,52 +3339,61 @@ struct CommandLine {
 
 // build_options - the option table; the help texts are the ones README.md and smtpd.1 repeat
 inline cxxopts::Options build_options() {
-  cxxopts::Options options("smtpd", std::string(kVersion) +
-                                        " - an SMTP server for tests, debugging and relaying");
+  cxxopts::Options options(
+      "smtpd", std::string(kVersion) + " - an SMTP server for tests, debugging and relaying");
   options.custom_help("[options]");
   options.positional_help("[localhost:localport [remotehost:remoteport]]");
-  options.add_options()
-      ("n,nosetuid", "Do not change to user nobody after binding (only done when started as root).")
-      ("V,version", "Print the version and exit.")
-      ("c,class", "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
-                  "PureProxy (proxy) or MailmanProxy (mailman).",
-       cxxopts::value<std::string>(), "CLASS")
-      ("s,size", "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-                 "limit (default 33554432).",
-       cxxopts::value<std::string>(), "LIMIT")
-      ("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")
-      ("connect-timeout", "PureProxy: seconds to wait for the upstream server to accept the "
-                          "connection (default 30).",
-       cxxopts::value<std::string>(), "SECONDS")
-      ("reply-timeout", "PureProxy: seconds to wait for each reply of the upstream server "
-                        "(default 120).",
-       cxxopts::value<std::string>(), "SECONDS")
-      ("d,debug", "Trace the SMTP dialogue and connections on stderr.")
-      ("maildir", "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
-                  "if missing), synced before the 250 reply.",
-       cxxopts::value<std::string>(), "DIR")
-      ("mbox", "Also append each message to FILE in mboxrd format, locked, synced before the "
-               "250 reply.",
-       cxxopts::value<std::string>(), "FILE")
-      ("json", "Print each message as one line of JSON instead of the DebuggingServer layout; "
-               "SMTPServer prints it too.")
-      ("exec", "Run COMMAND with sh -c for each message, the message on its standard input and "
-               "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
-               "is the reply), anything else gives 451.",
-       cxxopts::value<std::string>(), "COMMAND")
-      ("exec-timeout", "Seconds the --exec command may run before it is killed and the client "
-                       "gets 451 (default 30).",
-       cxxopts::value<std::string>(), "SECONDS")
-      ("max-messages", "Exit with status 0 once N messages are delivered and the open "
-                       "sessions have ended (after at most " +
-                           std::to_string(kDrainGraceMs / 1000) +
-                           " s more); 0 means no limit (the default).",
-       cxxopts::value<std::string>(), "N")
-      ("idle-exit", "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-                    "never (the default).",
-       cxxopts::value<std::string>(), "SECONDS")
-      ("h,help", "Print this help and exit.")
-      ("addresses", "", cxxopts::value<std::vector<std::string>>());
+  options.add_options()(
+      "n,nosetuid", "Do not change to user nobody after binding (only done when started as root).")(
+      "V,version", "Print the version and exit.")(
+      "c,class",
+      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
+      "PureProxy (proxy) or MailmanProxy (mailman).",
+      cxxopts::value<std::string>(),
+      "CLASS")("s,size",
+               "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
+               "limit (default 33554432).",
+               cxxopts::value<std::string>(),
+               "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
+      "connect-timeout",
+      "PureProxy: seconds to wait for the upstream server to accept the "
+      "connection (default 30).",
+      cxxopts::value<std::string>(),
+      "SECONDS")("reply-timeout",
+                 "PureProxy: seconds to wait for each reply of the upstream server "
+                 "(default 120).",
+                 cxxopts::value<std::string>(),
+                 "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
+      "maildir",
+      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+      "if missing), synced before the 250 reply.",
+      cxxopts::value<std::string>(),
+      "DIR")("mbox",
+             "Also append each message to FILE in mboxrd format, locked, synced before the "
+             "250 reply.",
+             cxxopts::value<std::string>(), "FILE")(
+      "json",
+      "Print each message as one line of JSON instead of the DebuggingServer layout; "
+      "SMTPServer prints it too.")(
+      "exec",
+      "Run COMMAND with sh -c for each message, the message on its standard input and "
+      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+      "is the reply), anything else gives 451.",
+      cxxopts::value<std::string>(),
+      "COMMAND")("exec-timeout",
+                 "Seconds the --exec command may run before it is killed and the client "
+                 "gets 451 (default 30).",
+                 cxxopts::value<std::string>(), "SECONDS")(
+      "max-messages",
+      "Exit with status 0 once N messages are delivered and the open "
+      "sessions have ended (after at most " +
+          std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
+      cxxopts::value<std::string>(),
+      "N")("idle-exit",
+           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+           "never (the default).",
+           cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+      "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -3426,14 +3430,17 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.connect_timeout_ms =
         parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
   if (result.count("reply-timeout"))
-    s.reply_timeout_ms = parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
+    s.reply_timeout_ms =
+        parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
   s.maildir = parse_path(result, "maildir");
   s.mbox = parse_path(result, "mbox");
   s.json = result.count("json") > 0;
   bool has_outputs = !s.maildir.empty() || !s.mbox.empty() || s.json || result.count("exec");
   if (has_outputs && (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy))
-    throw UsageError("--maildir, --mbox, --json and --exec work with SMTPServer and "
-                     "DebuggingServer, not with " + std::string(mode_name(s.mode)));
+    throw UsageError(
+        "--maildir, --mbox, --json and --exec work with SMTPServer and "
+        "DebuggingServer, not with " +
+        std::string(mode_name(s.mode)));
   if (result.count("exec")) {
     s.exec_command = result["exec"].as<std::string>();
     if (s.exec_command.empty()) throw UsageError("--exec needs a command");

@@ -6,8 +6,6 @@
 #define SMTPD_NO_MAIN
 #include "../smtpd.cpp"
 
-#include <cassert>
-
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 2) return 0;
   ChannelConfig config;

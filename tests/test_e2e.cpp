@@ -24,8 +24,10 @@ constexpr const char* kDataReply = "354 End data with <CR><LF>.<CR><LF>";
 inline std::string crlf(const std::string& text) {
   std::string out;
   for (char ch : text) {
-    if (ch == '\n') out += "\r\n";
-    else out += ch;
+    if (ch == '\n')
+      out += "\r\n";
+    else
+      out += ch;
   }
   return out;
 }
@@ -158,14 +160,12 @@ TEST_CASE("X-Peer goes before the first empty line only, and not at all without 
   SUBCASE("two empty lines") {
     CHECK(send_message(c, crlf("Subject: two\n\npara one\n\npara two\n")) == "250 OK");
     srv.child.pump();
-    CHECK(srv.child.out.text() ==
-          printed("Subject: two\n", "para one\n\npara two\n"));
+    CHECK(srv.child.out.text() == printed("Subject: two\n", "para one\n\npara two\n"));
   }
   SUBCASE("no empty line") {
     CHECK(send_message(c, crlf("Subject: none\nX-Other: yes\n")) == "250 OK");
     srv.child.pump();
-    CHECK(srv.child.out.text() ==
-          std::string(kFollows) + "Subject: none\nX-Other: yes\n" + kEnd);
+    CHECK(srv.child.out.text() == std::string(kFollows) + "Subject: none\nX-Other: yes\n" + kEnd);
   }
 }
 
@@ -228,8 +228,9 @@ TEST_CASE("20 clients at once all get their messages printed") {
   CHECK(count(out, kFollows) == kClients);
   for (int i = 0; i < kClients; ++i) {
     std::string n = std::to_string(i);
-    CHECK_MESSAGE(count(out, printed("Subject: client " + n + "\n", "body of client " + n + "\n")) == 1,
-                  "message of client " << i << " not printed whole and once");
+    CHECK_MESSAGE(
+        count(out, printed("Subject: client " + n + "\n", "body of client " + n + "\n")) == 1,
+        "message of client " << i << " not printed whole and once");
   }
 }
 
@@ -353,12 +354,12 @@ TEST_CASE("at the open-file limit the server neither spins nor floods stderr, an
   double cpu_before = cpu_seconds(srv.child.pid());
   std::size_t err_before = count(srv.stderr_text(), "\n");
   // Watch it for one second (draining stderr so a flood cannot block it).
-  srv.child.wait_output(srv.child.err, [](const std::string&) { return false; },
-                        milliseconds(1000));
+  srv.child.wait_output(
+      srv.child.err, [](const std::string&) { return false; }, milliseconds(1000));
   double cpu_used = cpu_seconds(srv.child.pid()) - cpu_before;
   std::size_t err_lines = count(srv.stderr_text(), "\n") - err_before;
   INFO("in 1 s at the limit: " << cpu_used << " s CPU, " << err_lines << " stderr lines; "
-       << "stderr starts: " << srv.stderr_text().substr(0, 300));
+                               << "stderr starts: " << srv.stderr_text().substr(0, 300));
   CHECK(cpu_used < 0.3);
   CHECK(err_lines < 20);
   // The premise: the server really ran out of descriptors (not all 40 were greeted).
@@ -367,8 +368,9 @@ TEST_CASE("at the open-file limit the server neither spins nor floods stderr, an
     client.poll_once();
     if (starts_with(client.pending(), "220 ")) ++greeted;
   }
-  CHECK_MESSAGE(greeted < 40, "all 40 clients were served: the limit of 24 descriptors was "
-                              "not reached, so this test proved nothing");
+  CHECK_MESSAGE(greeted < 40,
+                "all 40 clients were served: the limit of 24 descriptors was "
+                "not reached, so this test proved nothing");
   // Once descriptors are free again, new clients are served.
   clients.clear();
   auto c = srv.connect();
@@ -513,10 +515,14 @@ TEST_CASE("-u announces SMTPUTF8 and accepts the SMTPUTF8 parameter") {
     std::string fqdn = greet(c, "NOOP");
     CHECK(c.command("EHLO client.example") ==
           "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250-SMTPUTF8\n250 HELP");
-    CHECK(send_message(c, crlf("Subject: utf8\n\nGr\xc3\xbc\xc3\x9f" "e\n"), "SMTPUTF8") == "250 OK");
+    CHECK(send_message(c,
+                       crlf("Subject: utf8\n\nGr\xc3\xbc\xc3\x9f"
+                            "e\n"),
+                       "SMTPUTF8") == "250 OK");
     srv.child.pump();
     CHECK(srv.child.out.text() == std::string(kFollows) + "mail options: ['SMTPUTF8']\n" +
-                                      "Subject: utf8\nX-Peer: 127.0.0.1\n\nGr\xc3\xbc\xc3\x9f" "e\n" +
+                                      "Subject: utf8\nX-Peer: 127.0.0.1\n\nGr\xc3\xbc\xc3\x9f"
+                                      "e\n" +
                                       kEnd);
   }
   SUBCASE("--smtputf8") {
@@ -659,10 +665,10 @@ TEST_CASE("--help lists every option and exits 0") {
                         "-u, --smtputf8", "-d, --debug", "-h, --help"}) {
     CHECK_MESSAGE(r.out.find(o) != std::string::npos, "help does not list " << o);
   }
-  for (std::string text : {"Do not change to user nobody", "Print the version and exit.",
-                           "DebuggingServer", "SMTPServer", "PureProxy", "MailmanProxy",
-                           "Largest message accepted", "Enable the SMTPUTF8 extension",
-                           "Trace the SMTP dialogue", "Print this help and exit."}) {
+  for (std::string text :
+       {"Do not change to user nobody", "Print the version and exit.", "DebuggingServer",
+        "SMTPServer", "PureProxy", "MailmanProxy", "Largest message accepted",
+        "Enable the SMTPUTF8 extension", "Trace the SMTP dialogue", "Print this help and exit."}) {
     CHECK_MESSAGE(r.out.find(text) != std::string::npos, "help lacks '" << text << "'");
   }
 }
@@ -728,8 +734,9 @@ TEST_CASE("pipelined commands in one write are answered in order") {
   }
   const std::string ehlo = "250-" + fqdn + "\n250-SIZE 33554432\n250-8BITMIME\n250 HELP";
   SUBCASE("envelope in one write, then the data") {
-    REQUIRE(c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
-                   "RCPT TO:<b@example.com>\r\nDATA\r\n"));
+    REQUIRE(
+        c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
+               "RCPT TO:<b@example.com>\r\nDATA\r\n"));
     CHECK(c.read_reply() == ehlo);
     CHECK(c.read_reply() == "250 OK");
     CHECK(c.read_reply() == "250 OK");
@@ -739,9 +746,10 @@ TEST_CASE("pipelined commands in one write are answered in order") {
     CHECK(c.read_reply() == "221 Bye");
   }
   SUBCASE("the whole session in one write") {
-    REQUIRE(c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
-                   "RCPT TO:<b@example.com>\r\nDATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\n"
-                   "NOOP\r\nQUIT\r\n"));
+    REQUIRE(
+        c.send("EHLO pipe.example\r\nMAIL FROM:<a@example.com>\r\n"
+               "RCPT TO:<b@example.com>\r\nDATA\r\nSubject: piped\r\n\r\nbody\r\n.\r\n"
+               "NOOP\r\nQUIT\r\n"));
     CHECK(c.read_reply() == ehlo);
     CHECK(c.read_reply() == "250 OK");
     CHECK(c.read_reply() == "250 OK");

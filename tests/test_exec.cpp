@@ -49,7 +49,8 @@ TEST_CASE("--exec reply_for: exit 0 is 250 OK unless line 1 starts with a reply 
     CHECK(CommandRun::reply_for(0, "354 go ahead\n") ==
           "451 Error: the --exec command replied 354, which does not end a message; try again "
           "later");
-    CHECK(starts_with(CommandRun::reply_for(0, "199 too low\n"), "451 Error: the --exec command replied 199"));
+    CHECK(starts_with(CommandRun::reply_for(0, "199 too low\n"),
+                      "451 Error: the --exec command replied 199"));
   }
   SUBCASE("a reply line is cut to RFC 5321's 512 bytes with its CRLF") {
     CHECK(CommandRun::reply_for(0, "550 " + std::string(1000, 'x') + "\n").size() == 510);

@@ -62,9 +62,8 @@ inline std::pair<std::string, std::string> split_options(const std::string& out)
   return {rest, options};
 }
 
-inline CommandResult smtplib_send(const std::string& python, int port,
-                                  const std::string& options, const std::string& sender,
-                                  const std::string& message) {
+inline CommandResult smtplib_send(const std::string& python, int port, const std::string& options,
+                                  const std::string& sender, const std::string& message) {
   return run_command({python, "-c", kSmtplibSend, std::to_string(port), options, sender, message});
 }
 
@@ -92,12 +91,14 @@ TEST_CASE("Python smtplib sends a message that smtpd prints") {
 
 TEST_CASE("Python smtplib sends an 8BITMIME UTF-8 body") {
   std::string python = require_tool("python3", "python3");
-  const std::string body = "Gr\xc3\xbc\xc3\x9f" "e aus K\xc3\xb6ln \xe2\x9c\x93";  // Grüße aus Köln ✓
+  const std::string body =
+      "Gr\xc3\xbc\xc3\x9f"
+      "e aus K\xc3\xb6ln \xe2\x9c\x93";  // Grüße aus Köln ✓
   SUBCASE("BODY=8BITMIME") {
     auto srv = start();
-    auto r = smtplib_send(python, srv.port(), "BODY=8BITMIME", "a@example.com",
-                          "Subject: utf-8 body\nContent-Type: text/plain; charset=utf-8\n\n" +
-                              body + "\n");
+    auto r = smtplib_send(
+        python, srv.port(), "BODY=8BITMIME", "a@example.com",
+        "Subject: utf-8 body\nContent-Type: text/plain; charset=utf-8\n\n" + body + "\n");
     INFO(r.describe());
     CHECK(r.ok());
     CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
@@ -109,8 +110,8 @@ TEST_CASE("Python smtplib sends an 8BITMIME UTF-8 body") {
   }
   SUBCASE("SMTPUTF8 with a UTF-8 sender, server started with -u") {
     auto srv = start({"-u"});
-    auto r = smtplib_send(python, srv.port(), "SMTPUTF8,BODY=8BITMIME",
-                          "j\xc3\xb6rg@example.com", "Subject: " + body + "\n\n" + body + "\n");
+    auto r = smtplib_send(python, srv.port(), "SMTPUTF8,BODY=8BITMIME", "j\xc3\xb6rg@example.com",
+                          "Subject: " + body + "\n\n" + body + "\n");
     INFO(r.describe());
     CHECK(r.ok());
     CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
@@ -136,10 +137,18 @@ TEST_CASE("curl uploads a message that smtpd prints") {
     extra = {"--crlf"};
   }
   TempFile file(file_text);
-  std::vector<std::string> argv{curl, "-sS", "--max-time", "10", "--url",
+  std::vector<std::string> argv{curl,
+                                "-sS",
+                                "--max-time",
+                                "10",
+                                "--url",
                                 "smtp://127.0.0.1:" + std::to_string(srv.port()),
-                                "--mail-from", "a@example.com", "--mail-rcpt", "b@example.com",
-                                "--upload-file", file.path()};
+                                "--mail-from",
+                                "a@example.com",
+                                "--mail-rcpt",
+                                "b@example.com",
+                                "--upload-file",
+                                file.path()};
   argv.insert(argv.end(), extra.begin(), extra.end());
   auto r = run_command(argv);
   INFO(r.describe());
@@ -176,9 +185,9 @@ TEST_CASE("swaks sending a large body to smtpd -s 100 is refused with 552") {
   auto srv = start({"-s", "100"});
   std::string body;
   for (int i = 0; i < 10; ++i) body += "This line makes the message larger than 100 bytes.\n";
-  auto r = run_command({swaks, "--server", "127.0.0.1", "--port", std::to_string(srv.port()),
-                        "--to", "b@example.com", "--from", "a@example.com", "--body", body,
-                        "--timeout", "10"});
+  auto r =
+      run_command({swaks, "--server", "127.0.0.1", "--port", std::to_string(srv.port()), "--to",
+                   "b@example.com", "--from", "a@example.com", "--body", body, "--timeout", "10"});
   INFO(r.describe());
   CHECK(r.status.exited);
   CHECK(r.status.code != 0);

@@ -8,6 +8,8 @@
 
 #include "../smtpd.cpp"
 
+// test_support.hpp must follow test_channel.cpp, so the order is kept by hand.
+// clang-format off
 #include "test_channel.cpp"
 #include "test_support.hpp"
 #include "test_e2e.cpp"
@@ -15,3 +17,4 @@
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
+// clang-format on

@@ -193,7 +193,6 @@ TEST_CASE("command line: --maildir, --mbox, --json, --max-messages, --idle-exit"
 
 // ==== Helpers for the end-to-end tests ====
 
-
 inline std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

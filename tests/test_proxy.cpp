@@ -9,9 +9,8 @@
 //   Fixtures: SmtpSink, ScriptedUpstream, IdlePort, FullBacklogPort,
 //             start_proxy, start_debugging
 //   Helpers:  on_the_wire, as_relayed, try_message
-#include <doctest/doctest.h>
-
 #include <dirent.h>
+#include <doctest/doctest.h>
 #include <pwd.h>
 
 #include <atomic>
@@ -80,13 +79,13 @@ class FullBacklogPort {
   Client filler_;
 };
 
-
 // smtp_sink_path - /usr/sbin/smtp-sink (or one on PATH); fails the test naming the package.
 inline std::string smtp_sink_path() {
   std::string path = "/usr/sbin/smtp-sink";
   if (::access(path.c_str(), X_OK) != 0) path = find_in_path("smtp-sink");
-  REQUIRE_MESSAGE(!path.empty(), "smtp-sink not found in /usr/sbin or PATH: install the Debian "
-                                 "package postfix (see tests/ensure-tools.sh)");
+  REQUIRE_MESSAGE(!path.empty(),
+                  "smtp-sink not found in /usr/sbin or PATH: install the Debian "
+                  "package postfix (see tests/ensure-tools.sh)");
   return path;
 }
 
@@ -205,8 +204,8 @@ class ScriptedUpstream {
   }
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-  int messages() const { return messages_; }       // "." answered 250
-  int stalled_mails() const { return stalled_; }   // MAIL commands left unanswered
+  int messages() const { return messages_; }      // "." answered 250
+  int stalled_mails() const { return stalled_; }  // MAIL commands left unanswered
 
  private:
   struct Conn {
@@ -395,7 +394,8 @@ constexpr const char* kEightBitMessage =
     ".a line that starts with a dot\n"
     ".\n"
     "..two dots\n"
-    "Gr\xc3\xbc\xc3\x9f" "e, 20 \xe2\x82\xac and a Latin-1 byte: caf\xe9\n"
+    "Gr\xc3\xbc\xc3\x9f"
+    "e, 20 \xe2\x82\xac and a Latin-1 byte: caf\xe9\n"
     "trailing blanks   \n"
     "\n"
     "last line\n";
@@ -536,7 +536,7 @@ TEST_CASE("a refused end of DATA is the client's final reply, never a 250") {
 
 TEST_CASE("an upstream that drops the connection gives the client 4xx, never 250") {
   std::vector<std::string> switches;
-  std::string at;  // where the client hears about it
+  std::string at;           // where the client hears about it
   std::size_t reached = 0;  // messages whose text reached smtp-sink
   SUBCASE("disconnect at RCPT (-q rcpt)") {
     switches = {"-q", "rcpt"};
@@ -597,8 +597,9 @@ TEST_CASE("after an upstream 421 the client gets 451 and its next MAIL a new ups
   auto c = proxy.connect();
   greet_proxy(c);
   // Pipelined, so the proxy has the next MAIL in hand as soon as the 421 arrives.
-  REQUIRE(c.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRSET\r\n"
-                 "MAIL FROM:<a@example.com>\r\nQUIT\r\n"));
+  REQUIRE(
+      c.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRSET\r\n"
+             "MAIL FROM:<a@example.com>\r\nQUIT\r\n"));
   CHECK(c.read_reply() == kSinkMailOk);
   CHECK(c.read_reply() == "451 Error: upstream server " + sink.address() +
                               " closed the session (421 4.0.0 Server closing connection); "
@@ -629,11 +630,13 @@ TEST_CASE("a whole pipelined session in one write is relayed in order") {
   auto proxy = start_proxy(sink.address());
   auto c = proxy.connect();
   REQUIRE(starts_with(c.read_reply(), "220 "));
-  REQUIRE(c.send("EHLO pipe.example\r\n"
-                 "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
-                 on_the_wire("Subject: one\n\n.first\n") + ".\r\n"
-                 "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
-                 on_the_wire("Subject: two\n\n.second\n") + ".\r\nQUIT\r\n"));
+  REQUIRE(
+      c.send("EHLO pipe.example\r\n"
+             "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
+             on_the_wire("Subject: one\n\n.first\n") +
+             ".\r\n"
+             "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
+             on_the_wire("Subject: two\n\n.second\n") + ".\r\nQUIT\r\n"));
   CHECK(starts_with(c.read_reply(), "250-"));
   int accepted = 0;
   for (int i = 0; i < 2; ++i) {
@@ -779,7 +782,8 @@ TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the o
   // The proxy's X-Peer goes before the first empty line; DebuggingServer adds its own there.
   const std::string headers = "From: a@example.com\nSubject: chained\nX-Peer: 127.0.0.1\n";
   const std::string body = "first\n.dot\n.\n..two\nlast\n";
-  const std::string printed = std::string(kFollows) + headers + "X-Peer: 127.0.0.1\n\n" + body + kEnd;
+  const std::string printed =
+      std::string(kFollows) + headers + "X-Peer: 127.0.0.1\n\n" + body + kEnd;
   int accepted = 0;
   SUBCASE("three messages") {
     for (int i = 0; i < 3; ++i) {
@@ -797,9 +801,9 @@ TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the o
     CHECK(o.end == "250 OK");
     accepted += o.accepted();
     CHECK(downstream.wait_stdout(kEnd));
-    CHECK(downstream.stdout_text() ==
-          std::string(kFollows) + "mail options: ['SIZE=100', 'BODY=8BITMIME']\n" + headers +
-              "X-Peer: 127.0.0.1\n\n" + body + kEnd);
+    CHECK(downstream.stdout_text() == std::string(kFollows) +
+                                          "mail options: ['SIZE=100', 'BODY=8BITMIME']\n" +
+                                          headers + "X-Peer: 127.0.0.1\n\n" + body + kEnd);
   }
   CHECK(c.command("QUIT") == "221 Bye");
   CHECK(downstream.stop().code == 0);
@@ -818,13 +822,16 @@ TEST_CASE("BODY=8BITMIME to an upstream without 8BITMIME (smtp-sink -8) gets 554
   CHECK(o.end == kSinkDataOk);
   CHECK(c.command("QUIT") == "221 Bye");
   REQUIRE(wait_until([&] { return sink.dump_count() == 1; }));
-  CHECK(sink.messages() == std::vector<std::string>{as_relayed("Subject: seven bits\n\nplain\n") + "\n"});
+  CHECK(sink.messages() ==
+        std::vector<std::string>{as_relayed("Subject: seven bits\n\nplain\n") + "\n"});
 }
 
 TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 553") {
   const std::string from = "j\xc3\xbcrgen@example.com";
   const std::string to = "b\xc3\xa9@example.com";
-  const std::string text = "Subject: gr\xc3\xbc\xc3\x9f" "e\n\nUTF-8 all the way\n";
+  const std::string text =
+      "Subject: gr\xc3\xbc\xc3\x9f"
+      "e\n\nUTF-8 all the way\n";
   SUBCASE("upstream: DebuggingServer -u") {
     auto downstream = start_debugging({"-u"});
     auto proxy = start_proxy(address_of(downstream), {"-u"});
@@ -837,8 +844,10 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
     CHECK(c.command("QUIT") == "221 Bye");
     CHECK(downstream.wait_stdout(kEnd));
     CHECK(downstream.stdout_text() == std::string(kFollows) + "mail options: ['SMTPUTF8']\n" +
-                                          "Subject: gr\xc3\xbc\xc3\x9f" "e\nX-Peer: 127.0.0.1\n"
-                                          "X-Peer: 127.0.0.1\n\nUTF-8 all the way\n" + kEnd);
+                                          "Subject: gr\xc3\xbc\xc3\x9f"
+                                          "e\nX-Peer: 127.0.0.1\n"
+                                          "X-Peer: 127.0.0.1\n\nUTF-8 all the way\n" +
+                                          kEnd);
   }
   SUBCASE("upstream: DebuggingServer without -u") {
     auto downstream = start_debugging();
@@ -859,10 +868,11 @@ TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.
     ignore_sigpipe();
     auto proxy = ServerProcess::launch({"-n", "-c", "PureProxy", "0.0.0.0:0", upstream});
     CHECK(proxy.wait_stderr("open relay\n"));
-    CHECK(proxy.stderr_text() == proxy.listening_line() + "\nsmtpd: warning: PureProxy on 0.0.0.0:" +
-                                     std::to_string(proxy.port()) +
-                                     " relays mail from anyone who can connect: this can make "
-                                     "an open relay\n");
+    CHECK(proxy.stderr_text() ==
+          proxy.listening_line() +
+              "\nsmtpd: warning: PureProxy on 0.0.0.0:" + std::to_string(proxy.port()) +
+              " relays mail from anyone who can connect: this can make "
+              "an open relay\n");
   }
   SUBCASE("127.0.0.1:0") {
     auto proxy = start_proxy(upstream);

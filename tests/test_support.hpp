@@ -18,20 +18,6 @@
 #ifndef SMTPD_TEST_SUPPORT_HPP
 #define SMTPD_TEST_SUPPORT_HPP
 
-#include <algorithm>
-#include <cerrno>
-#include <chrono>
-#include <csignal>
-#include <cstdlib>
-#include <cstring>
-#include <optional>
-#include <sstream>
-#include <stdexcept>
-#include <string>
-#include <thread>
-#include <utility>
-#include <vector>
-
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <fcntl.h>
@@ -45,6 +31,20 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
 #ifdef __linux__
 #include <sys/prctl.h>
 #endif
@@ -127,9 +127,12 @@ struct ExitStatus {
 
   std::string describe() const {
     std::ostringstream os;
-    if (exited) os << "exit " << code;
-    else if (signal) os << "killed by signal " << signal;
-    else os << "unknown";
+    if (exited)
+      os << "exit " << code;
+    else if (signal)
+      os << "killed by signal " << signal;
+    else
+      os << "unknown";
     if (timed_out) os << " (after timing out)";
     return os.str();
   }
@@ -151,9 +154,7 @@ inline ExitStatus decode_status(int raw) {
 class OutputPipe {
  public:
   OutputPipe() = default;
-  explicit OutputPipe(int fd) : fd_(fd) {
-    fcntl(fd_, F_SETFL, fcntl(fd_, F_GETFL) | O_NONBLOCK);
-  }
+  explicit OutputPipe(int fd) : fd_(fd) { fcntl(fd_, F_SETFL, fcntl(fd_, F_GETFL) | O_NONBLOCK); }
   OutputPipe(const OutputPipe&) = delete;
   OutputPipe& operator=(const OutputPipe&) = delete;
   OutputPipe(OutputPipe&& o) noexcept { *this = std::move(o); }
@@ -286,7 +287,8 @@ class Child {
     // The exec pipe closes on a successful exec (CLOEXEC) or carries errno on failure.
     int e = 0;
     ssize_t n;
-    do n = ::read(exec_pipe[0], &e, sizeof e); while (n < 0 && errno == EINTR);
+    do n = ::read(exec_pipe[0], &e, sizeof e);
+    while (n < 0 && errno == EINTR);
     ::close(exec_pipe[0]);
     if (n == static_cast<ssize_t>(sizeof e)) {
       c.wait_exit(kWait);
@@ -360,7 +362,8 @@ class Child {
     if (pid_ <= 0) return;
     int raw = 0;
     pid_t r;
-    do r = ::waitpid(pid_, &raw, block ? 0 : WNOHANG); while (r < 0 && errno == EINTR);
+    do r = ::waitpid(pid_, &raw, block ? 0 : WNOHANG);
+    while (r < 0 && errno == EINTR);
     if (r == pid_) {
       status_ = decode_status(raw);
       pid_ = -1;
@@ -603,8 +606,8 @@ class ServerProcess {
 
   // launch - start and wait for the listening line; throws std::runtime_error with the
   // server's stderr if it does not appear within timeout.
-  static ServerProcess launch(const std::vector<std::string>& args,
-                              milliseconds timeout = kWait, int max_open_files = 0) {
+  static ServerProcess launch(const std::vector<std::string>& args, milliseconds timeout = kWait,
+                              int max_open_files = 0) {
     ServerProcess s = start(args, max_open_files);
     if (!s.wait_listening(timeout)) {
       s.child.pump();
@@ -670,8 +673,7 @@ class ServerProcess {
   }
 
   // wait_stdout - wait until stdout contains needle `times` times (bounded).
-  bool wait_stdout(const std::string& needle, std::size_t times = 1,
-                   milliseconds timeout = kWait) {
+  bool wait_stdout(const std::string& needle, std::size_t times = 1, milliseconds timeout = kWait) {
     return child.wait_output(
         child.out, [&](const std::string& t) { return count(t, needle) >= times; }, timeout);
   }
@@ -877,7 +879,6 @@ class TempDir {
   std::string operator/(const std::string& name) const { return path_ + "/" + name; }
 
   std::vector<std::string> files() const { return list_dir(path_); }
-
 
  private:
   std::string path_;

@@ -8,5 +8,4 @@
 #include <doctest/doctest.h>
 
 #include "../smtpd.cpp"
-
 #include "test_channel.cpp"
