@@ -2484,20 +2484,24 @@ struct UpstreamReply {
 };
 
 struct UpstreamSettings {
+  std::string role = "upstream server";  // what it is to us, for 451 texts
+  std::string tag = "upstream";          // the same in the -d trace
   std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                 // our name in EHLO/HELO
+  std::string helo_name;                 // our name in EHLO/HELO/LHLO
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
-// send one command (or the message text), wait for its reply, and so on. One question at a
-// time; every wait has a timeout. It never blocks and never calls a handler after its end.
+// send one command (or the message text), wait for its reply or replies (LMTP answers the
+// message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
+// has a timeout. It never blocks and never calls a handler after its end.
 class UpstreamClient {
  public:
   using ReplyHandler = std::function<void(const UpstreamReply&)>;
+  using RepliesHandler = std::function<void(std::vector<UpstreamReply>)>;
 
   UpstreamClient(Reactor& reactor, const UpstreamSettings& settings)
       : reactor_(reactor), settings_(settings) {}
@@ -2507,24 +2511,34 @@ class UpstreamClient {
 
   // open - connect to the first address that answers; the greeting is the first reply
   void open(ReplyHandler on_greeting) {
-    waiting_ = std::move(on_greeting);
+    expect(1, [on_greeting](std::vector<UpstreamReply> replies) { on_greeting(replies[0]); });
     connect_to(0);
   }
 
   // send - bytes out (a command line or the whole message); the handler gets the reply
   void send(std::string bytes, ReplyHandler on_reply) {
+    send(std::move(bytes), 1,
+         [on_reply](std::vector<UpstreamReply> replies) { on_reply(replies[0]); });
+  }
+
+  // send - the same, waiting for `count` replies; those that never come are code 0
+  void send(std::string bytes, std::size_t count, RepliesHandler on_replies) {
     if (socket_ == kInvalidSocket) {
       UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
-      return on_reply(none);
+      return on_replies(std::vector<UpstreamReply>(count, none));
     }
     if (settings_.trace) {
       bool is_command = bytes.size() < 1024 && bytes.find("\r\n") == bytes.size() - 2;
-      settings_.trace("upstream " + settings_.name + " <- " +
+      settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       (is_command ? printable(bytes.substr(0, bytes.size() - 2))
                                   : "(message, " + std::to_string(bytes.size()) + " bytes)"));
     }
-    out_ += bytes;
-    waiting_ = std::move(on_reply);
+    if (out_.empty()) {
+      out_ = std::move(bytes);
+    } else {
+      out_ += bytes;
+    }
+    expect(count, std::move(on_replies));
     arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
     flush();
   }
@@ -2541,6 +2555,12 @@ class UpstreamClient {
   bool is_open() const { return socket_ != kInvalidSocket && !is_connecting_; }
 
  private:
+  void expect(std::size_t count, RepliesHandler on_replies) {
+    waiting_ = std::move(on_replies);
+    expected_ = count;
+    got_.clear();
+  }
+
   void connect_to(std::size_t index) {
     close_socket_only();
     if (index >= settings_.addresses.size()) return fail("cannot connect: " + failure_);
@@ -2633,18 +2653,24 @@ class UpstreamClient {
     return true;
   }
 
-  // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
+  // deliver - hand a reply to whoever waits, once all the replies it waits for are in; an
+  // unasked one is a 421 or nonsense: hang up
   bool deliver(const UpstreamReply& reply) {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     if (settings_.trace)
-      settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
+      settings_.trace(settings_.tag + " " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
       fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
       return false;
     }
-    ReplyHandler handler = std::exchange(waiting_, nullptr);
+    got_.push_back(reply);
+    if (got_.size() < expected_) {
+      arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
+      return true;
+    }
+    RepliesHandler handler = std::exchange(waiting_, nullptr);
     bool was_open = socket_ != kInvalidSocket;
-    handler(reply);  // may send the next command, or close this client
+    handler(std::exchange(got_, {}));  // may send the next command, or close this client
     return was_open && socket_ != kInvalidSocket;
   }
 
@@ -2660,11 +2686,15 @@ class UpstreamClient {
     });
   }
 
+  // fail - the end of this connection; whoever waits gets code 0 for each reply still due
   void fail(const std::string& why) {
-    if (settings_.trace) settings_.trace("upstream " + settings_.name + " " + why);
+    if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " " + why);
     failure_ = why;
     close();
-    if (waiting_) std::exchange(waiting_, nullptr)(UpstreamReply{0, why});
+    if (!waiting_) return;
+    std::vector<UpstreamReply> replies = std::exchange(got_, {});
+    replies.resize(std::max(expected_, replies.size()), UpstreamReply{0, why});
+    std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
   void close_socket_only() {
@@ -2691,8 +2721,179 @@ class UpstreamClient {
   std::string out_;
   std::string in_;
   UpstreamReply reply_;  // the lines of a multi-line reply so far
-  ReplyHandler waiting_;
-  std::string failure_;  // why the last attempt failed
+  RepliesHandler waiting_;
+  std::size_t expected_ = 0;        // replies waiting_ wants
+  std::vector<UpstreamReply> got_;  // those of them already in
+  std::string failure_;             // why the last attempt failed
+};
+
+// UpstreamSession - one session with a server we hand mail to, over SMTP (EHLO, falling back
+// to HELO) or LMTP (LHLO, RFC 2033): opened and greeted at the first MAIL, MAIL with those of
+// the client's parameters the server understands (RSET first when a transaction is open),
+// RCPT, and DATA with one reply per accepted recipient under LMTP. Every step ends in the
+// reply the client should hear: the server's own, or a 451 that says what went wrong.
+class UpstreamSession {
+ public:
+  enum class Greeting { Ehlo, Lhlo };
+  using Done = std::function<void(const std::string& reply)>;
+  using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
+
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
+      : reactor_(reactor), settings_(settings), greeting_(greeting), retired_(reactor) {}
+  ~UpstreamSession() {
+    if (client_) client_->quit();
+  }
+  UpstreamSession(const UpstreamSession&) = delete;
+  UpstreamSession& operator=(const UpstreamSession&) = delete;
+
+  // mail - MAIL FROM, after opening and greeting the session if it is not open
+  void mail(const MailRequest& mail, Done done) {
+    with_session([this, mail, done](const std::string& failure) {
+      if (!failure.empty()) return done(failure);
+      std::string refusal;
+      std::string command = mail_command(mail, refusal);
+      if (!refusal.empty()) return done(refusal);
+      auto send_mail = [this, command, done] {
+        client_->send(command, [this, done](const UpstreamReply& reply) {
+          in_transaction_ = reply.is_positive();
+          done(relayed(reply, "MAIL"));
+        });
+      };
+      if (!in_transaction_) return send_mail();
+      client_->send("RSET\r\n", [this, send_mail, done](const UpstreamReply& reply) {
+        if (!reply.is_positive()) return done(relayed(reply, "RSET"));
+        in_transaction_ = false;
+        send_mail();
+      });
+    });
+  }
+
+  void rcpt(const std::string& address, Done done) {
+    if (!is_ready()) return done(lost());
+    client_->send("RCPT TO:<" + address + ">\r\n",
+                  [this, done](const UpstreamReply& reply) { done(relayed(reply, "RCPT")); });
+  }
+
+  // data - DATA, then the message (relay_payload's form); `count` replies come back, 1 under
+  // SMTP, one per accepted recipient under LMTP
+  void data(std::string payload, std::size_t count, DoneAll done) {
+    if (!is_ready()) return done(std::vector<std::string>(count, lost()));
+    auto message = std::make_shared<std::string>(std::move(payload));
+    client_->send("DATA\r\n", [this, message, count, done](const UpstreamReply& go_ahead) {
+      if (go_ahead.code != 354)
+        return done(std::vector<std::string>(count, relayed(go_ahead, "DATA")));
+      client_->send(std::move(*message), count, [this, done](std::vector<UpstreamReply> replies) {
+        in_transaction_ = false;
+        std::vector<std::string> texts;
+        for (const UpstreamReply& reply : replies) texts.push_back(relayed(reply, "the message"));
+        done(texts);
+      });
+    });
+  }
+
+  bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
+
+  bool offers(const char* keyword) const {
+    return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
+  }
+
+ private:
+  // with_session - an open, greeted session, or the 451 that says why not
+  void with_session(std::function<void(const std::string& failure)> then) {
+    if (is_ready()) return then("");
+    if (client_) client_->quit();
+    retired_.add(std::move(client_));  // its reply may have led here
+    client_ = std::make_unique<UpstreamClient>(reactor_, settings_);
+    is_greeted_ = false;
+    in_transaction_ = false;
+    client_->open([this, then](const UpstreamReply& greeting) {
+      if (!greeting.is_positive()) return then(unavailable(greeting));
+      greet(greeting_ == Greeting::Lhlo ? "LHLO " : "EHLO ", then);
+    });
+  }
+
+  // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
+  void greet(const char* verb, std::function<void(const std::string& failure)> then) {
+    client_->send(verb + settings_.helo_name + "\r\n",
+                  [this, verb, then](const UpstreamReply& reply) {
+                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+                    if (!reply.is_positive()) return then(unavailable(reply));
+                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
+                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+                    is_greeted_ = true;
+                    then("");
+                  });
+  }
+
+  static std::vector<std::string> ehlo_keywords(const std::string& text) {
+    std::vector<std::string> keywords;
+    std::size_t start = text.find("\r\n");  // the first line is the upstream's name
+    while (start != std::string::npos) {
+      start += 2;
+      std::size_t end = text.find("\r\n", start);
+      std::string line = text.substr(start, end == std::string::npos ? end : end - start);
+      std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
+      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      start = end;
+    }
+    return keywords;
+  }
+
+  // mail_command - MAIL FROM with the client's parameters the upstream understands;
+  // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
+  std::string mail_command(const MailRequest& mail, std::string& refusal) const {
+    std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
+    for (const std::string& option : mail.options) {
+      std::string key = option.substr(0, option.find('='));
+      if (key == "SIZE" && offers("SIZE")) command += " " + option;
+      if (key == "BODY" && offers("8BITMIME")) command += " " + option;
+      if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
+        refusal = "554 5.6.3 Error: the " + settings_.role + " does not accept 8-bit mail";
+      if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
+      if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
+        refusal = "553 5.6.7 Error: the " + settings_.role + " does not support SMTPUTF8";
+    }
+    return command + "\r\n";
+  }
+
+  // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
+  // does a 421: the upstream is going away, but this client's session with us is not
+  std::string relayed(const UpstreamReply& reply, const char* step) {
+    if (reply.code == 0 || reply.code == 421) {
+      is_greeted_ = false;  // the next MAIL opens a new upstream session
+      in_transaction_ = false;
+    }
+    if (reply.code == 0) return unavailable(reply);
+    if (reply.code == 421)
+      return "451 Error: " + settings_.role + " " + settings_.name + " closed the session (" +
+             printable(reply.text.substr(0, 200)) + "); try again later";
+    if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
+    return "451 Error: unexpected reply from the " + settings_.role + " to " + std::string(step) +
+           ": " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string unavailable(const UpstreamReply& reply) const {
+    if (reply.code == 0)
+      return "451 Error: " + settings_.role + " " + settings_.name + " " + reply.text +
+             "; try again later";
+    return "451 Error: " + settings_.role + " " + settings_.name +
+           " refused the session: " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string lost() const {
+    return "451 Error: the connection to " + settings_.role + " " + settings_.name +
+           " was lost; try again later";
+  }
+
+  Reactor& reactor_;
+  const UpstreamSettings& settings_;
+  Greeting greeting_;
+  std::unique_ptr<UpstreamClient> client_;
+  Retired<UpstreamClient> retired_;
+  bool is_greeted_ = false;
+  bool in_transaction_ = false;
+  std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
@@ -2739,160 +2940,31 @@ class PureProxy : public ServerMode {
  public:
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
-  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) override {
-    return std::make_unique<Session>(reactor, settings_, peer);
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, settings_);
   }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
-        : reactor_(reactor), settings_(settings), peer_(std::move(peer)), retired_(reactor) {}
-    ~Session() override {
-      if (upstream_) upstream_->quit();
-    }
+    Session(Reactor& reactor, const UpstreamSettings& settings)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
-      with_upstream([this, mail, verdict](const std::string& failure) {
-        if (!failure.empty()) return verdict(failure);
-        std::string refusal;
-        std::string command = mail_command(mail, refusal);
-        if (!refusal.empty()) return verdict(refusal);
-        auto send_mail = [this, command, verdict] {
-          upstream_->send(command, [this, verdict](const UpstreamReply& reply) {
-            in_transaction_ = reply.is_positive();
-            verdict(relayed(reply, "MAIL"));
-          });
-        };
-        if (!in_transaction_) return send_mail();
-        upstream_->send("RSET\r\n", [this, send_mail, verdict](const UpstreamReply& reply) {
-          if (!reply.is_positive()) return verdict(relayed(reply, "RSET"));
-          in_transaction_ = false;
-          send_mail();
-        });
-      });
+      upstream_.mail(mail, std::move(verdict));
     }
-
     void on_rcpt(const std::string& rcpt, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      upstream_->send("RCPT TO:<" + rcpt + ">\r\n", [this, verdict](const UpstreamReply& reply) {
-        verdict(relayed(reply, "RCPT"));
-      });
+      upstream_.rcpt(rcpt, std::move(verdict));
     }
-
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      auto payload = std::make_shared<std::string>(relay_payload(envelope.data, envelope.peer));
-      envelope.data.clear();
-      upstream_->send("DATA\r\n", [this, payload, verdict](const UpstreamReply& go_ahead) {
-        if (go_ahead.code != 354) return verdict(relayed(go_ahead, "DATA"));
-        upstream_->send(std::move(*payload), [this, verdict](const UpstreamReply& reply) {
-          in_transaction_ = false;
-          verdict(relayed(reply, "the message"));
-        });
-      });
+      std::string payload = relay_payload(envelope.data, envelope.peer);
+      envelope.data = std::string();  // one copy in memory, not two
+      upstream_.data(std::move(payload), 1,
+                     [verdict](const std::vector<std::string>& replies) { verdict(replies[0]); });
     }
 
    private:
-    // with_upstream - an open, greeted upstream connection, or the 451 that says why not
-    void with_upstream(std::function<void(const std::string& failure)> then) {
-      if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
-      if (upstream_) upstream_->quit();
-      retired_.add(std::move(upstream_));  // its reply may have led here
-      upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
-      is_greeted_ = false;
-      in_transaction_ = false;
-      upstream_->open([this, then](const UpstreamReply& greeting) {
-        if (!greeting.is_positive()) return then(unavailable(greeting));
-        greet(true, then);
-      });
-    }
-
-    // greet - EHLO, falling back to HELO when the upstream does not know EHLO
-    void greet(bool extended, std::function<void(const std::string& failure)> then) {
-      std::string verb = extended ? "EHLO " : "HELO ";
-      upstream_->send(
-          verb + settings_.helo_name + "\r\n", [this, extended, then](const UpstreamReply& reply) {
-            if (extended && reply.code >= 500) return greet(false, then);
-            if (!reply.is_positive()) return then(unavailable(reply));
-            extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
-            is_greeted_ = true;
-            then("");
-          });
-    }
-
-    static std::vector<std::string> ehlo_keywords(const std::string& text) {
-      std::vector<std::string> keywords;
-      std::size_t start = text.find("\r\n");  // the first line is the upstream's name
-      while (start != std::string::npos) {
-        start += 2;
-        std::size_t end = text.find("\r\n", start);
-        std::string line = text.substr(start, end == std::string::npos ? end : end - start);
-        std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-        if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
-        start = end;
-      }
-      return keywords;
-    }
-
-    bool offers(const char* keyword) const {
-      return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
-    }
-
-    // mail_command - MAIL FROM with the client's parameters the upstream understands;
-    // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
-    std::string mail_command(const MailRequest& mail, std::string& refusal) const {
-      std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
-      for (const std::string& option : mail.options) {
-        std::string key = option.substr(0, option.find('='));
-        if (key == "SIZE" && offers("SIZE")) command += " " + option;
-        if (key == "BODY" && offers("8BITMIME")) command += " " + option;
-        if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
-          refusal = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
-        if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
-        if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
-          refusal = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
-      }
-      return command + "\r\n";
-    }
-
-    // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
-    // does a 421: the upstream is going away, but this client's session with us is not
-    std::string relayed(const UpstreamReply& reply, const char* step) {
-      if (reply.code == 0 || reply.code == 421) {
-        is_greeted_ = false;  // the next MAIL opens a new upstream session
-        in_transaction_ = false;
-      }
-      if (reply.code == 0) return unavailable(reply);
-      if (reply.code == 421)
-        return "451 Error: upstream server " + settings_.name + " closed the session (" +
-               printable(reply.text.substr(0, 200)) + "); try again later";
-      if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-      return "451 Error: unexpected reply from the upstream server to " + std::string(step) + ": " +
-             printable(reply.text.substr(0, 200));
-    }
-
-    std::string unavailable(const UpstreamReply& reply) const {
-      if (reply.code == 0)
-        return "451 Error: upstream server " + settings_.name + " " + reply.text +
-               "; try again later";
-      return "451 Error: upstream server " + settings_.name +
-             " refused the session: " + printable(reply.text.substr(0, 200));
-    }
-
-    std::string lost() const {
-      return "451 Error: the connection to upstream server " + settings_.name +
-             " was lost; try again later";
-    }
-
-    Reactor& reactor_;
-    const UpstreamSettings& settings_;
-    std::string peer_;
-    std::unique_ptr<UpstreamClient> upstream_;
-    Retired<UpstreamClient> retired_;
-    bool is_greeted_ = false;
-    bool in_transaction_ = false;
-    std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
+    UpstreamSession upstream_;
   };
 
   UpstreamSettings settings_;
