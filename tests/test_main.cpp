@@ -17,5 +17,6 @@
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
+#include "test_hostile.cpp"
 #include "test_loop.cpp"
 // clang-format on
