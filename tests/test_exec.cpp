@@ -114,14 +114,14 @@ TEST_CASE("--exec and --exec-timeout on the command line") {
     return parse_command_line(static_cast<int>(args.size()), args.data());
   };
   Settings plain = *parse({}).settings;
-  CHECK(plain.exec_command == "");
-  CHECK(plain.exec_timeout_ms == 30000);
+  CHECK(plain.exec.command == "");
+  CHECK(plain.exec.timeout_ms == 30000);
   Settings s =
       *parse({"-c", "SMTPServer", "--exec", "cat >/dev/null", "--exec-timeout", "2"}).settings;
-  CHECK(s.exec_command == "cat >/dev/null");
-  CHECK(s.exec_timeout_ms == 2000);
-  CHECK(parse({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec_timeout_ms == 500);
-  CHECK(parse({"-c", "DebuggingServer", "--exec", "true"}).settings->exec_command == "true");
+  CHECK(s.exec.command == "cat >/dev/null");
+  CHECK(s.exec.timeout_ms == 2000);
+  CHECK(parse({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec.timeout_ms == 500);
+  CHECK(parse({"-c", "DebuggingServer", "--exec", "true"}).settings->exec.command == "true");
   CHECK_THROWS_AS(parse({"--exec", ""}), UsageError);
   CHECK_THROWS_AS(parse({"-c", "PureProxy", "--exec", "true"}), UsageError);
   CHECK_THROWS_AS(parse({"--exec-timeout", "0"}), UsageError);

@@ -169,10 +169,9 @@ TEST_CASE("9.8 the default recipient limit is 1000; --max-recipients 0 lifts it"
 
 TEST_CASE("9.8 --max-recipients takes a whole number") {
   CHECK(parse_command_line(3, std::array<const char*, 3>{"smtpd", "--max-recipients", "5"}.data())
-            .settings->max_recipients == 5);
-  CHECK(
-      parse_command_line(1, std::array<const char*, 1>{"smtpd"}.data()).settings->max_recipients ==
-      1000);
+            .settings->server.channel.max_recipients == 5);
+  CHECK(parse_command_line(1, std::array<const char*, 1>{"smtpd"}.data())
+            .settings->server.channel.max_recipients == 1000);
   CHECK_THROWS_AS(
       parse_command_line(3, std::array<const char*, 3>{"smtpd", "--max-recipients", "-1"}.data()),
       UsageError);
