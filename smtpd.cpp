@@ -84,7 +84,10 @@ constexpr std::size_t kCommandSizeLimit = 512;  // smtpd.py command_size_limit; 
 constexpr std::size_t kSizeParamExtra = 26;  // smtpd.py: MAIL may grow by 26 with SIZE (RFC 1870)
 constexpr std::size_t kSmtpUtf8Extra = 10;   // smtpd.py: MAIL may grow by 10 with SMTPUTF8
 constexpr std::size_t kLongestCommand = kCommandSizeLimit + kSizeParamExtra + kSmtpUtf8Extra;
-constexpr std::uint64_t kDataSizeDefault = 33554432;     // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+// --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
+// cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
+constexpr std::size_t kMaxRecipientsDefault = 1000;
 constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
 constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
@@ -104,6 +107,10 @@ constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of t
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
+// --exec: SMTPD_RCPTTOS is left out above this size (Linux refuses a variable over 128 KiB
+// and all of them over about 2 MB: the command would not start); SMTPD_RCPTTOS_FILE always
+// has the list (issue 9.11)
+constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
@@ -118,6 +125,7 @@ constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; 
 // sockets, fsync, or _WIN32.
 //   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
 //   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
+//   open_standard_descriptors,
 //   File, make_directory, rename_file, remove_file, sync_directory, process_id
 
 #ifdef _WIN32
@@ -178,7 +186,8 @@ inline void install_stop_handlers() { SetConsoleCtrlHandler(on_console_event, TR
 // "\r\n"; messages go out as the bytes they are, as on POSIX
 inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
-inline void raise_descriptor_limit() {}  // WSAPoll has no per-process descriptor limit to raise
+inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
+inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -232,6 +241,17 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
+// Started with them closed (smtpd <&- >&-), the listener and the first clients would take
+// those numbers, and a message printed on "stdout" would go to another client's socket.
+inline void open_standard_descriptors() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int opened = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);  // the lowest free: fd
+    if (opened > 2) ::close(opened);  // cannot happen while fd is free; never hold it open
+  }
+}
 
 // raise_descriptor_limit - each client is a descriptor, and the usual soft limit (1024) is far
 // below what the loop can hold; take what the hard limit allows, as servers commonly do
@@ -318,6 +338,10 @@ inline bool spawn_shell(const std::string& command,
     signal(SIGTERM, SIG_DFL);
     for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
     execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    const char* why = std::strerror(errno);  // said on our stderr, not only as exit status 127
+    static const char kPrefix[] = "smtpd: cannot run /bin/sh for --exec: ";
+    if (::write(2, kPrefix, sizeof kPrefix - 1) > 0 && ::write(2, why, std::strlen(why)) > 0)
+      (void)!::write(2, "\n", 1);
     _exit(127);
   }
   setpgid(pid, pid);  // also here, so the group exists before we might kill it
@@ -1281,6 +1305,10 @@ constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
+constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
+    "501 Error: control characters are not allowed in an address";
+constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
+constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 
 // ==== 7. SMTP channel ====
@@ -1295,11 +1323,12 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 //   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
-  std::string fqdn = "localhost";                    // name in the greeting and in EHLO
-  std::uint64_t data_size_limit = kDataSizeDefault;  // 0: no limit, no SIZE in EHLO
-  bool enable_smtputf8 = false;                      // -u: announce and accept SMTPUTF8
-  bool ask_envelope = false;                         // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;     // -d: protocol trace sink (may be empty)
+  std::string fqdn = "localhost";                      // name in the greeting and in EHLO
+  std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
+  std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
+  bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
+  bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
+  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1369,6 +1398,7 @@ class Channel {
   void append_data(std::string_view bytes);
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
+  void refuse_non_smtp();
   std::size_t command_size_limit(const std::string& verb) const;
   std::string syntax_error(const char* verb_syntax) const;
   std::optional<ParsedAddress> address_argument(const Arg& arg, const char* keyword,
@@ -1621,6 +1651,22 @@ void Channel::close_with(const std::string& reply) {
   enter_state(State::Closing);
 }
 
+// is_http_verb - the methods a browser's request line starts with (issue 9.10)
+inline bool is_http_verb(std::string_view verb) {
+  for (const char* method : {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
+    if (verb == method) return true;
+  return false;
+}
+
+// has_control_character - C0 controls and DEL; `allow_tab` for a whole argument, where a
+// tab may separate parameters (RFC 5321 4.1.2 allows no control character in an address)
+inline bool has_control_character(std::string_view text, bool allow_tab = false) {
+  return std::any_of(text.begin(), text.end(), [allow_tab](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && !(allow_tab && c == '\t')) || u == 0x7F;
+  });
+}
+
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
 // differs from smtpd.py: Python keeps this table in the class, shared by all connections, and
 // clears it whenever a client connects; here each connection has its own.
@@ -1636,10 +1682,11 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (config_.trace) config_.trace(peer + " <- " + printable(line.substr(0, 200)));
   if (line.empty()) return push(kReplyBadSyntax);
-  // differs from smtpd.py: Python's decode raises and drops the connection.
-  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
+  if (is_http_verb(verb) || (verb.size() > 1 && verb.back() == ':')) return refuse_non_smtp();
+  // differs from smtpd.py: Python's decode raises and drops the connection.
+  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   Arg arg;
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
@@ -1650,6 +1697,14 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
 }
 
 inline bool has_text(const std::optional<std::string>& arg) { return arg && !arg->empty(); }
+
+// refuse_non_smtp - an HTTP request line or a header line: a web page is making a browser
+// talk to us (cross-protocol attack), so stop reading and close at once, as Postfix does.
+// differs from smtpd.py: Python answers 500 to each line and goes on reading.
+void Channel::refuse_non_smtp() {
+  push(kReplyNotSmtp);
+  enter_state(State::Closing);
+}
 
 void Channel::cmd_helo(const Arg& arg) { greet(arg, false); }
 void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
@@ -1700,6 +1755,8 @@ void Channel::cmd_help(const Arg& arg) {
 void Channel::cmd_vrfy(const Arg& arg) {
   if (!has_text(arg)) return push("501 Syntax: VRFY <address>");
   std::optional<ParsedAddress> parsed = parse_address(*arg);
+  if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
+    return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
   push("502 Could not VRFY " + *arg);
 }
@@ -1723,6 +1780,12 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
   std::string_view after;
   if (ascii_upper(text.substr(0, keylen)) == keyword) after = python_strip(text.substr(keylen));
   std::optional<ParsedAddress> parsed = parse_address(after);
+  // differs from smtpd.py: Python accepts control characters in a quoted local part, which a
+  // relay would pass on (a bare LF there smuggles a command to the upstream; issue 9.2)
+  if (has_control_character(text, true) || (parsed && has_control_character(parsed->address))) {
+    push(kReplyControlInAddress);
+    return std::nullopt;
+  }
   if (!parsed || parsed->address.empty() || (!extended_smtp && !parsed->rest.empty())) {
     push(syntax);
     return std::nullopt;
@@ -1782,6 +1845,8 @@ bool Channel::check_mail_params(const std::string& syntax) {
 void Channel::cmd_rcpt(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (mailfrom.empty()) return push(kReplyNeedMail);
+  std::size_t max = config_.max_recipients;
+  if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
   std::string syntax = syntax_error("RCPT TO: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
   if (!parsed) return;
@@ -2102,6 +2167,41 @@ class MboxStore : public MessageOutput {
   std::string path_;
 };
 
+// RecipientsFile - SMTPD_RCPTTOS_FILE: the recipients, one a line, in a new file under
+// $TMPDIR (or /tmp) that only we can read, removed when the run ends. No length limit applies
+// to a file, so a command can see 10,000 recipients (issue 9.11).
+class RecipientsFile {
+ public:
+  RecipientsFile() = default;
+  ~RecipientsFile() { remove(); }
+  RecipientsFile(const RecipientsFile&) = delete;
+  RecipientsFile& operator=(const RecipientsFile&) = delete;
+
+  bool create(const std::vector<std::string>& rcpttos, std::string& error) {
+    remove();
+    const char* dir = std::getenv("TMPDIR");
+    std::int64_t now = unix_time_us();
+    path_ = std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/smtpd-rcpttos." +
+            maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000), process_id(),
+                                ++count_, "txt");
+    std::string text;
+    for (const std::string& rcpt : rcpttos) text += rcpt + "\n";
+    File file;
+    if (file.create_new(path_, error) && file.write_all(text, error) && file.close(error))
+      return true;
+    remove();
+    return false;
+  }
+  void remove() {
+    if (!path_.empty()) remove_file(std::exchange(path_, ""));
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  static inline std::uint64_t count_ = 0;  // files named by this process
+};
+
 // CommandRun - one run of the --exec command for one message, inside the loop: the message
 // goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
 // first line of output become the reply (smtpd.py's process_message, as a program).
@@ -2123,12 +2223,16 @@ class CommandRun {
     done_ = std::move(done);
     input_ = message_file_text(envelope.data);  // as --maildir writes it
     std::string error;
-    if (!spawn_shell(command_, environment_for(envelope), child_, error))
-      return finish("451 Error: cannot run the --exec command: " + error);
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return finish(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
     is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
+    wait_for_exit();
   }
 
   static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
@@ -2137,11 +2241,15 @@ class CommandRun {
       for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
       return out;
     };
-    return {{"SMTPD_PEER", e.peer},
-            {"SMTPD_MAILFROM", e.mailfrom},
-            {"SMTPD_RCPTTOS", joined(e.rcpttos)},
-            {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
-            {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    std::vector<std::pair<std::string, std::string>> environment{
+        {"SMTPD_PEER", e.peer},
+        {"SMTPD_MAILFROM", e.mailfrom},
+        {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+        {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+        {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
+    return environment;
   }
 
   // reply_for - the reply for an exit status and what the command printed. Only the first
@@ -2186,6 +2294,7 @@ class CommandRun {
     child_.to_child = kInvalidSocket;
   }
 
+  // read_output - what the command printed so far; its end closes the pipe
   void read_output() {
     char buffer[4096];
     for (;;) {
@@ -2195,15 +2304,20 @@ class CommandRun {
         continue;
       }
       if (n < 0 && would_block(errno)) return;
-      break;  // end of its output: it is about to exit, if it has not already
+      break;  // end of its output
     }
+    close_output();
+  }
+
+  void close_output() {
+    if (child_.from_child == kInvalidSocket) return;
     reactor_.unwatch(child_.from_child);
     close_pipe(child_.from_child);
     child_.from_child = kInvalidSocket;
-    wait_for_exit();
   }
 
-  // wait_for_exit - the output is closed; look for the exit status until it comes
+  // wait_for_exit - look for the exit status until it comes. The exit, not the end of the
+  // output, ends the run: a background child may keep the output open long after (issue 9.11).
   void wait_for_exit() {
     int exit_code = 0;
     if (!reap_child(child_, exit_code)) {
@@ -2214,7 +2328,14 @@ class CommandRun {
       return;
     }
     is_running_ = false;
+    if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
+    stop();
     finish(reply_for(exit_code, output_));
+  }
+
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return "451 Error: cannot run the --exec command: " + why;
   }
 
   void on_timeout() {
@@ -2232,11 +2353,8 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
-    if (child_.from_child != kInvalidSocket) {
-      reactor_.unwatch(child_.from_child);
-      close_pipe(child_.from_child);
-      child_.from_child = kInvalidSocket;
-    }
+    close_output();
+    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
@@ -2256,6 +2374,7 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
+  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
@@ -2365,20 +2484,24 @@ struct UpstreamReply {
 };
 
 struct UpstreamSettings {
+  std::string role = "upstream server";  // what it is to us, for 451 texts
+  std::string tag = "upstream";          // the same in the -d trace
   std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                 // our name in EHLO/HELO
+  std::string helo_name;                 // our name in EHLO/HELO/LHLO
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
-// send one command (or the message text), wait for its reply, and so on. One question at a
-// time; every wait has a timeout. It never blocks and never calls a handler after its end.
+// send one command (or the message text), wait for its reply or replies (LMTP answers the
+// message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
+// has a timeout. It never blocks and never calls a handler after its end.
 class UpstreamClient {
  public:
   using ReplyHandler = std::function<void(const UpstreamReply&)>;
+  using RepliesHandler = std::function<void(std::vector<UpstreamReply>)>;
 
   UpstreamClient(Reactor& reactor, const UpstreamSettings& settings)
       : reactor_(reactor), settings_(settings) {}
@@ -2388,24 +2511,34 @@ class UpstreamClient {
 
   // open - connect to the first address that answers; the greeting is the first reply
   void open(ReplyHandler on_greeting) {
-    waiting_ = std::move(on_greeting);
+    expect(1, [on_greeting](std::vector<UpstreamReply> replies) { on_greeting(replies[0]); });
     connect_to(0);
   }
 
   // send - bytes out (a command line or the whole message); the handler gets the reply
   void send(std::string bytes, ReplyHandler on_reply) {
+    send(std::move(bytes), 1,
+         [on_reply](std::vector<UpstreamReply> replies) { on_reply(replies[0]); });
+  }
+
+  // send - the same, waiting for `count` replies; those that never come are code 0
+  void send(std::string bytes, std::size_t count, RepliesHandler on_replies) {
     if (socket_ == kInvalidSocket) {
       UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
-      return on_reply(none);
+      return on_replies(std::vector<UpstreamReply>(count, none));
     }
     if (settings_.trace) {
       bool is_command = bytes.size() < 1024 && bytes.find("\r\n") == bytes.size() - 2;
-      settings_.trace("upstream " + settings_.name + " <- " +
+      settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       (is_command ? printable(bytes.substr(0, bytes.size() - 2))
                                   : "(message, " + std::to_string(bytes.size()) + " bytes)"));
     }
-    out_ += bytes;
-    waiting_ = std::move(on_reply);
+    if (out_.empty()) {
+      out_ = std::move(bytes);
+    } else {
+      out_ += bytes;
+    }
+    expect(count, std::move(on_replies));
     arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
     flush();
   }
@@ -2422,6 +2555,12 @@ class UpstreamClient {
   bool is_open() const { return socket_ != kInvalidSocket && !is_connecting_; }
 
  private:
+  void expect(std::size_t count, RepliesHandler on_replies) {
+    waiting_ = std::move(on_replies);
+    expected_ = count;
+    got_.clear();
+  }
+
   void connect_to(std::size_t index) {
     close_socket_only();
     if (index >= settings_.addresses.size()) return fail("cannot connect: " + failure_);
@@ -2514,18 +2653,24 @@ class UpstreamClient {
     return true;
   }
 
-  // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
+  // deliver - hand a reply to whoever waits, once all the replies it waits for are in; an
+  // unasked one is a 421 or nonsense: hang up
   bool deliver(const UpstreamReply& reply) {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     if (settings_.trace)
-      settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
+      settings_.trace(settings_.tag + " " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
       fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
       return false;
     }
-    ReplyHandler handler = std::exchange(waiting_, nullptr);
+    got_.push_back(reply);
+    if (got_.size() < expected_) {
+      arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
+      return true;
+    }
+    RepliesHandler handler = std::exchange(waiting_, nullptr);
     bool was_open = socket_ != kInvalidSocket;
-    handler(reply);  // may send the next command, or close this client
+    handler(std::exchange(got_, {}));  // may send the next command, or close this client
     return was_open && socket_ != kInvalidSocket;
   }
 
@@ -2541,11 +2686,15 @@ class UpstreamClient {
     });
   }
 
+  // fail - the end of this connection; whoever waits gets code 0 for each reply still due
   void fail(const std::string& why) {
-    if (settings_.trace) settings_.trace("upstream " + settings_.name + " " + why);
+    if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " " + why);
     failure_ = why;
     close();
-    if (waiting_) std::exchange(waiting_, nullptr)(UpstreamReply{0, why});
+    if (!waiting_) return;
+    std::vector<UpstreamReply> replies = std::exchange(got_, {});
+    replies.resize(std::max(expected_, replies.size()), UpstreamReply{0, why});
+    std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
   void close_socket_only() {
@@ -2572,13 +2721,188 @@ class UpstreamClient {
   std::string out_;
   std::string in_;
   UpstreamReply reply_;  // the lines of a multi-line reply so far
-  ReplyHandler waiting_;
-  std::string failure_;  // why the last attempt failed
+  RepliesHandler waiting_;
+  std::size_t expected_ = 0;        // replies waiting_ wants
+  std::vector<UpstreamReply> got_;  // those of them already in
+  std::string failure_;             // why the last attempt failed
+};
+
+// UpstreamSession - one session with a server we hand mail to, over SMTP (EHLO, falling back
+// to HELO) or LMTP (LHLO, RFC 2033): opened and greeted at the first MAIL, MAIL with those of
+// the client's parameters the server understands (RSET first when a transaction is open),
+// RCPT, and DATA with one reply per accepted recipient under LMTP. Every step ends in the
+// reply the client should hear: the server's own, or a 451 that says what went wrong.
+class UpstreamSession {
+ public:
+  enum class Greeting { Ehlo, Lhlo };
+  using Done = std::function<void(const std::string& reply)>;
+  using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
+
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
+      : reactor_(reactor), settings_(settings), greeting_(greeting), retired_(reactor) {}
+  ~UpstreamSession() {
+    if (client_) client_->quit();
+  }
+  UpstreamSession(const UpstreamSession&) = delete;
+  UpstreamSession& operator=(const UpstreamSession&) = delete;
+
+  // mail - MAIL FROM, after opening and greeting the session if it is not open
+  void mail(const MailRequest& mail, Done done) {
+    with_session([this, mail, done](const std::string& failure) {
+      if (!failure.empty()) return done(failure);
+      std::string refusal;
+      std::string command = mail_command(mail, refusal);
+      if (!refusal.empty()) return done(refusal);
+      auto send_mail = [this, command, done] {
+        client_->send(command, [this, done](const UpstreamReply& reply) {
+          in_transaction_ = reply.is_positive();
+          done(relayed(reply, "MAIL"));
+        });
+      };
+      if (!in_transaction_) return send_mail();
+      client_->send("RSET\r\n", [this, send_mail, done](const UpstreamReply& reply) {
+        if (!reply.is_positive()) return done(relayed(reply, "RSET"));
+        in_transaction_ = false;
+        send_mail();
+      });
+    });
+  }
+
+  void rcpt(const std::string& address, Done done) {
+    if (!is_ready()) return done(lost());
+    client_->send("RCPT TO:<" + address + ">\r\n",
+                  [this, done](const UpstreamReply& reply) { done(relayed(reply, "RCPT")); });
+  }
+
+  // data - DATA, then the message (relay_payload's form); `count` replies come back, 1 under
+  // SMTP, one per accepted recipient under LMTP
+  void data(std::string payload, std::size_t count, DoneAll done) {
+    if (!is_ready()) return done(std::vector<std::string>(count, lost()));
+    auto message = std::make_shared<std::string>(std::move(payload));
+    client_->send("DATA\r\n", [this, message, count, done](const UpstreamReply& go_ahead) {
+      if (go_ahead.code != 354)
+        return done(std::vector<std::string>(count, relayed(go_ahead, "DATA")));
+      client_->send(std::move(*message), count, [this, done](std::vector<UpstreamReply> replies) {
+        in_transaction_ = false;
+        std::vector<std::string> texts;
+        for (const UpstreamReply& reply : replies) texts.push_back(relayed(reply, "the message"));
+        done(texts);
+      });
+    });
+  }
+
+  bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
+
+  bool offers(const char* keyword) const {
+    return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
+  }
+
+ private:
+  // with_session - an open, greeted session, or the 451 that says why not
+  void with_session(std::function<void(const std::string& failure)> then) {
+    if (is_ready()) return then("");
+    if (client_) client_->quit();
+    retired_.add(std::move(client_));  // its reply may have led here
+    client_ = std::make_unique<UpstreamClient>(reactor_, settings_);
+    is_greeted_ = false;
+    in_transaction_ = false;
+    client_->open([this, then](const UpstreamReply& greeting) {
+      if (!greeting.is_positive()) return then(unavailable(greeting));
+      greet(greeting_ == Greeting::Lhlo ? "LHLO " : "EHLO ", then);
+    });
+  }
+
+  // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
+  void greet(const char* verb, std::function<void(const std::string& failure)> then) {
+    client_->send(verb + settings_.helo_name + "\r\n",
+                  [this, verb, then](const UpstreamReply& reply) {
+                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+                    if (!reply.is_positive()) return then(unavailable(reply));
+                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
+                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+                    is_greeted_ = true;
+                    then("");
+                  });
+  }
+
+  static std::vector<std::string> ehlo_keywords(const std::string& text) {
+    std::vector<std::string> keywords;
+    std::size_t start = text.find("\r\n");  // the first line is the upstream's name
+    while (start != std::string::npos) {
+      start += 2;
+      std::size_t end = text.find("\r\n", start);
+      std::string line = text.substr(start, end == std::string::npos ? end : end - start);
+      std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
+      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      start = end;
+    }
+    return keywords;
+  }
+
+  // mail_command - MAIL FROM with the client's parameters the upstream understands;
+  // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
+  std::string mail_command(const MailRequest& mail, std::string& refusal) const {
+    std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
+    for (const std::string& option : mail.options) {
+      std::string key = option.substr(0, option.find('='));
+      if (key == "SIZE" && offers("SIZE")) command += " " + option;
+      if (key == "BODY" && offers("8BITMIME")) command += " " + option;
+      if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
+        refusal = "554 5.6.3 Error: the " + settings_.role + " does not accept 8-bit mail";
+      if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
+      if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
+        refusal = "553 5.6.7 Error: the " + settings_.role + " does not support SMTPUTF8";
+    }
+    return command + "\r\n";
+  }
+
+  // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
+  // does a 421: the upstream is going away, but this client's session with us is not
+  std::string relayed(const UpstreamReply& reply, const char* step) {
+    if (reply.code == 0 || reply.code == 421) {
+      is_greeted_ = false;  // the next MAIL opens a new upstream session
+      in_transaction_ = false;
+    }
+    if (reply.code == 0) return unavailable(reply);
+    if (reply.code == 421)
+      return "451 Error: " + settings_.role + " " + settings_.name + " closed the session (" +
+             printable(reply.text.substr(0, 200)) + "); try again later";
+    if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
+    return "451 Error: unexpected reply from the " + settings_.role + " to " + std::string(step) +
+           ": " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string unavailable(const UpstreamReply& reply) const {
+    if (reply.code == 0)
+      return "451 Error: " + settings_.role + " " + settings_.name + " " + reply.text +
+             "; try again later";
+    return "451 Error: " + settings_.role + " " + settings_.name +
+           " refused the session: " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string lost() const {
+    return "451 Error: the connection to " + settings_.role + " " + settings_.name +
+           " was lost; try again later";
+  }
+
+  Reactor& reactor_;
+  const UpstreamSettings& settings_;
+  Greeting greeting_;
+  std::unique_ptr<UpstreamClient> client_;
+  Retired<UpstreamClient> retired_;
+  bool is_greeted_ = false;
+  bool in_transaction_ = false;
+  std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
 // empty line (or at the end if there is none), as smtpd.py's PureProxy inserts it; CRLF line
 // ends; dot-stuffing redone (RFC 5321 4.5.2); the final ".".
+// differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
+// (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
+// CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
+// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
 inline std::string relay_payload(const std::string& data, const std::string& peer) {
   std::string out;
   out.reserve(data.size() + data.size() / 32 + peer.size() + 16);
@@ -2590,7 +2914,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
   };
   std::size_t start = 0;
   for (;;) {
-    std::size_t end = data.find('\n', start);
+    std::size_t end = data.find_first_of("\r\n", start);
     std::string_view line(data.data() + start,
                           (end == std::string::npos ? data.size() : end) - start);
     if (!peer_added && line.empty()) {
@@ -2599,7 +2923,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
     }
     add_line(line);
     if (end == std::string::npos) break;
-    start = end + 1;
+    start = end + (data.compare(end, 2, "\r\n") == 0 ? 2 : 1);
   }
   if (!peer_added) add_line("X-Peer: " + peer);
   out += ".\r\n";
@@ -2616,160 +2940,31 @@ class PureProxy : public ServerMode {
  public:
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
-  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) override {
-    return std::make_unique<Session>(reactor, settings_, peer);
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, settings_);
   }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
-        : reactor_(reactor), settings_(settings), peer_(std::move(peer)), retired_(reactor) {}
-    ~Session() override {
-      if (upstream_) upstream_->quit();
-    }
+    Session(Reactor& reactor, const UpstreamSettings& settings)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
-      with_upstream([this, mail, verdict](const std::string& failure) {
-        if (!failure.empty()) return verdict(failure);
-        std::string refusal;
-        std::string command = mail_command(mail, refusal);
-        if (!refusal.empty()) return verdict(refusal);
-        auto send_mail = [this, command, verdict] {
-          upstream_->send(command, [this, verdict](const UpstreamReply& reply) {
-            in_transaction_ = reply.is_positive();
-            verdict(relayed(reply, "MAIL"));
-          });
-        };
-        if (!in_transaction_) return send_mail();
-        upstream_->send("RSET\r\n", [this, send_mail, verdict](const UpstreamReply& reply) {
-          if (!reply.is_positive()) return verdict(relayed(reply, "RSET"));
-          in_transaction_ = false;
-          send_mail();
-        });
-      });
+      upstream_.mail(mail, std::move(verdict));
     }
-
     void on_rcpt(const std::string& rcpt, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      upstream_->send("RCPT TO:<" + rcpt + ">\r\n", [this, verdict](const UpstreamReply& reply) {
-        verdict(relayed(reply, "RCPT"));
-      });
+      upstream_.rcpt(rcpt, std::move(verdict));
     }
-
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      auto payload = std::make_shared<std::string>(relay_payload(envelope.data, envelope.peer));
-      envelope.data.clear();
-      upstream_->send("DATA\r\n", [this, payload, verdict](const UpstreamReply& go_ahead) {
-        if (go_ahead.code != 354) return verdict(relayed(go_ahead, "DATA"));
-        upstream_->send(std::move(*payload), [this, verdict](const UpstreamReply& reply) {
-          in_transaction_ = false;
-          verdict(relayed(reply, "the message"));
-        });
-      });
+      std::string payload = relay_payload(envelope.data, envelope.peer);
+      envelope.data = std::string();  // one copy in memory, not two
+      upstream_.data(std::move(payload), 1,
+                     [verdict](const std::vector<std::string>& replies) { verdict(replies[0]); });
     }
 
    private:
-    // with_upstream - an open, greeted upstream connection, or the 451 that says why not
-    void with_upstream(std::function<void(const std::string& failure)> then) {
-      if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
-      if (upstream_) upstream_->quit();
-      retired_.add(std::move(upstream_));  // its reply may have led here
-      upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
-      is_greeted_ = false;
-      in_transaction_ = false;
-      upstream_->open([this, then](const UpstreamReply& greeting) {
-        if (!greeting.is_positive()) return then(unavailable(greeting));
-        greet(true, then);
-      });
-    }
-
-    // greet - EHLO, falling back to HELO when the upstream does not know EHLO
-    void greet(bool extended, std::function<void(const std::string& failure)> then) {
-      std::string verb = extended ? "EHLO " : "HELO ";
-      upstream_->send(
-          verb + settings_.helo_name + "\r\n", [this, extended, then](const UpstreamReply& reply) {
-            if (extended && reply.code >= 500) return greet(false, then);
-            if (!reply.is_positive()) return then(unavailable(reply));
-            extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
-            is_greeted_ = true;
-            then("");
-          });
-    }
-
-    static std::vector<std::string> ehlo_keywords(const std::string& text) {
-      std::vector<std::string> keywords;
-      std::size_t start = text.find("\r\n");  // the first line is the upstream's name
-      while (start != std::string::npos) {
-        start += 2;
-        std::size_t end = text.find("\r\n", start);
-        std::string line = text.substr(start, end == std::string::npos ? end : end - start);
-        std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-        if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
-        start = end;
-      }
-      return keywords;
-    }
-
-    bool offers(const char* keyword) const {
-      return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
-    }
-
-    // mail_command - MAIL FROM with the client's parameters the upstream understands;
-    // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
-    std::string mail_command(const MailRequest& mail, std::string& refusal) const {
-      std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
-      for (const std::string& option : mail.options) {
-        std::string key = option.substr(0, option.find('='));
-        if (key == "SIZE" && offers("SIZE")) command += " " + option;
-        if (key == "BODY" && offers("8BITMIME")) command += " " + option;
-        if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
-          refusal = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
-        if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
-        if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
-          refusal = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
-      }
-      return command + "\r\n";
-    }
-
-    // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
-    // does a 421: the upstream is going away, but this client's session with us is not
-    std::string relayed(const UpstreamReply& reply, const char* step) {
-      if (reply.code == 0 || reply.code == 421) {
-        is_greeted_ = false;  // the next MAIL opens a new upstream session
-        in_transaction_ = false;
-      }
-      if (reply.code == 0) return unavailable(reply);
-      if (reply.code == 421)
-        return "451 Error: upstream server " + settings_.name + " closed the session (" +
-               printable(reply.text.substr(0, 200)) + "); try again later";
-      if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-      return "451 Error: unexpected reply from the upstream server to " + std::string(step) + ": " +
-             printable(reply.text.substr(0, 200));
-    }
-
-    std::string unavailable(const UpstreamReply& reply) const {
-      if (reply.code == 0)
-        return "451 Error: upstream server " + settings_.name + " " + reply.text +
-               "; try again later";
-      return "451 Error: upstream server " + settings_.name +
-             " refused the session: " + printable(reply.text.substr(0, 200));
-    }
-
-    std::string lost() const {
-      return "451 Error: the connection to upstream server " + settings_.name +
-             " was lost; try again later";
-    }
-
-    Reactor& reactor_;
-    const UpstreamSettings& settings_;
-    std::string peer_;
-    std::unique_ptr<UpstreamClient> upstream_;
-    Retired<UpstreamClient> retired_;
-    bool is_greeted_ = false;
-    bool in_transaction_ = false;
-    std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
+    UpstreamSession upstream_;
   };
 
   UpstreamSettings settings_;
@@ -3223,12 +3418,13 @@ struct Settings {
   Endpoint remote;
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
-  std::string maildir;                  // --maildir: empty for none
-  std::string mbox;                     // --mbox: empty for none
-  bool json = false;                    // --json
-  std::uint64_t max_messages = 0;       // --max-messages: 0 for no limit
-  std::uint64_t idle_exit_seconds = 0;  // --idle-exit: 0 for never
-  std::string exec_command;             // --exec: empty for none
+  std::string maildir;                                   // --maildir: empty for none
+  std::string mbox;                                      // --mbox: empty for none
+  bool json = false;                                     // --json
+  std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
+  std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
+  std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
+  std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
 };
 
@@ -3315,8 +3511,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages or --idle-exit; nine digits at most, so
-// seconds still fit in milliseconds
+// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
     throw UsageError("invalid " + std::string(option) + ": '" + text +
@@ -3389,10 +3585,14 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("idle-exit",
-           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-           "never (the default).",
-           cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+      "N")("max-recipients",
+           "Most recipients in one message; further RCPT commands get 452 (default " +
+               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+           cxxopts::value<std::string>(),
+           "N")("idle-exit",
+                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+                "never (the default).",
+                cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
@@ -3450,6 +3650,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-recipients"))
+    s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
   std::vector<std::string> addresses;
@@ -3524,6 +3726,7 @@ inline void prepare_outputs(const Settings& s) {
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
+  open_standard_descriptors();  // first: before anything can make a socket or open a file
   [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
@@ -3568,6 +3771,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.fqdn = our_name;
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
+  options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;

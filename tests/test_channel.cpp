@@ -8,39 +8,8 @@
 namespace {
 
 using smtpd_test::parse_args;
-
-ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
-  ChannelConfig config;
-  config.fqdn = "test.example";
-  config.data_size_limit = size;
-  config.enable_smtputf8 = utf8;
-  return config;
-}
-
-// Session - a channel with its greeting already read; send() returns the replies to one write
-struct Session {
-  explicit Session(ChannelConfig config = test_config()) : channel(std::move(config), "192.0.2.7") {
-    greeting = take();
-  }
-  std::string take() {
-    std::string out = channel.output();
-    channel.consume_output(out.size());
-    return out;
-  }
-  std::string send(std::string_view bytes) {
-    channel.feed(bytes);
-    return take();
-  }
-  // deliver - play the mode: take the finished message and answer with `reply`
-  Envelope deliver(const std::string& reply = "") {
-    REQUIRE(channel.has_message());
-    Envelope e = channel.take_message();
-    channel.answer(reply);
-    return e;
-  }
-  Channel channel;
-  std::string greeting;
-};
+using smtpd_test::Session;
+using smtpd_test::test_config;
 
 const char* const kEhloNoSize = "250-test.example\r\n250-8BITMIME\r\n250 HELP\r\n";
 

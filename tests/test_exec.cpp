@@ -119,28 +119,6 @@ TEST_CASE("--exec and --exec-timeout on the command line") {
 
 // ==== Helpers for the end-to-end tests ====
 
-// shell_quote - text as one sh word.
-inline std::string shell_quote(const std::string& text) {
-  std::string out = "'";
-  for (char ch : text) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return out + "'";
-}
-
-// Script - a shell script written into a temporary directory; command() is its --exec.
-// Inside the script $D is that directory.
-class Script {
- public:
-  explicit Script(const std::string& body) {
-    write_file(dir_ / "script.sh", "D=" + shell_quote(dir_.path()) + "\n" + body);
-  }
-  std::string command() const { return "sh " + shell_quote(dir_ / "script.sh"); }
-  std::string operator/(const std::string& name) const { return dir_ / name; }
-  const std::string& path() const { return dir_.path(); }
-
- private:
-  TempDir dir_;
-};
-
 // kSaveMessage - saves stdin to $D/in.N and the variables to $D/env.N, N = 1, 2, ... per
 // message (the tests send one message at a time). SET= shows which variables exist at all.
 constexpr const char* kSaveMessage = R"SH(

@@ -12,6 +12,7 @@
 #include "test_channel.cpp"
 #include "test_e2e.cpp"
 #include "test_exec.cpp"
+#include "test_hostile.cpp"
 #include "test_interop.cpp"
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"

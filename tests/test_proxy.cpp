@@ -6,9 +6,9 @@
 // and what the upstream got: a message the client got 250 for must be at the upstream byte for
 // byte, and the upstream must have accepted nothing the client was not told about.
 //
-//   Fixtures: SmtpSink, ScriptedUpstream, IdlePort, FullBacklogPort,
-//             start_proxy, start_debugging
-//   Helpers:  as_relayed, try_message (and test_support.hpp's)
+//   Fixtures: ScriptedUpstream, start_debugging (and from test_support.hpp
+//             SmtpSink, IdlePort, start_proxy)
+//   Helpers:  as_relayed, try_message
 #include <dirent.h>
 #include <doctest/doctest.h>
 #include <pwd.h>
@@ -45,140 +45,6 @@ inline std::pair<std::string, std::string> each_sink_refusal() {
 }
 
 // ==== Fixtures ====
-
-// free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
-// be told to pick their own, as smtp-sink cannot).
-inline int free_port() {
-  int fd = -1;
-  int port = loopback_socket(fd);
-  ::close(fd);
-  return port;
-}
-
-// FullBacklogPort - a listener that never accepts, with its accept queue already full (one
-// connection made here fills a backlog of 0): Linux then drops further SYNs, so a connect to
-// it neither succeeds nor fails until the connecting side gives up.
-class FullBacklogPort {
- public:
-  FullBacklogPort() {
-    port_ = loopback_socket(fd_);
-    if (::listen(fd_, 0) != 0) throw std::runtime_error("listen failed");
-    filler_ = Client::connect("127.0.0.1", port_);
-  }
-  FullBacklogPort(const FullBacklogPort&) = delete;
-  FullBacklogPort& operator=(const FullBacklogPort&) = delete;
-  ~FullBacklogPort() {
-    filler_.close();
-    ::close(fd_);
-  }
-  int port() const { return port_; }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-  Client filler_;
-};
-
-// smtp_sink_path - /usr/sbin/smtp-sink (not on every PATH), or one on PATH; fails the test
-// naming the package.
-inline std::string smtp_sink_path() {
-  const std::string path = "/usr/sbin/smtp-sink";
-  return ::access(path.c_str(), X_OK) == 0 ? path : require_tool("smtp-sink", "postfix");
-}
-
-// SmtpSink - Postfix's smtp-sink on 127.0.0.1:<free port> with the given switches, writing
-// each transaction to its own file in a temporary directory (-d). The file starts at MAIL
-// with smtp-sink's own X-... and Received: lines, gets the message text as it arrives (CRs
-// and the stuffed dots taken out), ends with an empty line when "." arrives, and is deleted
-// if the transaction is abandoned (RSET, QUIT or a disconnect before ".").
-//
-// As root smtp-sink insists on -u USER. We pass the user we already are (root): switching to
-// nobody would change the effective uid, and the kernel then drops the parent-death signal
-// test_support.hpp sets, so a crashed test run would leave smtp-sink listening forever.
-class SmtpSink {
- public:
-  explicit SmtpSink(std::vector<std::string> switches = {}) {
-    std::string program = smtp_sink_path();
-    std::string last_error;
-    for (int attempt = 0; attempt < 5; ++attempt) {  // the free port may be taken meanwhile
-      port_ = free_port();
-      std::vector<std::string> argv{program};
-      if (::geteuid() == 0) {
-        const passwd* pw = ::getpwuid(0);
-        argv.insert(argv.end(), {"-u", pw ? pw->pw_name : "root"});
-      }
-      argv.insert(argv.end(), {"-d", dir_.path() + "/msg."});
-      argv.insert(argv.end(), switches.begin(), switches.end());
-      argv.insert(argv.end(), {"127.0.0.1:" + std::to_string(port_), "64"});
-      child = Child::spawn(argv);
-      if (wait_ready()) return;
-      child.pump();
-      last_error = child.err.text();
-      child = Child();
-    }
-    throw std::runtime_error("smtp-sink did not start: " + last_error);
-  }
-
-  int port() const { return port_; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-
-  // dump_count - how many transactions smtp-sink has on file right now.
-  std::size_t dump_count() const { return dir_.files().size(); }
-
-  // dumps - the contents of the dump files, in name order (names are random).
-  std::vector<std::string> dumps() const {
-    std::vector<std::string> out;
-    for (const std::string& f : dir_.files()) {
-      std::ifstream in(dir_.path() + "/" + f, std::ios::binary);
-      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    }
-    return out;
-  }
-
-  // messages - the message part of each dump: everything after smtp-sink's three-line
-  // Received: header ("Received: ...", "\tby ...", "\t<date>").
-  std::vector<std::string> messages() const {
-    std::vector<std::string> out;
-    for (const std::string& d : dumps()) {
-      auto by = d.find("\n\tby ");
-      auto by_end = by == std::string::npos ? by : d.find('\n', by + 1);
-      auto date_end = by_end == std::string::npos ? by_end : d.find('\n', by_end + 1);
-      out.push_back(date_end == std::string::npos ? "<no Received header in:>" + d
-                                                  : d.substr(date_end + 1));
-    }
-    return out;
-  }
-
-  // header - the value of smtp-sink's X-... line named name in dump d ("" if none).
-  static std::string header(const std::string& d, const std::string& name) {
-    for (const std::string& line : lines_of(d))
-      if (starts_with(line, name + ": ")) return line.substr(name.size() + 2);
-    return "";
-  }
-
-  Child child;
-
- private:
-  // wait_ready - true once smtp-sink greets a connection; false if it exited (port taken).
-  bool wait_ready() {
-    Deadline deadline(kWait);
-    while (!deadline.expired()) {
-      child.pump();
-      if (!child.running()) return false;
-      try {
-        Client probe = Client::connect("127.0.0.1", port_, nullptr, milliseconds(500));
-        if (starts_with(probe.read_reply(milliseconds(1000)), "220 smtp-sink")) return true;
-      } catch (const std::exception&) {
-        // not listening yet
-      }
-      std::this_thread::sleep_for(milliseconds(10));
-    }
-    return false;
-  }
-
-  TempDir dir_;
-  int port_ = 0;
-};
 
 // ScriptedUpstream - a minimal SMTP server in a thread of this process, on 127.0.0.1. It
 // answers as a sink does (220, EHLO with 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after
@@ -299,14 +165,6 @@ class ScriptedUpstream {
   int accepted_ = 0;
   std::vector<Conn> conns_;  // touched by the thread only
 };
-
-// start_proxy - ./smtpd -n -c PureProxy [options] 127.0.0.1:0 UPSTREAM, listening.
-inline ServerProcess start_proxy(const std::string& upstream,
-                                 std::vector<std::string> options = {}) {
-  options.insert(options.begin(), {"-c", "PureProxy"});
-  options.push_back("127.0.0.1:0");
-  return start_smtpd(options, upstream);
-}
 
 // start_debugging - our DebuggingServer on 127.0.0.1:0, the proxy's upstream in a chain.
 inline ServerProcess start_debugging(std::vector<std::string> options = {}) {
@@ -630,8 +488,7 @@ TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy 
 
 TEST_CASE("an upstream that does not answer in time gives 451 after the timeout") {
   std::unique_ptr<SmtpSink> sink;
-  std::unique_ptr<IdlePort> silent;
-  std::unique_ptr<FullBacklogPort> full;
+  std::unique_ptr<IdlePort> idle;
   std::string upstream, option, why;
   SUBCASE("smtp-sink -W mail:4 with --reply-timeout 1: MAIL") {
     sink = std::make_unique<SmtpSink>(std::vector<std::string>{"-W", "mail:4"});
@@ -640,14 +497,14 @@ TEST_CASE("an upstream that does not answer in time gives 451 after the timeout"
     why = "did not reply within the reply timeout";
   }
   SUBCASE("a listener that never accepts, --reply-timeout 1: no greeting") {
-    silent = std::make_unique<IdlePort>(IdlePort::Silent);
-    upstream = "127.0.0.1:" + std::to_string(silent->port());
+    idle = std::make_unique<IdlePort>(IdlePort::Silent);
+    upstream = "127.0.0.1:" + std::to_string(idle->port());
     option = "--reply-timeout";
     why = "sent no greeting within the reply timeout";
   }
   SUBCASE("a listener whose backlog is full, --connect-timeout 1: no connection") {
-    full = std::make_unique<FullBacklogPort>();
-    upstream = "127.0.0.1:" + std::to_string(full->port());
+    idle = std::make_unique<IdlePort>(IdlePort::Full);
+    upstream = "127.0.0.1:" + std::to_string(idle->port());
     option = "--connect-timeout";
     why = "cannot connect: timed out";
   }

@@ -12,19 +12,23 @@
 //
 // Contents:
 //   1. Time and text - Deadline, wait_until, seconds_since, count, lines_of, starts_with,
-//                      crlf, on_the_wire, parse_args (portable: Windows builds test_channel.cpp)
-//   2. Processes     - ExitStatus, OutputPipe, Child (spawn, pump, wait_exit), run_command
+//                      crlf, on_the_wire; the channel: parse_args, test_config, Session
+//                      (portable: the Windows build of test_channel.cpp uses this section)
+//   2. Processes     - ExitStatus, OwnedFd, OutputPipe, Child (spawn, pump, wait_exit),
+//                      run_command
 //   3. Environment   - smtpd_bin, find_in_path, require_tool
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, stop)
 //   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
-//                      list_dir, TempDir, read_file, write_file
+//                      list_dir, TempDir, read_file, write_file, shell_quote, Script
 //   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
 //                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
-//                      send_mail, printed (what DebuggingServer prints for a message)
+//                      send_mail, printed (what DebuggingServer prints for a message),
+//                      start_proxy
+//   7. Upstreams     - free_port, smtp_sink_path, SmtpSink (Postfix's smtp-sink)
 //
 // Like the test files, this header compiles right after smtpd.cpp. Only loopback addresses are
-// used (127.0.0.1, ::1). Sections 2 to 6 are POSIX only.
+// used (127.0.0.1, ::1). Sections 2 to 7 are POSIX only.
 #ifndef SMTPD_TEST_SUPPORT_HPP
 #define SMTPD_TEST_SUPPORT_HPP
 
@@ -139,9 +143,43 @@ inline CommandLine parse_args(std::vector<const char*> args) {
   return parse_command_line(static_cast<int>(args.size()), args.data());
 }
 
+// test_config - the ChannelConfig of the channel tests: host test.example, no size limit.
+inline ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
+  ChannelConfig config;
+  config.fqdn = "test.example";
+  config.data_size_limit = size;
+  config.enable_smtputf8 = utf8;
+  return config;
+}
+
+// Session - a channel with its greeting already read; send() returns the replies to one write
+struct Session {
+  explicit Session(ChannelConfig config = test_config()) : channel(std::move(config), "192.0.2.7") {
+    greeting = take();
+  }
+  std::string take() {
+    std::string out = channel.output();
+    channel.consume_output(out.size());
+    return out;
+  }
+  std::string send(std::string_view bytes) {
+    channel.feed(bytes);
+    return take();
+  }
+  // deliver - play the mode: take the finished message and answer with `reply`
+  Envelope deliver(const std::string& reply = "") {
+    REQUIRE(channel.has_message());
+    Envelope e = channel.take_message();
+    channel.answer(reply);
+    return e;
+  }
+  Channel channel;
+  std::string greeting;
+};
+
 }  // namespace smtpd_test
 
-// Sections 2 to 6 start processes and sockets: POSIX only.
+// Sections 2 to 7 start processes and sockets: POSIX only.
 #ifndef _WIN32
 
 #include <arpa/inet.h>
@@ -152,6 +190,7 @@ inline CommandLine parse_args(std::vector<const char*> args) {
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pwd.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -828,25 +867,29 @@ inline int loopback_socket(int& fd) {
   return ntohs(a.sin_port);
 }
 
-// IdlePort - a port on 127.0.0.1 that never answers. Closed: bound but not listening, so a
-// connection is refused for as long as this object lives (nobody else can take the port).
-// Silent: listening but never accepting, so connections complete (the kernel queues up to 64)
-// and never hear a greeting.
+// IdlePort - a port on 127.0.0.1 that never answers, for as long as this object lives
+// (nobody else can take the port). Closed: bound but not listening, so a connection is
+// refused. Silent: listening but never accepting, so connections complete (the kernel queues
+// up to 64) and never hear a greeting. Full: listening with its accept queue already full
+// (one connection made here fills a backlog of 0): Linux then drops further SYNs, so a
+// connect neither succeeds nor fails until the connecting side gives up.
 class IdlePort {
  public:
-  enum Kind { Closed, Silent };
+  enum Kind { Closed, Silent, Full };
   explicit IdlePort(Kind kind) {
-    port_ = loopback_socket(fd_);
-    if (kind == Silent && ::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
+    int fd = -1;
+    port_ = loopback_socket(fd);
+    fd_.reset(fd);
+    if (kind != Closed && ::listen(fd, kind == Full ? 0 : 64) != 0)
+      throw std::runtime_error("listen failed");
+    if (kind == Full) filler_ = Client::connect("127.0.0.1", port_);
   }
-  IdlePort(const IdlePort&) = delete;
-  IdlePort& operator=(const IdlePort&) = delete;
-  ~IdlePort() { ::close(fd_); }
   int port() const { return port_; }
 
  private:
-  int fd_ = -1;
+  OwnedFd fd_;
   int port_ = 0;
+  Client filler_;  // closed before fd_
 };
 
 // TempFile - a file under $TMPDIR (or /tmp) with the given contents, removed at scope end.
@@ -928,6 +971,28 @@ inline void write_file(const std::string& path, const std::string& text) {
   std::ofstream out(path, std::ios::binary);
   out << text;
 }
+
+// shell_quote - text as one sh word.
+inline std::string shell_quote(const std::string& text) {
+  std::string out = "'";
+  for (char ch : text) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+// Script - a shell script written into a temporary directory; command() is its --exec.
+// Inside the script $D is that directory.
+class Script {
+ public:
+  explicit Script(const std::string& body) {
+    write_file(dir_ / "script.sh", "D=" + shell_quote(dir_.path()) + "\n" + body);
+  }
+  std::string command() const { return "sh " + shell_quote(dir_ / "script.sh"); }
+  std::string operator/(const std::string& name) const { return dir_ / name; }
+  const std::string& path() const { return dir_.path(); }
+
+ private:
+  TempDir dir_;
+};
 
 // ==== 6. smtpd ====
 
@@ -1058,6 +1123,126 @@ inline std::string printed(const std::string& headers, const std::string& body,
                            const std::string& peer = "127.0.0.1") {
   return std::string(kFollows) + headers + "X-Peer: " + peer + "\n\n" + body + kEnd;
 }
+
+// start_proxy - ./smtpd -n -c PureProxy [options] 127.0.0.1:0 UPSTREAM, listening.
+inline ServerProcess start_proxy(const std::string& upstream,
+                                 std::vector<std::string> options = {}) {
+  options.insert(options.begin(), {"-c", "PureProxy"});
+  options.push_back("127.0.0.1:0");
+  return start_smtpd(options, upstream);
+}
+
+// ==== 7. Upstreams ====
+
+// free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
+// be told to pick their own, as smtp-sink cannot).
+inline int free_port() {
+  int fd = -1;
+  int port = loopback_socket(fd);
+  ::close(fd);
+  return port;
+}
+
+// smtp_sink_path - /usr/sbin/smtp-sink (not on every PATH), or one on PATH; fails the test
+// naming the package.
+inline std::string smtp_sink_path() {
+  const std::string path = "/usr/sbin/smtp-sink";
+  return ::access(path.c_str(), X_OK) == 0 ? path : require_tool("smtp-sink", "postfix");
+}
+
+// SmtpSink - Postfix's smtp-sink on 127.0.0.1:<free port> with the given switches, writing
+// each transaction to its own file in a temporary directory (-d). The file starts at MAIL
+// with smtp-sink's own X-... and Received: lines, gets the message text as it arrives (CRs
+// and the stuffed dots taken out), ends with an empty line when "." arrives, and is deleted
+// if the transaction is abandoned (RSET, QUIT or a disconnect before ".").
+//
+// As root smtp-sink insists on -u USER. We pass the user we already are (root): switching to
+// nobody would change the effective uid, and the kernel then drops the parent-death signal
+// test_support.hpp sets, so a crashed test run would leave smtp-sink listening forever.
+class SmtpSink {
+ public:
+  explicit SmtpSink(std::vector<std::string> switches = {}) {
+    std::string program = smtp_sink_path();
+    std::string last_error;
+    for (int attempt = 0; attempt < 5; ++attempt) {  // the free port may be taken meanwhile
+      port_ = free_port();
+      std::vector<std::string> argv{program};
+      if (::geteuid() == 0) {
+        const passwd* pw = ::getpwuid(0);
+        argv.insert(argv.end(), {"-u", pw ? pw->pw_name : "root"});
+      }
+      argv.insert(argv.end(), {"-d", dir_.path() + "/msg."});
+      argv.insert(argv.end(), switches.begin(), switches.end());
+      argv.insert(argv.end(), {"127.0.0.1:" + std::to_string(port_), "64"});
+      child = Child::spawn(argv);
+      if (wait_ready()) return;
+      child.pump();
+      last_error = child.err.text();
+      child = Child();
+    }
+    throw std::runtime_error("smtp-sink did not start: " + last_error);
+  }
+
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // dump_count - how many transactions smtp-sink has on file right now.
+  std::size_t dump_count() const { return dir_.files().size(); }
+
+  // dumps - the contents of the dump files, in name order (names are random).
+  std::vector<std::string> dumps() const {
+    std::vector<std::string> out;
+    for (const std::string& f : dir_.files()) {
+      std::ifstream in(dir_.path() + "/" + f, std::ios::binary);
+      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    return out;
+  }
+
+  // messages - the message part of each dump: everything after smtp-sink's three-line
+  // Received: header ("Received: ...", "\tby ...", "\t<date>").
+  std::vector<std::string> messages() const {
+    std::vector<std::string> out;
+    for (const std::string& d : dumps()) {
+      auto by = d.find("\n\tby ");
+      auto by_end = by == std::string::npos ? by : d.find('\n', by + 1);
+      auto date_end = by_end == std::string::npos ? by_end : d.find('\n', by_end + 1);
+      out.push_back(date_end == std::string::npos ? "<no Received header in:>" + d
+                                                  : d.substr(date_end + 1));
+    }
+    return out;
+  }
+
+  // header - the value of smtp-sink's X-... line named name in dump d ("" if none).
+  static std::string header(const std::string& d, const std::string& name) {
+    for (const std::string& line : lines_of(d))
+      if (starts_with(line, name + ": ")) return line.substr(name.size() + 2);
+    return "";
+  }
+
+  Child child;
+
+ private:
+  // wait_ready - true once smtp-sink greets a connection; false if it exited (port taken).
+  bool wait_ready() {
+    Deadline deadline(kWait);
+    while (!deadline.expired()) {
+      child.pump();
+      if (!child.running()) return false;
+      try {
+        Client probe = Client::connect("127.0.0.1", port_, nullptr, milliseconds(500));
+        if (starts_with(probe.read_reply(milliseconds(1000)), "220 smtp-sink")) return true;
+      } catch (const std::exception&) {
+        // not listening yet
+      }
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+
+  TempDir dir_;
+  int port_ = 0;
+};
 
 }  // namespace smtpd_test
 
