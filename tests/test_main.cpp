@@ -14,5 +14,6 @@
 #include "test_exec.cpp"
 #include "test_hostile.cpp"
 #include "test_interop.cpp"
+#include "test_loop.cpp"
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
