@@ -17,4 +17,5 @@
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
+#include "test_appsetup.cpp"
 // clang-format on
