@@ -18,7 +18,8 @@
 //   6. Replies               (every reply text, named)
 //   7. SMTP channel          (the pure state machine: bytes in, replies and questions out)
 //   8. Server modes          (outputs, --exec, SMTPServer, DebuggingServer, PureProxy)
-//   9. Event loop            (listener, connections, poll, timers: the Reactor modes use)
+//   9. Event loop            (PollReactor: sockets, timers, deferred tasks; the Server on it:
+//                             listeners, connections, exit policy)
 //  10. Command line          (options, addresses, validation)
 //  11. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
@@ -34,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -85,7 +87,10 @@ constexpr std::size_t kCommandSizeLimit = 512;  // smtpd.py command_size_limit; 
 constexpr std::size_t kSizeParamExtra = 26;  // smtpd.py: MAIL may grow by 26 with SIZE (RFC 1870)
 constexpr std::size_t kSmtpUtf8Extra = 10;   // smtpd.py: MAIL may grow by 10 with SMTPUTF8
 constexpr std::size_t kLongestCommand = kCommandSizeLimit + kSizeParamExtra + kSmtpUtf8Extra;
-constexpr std::uint64_t kDataSizeDefault = 33554432;     // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+// --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
+// cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
+constexpr std::size_t kMaxRecipientsDefault = 1000;
 constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
 constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
@@ -104,7 +109,14 @@ constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
-constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
+constexpr int kExecReapPollMs = 10;              // how often to look for its exit status
+constexpr int kKillWaitRounds = 100;             // after a kill, looked for this often (1 s)
+// --exec: SMTPD_RCPTTOS is left out above this size (Linux refuses a variable over 128 KiB
+// and all of them over about 2 MB: the command would not start); SMTPD_RCPTTOS_FILE always
+// has the list (issue 9.11)
+constexpr std::size_t kExecVariableLimit = 64 * 1024;
+constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
+constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
 constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
@@ -117,9 +129,10 @@ constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; 
 // Sockets, poll, signals and synced files differ between Windows and POSIX; the difference
 // stops here. Nothing below this section spells closesocket, WSAGetLastError, errno for
 // sockets, fsync, or _WIN32.
-//   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
-//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
-//   File, make_directory, rename_file, remove_file, sync_directory, process_id
+//   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, sleep_ms,
+//   would_block, set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers,
+//   drop_privileges, open_standard_descriptors, File, make_directory, rename_file, remove_file,
+//   sync_directory, process_id
 
 #ifdef _WIN32
 using socket_t = SOCKET;
@@ -129,11 +142,12 @@ constexpr int kSendFlags = 0;
 
 // close_socket - release a socket handle
 inline void close_socket(socket_t s) { closesocket(s); }
+inline void sleep_ms(int ms) { Sleep(static_cast<DWORD>(ms)); }
 
 // poll_sockets - WSAPoll; with no sockets it fails on Windows, so sleep instead
 inline int poll_sockets(pollfd_t* fds, std::size_t n, int timeout_ms) {
   if (n == 0) {
-    Sleep(static_cast<DWORD>(timeout_ms));
+    sleep_ms(timeout_ms);
     return 0;
   }
   return WSAPoll(fds, static_cast<ULONG>(n), timeout_ms);
@@ -179,7 +193,8 @@ inline void install_stop_handlers() { SetConsoleCtrlHandler(on_console_event, TR
 // "\r\n"; messages go out as the bytes they are, as on POSIX
 inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
-inline void raise_descriptor_limit() {}  // WSAPoll has no per-process descriptor limit to raise
+inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
+inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -200,6 +215,7 @@ inline int poll_sockets(pollfd_t* fds, std::size_t n, int timeout_ms) {
   return ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
 }
 inline int last_socket_error() { return errno; }
+inline void sleep_ms(int ms) { ::poll(nullptr, 0, ms); }
 inline bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
 inline bool interrupted(int err) { return err == EINTR; }
 inline bool set_nonblocking(socket_t s) {
@@ -233,6 +249,17 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
+// Started with them closed (smtpd <&- >&-), the listener and the first clients would take
+// those numbers, and a message printed on "stdout" would go to another client's socket.
+inline void open_standard_descriptors() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int opened = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);  // the lowest free: fd
+    if (opened > 2) ::close(opened);  // cannot happen while fd is free; never hold it open
+  }
+}
 
 // raise_descriptor_limit - each client is a descriptor, and the usual soft limit (1024) is far
 // below what the loop can hold; take what the hard limit allows, as servers commonly do
@@ -319,6 +346,10 @@ inline bool spawn_shell(const std::string& command,
     signal(SIGTERM, SIG_DFL);
     for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
     execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    const char* why = std::strerror(errno);  // said on our stderr, not only as exit status 127
+    static const char kPrefix[] = "smtpd: cannot run /bin/sh for --exec: ";
+    if (::write(2, kPrefix, sizeof kPrefix - 1) > 0 && ::write(2, why, std::strlen(why)) > 0)
+      (void)!::write(2, "\n", 1);
     _exit(127);
   }
   setpgid(pid, pid);  // also here, so the group exists before we might kill it
@@ -528,7 +559,7 @@ inline bool File::lock(int timeout_ms, std::string& error) {
                                            : socket_error_text(static_cast<int>(err)));
       return false;
     }
-    Sleep(kLockRetryMs);
+    sleep_ms(kLockRetryMs);
   }
 }
 inline bool File::size(std::int64_t& bytes, std::string& error) {
@@ -601,7 +632,7 @@ inline bool File::lock(int timeout_ms, std::string& error) {
               std::to_string(timeout_ms / 1000) + " s";
       return false;
     }
-    ::poll(nullptr, 0, kLockRetryMs);
+    sleep_ms(kLockRetryMs);
   }
 }
 inline bool File::size(std::int64_t& bytes, std::string& error) {
@@ -1386,6 +1417,10 @@ constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
+constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
+    "501 Error: control characters are not allowed in an address";
+constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
+constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 // AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
 // of LOGIN are "Username:" and "Password:" in base64, as every client expects.
@@ -1452,16 +1487,17 @@ class Refusals {
 using AuthUsers = std::map<std::string, std::string>;  // --auth-file: user name -> password
 
 struct ChannelConfig {
-  std::string fqdn = "localhost";                    // name in the greeting and in EHLO
-  std::uint64_t data_size_limit = kDataSizeDefault;  // 0: no limit, no SIZE in EHLO
-  bool enable_smtputf8 = false;                      // -u: announce and accept SMTPUTF8
-  bool ask_envelope = false;                         // MAIL and RCPT wait for the mode's verdict
-  bool offer_pipelining = false;                     // --pipelining: announce PIPELINING
-  bool offer_auth = false;                           // --auth...: announce and accept AUTH
-  bool auth_required = false;                        // --auth-required: no MAIL before AUTH
-  std::shared_ptr<const AuthUsers> auth_users;       // --auth-file; null: anyone logs in
-  std::shared_ptr<Refusals> refusals;                // --reject; null: none
-  std::function<void(const std::string&)> trace;     // -d: protocol trace sink (may be empty)
+  std::string fqdn = "localhost";                      // name in the greeting and in EHLO
+  std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
+  std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
+  bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
+  bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
+  bool offer_pipelining = false;                       // --pipelining: announce PIPELINING
+  bool offer_auth = false;                             // --auth...: announce and accept AUTH
+  bool auth_required = false;                          // --auth-required: no MAIL before AUTH
+  std::shared_ptr<const AuthUsers> auth_users;         // --auth-file; null: anyone logs in
+  std::shared_ptr<Refusals> refusals;                  // --reject; null: none
+  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1536,6 +1572,7 @@ class Channel {
   void append_data(std::string_view bytes);
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
+  void refuse_non_smtp();
   std::size_t command_size_limit(const std::string& verb) const;
   std::string syntax_error(const char* verb_syntax) const;
   std::optional<ParsedAddress> address_argument(const Arg& arg, const char* keyword,
@@ -1805,6 +1842,22 @@ void Channel::close_with(const std::string& reply) {
   enter_state(State::Closing);
 }
 
+// is_http_verb - the methods a browser's request line starts with (issue 9.10)
+inline bool is_http_verb(std::string_view verb) {
+  for (const char* method : {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
+    if (verb == method) return true;
+  return false;
+}
+
+// has_control_character - C0 controls and DEL; `allow_tab` for a whole argument, where a
+// tab may separate parameters (RFC 5321 4.1.2 allows no control character in an address)
+inline bool has_control_character(std::string_view text, bool allow_tab = false) {
+  return std::any_of(text.begin(), text.end(), [allow_tab](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && !(allow_tab && c == '\t')) || u == 0x7F;
+  });
+}
+
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
 // differs from smtpd.py: Python keeps this table in the class, shared by all connections, and
 // clears it whenever a client connects; here each connection has its own.
@@ -1824,10 +1877,11 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
   if (config_.trace) config_.trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
-  // differs from smtpd.py: Python's decode raises and drops the connection.
-  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
+  if (is_http_verb(verb) || (verb.size() > 1 && verb.back() == ':')) return refuse_non_smtp();
+  // differs from smtpd.py: Python's decode raises and drops the connection.
+  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   Arg arg;
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
@@ -1852,6 +1906,14 @@ bool Channel::is_refused(Refusals::Stage stage, const std::vector<std::string>& 
 }
 
 inline bool has_text(const std::optional<std::string>& arg) { return arg && !arg->empty(); }
+
+// refuse_non_smtp - an HTTP request line or a header line: a web page is making a browser
+// talk to us (cross-protocol attack), so stop reading and close at once, as Postfix does.
+// differs from smtpd.py: Python answers 500 to each line and goes on reading.
+void Channel::refuse_non_smtp() {
+  push(kReplyNotSmtp);
+  enter_state(State::Closing);
+}
 
 void Channel::cmd_helo(const Arg& arg) { greet(arg, false); }
 void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
@@ -1905,6 +1967,8 @@ void Channel::cmd_help(const Arg& arg) {
 void Channel::cmd_vrfy(const Arg& arg) {
   if (!has_text(arg)) return push("501 Syntax: VRFY <address>");
   std::optional<ParsedAddress> parsed = parse_address(*arg);
+  if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
+    return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
   push("502 Could not VRFY " + *arg);
 }
@@ -1928,6 +1992,12 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
   std::string_view after;
   if (ascii_upper(text.substr(0, keylen)) == keyword) after = python_strip(text.substr(keylen));
   std::optional<ParsedAddress> parsed = parse_address(after);
+  // differs from smtpd.py: Python accepts control characters in a quoted local part, which a
+  // relay would pass on (a bare LF there smuggles a command to the upstream; issue 9.2)
+  if (has_control_character(text, true) || (parsed && has_control_character(parsed->address))) {
+    push(kReplyControlInAddress);
+    return std::nullopt;
+  }
   if (!parsed || parsed->address.empty() || (!extended_smtp && !parsed->rest.empty())) {
     push(syntax);
     return std::nullopt;
@@ -1992,6 +2062,8 @@ bool Channel::check_mail_params(const std::string& syntax) {
 void Channel::cmd_rcpt(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (mailfrom.empty()) return push(kReplyNeedMail);
+  std::size_t max = config_.max_recipients;
+  if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
   std::string syntax = syntax_error("RCPT TO: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
   if (!parsed) return;
@@ -2113,42 +2185,34 @@ void Channel::log_in(const std::string& user, const std::string& password) {
 //   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
 //   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
 //   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
-// Reactor - the loop's services to modes: watch a socket, run a timer (section 9 has the loop)
+// Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
+// timer, and run a task after the current callbacks. That last one is the only guard against
+// re-entrancy anywhere: whatever must not happen inside a callback (destroying the object
+// whose callback is on the stack, asking the mode its next question) is deferred, and
+// deferred tasks run in the order given, before the next poll. A watched socket is closed
+// through release(), after the current callbacks, so its number cannot come back to a new
+// socket while this turn's events are still being handed out.
 class Reactor {
  public:
   using ReadyHandler = std::function<void(short revents)>;
-  using TimerHandler = std::function<void()>;
+  using Task = std::function<void()>;
+  using TimerId = std::uint64_t;  // 0 is never a timer, so "no timer" needs no flag
+
   virtual ~Reactor() = default;
-  virtual void watch(socket_t s, short events, ReadyHandler on_ready) = 0;  // add or change
+  virtual void watch(socket_t s, short events, ReadyHandler on_ready) = 0;  // add or replace
+  virtual void set_events(socket_t s, short events) = 0;  // same handler; 0 polls it not at all
   virtual void unwatch(socket_t s) = 0;
-  virtual std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) = 0;
-  virtual void cancel_timer(std::uint64_t id) = 0;
-};
+  virtual void release(socket_t s, void (*close)(socket_t)) = 0;  // unwatch; close after callbacks
+  virtual TimerId start_timer(long long delay_ms, Task on_expiry) = 0;
+  virtual void restart_timer(TimerId id, long long delay_ms) = 0;  // same handler, new deadline
+  virtual void cancel_timer(TimerId id) = 0;                       // 0 or a fired timer: no-op
+  virtual void defer(Task task) = 0;  // run after the current callbacks, before the next poll
 
-// Retired - objects whose own callback may still be on the stack (their reply led to their
-// replacement): kept until a later turn of the loop, never destroyed inside that callback
-template <class T>
-class Retired {
- public:
-  explicit Retired(Reactor& reactor) : reactor_(reactor) {}
-  ~Retired() { reactor_.cancel_timer(timer_); }
-  Retired(const Retired&) = delete;
-  Retired& operator=(const Retired&) = delete;
-
-  void add(std::unique_ptr<T> object) {
-    if (!object) return;
-    objects_.push_back(std::move(object));
-    if (timer_ != 0) return;
-    timer_ = reactor_.start_timer(0, [this] {
-      timer_ = 0;
-      objects_.clear();
-    });
+  // dispose - destroy an object after the current callbacks (its own may be on the stack)
+  template <class T>
+  void dispose(std::unique_ptr<T> object) {
+    if (object) defer([kept = std::shared_ptr<T>(std::move(object))] {});
   }
-
- private:
-  Reactor& reactor_;
-  std::vector<std::unique_ptr<T>> objects_;
-  std::uint64_t timer_ = 0;
 };
 
 using Verdict = std::function<void(const std::string& reply)>;
@@ -2409,6 +2473,41 @@ class MboxStore : public MessageOutput {
   std::string path_;
 };
 
+// RecipientsFile - SMTPD_RCPTTOS_FILE: the recipients, one a line, in a new file under
+// $TMPDIR (or /tmp) that only we can read, removed when the run ends. No length limit applies
+// to a file, so a command can see 10,000 recipients (issue 9.11).
+class RecipientsFile {
+ public:
+  RecipientsFile() = default;
+  ~RecipientsFile() { remove(); }
+  RecipientsFile(const RecipientsFile&) = delete;
+  RecipientsFile& operator=(const RecipientsFile&) = delete;
+
+  bool create(const std::vector<std::string>& rcpttos, std::string& error) {
+    remove();
+    const char* dir = std::getenv("TMPDIR");
+    std::int64_t now = unix_time_us();
+    path_ = std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/smtpd-rcpttos." +
+            maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000), process_id(),
+                                ++count_, "txt");
+    std::string text;
+    for (const std::string& rcpt : rcpttos) text += rcpt + "\n";
+    File file;
+    if (file.create_new(path_, error) && file.write_all(text, error) && file.close(error))
+      return true;
+    remove();
+    return false;
+  }
+  void remove() {
+    if (!path_.empty()) remove_file(std::exchange(path_, ""));
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  static inline std::uint64_t count_ = 0;  // files named by this process
+};
+
 // CommandRun - one run of the --exec command for one message, inside the loop: the message
 // goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
 // first line of output become the reply (smtpd.py's process_message, as a program).
@@ -2430,12 +2529,16 @@ class CommandRun {
     done_ = std::move(done);
     input_ = message_file_text(envelope);  // as --maildir writes it
     std::string error;
-    if (!spawn_shell(command_, environment_for(envelope), child_, error))
-      return finish("451 Error: cannot run the --exec command: " + error);
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return finish(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
     is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
+    wait_for_exit();
   }
 
   static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
@@ -2444,12 +2547,14 @@ class CommandRun {
       for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
       return out;
     };
-    std::vector<std::pair<std::string, std::string>> environment = {
+    std::vector<std::pair<std::string, std::string>> environment{
         {"SMTPD_PEER", e.peer},
         {"SMTPD_MAILFROM", e.mailfrom},
         {"SMTPD_RCPTTOS", joined(e.rcpttos)},
         {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
         {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
     if (e.auth_user && !e.auth_user->empty())
       environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
     return environment;
@@ -2492,11 +2597,11 @@ class CommandRun {
 
   void close_input() {
     if (child_.to_child == kInvalidSocket) return;
-    reactor_.unwatch(child_.to_child);
-    close_pipe(child_.to_child);
+    reactor_.release(child_.to_child, close_pipe);
     child_.to_child = kInvalidSocket;
   }
 
+  // read_output - what the command printed so far; its end closes the pipe
   void read_output() {
     char buffer[4096];
     for (;;) {
@@ -2506,15 +2611,19 @@ class CommandRun {
         continue;
       }
       if (n < 0 && would_block(errno)) return;
-      break;  // end of its output: it is about to exit, if it has not already
+      break;  // end of its output
     }
-    reactor_.unwatch(child_.from_child);
-    close_pipe(child_.from_child);
-    child_.from_child = kInvalidSocket;
-    wait_for_exit();
+    close_output();
   }
 
-  // wait_for_exit - the output is closed; look for the exit status until it comes
+  void close_output() {
+    if (child_.from_child == kInvalidSocket) return;
+    reactor_.release(child_.from_child, close_pipe);
+    child_.from_child = kInvalidSocket;
+  }
+
+  // wait_for_exit - look for the exit status until it comes. The exit, not the end of the
+  // output, ends the run: a background child may keep the output open long after (issue 9.11).
   void wait_for_exit() {
     int exit_code = 0;
     if (!reap_child(child_, exit_code)) {
@@ -2525,7 +2634,14 @@ class CommandRun {
       return;
     }
     is_running_ = false;
+    if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
+    stop();
     finish(reply_for(exit_code, output_));
+  }
+
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return "451 Error: cannot run the --exec command: " + why;
   }
 
   void on_timeout() {
@@ -2543,18 +2659,14 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
-    if (child_.from_child != kInvalidSocket) {
-      reactor_.unwatch(child_.from_child);
-      close_pipe(child_.from_child);
-      child_.from_child = kInvalidSocket;
-    }
+    close_output();
+    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
-      for (int i = 0; i < 100 && !reap_child(child_, exit_code); ++i) {
-        pollfd_t none{};
-        poll_sockets(&none, 0, 10);  // SIGKILL is quick; bounded at 1 s all the same
-      }
+      // SIGKILL is quick; the wait is bounded all the same
+      for (int i = 0; i < kKillWaitRounds && !reap_child(child_, exit_code); ++i)
+        sleep_ms(kExecReapPollMs);
       is_running_ = false;
     }
   }
@@ -2567,12 +2679,13 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
+  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
   std::string output_;
-  std::uint64_t timer_ = 0;
-  std::uint64_t reap_timer_ = 0;
+  Reactor::TimerId timer_ = 0;
+  Reactor::TimerId reap_timer_ = 0;
   Done done_;
 };
 
@@ -2619,13 +2732,12 @@ class DeliveringServer : public ServerMode {
  private:
   class Session : public ModeSession {
    public:
-    Session(DeliveringServer& mode, Reactor& reactor)
-        : mode_(mode), reactor_(reactor), retired_(reactor) {}
+    Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
       if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
       auto message = std::make_shared<Envelope>(std::move(envelope));
-      retired_.add(std::move(run_));  // a finished run: its verdict may have led here
+      reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         bool is_accepted = reply.empty() || reply[0] == '2';
@@ -2639,7 +2751,6 @@ class DeliveringServer : public ServerMode {
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
-    Retired<CommandRun> retired_;
   };
 
   MessageOutputs outputs_;
@@ -2676,20 +2787,24 @@ struct UpstreamReply {
 };
 
 struct UpstreamSettings {
+  std::string role = "upstream server";  // what it is to us, for 451 texts
+  std::string tag = "upstream";          // the same in the -d trace
   std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                 // our name in EHLO/HELO
+  std::string helo_name;                 // our name in EHLO/HELO/LHLO
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
-// send one command (or the message text), wait for its reply, and so on. One question at a
-// time; every wait has a timeout. It never blocks and never calls a handler after its end.
+// send one command (or the message text), wait for its reply or replies (LMTP answers the
+// message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
+// has a timeout. It never blocks and never calls a handler after its end.
 class UpstreamClient {
  public:
   using ReplyHandler = std::function<void(const UpstreamReply&)>;
+  using RepliesHandler = std::function<void(std::vector<UpstreamReply>)>;
 
   UpstreamClient(Reactor& reactor, const UpstreamSettings& settings)
       : reactor_(reactor), settings_(settings) {}
@@ -2699,24 +2814,34 @@ class UpstreamClient {
 
   // open - connect to the first address that answers; the greeting is the first reply
   void open(ReplyHandler on_greeting) {
-    waiting_ = std::move(on_greeting);
+    expect(1, [on_greeting](std::vector<UpstreamReply> replies) { on_greeting(replies[0]); });
     connect_to(0);
   }
 
   // send - bytes out (a command line or the whole message); the handler gets the reply
   void send(std::string bytes, ReplyHandler on_reply) {
+    send(std::move(bytes), 1,
+         [on_reply](std::vector<UpstreamReply> replies) { on_reply(replies[0]); });
+  }
+
+  // send - the same, waiting for `count` replies; those that never come are code 0
+  void send(std::string bytes, std::size_t count, RepliesHandler on_replies) {
     if (socket_ == kInvalidSocket) {
       UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
-      return on_reply(none);
+      return on_replies(std::vector<UpstreamReply>(count, none));
     }
     if (settings_.trace) {
       bool is_command = bytes.size() < 1024 && bytes.find("\r\n") == bytes.size() - 2;
-      settings_.trace("upstream " + settings_.name + " <- " +
+      settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       (is_command ? printable(bytes.substr(0, bytes.size() - 2))
                                   : "(message, " + std::to_string(bytes.size()) + " bytes)"));
     }
-    out_ += bytes;
-    waiting_ = std::move(on_reply);
+    if (out_.empty()) {
+      out_ = std::move(bytes);
+    } else {
+      out_ += bytes;
+    }
+    expect(count, std::move(on_replies));
     arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
     flush();
   }
@@ -2733,6 +2858,12 @@ class UpstreamClient {
   bool is_open() const { return socket_ != kInvalidSocket && !is_connecting_; }
 
  private:
+  void expect(std::size_t count, RepliesHandler on_replies) {
+    waiting_ = std::move(on_replies);
+    expected_ = count;
+    got_.clear();
+  }
+
   void connect_to(std::size_t index) {
     close_socket_only();
     if (index >= settings_.addresses.size()) return fail("cannot connect: " + failure_);
@@ -2769,7 +2900,7 @@ class UpstreamClient {
     if (socket_ == kInvalidSocket) return;
     short events = POLLIN;
     if (!out_.empty()) events |= POLLOUT;
-    reactor_.watch(socket_, events, [this](short revents) { on_ready(revents); });
+    reactor_.set_events(socket_, events);
   }
 
   void flush() {
@@ -2825,18 +2956,24 @@ class UpstreamClient {
     return true;
   }
 
-  // deliver - hand a reply to whoever waits; an unasked one is a 421 or nonsense: hang up
+  // deliver - hand a reply to whoever waits, once all the replies it waits for are in; an
+  // unasked one is a 421 or nonsense: hang up
   bool deliver(const UpstreamReply& reply) {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     if (settings_.trace)
-      settings_.trace("upstream " + settings_.name + " -> " + printable(reply.text));
+      settings_.trace(settings_.tag + " " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
       fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
       return false;
     }
-    ReplyHandler handler = std::exchange(waiting_, nullptr);
+    got_.push_back(reply);
+    if (got_.size() < expected_) {
+      arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
+      return true;
+    }
+    RepliesHandler handler = std::exchange(waiting_, nullptr);
     bool was_open = socket_ != kInvalidSocket;
-    handler(reply);  // may send the next command, or close this client
+    handler(std::exchange(got_, {}));  // may send the next command, or close this client
     return was_open && socket_ != kInvalidSocket;
   }
 
@@ -2852,17 +2989,20 @@ class UpstreamClient {
     });
   }
 
+  // fail - the end of this connection; whoever waits gets code 0 for each reply still due
   void fail(const std::string& why) {
-    if (settings_.trace) settings_.trace("upstream " + settings_.name + " " + why);
+    if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " " + why);
     failure_ = why;
     close();
-    if (waiting_) std::exchange(waiting_, nullptr)(UpstreamReply{0, why});
+    if (!waiting_) return;
+    std::vector<UpstreamReply> replies = std::exchange(got_, {});
+    replies.resize(std::max(expected_, replies.size()), UpstreamReply{0, why});
+    std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
-    reactor_.unwatch(socket_);
-    close_socket(socket_);
+    reactor_.release(socket_, close_socket);
     socket_ = kInvalidSocket;
     is_connecting_ = false;
   }
@@ -2879,17 +3019,191 @@ class UpstreamClient {
   socket_t socket_ = kInvalidSocket;
   bool is_connecting_ = false;
   std::size_t address_index_ = 0;
-  std::uint64_t timer_ = 0;
+  Reactor::TimerId timer_ = 0;
   std::string out_;
   std::string in_;
   UpstreamReply reply_;  // the lines of a multi-line reply so far
-  ReplyHandler waiting_;
-  std::string failure_;  // why the last attempt failed
+  RepliesHandler waiting_;
+  std::size_t expected_ = 0;        // replies waiting_ wants
+  std::vector<UpstreamReply> got_;  // those of them already in
+  std::string failure_;             // why the last attempt failed
+};
+
+// UpstreamSession - one session with a server we hand mail to, over SMTP (EHLO, falling back
+// to HELO) or LMTP (LHLO, RFC 2033): opened and greeted at the first MAIL, MAIL with those of
+// the client's parameters the server understands (RSET first when a transaction is open),
+// RCPT, and DATA with one reply per accepted recipient under LMTP. Every step ends in the
+// reply the client should hear: the server's own, or a 451 that says what went wrong.
+class UpstreamSession {
+ public:
+  enum class Greeting { Ehlo, Lhlo };
+  using Done = std::function<void(const std::string& reply)>;
+  using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
+
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
+      : reactor_(reactor), settings_(settings), greeting_(greeting) {}
+  ~UpstreamSession() {
+    if (client_) client_->quit();
+  }
+  UpstreamSession(const UpstreamSession&) = delete;
+  UpstreamSession& operator=(const UpstreamSession&) = delete;
+
+  // mail - MAIL FROM, after opening and greeting the session if it is not open
+  void mail(const MailRequest& mail, Done done) {
+    with_session([this, mail, done](const std::string& failure) {
+      if (!failure.empty()) return done(failure);
+      std::string refusal;
+      std::string command = mail_command(mail, refusal);
+      if (!refusal.empty()) return done(refusal);
+      auto send_mail = [this, command, done] {
+        client_->send(command, [this, done](const UpstreamReply& reply) {
+          in_transaction_ = reply.is_positive();
+          done(relayed(reply, "MAIL"));
+        });
+      };
+      if (!in_transaction_) return send_mail();
+      client_->send("RSET\r\n", [this, send_mail, done](const UpstreamReply& reply) {
+        if (!reply.is_positive()) return done(relayed(reply, "RSET"));
+        in_transaction_ = false;
+        send_mail();
+      });
+    });
+  }
+
+  void rcpt(const std::string& address, Done done) {
+    if (!is_ready()) return done(lost());
+    client_->send("RCPT TO:<" + address + ">\r\n",
+                  [this, done](const UpstreamReply& reply) { done(relayed(reply, "RCPT")); });
+  }
+
+  // data - DATA, then the message (relay_payload's form); `count` replies come back, 1 under
+  // SMTP, one per accepted recipient under LMTP
+  void data(std::string payload, std::size_t count, DoneAll done) {
+    if (!is_ready()) return done(std::vector<std::string>(count, lost()));
+    auto message = std::make_shared<std::string>(std::move(payload));
+    client_->send("DATA\r\n", [this, message, count, done](const UpstreamReply& go_ahead) {
+      if (go_ahead.code != 354)
+        return done(std::vector<std::string>(count, relayed(go_ahead, "DATA")));
+      client_->send(std::move(*message), count, [this, done](std::vector<UpstreamReply> replies) {
+        in_transaction_ = false;
+        std::vector<std::string> texts;
+        for (const UpstreamReply& reply : replies) texts.push_back(relayed(reply, "the message"));
+        done(texts);
+      });
+    });
+  }
+
+  bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
+
+  bool offers(const char* keyword) const {
+    return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
+  }
+
+ private:
+  // with_session - an open, greeted session, or the 451 that says why not
+  void with_session(std::function<void(const std::string& failure)> then) {
+    if (is_ready()) return then("");
+    if (client_) client_->quit();
+    reactor_.dispose(std::move(client_));  // its reply may have led here
+    client_ = std::make_unique<UpstreamClient>(reactor_, settings_);
+    is_greeted_ = false;
+    in_transaction_ = false;
+    client_->open([this, then](const UpstreamReply& greeting) {
+      if (!greeting.is_positive()) return then(unavailable(greeting));
+      greet(greeting_ == Greeting::Lhlo ? "LHLO " : "EHLO ", then);
+    });
+  }
+
+  // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
+  void greet(const char* verb, std::function<void(const std::string& failure)> then) {
+    client_->send(verb + settings_.helo_name + "\r\n",
+                  [this, verb, then](const UpstreamReply& reply) {
+                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+                    if (!reply.is_positive()) return then(unavailable(reply));
+                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
+                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+                    is_greeted_ = true;
+                    then("");
+                  });
+  }
+
+  static std::vector<std::string> ehlo_keywords(const std::string& text) {
+    std::vector<std::string> keywords;
+    std::size_t start = text.find("\r\n");  // the first line is the upstream's name
+    while (start != std::string::npos) {
+      start += 2;
+      std::size_t end = text.find("\r\n", start);
+      std::string line = text.substr(start, end == std::string::npos ? end : end - start);
+      std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
+      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      start = end;
+    }
+    return keywords;
+  }
+
+  // mail_command - MAIL FROM with the client's parameters the upstream understands;
+  // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
+  std::string mail_command(const MailRequest& mail, std::string& refusal) const {
+    std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
+    for (const std::string& option : mail.options) {
+      std::string key = option.substr(0, option.find('='));
+      if (key == "SIZE" && offers("SIZE")) command += " " + option;
+      if (key == "BODY" && offers("8BITMIME")) command += " " + option;
+      if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
+        refusal = "554 5.6.3 Error: the " + settings_.role + " does not accept 8-bit mail";
+      if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
+      if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
+        refusal = "553 5.6.7 Error: the " + settings_.role + " does not support SMTPUTF8";
+    }
+    return command + "\r\n";
+  }
+
+  // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
+  // does a 421: the upstream is going away, but this client's session with us is not
+  std::string relayed(const UpstreamReply& reply, const char* step) {
+    if (reply.code == 0 || reply.code == 421) {
+      is_greeted_ = false;  // the next MAIL opens a new upstream session
+      in_transaction_ = false;
+    }
+    if (reply.code == 0) return unavailable(reply);
+    if (reply.code == 421)
+      return "451 Error: " + settings_.role + " " + settings_.name + " closed the session (" +
+             printable(reply.text.substr(0, 200)) + "); try again later";
+    if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
+    return "451 Error: unexpected reply from the " + settings_.role + " to " + std::string(step) +
+           ": " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string unavailable(const UpstreamReply& reply) const {
+    if (reply.code == 0)
+      return "451 Error: " + settings_.role + " " + settings_.name + " " + reply.text +
+             "; try again later";
+    return "451 Error: " + settings_.role + " " + settings_.name +
+           " refused the session: " + printable(reply.text.substr(0, 200));
+  }
+
+  std::string lost() const {
+    return "451 Error: the connection to " + settings_.role + " " + settings_.name +
+           " was lost; try again later";
+  }
+
+  Reactor& reactor_;
+  const UpstreamSettings& settings_;
+  Greeting greeting_;
+  std::unique_ptr<UpstreamClient> client_;
+  bool is_greeted_ = false;
+  bool in_transaction_ = false;
+  std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
 // empty line (or at the end if there is none), as smtpd.py's PureProxy inserts it; CRLF line
 // ends; dot-stuffing redone (RFC 5321 4.5.2); the final ".".
+// differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
+// (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
+// CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
+// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
 inline std::string relay_payload(const std::string& data, const std::string& peer) {
   std::string out;
   out.reserve(data.size() + data.size() / 32 + peer.size() + 16);
@@ -2901,7 +3215,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
   };
   std::size_t start = 0;
   for (;;) {
-    std::size_t end = data.find('\n', start);
+    std::size_t end = data.find_first_of("\r\n", start);
     std::string_view line(data.data() + start,
                           (end == std::string::npos ? data.size() : end) - start);
     if (!peer_added && line.empty()) {
@@ -2910,7 +3224,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
     }
     add_line(line);
     if (end == std::string::npos) break;
-    start = end + 1;
+    start = end + (data.compare(end, 2, "\r\n") == 0 ? 2 : 1);
   }
   if (!peer_added) add_line("X-Peer: " + peer);
   out += ".\r\n";
@@ -2927,171 +3241,45 @@ class PureProxy : public ServerMode {
  public:
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
-  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) override {
-    return std::make_unique<Session>(reactor, settings_, peer);
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, settings_);
   }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings, std::string peer)
-        : reactor_(reactor), settings_(settings), peer_(std::move(peer)), retired_(reactor) {}
-    ~Session() override {
-      if (upstream_) upstream_->quit();
-    }
+    Session(Reactor& reactor, const UpstreamSettings& settings)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
-      with_upstream([this, mail, verdict](const std::string& failure) {
-        if (!failure.empty()) return verdict(failure);
-        std::string refusal;
-        std::string command = mail_command(mail, refusal);
-        if (!refusal.empty()) return verdict(refusal);
-        auto send_mail = [this, command, verdict] {
-          upstream_->send(command, [this, verdict](const UpstreamReply& reply) {
-            in_transaction_ = reply.is_positive();
-            verdict(relayed(reply, "MAIL"));
-          });
-        };
-        if (!in_transaction_) return send_mail();
-        upstream_->send("RSET\r\n", [this, send_mail, verdict](const UpstreamReply& reply) {
-          if (!reply.is_positive()) return verdict(relayed(reply, "RSET"));
-          in_transaction_ = false;
-          send_mail();
-        });
-      });
+      upstream_.mail(mail, std::move(verdict));
     }
-
     void on_rcpt(const std::string& rcpt, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      upstream_->send("RCPT TO:<" + rcpt + ">\r\n", [this, verdict](const UpstreamReply& reply) {
-        verdict(relayed(reply, "RCPT"));
-      });
+      upstream_.rcpt(rcpt, std::move(verdict));
     }
-
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (!upstream_ || !upstream_->is_open() || !is_greeted_) return verdict(lost());
-      auto payload = std::make_shared<std::string>(relay_payload(envelope.data, envelope.peer));
-      envelope.data.clear();
-      upstream_->send("DATA\r\n", [this, payload, verdict](const UpstreamReply& go_ahead) {
-        if (go_ahead.code != 354) return verdict(relayed(go_ahead, "DATA"));
-        upstream_->send(std::move(*payload), [this, verdict](const UpstreamReply& reply) {
-          in_transaction_ = false;
-          verdict(relayed(reply, "the message"));
-        });
-      });
+      std::string payload = relay_payload(envelope.data, envelope.peer);
+      envelope.data = std::string();  // one copy in memory, not two
+      upstream_.data(std::move(payload), 1,
+                     [verdict](const std::vector<std::string>& replies) { verdict(replies[0]); });
     }
 
    private:
-    // with_upstream - an open, greeted upstream connection, or the 451 that says why not
-    void with_upstream(std::function<void(const std::string& failure)> then) {
-      if (upstream_ && upstream_->is_open() && is_greeted_) return then("");
-      if (upstream_) upstream_->quit();
-      retired_.add(std::move(upstream_));  // its reply may have led here
-      upstream_ = std::make_unique<UpstreamClient>(reactor_, settings_);
-      is_greeted_ = false;
-      in_transaction_ = false;
-      upstream_->open([this, then](const UpstreamReply& greeting) {
-        if (!greeting.is_positive()) return then(unavailable(greeting));
-        greet(true, then);
-      });
-    }
-
-    // greet - EHLO, falling back to HELO when the upstream does not know EHLO
-    void greet(bool extended, std::function<void(const std::string& failure)> then) {
-      std::string verb = extended ? "EHLO " : "HELO ";
-      upstream_->send(
-          verb + settings_.helo_name + "\r\n", [this, extended, then](const UpstreamReply& reply) {
-            if (extended && reply.code >= 500) return greet(false, then);
-            if (!reply.is_positive()) return then(unavailable(reply));
-            extensions_ = extended ? ehlo_keywords(reply.text) : std::vector<std::string>{};
-            is_greeted_ = true;
-            then("");
-          });
-    }
-
-    static std::vector<std::string> ehlo_keywords(const std::string& text) {
-      std::vector<std::string> keywords;
-      std::size_t start = text.find("\r\n");  // the first line is the upstream's name
-      while (start != std::string::npos) {
-        start += 2;
-        std::size_t end = text.find("\r\n", start);
-        std::string line = text.substr(start, end == std::string::npos ? end : end - start);
-        std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-        if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
-        start = end;
-      }
-      return keywords;
-    }
-
-    bool offers(const char* keyword) const {
-      return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
-    }
-
-    // mail_command - MAIL FROM with the client's parameters the upstream understands;
-    // a parameter it cannot honour refuses the mail (RFC 6152 3, RFC 6531 3.2)
-    std::string mail_command(const MailRequest& mail, std::string& refusal) const {
-      std::string command = "MAIL FROM:<" + (mail.address == "<>" ? "" : mail.address) + ">";
-      for (const std::string& option : mail.options) {
-        std::string key = option.substr(0, option.find('='));
-        if (key == "SIZE" && offers("SIZE")) command += " " + option;
-        if (key == "BODY" && offers("8BITMIME")) command += " " + option;
-        if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
-          refusal = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
-        if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
-        if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
-          refusal = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
-      }
-      return command + "\r\n";
-    }
-
-    // relayed - the upstream's reply for the client; no reply at all becomes a 451, and so
-    // does a 421: the upstream is going away, but this client's session with us is not
-    std::string relayed(const UpstreamReply& reply, const char* step) {
-      if (reply.code == 0 || reply.code == 421) {
-        is_greeted_ = false;  // the next MAIL opens a new upstream session
-        in_transaction_ = false;
-      }
-      if (reply.code == 0) return unavailable(reply);
-      if (reply.code == 421)
-        return "451 Error: upstream server " + settings_.name + " closed the session (" +
-               printable(reply.text.substr(0, 200)) + "); try again later";
-      if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-      return "451 Error: unexpected reply from the upstream server to " + std::string(step) + ": " +
-             printable(reply.text.substr(0, 200));
-    }
-
-    std::string unavailable(const UpstreamReply& reply) const {
-      if (reply.code == 0)
-        return "451 Error: upstream server " + settings_.name + " " + reply.text +
-               "; try again later";
-      return "451 Error: upstream server " + settings_.name +
-             " refused the session: " + printable(reply.text.substr(0, 200));
-    }
-
-    std::string lost() const {
-      return "451 Error: the connection to upstream server " + settings_.name +
-             " was lost; try again later";
-    }
-
-    Reactor& reactor_;
-    const UpstreamSettings& settings_;
-    std::string peer_;
-    std::unique_ptr<UpstreamClient> upstream_;
-    Retired<UpstreamClient> retired_;
-    bool is_greeted_ = false;
-    bool in_transaction_ = false;
-    std::vector<std::string> extensions_;  // EHLO keywords, upper-cased
+    UpstreamSession upstream_;
   };
 
   UpstreamSettings settings_;
 };
 
 // ==== 9. Event loop ====
-// One thread, non-blocking sockets and poll(): the listener, a Connection per client that pairs
-// its socket with its Channel and its ModeSession, and the sockets and timers modes ask for
-// (Reactor). Each turn polls everything, serves what is ready, fires due timers and accepts
-// new clients. A slow client, or a slow upstream, only ever holds up the clients it serves.
-//   StartError, open_listener, Connection, ServerOptions, Server (run, pump, the Reactor)
+// One thread, non-blocking sockets and poll(), in two layers (as Redis's ae.c under its
+// server). PollReactor knows sockets, timers and deferred tasks and nothing of SMTP. Server
+// sits on it: its listeners are watched sockets, each client is a Connection (its Transport,
+// its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
+// or a slow upstream, only ever holds up the clients it serves.
+//   StartError, open_listener; PollReactor (turn, run_deferred, the Reactor); Transport,
+//   SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run; accept_clients;
+//   serve, read_some, ask, on_verdict, settle, write_some, close)
 
 class StartError : public std::runtime_error {
  public:
@@ -3130,25 +3318,245 @@ inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
   return s;
 }
 
-// Connection - one client: its socket, its channel, its session with the mode
-struct Connection {
-  Connection(std::uint64_t connection_id, socket_t s, ChannelConfig config, std::string peer_ip)
-      : id(connection_id), socket(s), channel(std::move(config), std::move(peer_ip)) {}
-  ~Connection() {
-    session.reset();  // first, while the socket number is still ours
-    close_socket(socket);
+// PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
+// of those that are ready, then the timers that are due, then the deferred tasks. Timers are
+// kept by deadline, so starting, restarting or cancelling one costs a map update however many
+// there are (a timer per connection is cheap).
+class PollReactor : public Reactor {
+ public:
+  ~PollReactor() override { run_deferred(); }
+
+  void watch(socket_t s, short events, ReadyHandler on_ready) override {
+    watchers_[s] = Watcher{events, std::move(on_ready)};
   }
+  void set_events(socket_t s, short events) override {
+    auto it = watchers_.find(s);
+    if (it != watchers_.end()) it->second.events = events;
+  }
+  void unwatch(socket_t s) override { watchers_.erase(s); }
+  void release(socket_t s, void (*close)(socket_t)) override {
+    unwatch(s);
+    defer([s, close] { close(s); });
+  }
+  TimerId start_timer(long long delay_ms, Task on_expiry) override {
+    TimerId id = ++last_timer_id_;
+    long long deadline = now_ms() + delay_ms;
+    timers_.emplace(std::make_pair(deadline, id), std::move(on_expiry));
+    deadlines_.emplace(id, deadline);
+    return id;
+  }
+  void restart_timer(TimerId id, long long delay_ms) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    auto node = timers_.extract(std::make_pair(at->second, id));
+    at->second = now_ms() + delay_ms;
+    node.key() = std::make_pair(at->second, id);
+    timers_.insert(std::move(node));
+  }
+  void cancel_timer(TimerId id) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    timers_.erase(std::make_pair(at->second, id));
+    deadlines_.erase(at);
+  }
+  void defer(Task task) override { deferred_.push_back(std::move(task)); }
+
+  // turn - wait up to max_wait_ms (less when a timer is due sooner), then run what is ready;
+  // false when poll itself fails, with the reason in error()
+  bool turn(int max_wait_ms) {
+    fds_.clear();
+    for (const auto& [s, w] : watchers_)
+      if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
+    if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {
+      int err = last_socket_error();
+      if (interrupted(err)) return true;
+      error_ = "poll failed: " + socket_error_text(err);
+      return false;
+    }
+    for (const pollfd_t& p : fds_)
+      if (p.revents != 0) dispatch(p.fd, p.revents);
+    fire_timers();
+    run_deferred();
+    return true;
+  }
+
+  // run_deferred - the deferred tasks, in order, including those they defer in turn
+  void run_deferred() {
+    while (!deferred_.empty()) {
+      std::vector<Task> batch = std::exchange(deferred_, {});
+      for (Task& task : batch) std::exchange(task, nullptr)();  // each gone before the next
+    }
+  }
+
+  const std::string& error() const { return error_; }
+
+  static long long now_ms() {
+    using namespace std::chrono;
+    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  }
+
+ private:
+  struct Watcher {
+    short events = 0;
+    ReadyHandler on_ready;
+  };
+
+  int wait_ms(int max_wait_ms) const {
+    if (!deferred_.empty()) return 0;
+    long long wait = max_wait_ms;
+    if (!timers_.empty()) wait = std::min(wait, timers_.begin()->first.first - now_ms());
+    return static_cast<int>(std::max(0LL, wait));
+  }
+
+  // dispatch - a socket unwatched earlier in this turn gets nothing; a handler may replace
+  // or remove itself, so it runs from a copy
+  void dispatch(socket_t s, short revents) {
+    auto it = watchers_.find(s);
+    if (it == watchers_.end()) return;
+    ReadyHandler handler = it->second.on_ready;
+    handler(revents);
+  }
+
+  // fire_timers - those due now, earliest first; one started meanwhile waits for a later turn
+  void fire_timers() {
+    long long now = now_ms();
+    TimerId newest = last_timer_id_;
+    while (!timers_.empty()) {
+      auto first = timers_.begin();
+      auto [deadline, id] = first->first;
+      if (deadline > now || id > newest) break;
+      Task task = std::move(first->second);
+      timers_.erase(first);
+      deadlines_.erase(id);
+      task();
+    }
+  }
+
+  std::unordered_map<socket_t, Watcher> watchers_;
+  std::map<std::pair<long long, TimerId>, Task> timers_;  // by deadline, then by age
+  std::unordered_map<TimerId, long long> deadlines_;      // each timer's key in timers_
+  TimerId last_timer_id_ = 0;
+  std::vector<Task> deferred_;
+  std::vector<pollfd_t> fds_;  // this turn's poll set
+  std::string error_;
+};
+
+// Transport - the one door a connection's bytes go through (as cpp-httplib's Stream), so a
+// TLS layer can wrap it and every line above stays the same. Plain TCP is SocketTransport.
+class Transport {
+ public:
+  enum class Status { Ok, WouldBlock, Closed, Failed };  // Closed: the peer sent EOF
+  struct Result {
+    Status status;
+    std::size_t bytes = 0;
+    std::string error;  // for Failed
+  };
+  virtual ~Transport() = default;
+  virtual socket_t socket() const = 0;
+  virtual Result read_some(char* buffer, std::size_t size) = 0;
+  virtual Result write_some(std::string_view bytes) = 0;
+};
+
+// SocketTransport - a connected TCP socket, closed with the transport
+class SocketTransport : public Transport {
+ public:
+  explicit SocketTransport(socket_t s) : socket_(s) {}
+  ~SocketTransport() override { close_socket(socket_); }
+  SocketTransport(const SocketTransport&) = delete;
+  SocketTransport& operator=(const SocketTransport&) = delete;
+
+  socket_t socket() const override { return socket_; }
+  Result read_some(char* buffer, std::size_t size) override {
+    auto n = recv(socket_, buffer, static_cast<int>(size), 0);
+    if (n > 0) return {Status::Ok, static_cast<std::size_t>(n), ""};
+    if (n == 0) return {Status::Closed, 0, ""};
+    return failure();
+  }
+  Result write_some(std::string_view bytes) override {
+    auto n = send(socket_, bytes.data(), static_cast<int>(bytes.size()), kSendFlags);
+    if (n > 0) return {Status::Ok, static_cast<std::size_t>(n), ""};
+    return failure();
+  }
+
+ private:
+  static Result failure() {
+    int err = last_socket_error();
+    if (would_block(err)) return {Status::WouldBlock, 0, ""};
+    return {Status::Failed, 0, socket_error_text(err)};
+  }
+
+  socket_t socket_;
+};
+
+// Connection - one client: its transport, its channel, its session with the mode. It ends
+// through Server::close, which stops its events at once and destroys it after the current
+// callbacks; a verdict that comes in between finds it closed.
+struct Connection {
+  Connection(std::unique_ptr<Transport> io, ChannelConfig config, std::string peer_ip)
+      : transport(std::move(io)), channel(std::move(config), std::move(peer_ip)) {}
+  ~Connection() { session.reset(); }  // first, while the socket number is still ours
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
 
-  std::uint64_t id;
-  socket_t socket;
+  std::unique_ptr<Transport> transport;
   Channel channel;
   std::unique_ptr<ModeSession> session;
-  bool is_asking = false;        // a question is with the mode; its verdict has not come yet
-  bool is_pumping = false;       // pump() is on the stack for this connection
-  bool is_input_closed = false;  // the client sent EOF; finish what it asked, then close
-  bool is_dead = false;          // closed at the end of this turn
+  std::list<Connection>::iterator self;  // its place in Server::connections_
+  bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
+  bool is_closed = false;                // no more events; destroyed after the current callbacks
+};
+
+// ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
+// After the N-th delivered message (its 250 queued) the server stops listening; the sessions
+// still open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a
+// 421. With --idle-exit the loop ends once no client has been connected for that long,
+// counted from the start or from when the last client left.
+class ExitPolicy {
+ public:
+  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms)
+      : reactor_(reactor), max_messages_(max_messages), idle_exit_ms_(idle_exit_ms) {
+    on_clients(0);
+  }
+  ~ExitPolicy() {
+    reactor_.cancel_timer(idle_timer_);
+    reactor_.cancel_timer(drain_timer_);
+  }
+  ExitPolicy(const ExitPolicy&) = delete;
+  ExitPolicy& operator=(const ExitPolicy&) = delete;
+
+  // on_clients - a client came or went; `count` are connected now
+  void on_clients(std::size_t count) {
+    clients_ = count;
+    if (is_draining_ && count == 0) is_due_ = true;
+    reactor_.cancel_timer(std::exchange(idle_timer_, 0));
+    if (count == 0 && idle_exit_ms_ > 0)
+      idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
+  }
+
+  // on_delivered - one more message accepted with 2xx; true when it is the last one wanted
+  bool on_delivered() {
+    ++delivered_;
+    if (max_messages_ == 0 || delivered_ < max_messages_ || is_draining_) return false;
+    is_draining_ = true;
+    drain_timer_ = reactor_.start_timer(kDrainGraceMs, [this] { is_due_ = true; });
+    if (clients_ == 0) is_due_ = true;
+    return true;
+  }
+
+  bool is_draining() const { return is_draining_; }  // the limit is reached: no new clients
+  bool is_due() const { return is_due_; }            // time to end the loop
+  std::uint64_t delivered() const { return delivered_; }
+
+ private:
+  Reactor& reactor_;
+  std::uint64_t max_messages_;  // 0 for no limit
+  long long idle_exit_ms_;      // 0 for never
+  std::uint64_t delivered_ = 0;
+  std::size_t clients_ = 0;
+  bool is_draining_ = false;
+  bool is_due_ = false;
+  Reactor::TimerId idle_timer_ = 0;
+  Reactor::TimerId drain_timer_ = 0;
 };
 
 struct ServerOptions {
@@ -3158,165 +3566,56 @@ struct ServerOptions {
   long long idle_exit_ms = 0;      // --idle-exit: 0 for never
 };
 
-class Server : public Reactor {
+// Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
+// bytes between its transport and its channel and the channel's questions to the mode. A
+// question is asked once, right after the bytes or the answer that raised it; a verdict
+// (given at once or later) reaches the channel in a deferred task, so nothing here calls
+// itself back.
+class Server {
  public:
-  Server(socket_t listener, ServerOptions options, ServerMode& mode)
-      : listener_(listener), options_(std::move(options)), mode_(mode) {
+  Server(std::vector<socket_t> listeners, ServerOptions options, ServerMode& mode)
+      : options_(std::move(options)),
+        mode_(mode),
+        listeners_(std::move(listeners)),
+        exit_(reactor_, options_.max_messages, options_.idle_exit_ms) {
     options_.channel.ask_envelope = mode.asks_envelope();
+    if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
+    for (socket_t listener : listeners_)
+      reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
-  ~Server() override {
+  ~Server() {
+    reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
-    if (listener_ != kInvalidSocket) close_socket(listener_);
+    for (socket_t listener : listeners_) close_socket(listener);
   }
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
 
-  // run - serve until a stop is requested or a limit says to exit (--max-messages,
-  // --idle-exit); queued replies get a moment to leave
-  void run() {
-    idle_since_ms_ = now_ms();
-    while (!g_stop_requested && !is_time_to_exit()) turn();
-    if (is_draining_) close_remaining();
+  // run - serve until a stop is requested or the exit policy says so, then give queued
+  // replies a moment to leave; false when the loop itself failed, with the reason in error()
+  bool run() {
+    while (!g_stop_requested && !exit_.is_due())
+      if (!reactor_.turn(kPollWakeMs)) return false;
+    if (exit_.is_draining()) close_remaining();
     flush_before_exit();
+    return true;
   }
 
-  // Reactor: the sockets and timers modes ask for
-  void watch(socket_t s, short events, ReadyHandler on_ready) override {
-    Watcher& w = watchers_[s];
-    w.events = events;
-    w.on_ready = std::move(on_ready);
-    w.generation = ++last_generation_;
-  }
-  void unwatch(socket_t s) override { watchers_.erase(s); }
-  std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) override {
-    std::uint64_t id = ++last_timer_id_;
-    timers_[id] = Timer{now_ms() + delay_ms, std::move(on_expiry)};
-    return id;
-  }
-  void cancel_timer(std::uint64_t id) override { timers_.erase(id); }
+  const std::string& error() const { return reactor_.error(); }
 
  private:
-  struct Watcher {
-    short events = 0;
-    ReadyHandler on_ready;
-    std::uint64_t generation = 0;  // a watch renewed during a turn ignores that turn's events
-  };
-  struct Timer {
-    long long deadline_ms;
-    TimerHandler on_expiry;
-  };
-  // What each pollfd of a turn stands for.
-  struct Polled {
-    Connection* connection;  // or nullptr for a watcher
-    socket_t watched;
-    std::uint64_t generation;
-  };
-
-  static long long now_ms() {
-    using namespace std::chrono;
-    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
-  }
-
-  // turn - one poll over everything, then serve what is ready
-  void turn() {
-    fds_.clear();
-    polled_.clear();
-    long long now = now_ms();
-    bool accepting = accept_paused_until_ms_ <= now;
-    // The listener is polled first while it is open (--max-messages closes it); WSAPoll
-    // refuses an invalid socket, so a closed one is left out rather than passed as -1.
-    std::size_t first = is_listening() ? 1 : 0;
-    if (first == 1) {
-      fds_.push_back(pollfd_t{listener_, static_cast<short>(accepting ? POLLIN : 0), 0});
-      polled_.push_back(Polled{nullptr, kInvalidSocket, 0});
-    }
-    for (auto& c : connections_) {
-      fds_.push_back(pollfd_t{c->socket, events_for(*c), 0});
-      polled_.push_back(Polled{c.get(), kInvalidSocket, 0});
-    }
-    for (auto& [s, w] : watchers_) {
-      fds_.push_back(pollfd_t{s, w.events, 0});
-      polled_.push_back(Polled{nullptr, s, w.generation});
-    }
-    int ready = poll_sockets(fds_.data(), fds_.size(), wait_ms(now, accepting));
-    if (ready < 0) {
-      int err = last_socket_error();
-      if (interrupted(err)) return;
-      throw StartError("poll failed: " + socket_error_text(err));
-    }
-    for (std::size_t i = first; i < fds_.size(); ++i) {
-      if (fds_[i].revents == 0) continue;
-      if (polled_[i].connection != nullptr)
-        serve(*polled_[i].connection, fds_[i].revents);
-      else
-        serve_watcher(polled_[i], fds_[i].revents);
-    }
-    fire_timers();
-    // serving may have closed the listener (the message limit): then fds_[0] is stale
-    if (first == 1 && is_listening() && (fds_[0].revents & POLLIN)) accept_clients();
-    close_dead();
-  }
-
-  // wait_ms - until the next timer, the end of an accept pause, a --max-messages or
-  // --idle-exit deadline, or the usual wake-up
-  int wait_ms(long long now, bool accepting) const {
-    long long wait = kPollWakeMs;
-    if (!accepting) wait = std::min(wait, accept_paused_until_ms_ - now);
-    if (is_draining_) wait = std::min(wait, drain_deadline_ms_ - now);
-    if (options_.idle_exit_ms > 0 && connections_.empty())
-      wait = std::min(wait, idle_since_ms_ + options_.idle_exit_ms - now);
-    for (const auto& [id, timer] : timers_) wait = std::min(wait, timer.deadline_ms - now);
-    return static_cast<int>(std::max(0LL, wait));
-  }
-
-  void serve_watcher(const Polled& p, short revents) {
-    auto it = watchers_.find(p.watched);
-    if (it == watchers_.end() || it->second.generation != p.generation) return;
-    ReadyHandler handler = it->second.on_ready;  // a copy: the handler may unwatch itself
-    handler(revents);
-  }
-
-  void fire_timers() {
-    if (timers_.empty()) return;
-    long long now = now_ms();
-    std::vector<std::uint64_t> due;
-    for (const auto& [id, timer] : timers_)
-      if (timer.deadline_ms <= now) due.push_back(id);
-    for (std::uint64_t id : due) {
-      auto it = timers_.find(id);
-      if (it == timers_.end()) continue;  // cancelled by an earlier one
-      TimerHandler handler = std::move(it->second.on_expiry);
-      timers_.erase(it);
-      handler();
-    }
-  }
-
-  short events_for(const Connection& c) const {
-    short events = 0;
-    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
-    if (!c.channel.output().empty()) events |= POLLOUT;
-    return events;
-  }
-
   void trace(const std::string& text) const {
     if (options_.debug) log_line(text);
   }
 
-  void accept_clients() {
+  // -- Accepting: each listener is a watched socket --
+
+  void accept_clients(socket_t listener) {
     for (int n = 0; n < kAcceptBurst; ++n) {
       struct sockaddr_storage addr {};
       socklen_t len = sizeof addr;
-      socket_t s = accept(listener_, reinterpret_cast<sockaddr*>(&addr), &len);
-      if (s == kInvalidSocket) {
-        int err = last_socket_error();
-        if (would_block(err)) return;
-        // Out of descriptors the listener stays readable: pause instead of spinning, and
-        // say so once per episode rather than once per turn.
-        if (out_of_descriptors(err)) accept_paused_until_ms_ = now_ms() + kAcceptPauseMs;
-        if (!is_accept_failing_)
-          log_line("accept failed: " + socket_error_text(err) + " (" +
-                   std::to_string(connections_.size()) + " clients connected); retrying");
-        is_accept_failing_ = true;
-        return;
-      }
+      socket_t s = accept(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+      if (s == kInvalidSocket) return accept_failed(last_socket_error());
       is_accept_failing_ = false;
       set_close_on_exec(s);
       if (!set_nonblocking(s)) {
@@ -3327,58 +3626,80 @@ class Server : public Reactor {
       setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
       auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
       trace("connection from " + format_endpoint(ip, port));
-      ChannelConfig config = options_.channel;
-      if (options_.debug) config.trace = [](const std::string& line) { log_line(line); };
-      auto c = std::make_unique<Connection>(++last_connection_id_, s, std::move(config), ip);
-      c->session = mode_.open_session(*this, ip);
-      by_id_[c->id] = c.get();
-      connections_.push_back(std::move(c));
-      write_some(*connections_.back());  // the greeting
+      add_client(std::make_unique<SocketTransport>(s), ip);
     }
   }
 
-  // serve - one polled connection: read, let the mode answer, write
+  // accept_failed - out of descriptors the listeners stay readable: pause them instead of
+  // spinning, and say so once per episode rather than once per turn
+  void accept_failed(int err) {
+    if (would_block(err)) return;
+    if (out_of_descriptors(err)) pause_accepting();
+    if (!is_accept_failing_)
+      log_line("accept failed: " + socket_error_text(err) + " (" +
+               std::to_string(connections_.size()) + " clients connected); retrying");
+    is_accept_failing_ = true;
+  }
+
+  void pause_accepting() {
+    if (accept_pause_timer_ != 0) return;
+    for (socket_t listener : listeners_) reactor_.set_events(listener, 0);
+    accept_pause_timer_ = reactor_.start_timer(kAcceptPauseMs, [this] {
+      accept_pause_timer_ = 0;
+      for (socket_t listener : listeners_) reactor_.set_events(listener, POLLIN);
+    });
+  }
+
+  // stop_listening - the message limit is reached: no new clients
+  void stop_listening() {
+    trace("message limit reached (" + std::to_string(exit_.delivered()) +
+          "); no new clients, exiting when the open sessions end");
+    reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
+    for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
+    listeners_.clear();
+  }
+
+  void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
+    socket_t s = transport->socket();
+    Connection& c = connections_.emplace_back(std::move(transport), options_.channel, ip);
+    c.self = std::prev(connections_.end());
+    c.session = mode_.open_session(reactor_, ip);
+    reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
+    exit_.on_clients(connections_.size());
+    settle(c);  // the greeting
+  }
+
+  // -- One connection: bytes in, questions to the mode, replies out --
+
+  // serve - the connection's socket is ready
   void serve(Connection& c, short revents) {
-    if (c.is_dead) return;
-    if (revents & (POLLIN | POLLHUP | POLLERR)) read_some(c);
-    pump(c);
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && read_some(c)) ask(c);
     settle(c);
   }
 
-  void read_some(Connection& c) {
+  // read_some - true when bytes went to the channel
+  bool read_some(Connection& c) {
     static char buffer[kReadChunk];
-    if (c.is_input_closed || !c.channel.wants_input()) return;
-    auto n = recv(c.socket, buffer, sizeof buffer, 0);
-    if (n > 0) {
-      c.channel.feed(std::string_view(buffer, static_cast<std::size_t>(n)));
-      return;
+    if (c.is_input_closed || !c.channel.wants_input()) return false;
+    Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
+    switch (r.status) {
+      case Transport::Status::Ok: c.channel.feed(std::string_view(buffer, r.bytes)); return true;
+      case Transport::Status::WouldBlock: return false;
+      case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
+      case Transport::Status::Closed:
+        // The client may still wait for replies to what it sent (a half-close after QUIT).
+        // A message not finished with "." was never answered 250, so nothing is lost.
+        trace(c.channel.peer + " closed its side of the connection");
+        c.is_input_closed = true;
+        return false;
     }
-    int err = n < 0 ? last_socket_error() : 0;
-    if (n < 0 && would_block(err)) return;
-    if (n < 0) {
-      trace(c.channel.peer + " failed: " + socket_error_text(err));
-      c.is_dead = true;
-      return;
-    }
-    // EOF: the client may still wait for replies to what it sent (a half-close after QUIT).
-    // A message not finished with "." was never answered 250, so nothing is lost.
-    trace(c.channel.peer + " closed its side of the connection");
-    c.is_input_closed = true;
+    return false;
   }
 
-  // pump - hand the channel's questions to the mode until one has to wait for its answer
-  void pump(Connection& c) {
-    if (c.is_pumping) return;  // called from a verdict inside the loop below: it goes on
-    c.is_pumping = true;
-    while (!c.is_dead && !c.is_asking && c.channel.question() != Channel::Question::None) {
-      c.is_asking = true;
-      ask(c);
-    }
-    c.is_pumping = false;
-  }
-
+  // ask - hand the channel's question, if it has one, to the mode; the verdict comes to
+  // on_verdict
   void ask(Connection& c) {
-    Verdict verdict = [this, id = c.id](const std::string& reply) { on_verdict(id, reply); };
+    Verdict verdict = [this, conn = &c](const std::string& reply) { on_verdict(*conn, reply); };
     switch (c.channel.question()) {
       case Channel::Question::Mail:
         return c.session->on_mail(MailRequest{c.channel.pending_address(), c.channel.mail_options,
@@ -3387,136 +3708,97 @@ class Server : public Reactor {
       case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
       case Channel::Question::Message: {
         Verdict counted = [this, verdict](const std::string& reply) {
-          if (reply.empty() || reply[0] == '2') count_delivery();
+          if ((reply.empty() || reply[0] == '2') && exit_.on_delivered()) stop_listening();
           verdict(reply);
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
-      case Channel::Question::None: c.is_asking = false; return;
+      case Channel::Question::None: return;
     }
   }
 
-  // on_verdict - the mode answered, now or later; a closed connection no longer cares
-  void on_verdict(std::uint64_t id, const std::string& reply) {
-    auto it = by_id_.find(id);
-    if (it == by_id_.end() || it->second->is_dead) return;
-    Connection& c = *it->second;
-    c.is_asking = false;
-    c.channel.answer(reply);
-    if (c.is_pumping) return;  // the pump loop on the stack carries on
-    pump(c);
-    settle(c);
+  // on_verdict - the mode answered, now or later. The channel takes the answer after the
+  // current callbacks: the answer may raise the next question (pipelined commands), asked
+  // then, and what the verdict set off (the listeners closing at the message limit) is done
+  // before the reply leaves.
+  void on_verdict(Connection& c, const std::string& reply) {
+    if (c.is_closed) return;  // the client is gone; the connection only waits to be destroyed
+    reactor_.defer([this, conn = &c, reply] {
+      if (conn->is_closed) return;
+      conn->channel.answer(reply);
+      ask(*conn);
+      settle(*conn);
+    });
   }
 
-  // settle - write what is queued; close when the conversation is over. While the mode decides
-  // and more of the client's commands wait behind the question, the replies wait too, so a
-  // pipelined group is answered in one write (RFC 2920 3.2 asks servers to send them together).
+  // settle - write what is queued, close when the conversation is over, else poll for what
+  // the connection waits on. While the mode decides and more of the client's commands wait
+  // behind the question, the replies wait too, so a pipelined group is answered in one write
+  // (RFC 2920 3.2 asks servers to send them together).
   void settle(Connection& c) {
-    bool is_holding = c.is_asking && !c.channel.received_lines.empty() &&
+    bool is_waiting = c.channel.question() != Channel::Question::None;
+    bool is_holding = is_waiting && !c.channel.received_lines.empty() &&
                       c.channel.output().size() < kOutputBacklog;
-    if (!c.is_dead && !c.channel.output().empty() && !is_holding) write_some(c);
-    bool is_waiting = c.is_asking || c.channel.question() != Channel::Question::None;
+    if (!c.is_closed && !is_holding) write_some(c);
+    if (c.is_closed) return;
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
-    if (is_done && c.channel.output().empty()) c.is_dead = true;
+    if (is_done && c.channel.output().empty()) return close(c, "");
+    short events = 0;
+    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
+    if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
+    reactor_.set_events(c.transport->socket(), events);
   }
 
   void write_some(Connection& c) {
     const std::string& out = c.channel.output();
     if (out.empty()) return;
-    auto n = send(c.socket, out.data(), static_cast<int>(out.size()), kSendFlags);
-    if (n > 0) {
-      c.channel.consume_output(static_cast<std::size_t>(n));
-      return;
-    }
-    int err = last_socket_error();
-    if (n < 0 && would_block(err)) return;
-    trace(c.channel.peer + " failed: " + socket_error_text(err));
-    c.is_dead = true;
+    Transport::Result r = c.transport->write_some(out);
+    if (r.status == Transport::Status::Ok) return c.channel.consume_output(r.bytes);
+    if (r.status != Transport::Status::WouldBlock) close(c, "failed: " + r.error);
   }
 
-  void close_dead() {
-    bool had_clients = !connections_.empty();
-    for (auto& c : connections_)
-      if (c->is_dead) by_id_.erase(c->id);
-    auto dead = [](const std::unique_ptr<Connection>& c) { return c->is_dead; };
-    connections_.erase(std::remove_if(connections_.begin(), connections_.end(), dead),
-                       connections_.end());
-    if (had_clients && connections_.empty()) idle_since_ms_ = now_ms();
+  // close - no more events now; destroyed (socket closed) after the current callbacks
+  void close(Connection& c, const std::string& why) {
+    if (!why.empty()) trace(c.channel.peer + " " + why);
+    c.is_closed = true;
+    reactor_.unwatch(c.transport->socket());
+    reactor_.defer([this, place = c.self] {
+      connections_.erase(place);
+      exit_.on_clients(connections_.size());
+    });
   }
 
-  // -- Exiting by itself: --max-messages N and --idle-exit SECONDS --
-  // After the N-th delivered message (its 250 queued) the listener closes; the sessions still
-  // open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a 421.
-  // With --idle-exit the loop ends once no client has been connected for that long, counted
-  // from the start or from when the last client left.
+  // -- Ending --
 
-  bool is_listening() const { return listener_ != kInvalidSocket; }
-
-  // count_delivery - one more message accepted with 2xx; at the limit, stop accepting
-  void count_delivery() {
-    ++messages_delivered_;
-    if (options_.max_messages == 0 || messages_delivered_ < options_.max_messages) return;
-    if (is_draining_) return;
-    trace("message limit reached (" + std::to_string(messages_delivered_) +
-          "); no new clients, exiting when the open sessions end");
-    close_socket(listener_);
-    listener_ = kInvalidSocket;
-    is_draining_ = true;
-    drain_deadline_ms_ = now_ms() + kDrainGraceMs;
-  }
-
-  // is_time_to_exit - after the limit, all sessions done or their grace over; or no client
-  // for --idle-exit
-  bool is_time_to_exit() const {
-    long long now = now_ms();
-    if (is_draining_) return connections_.empty() || now >= drain_deadline_ms_;
-    return options_.idle_exit_ms > 0 && connections_.empty() &&
-           now - idle_since_ms_ >= options_.idle_exit_ms;
-  }
-
-  // close_remaining - after the limit, a 421 to the sessions that are still open
+  // close_remaining - after the message limit, a 421 to the sessions that are still open
   void close_remaining() {
     std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
-    for (auto& c : connections_)
-      if (!c->is_dead && !c->channel.is_closing()) c->channel.close_with(reply);
+    for (Connection& c : connections_)
+      if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
 
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
   void flush_before_exit() {
-    for (int turn = 0; turn < 20; ++turn) {
-      bool pending = false;
-      for (auto& c : connections_) {
-        if (!c->is_dead && !c->channel.output().empty()) {
-          write_some(*c);
-          pending = pending || !c->channel.output().empty();
-        }
+    for (int round = 0; round < kExitFlushRounds; ++round) {
+      bool is_pending = false;
+      for (Connection& c : connections_) {
+        if (c.is_closed || c.channel.output().empty()) continue;
+        write_some(c);
+        is_pending = is_pending || (!c.is_closed && !c.channel.output().empty());
       }
-      if (!pending) break;
-      pollfd_t none{};
-      poll_sockets(&none, 0, 50);
+      if (!is_pending) break;
+      sleep_ms(kExitFlushPauseMs);
     }
-    connections_.clear();
-    by_id_.clear();
   }
 
-  socket_t listener_;  // kInvalidSocket once the message limit closed it
-  long long accept_paused_until_ms_ = 0;
-  bool is_accept_failing_ = false;
+  PollReactor reactor_;  // first: destroyed last, after everything that uses it
   ServerOptions options_;
   ServerMode& mode_;
-  std::vector<std::unique_ptr<Connection>> connections_;
-  std::unordered_map<std::uint64_t, Connection*> by_id_;
-  std::uint64_t last_connection_id_ = 0;
-  std::unordered_map<socket_t, Watcher> watchers_;
-  std::uint64_t last_generation_ = 0;
-  std::map<std::uint64_t, Timer> timers_;
-  std::uint64_t last_timer_id_ = 0;
-  std::vector<pollfd_t> fds_;
-  std::vector<Polled> polled_;
-  std::uint64_t messages_delivered_ = 0;
-  bool is_draining_ = false;         // the message limit is reached; the listener is closed
-  long long drain_deadline_ms_ = 0;  // open sessions get a 421 when this passes
-  long long idle_since_ms_ = 0;      // start, or when the last client left
+  std::vector<socket_t> listeners_;  // empty once the message limit closed them
+  ExitPolicy exit_;
+  std::list<Connection> connections_;
+  Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
+  bool is_accept_failing_ = false;
 };
 
 // ==== 10. Command line ====
@@ -3524,7 +3806,13 @@ class Server : public Reactor {
 // one Settings value. Errors are one line and exit status 1 (kExitUsage).
 //   parse_endpoint, parse_mode, parse_command_line
 
-enum ExitStatus { kExitOk = 0, kExitUsage = 1, kExitCannotListen = 2, kExitPrivileges = 3 };
+enum ExitStatus {
+  kExitOk = 0,
+  kExitUsage = 1,
+  kExitCannotListen = 2,
+  kExitPrivileges = 3,
+  kExitLoopFailed = 4,  // poll() failed while serving
+};
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
@@ -3538,12 +3826,13 @@ struct Settings {
   Endpoint remote;
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
-  std::string maildir;                  // --maildir: empty for none
-  std::string mbox;                     // --mbox: empty for none
-  bool json = false;                    // --json
-  std::uint64_t max_messages = 0;       // --max-messages: 0 for no limit
-  std::uint64_t idle_exit_seconds = 0;  // --idle-exit: 0 for never
-  std::string exec_command;             // --exec: empty for none
+  std::string maildir;                                   // --maildir: empty for none
+  std::string mbox;                                      // --mbox: empty for none
+  bool json = false;                                     // --json
+  std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
+  std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
+  std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
+  std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
   bool pipelining = false;                      // --pipelining
   bool auth = false;                            // --auth, --auth-file or --auth-required
@@ -3636,8 +3925,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages or --idle-exit; nine digits at most, so
-// seconds still fit in milliseconds
+// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
     throw UsageError("invalid " + std::string(option) + ": '" + text +
@@ -3788,10 +4077,14 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("idle-exit",
-           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-           "never (the default).",
-           cxxopts::value<std::string>(), "SECONDS")(
+      "N")("max-recipients",
+           "Most recipients in one message; further RCPT commands get 452 (default " +
+               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+           cxxopts::value<std::string>(),
+           "N")("idle-exit",
+                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+                "never (the default).",
+                cxxopts::value<std::string>(), "SECONDS")(
       "auth",
       "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
       "the user name is recorded with each message.")(
@@ -3871,6 +4164,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-recipients"))
+    s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
   s.pipelining = result.count("pipelining") > 0;
@@ -3973,6 +4268,7 @@ inline void configure_extensions(const Settings& s, ChannelConfig& channel) {
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
+  open_standard_descriptors();  // first: before anything can make a socket or open a file
   [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
@@ -4017,6 +4313,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.fqdn = our_name;
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
+  options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
   configure_extensions(settings, options.channel);
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
@@ -4027,12 +4324,10 @@ inline int run_smtpd(int argc, const char* const* argv) {
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));
-  Server server(listener, std::move(options), *mode);
-  try {
-    server.run();
-  } catch (const StartError& e) {
-    log_line(e.what());
-    return kExitCannotListen;
+  Server server({listener}, std::move(options), *mode);
+  if (!server.run()) {
+    log_line(server.error());
+    return kExitLoopFailed;
   }
   std::fflush(stdout);
   return kExitOk;

@@ -17,5 +17,7 @@
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
+#include "test_hostile.cpp"
+#include "test_loop.cpp"
 #include "test_appsetup.cpp"
 // clang-format on
