@@ -401,26 +401,23 @@ TEST_CASE("appsetup: swaks --auth PLAIN and LOGIN with --auth-file; the print-ou
   CHECK(count(srv.child.out.text(), "MESSAGE FOLLOWS") == 2);  // the refused one is not there
 }
 
+// curl_send - curl uploads FILE to URL (smtp:// or smtps://) from app@ to user@example.com
+inline CommandResult curl_send(const std::string& url, const std::string& file,
+                               std::vector<std::string> extra = {}) {
+  std::vector<std::string> argv{
+      require_tool("curl", "curl"), "-sS", "--max-time", "10", "--url", url};
+  for (const char* option : {"--mail-from", "app@example.com", "--mail-rcpt", "user@example.com"})
+    argv.push_back(option);
+  argv.insert(argv.end(), {"--upload-file", file});
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return run_command(argv);
+}
+
 TEST_CASE("appsetup: curl --user logs in; --json records auth_user, null without a login") {
-  std::string curl = require_tool("curl", "curl");
   auto srv = start({"-c", "sink", "--json", "--auth"});
   TempFile message("Subject: from curl\r\n\r\nHello.\r\n");
-  auto send = [&](std::vector<std::string> extra) {
-    std::vector<std::string> argv{curl,
-                                  "-sS",
-                                  "--max-time",
-                                  "10",
-                                  "--url",
-                                  "smtp://127.0.0.1:" + std::to_string(srv.port()),
-                                  "--mail-from",
-                                  "app@example.com",
-                                  "--mail-rcpt",
-                                  "user@example.com",
-                                  "--upload-file",
-                                  message.path()};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    return run_command(argv);
-  };
+  std::string url = "smtp://127.0.0.1:" + std::to_string(srv.port());
+  auto send = [&](std::vector<std::string> extra) { return curl_send(url, message.path(), extra); };
   auto r = send({"--user", "carol:pass word"});
   INFO(r.describe());
   CHECK(r.ok());
