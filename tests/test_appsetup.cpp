@@ -11,9 +11,7 @@
 namespace smtpd_test {
 namespace appsetup {
 
-using interop::require_tool;
-using outputs::read_file;
-using outputs::write_file;
+const char* const kEhloNoSize = "250-test.example\r\n250-8BITMIME\r\n250 HELP\r\n";
 
 TEST_SUITE_BEGIN("appsetup");
 
@@ -273,10 +271,9 @@ TEST_CASE("appsetup: --reject N% draws from the seed: the same seed, the same re
 // ==== The command line ====
 
 inline Settings parse(std::vector<std::string> args) {
-  args.insert(args.begin(), "smtpd");
   std::vector<const char*> argv;
   for (const std::string& a : args) argv.push_back(a.c_str());
-  return *parse_command_line(static_cast<int>(argv.size()), argv.data()).settings;
+  return *parse_args(argv).settings;
 }
 
 TEST_CASE("appsetup: --reject STAGE:PATTERN=REPLY is parsed, in order, and checked") {
