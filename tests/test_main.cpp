@@ -10,6 +10,7 @@
 
 #include "../smtpd.cpp"
 #include "test_channel.cpp"
+#include "test_compat.cpp"
 #include "test_e2e.cpp"
 #include "test_exec.cpp"
 #include "test_hostile.cpp"
