@@ -39,6 +39,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -931,6 +932,110 @@ inline std::string base64_encode(std::string_view bytes) {
   return out;
 }
 
+// base64_decode - RFC 4648 section 4, padding required as RFC 4954 asks of AUTH responses;
+// nothing for any other character, or for bits left over
+inline std::optional<std::string> base64_decode(std::string_view text) {
+  if (text.size() % 4 != 0) return std::nullopt;
+  std::string out;
+  std::uint32_t group = 0;
+  std::size_t padding = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    int value = c >= 'A' && c <= 'Z'   ? c - 'A'
+                : c >= 'a' && c <= 'z' ? c - 'a' + 26
+                : c >= '0' && c <= '9' ? c - '0' + 52
+                : c == '+'             ? 62
+                : c == '/'             ? 63
+                                       : -1;
+    bool is_tail = i + 2 >= text.size();  // '=' only in the last two places, and at the end
+    if (c == '=' && is_tail && (padding > 0 || i + 1 == text.size() || text[i + 1] == '=')) {
+      ++padding, value = 0;
+    } else if (value < 0 || padding > 0) {
+      return std::nullopt;
+    }
+    group = (group << 6) | static_cast<std::uint32_t>(value);
+    if (i % 4 != 3) continue;
+    for (std::size_t k = 0; k < 3 - padding; ++k)
+      out += static_cast<char>((group >> (16 - 8 * k)) & 0xFF);
+    if ((padding == 1 && (group & 0xFF) != 0) || (padding == 2 && (group & 0xFFFF) != 0))
+      return std::nullopt;
+    group = 0;
+  }
+  return out;
+}
+
+inline char ascii_lower(char c) {
+  return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+// glob_class - the [set] at pattern[p] against c; next is set just past its ']', or to 0 when
+// there is no ']' (then the '[' is an ordinary character)
+inline bool glob_class(std::string_view pattern, std::size_t p, char c, std::size_t& next) {
+  std::size_t i = p + 1;
+  bool negate = i < pattern.size() && (pattern[i] == '!' || pattern[i] == '^');
+  if (negate) ++i;
+  bool found = false;
+  for (std::size_t first = i; i < pattern.size() && (pattern[i] != ']' || i == first); ++i) {
+    char lo = ascii_lower(pattern[i]), hi = lo;
+    if (i + 2 < pattern.size() && pattern[i + 1] == '-' && pattern[i + 2] != ']')
+      hi = ascii_lower(pattern[i += 2]);
+    found = found || (ascii_lower(c) >= lo && ascii_lower(c) <= hi);
+  }
+  next = i < pattern.size() ? i + 1 : 0;
+  return found != negate;
+}
+
+// glob_match - a shell-style pattern (fnmatch without flags: * ? [set] [!set] [a-z]) against
+// text; ASCII letters match without regard to case, as in mail domains and host names
+inline bool glob_match(std::string_view pattern, std::string_view text) {
+  std::size_t p = 0, t = 0, star = std::string_view::npos, resume = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++, resume = t;  // first try matching nothing; on a mismatch take one more
+      continue;
+    }
+    std::size_t next = p + 1;
+    bool is_match = false;
+    if (p < pattern.size() && pattern[p] == '?') {
+      is_match = true;
+    } else if (p < pattern.size() && pattern[p] == '[') {
+      is_match = glob_class(pattern, p, text[t], next);
+      if (next == 0) next = p + 1, is_match = text[t] == '[';
+    } else if (p < pattern.size()) {
+      is_match = ascii_lower(pattern[p]) == ascii_lower(text[t]);
+    }
+    if (is_match) {
+      p = next, ++t;
+    } else if (star != std::string_view::npos) {
+      p = star + 1, t = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+// SeededRandom - splitmix64 (Steele, Lea, Flood 2014): the same numbers from the same seed on
+// every platform, which std::uniform_real_distribution does not promise
+class SeededRandom {
+ public:
+  explicit SeededRandom(std::uint64_t seed) : state_(seed) {}
+  // chance - true with the given probability in percent
+  bool chance(double percent) {
+    return static_cast<double>(next() >> 11) * 0x1.0p-53 * 100 < percent;
+  }
+
+ private:
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  std::uint64_t state_;
+};
+
 // format_asctime_utc - Python's time.asctime(time.gmtime(t)): "Sun Nov 29 05:10:00 2026".
 // Computed by hand (days to civil date, H. Hinnant's algorithm) rather than with gmtime and
 // strftime, which differ between C libraries and follow the locale.
@@ -1331,6 +1436,20 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
+// AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
+// of LOGIN are "Username:" and "Password:" in base64, as every client expects.
+constexpr const char* kReplyAuthOk = "235 2.7.0 Authentication successful";
+constexpr const char* kReplyAuthInvalid = "535 5.7.8 Authentication credentials invalid";
+constexpr const char* kReplyAuthRequired = "530 5.7.0 Authentication required";
+constexpr const char* kReplyAuthAgain = "503 5.5.1 Error: already authenticated";
+constexpr const char* kReplyAuthInMail = "503 5.5.1 Error: MAIL transaction in progress";
+constexpr const char* kReplyAuthMechanism = "504 5.5.4 Unrecognized authentication type";
+constexpr const char* kReplyAuthCancelled = "501 5.7.0 Authentication cancelled";
+constexpr const char* kReplyAuthUndecodable = "501 5.5.2 Cannot decode response";
+constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
+constexpr const char* kChallengeEmpty = "334 ";
+constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
+constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -1343,12 +1462,55 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 //   Channel::feed, output, consume_output, question, take_message, answer, close_with,
 //   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
+// Refusals - the --reject rules: at a stage of the session, the first rule whose pattern
+// matches (a shell-style pattern on the client IP, the HELO name, the sender or a recipient,
+// or "N%": that share of the time, from a seeded generator) gives the reply instead of the
+// usual one. One generator for the whole server, so a seed repeats a run's sequence.
+class Refusals {
+ public:
+  enum class Stage { Connect, Helo, Mail, Rcpt, Data };
+  struct Rule {
+    Stage stage;
+    std::string pattern;  // shell-style; unused when percent is set
+    double percent = -1;  // "N%": refuse this share of the time; -1 for a pattern rule
+    std::string reply;    // a complete 4xx or 5xx reply line, without CRLF
+  };
+
+  Refusals(std::vector<Rule> rules, std::uint64_t seed) : rules_(std::move(rules)), random_(seed) {}
+
+  // reply_for - the reply of the first rule for this stage that takes any of the subjects, or
+  // "" when none does; each N% rule reached draws one number
+  std::string reply_for(Stage stage, const std::vector<std::string>& subjects) {
+    for (const Rule& rule : rules_) {
+      if (rule.stage != stage) continue;
+      bool is_hit = rule.percent >= 0 ? random_.chance(rule.percent)
+                                      : std::any_of(subjects.begin(), subjects.end(),
+                                                    [&](const std::string& subject) {
+                                                      return glob_match(rule.pattern, subject);
+                                                    });
+      if (is_hit) return rule.reply;
+    }
+    return "";
+  }
+
+ private:
+  std::vector<Rule> rules_;
+  SeededRandom random_;
+};
+
+using AuthUsers = std::map<std::string, std::string>;  // --auth-file: user name -> password
+
 struct ChannelConfig {
   std::string fqdn = "localhost";                      // name in the greeting and in EHLO
   std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
+  bool offer_pipelining = false;                       // --pipelining: announce PIPELINING
+  bool offer_auth = false;                             // --auth...: announce and accept AUTH
+  bool auth_required = false;                          // --auth-required: no MAIL before AUTH
+  std::shared_ptr<const AuthUsers> auth_users;         // --auth-file; null: anyone logs in
+  std::shared_ptr<Refusals> refusals;                  // --reject; null: none
   std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
 };
 
@@ -1361,6 +1523,7 @@ struct Envelope {
   std::vector<std::string> rcpt_options;  // parameters of accepted RCPTs, upper-cased
   std::string data;                       // dot-unstuffed, lines joined with "\n"
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
+  std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
 };
 
 class Channel {
@@ -1393,6 +1556,7 @@ class Channel {
   std::vector<std::string> mail_options;
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
+  std::string auth_user;       // the user name AUTH accepted; empty before
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string fqdn;
@@ -1405,8 +1569,11 @@ class Channel {
   struct Command {
     const char* verb;
     void (Channel::*handler)(const Arg&);
-    const char* syntax;  // HELP text; nullptr for verbs HELP does not list
+    const char* syntax;            // HELP text; nullptr for verbs HELP does not list
+    bool ChannelConfig::*offered;  // the option that turns an extension on; nullptr: always
   };
+  // The steps of an AUTH exchange: the next line is a response to our 334, not a command.
+  enum class AuthStep { None, PlainResponse, LoginUser, LoginPassword };
   static const Command kCommands[];
 
   void push(const std::string& reply);
@@ -1438,6 +1605,13 @@ class Channel {
   void cmd_rset(const Arg& arg);
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
+  void cmd_auth(const Arg& arg);
+  void auth_response(std::string_view line, std::size_t size);
+  void auth_plain(std::string_view response);
+  void auth_login_user(std::string_view response);
+  void log_in(const std::string& user, const std::string& password);
+  bool is_offered(const Command& command) const;
+  bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
   ChannelConfig config_;
@@ -1449,26 +1623,34 @@ class Channel {
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
   bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  AuthStep auth_step_ = AuthStep::None;
+  std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
 
 // kCommands - the protocol's index, in the order HELP lists the verbs
 const Channel::Command Channel::kCommands[] = {
-    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname"},
-    {"HELO", &Channel::cmd_helo, "HELO hostname"},
-    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>"},
-    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>"},
-    {"DATA", &Channel::cmd_data, "DATA"},
-    {"RSET", &Channel::cmd_rset, "RSET"},
-    {"NOOP", &Channel::cmd_noop, "NOOP"},
-    {"QUIT", &Channel::cmd_quit, "QUIT"},
-    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>"},
-    {"HELP", &Channel::cmd_help, nullptr},
-    {"EXPN", &Channel::cmd_expn, nullptr},
+    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr},
+    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr},
+    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr},
+    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr},
+    {"DATA", &Channel::cmd_data, "DATA", nullptr},
+    {"RSET", &Channel::cmd_rset, "RSET", nullptr},
+    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr},
+    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr},
+    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr},
+    {"HELP", &Channel::cmd_help, nullptr, nullptr},
+    {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
+    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
 };
 
 Channel::Channel(ChannelConfig config, std::string peer_address)
     : fqdn(config.fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
-  push("220 " + fqdn + " " + kVersion);
+  // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
+  // would let the client QUIT first; closing is what clients handle everywhere)
+  if (is_refused(Refusals::Stage::Connect, {peer}))
+    enter_state(State::Closing);
+  else
+    push("220 " + fqdn + " " + kVersion);
 }
 
 const char* Channel::to_string(State state) {
@@ -1622,6 +1804,7 @@ void Channel::end_of_data() {
     set_rset_state();
     return;
   }
+  if (is_refused(Refusals::Stage::Data, rcpttos)) return set_rset_state();  // never stored
   ask(Question::Message, "");
 }
 
@@ -1641,6 +1824,7 @@ Envelope Channel::take_message() {
   envelope.rcpt_options = rcpt_options;
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
+  if (config_.offer_auth) envelope.auth_user = auth_user;
   received_data.clear();
   return envelope;
 }
@@ -1701,7 +1885,11 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
-  if (config_.trace) config_.trace(peer + " <- " + printable(line.substr(0, 200)));
+  if (auth_step_ != AuthStep::None) return auth_response(line, size);
+  // AUTH's initial response holds the password: the trace shows the verb and mechanism only
+  std::string_view shown = line.substr(0, 200);
+  if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
+  if (config_.trace) config_.trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
@@ -1712,11 +1900,25 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
   for (const Command& command : kCommands) {
-    if (verb == command.verb) return (this->*command.handler)(arg);
+    if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
   }
   // differs from smtpd.py: Python echoes the verb as it came, and a non-ASCII one makes its
   // reply fail to encode, which drops the connection.
   push("500 Error: command \"" + printable(verb, require_smtputf8) + "\" not recognized");
+}
+
+// is_offered - false for an extension's verb when its option is off: then it is unknown
+bool Channel::is_offered(const Command& command) const {
+  return command.offered == nullptr || config_.*command.offered;
+}
+
+// is_refused - a --reject rule for this stage takes one of the subjects: its reply is sent
+bool Channel::is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects) {
+  if (!config_.refusals) return false;
+  std::string reply = config_.refusals->reply_for(stage, subjects);
+  if (reply.empty()) return false;
+  push(reply);
+  return true;
 }
 
 inline bool has_text(const std::optional<std::string>& arg) { return arg && !arg->empty(); }
@@ -1738,6 +1940,7 @@ void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
 void Channel::greet(const Arg& arg, bool extended) {
   if (!has_text(arg))
     return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
+  if (is_refused(Refusals::Stage::Helo, {*arg})) return;
   set_rset_state();
   seen_greeting = *arg;
   extended_smtp = extended;
@@ -1746,6 +1949,8 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (config_.data_size_limit != 0) push("250-SIZE " + std::to_string(config_.data_size_limit));
   push("250-8BITMIME");
   if (config_.enable_smtputf8) push("250-SMTPUTF8");
+  if (config_.offer_pipelining) push("250-PIPELINING");
+  if (config_.offer_auth) push("250-AUTH PLAIN LOGIN");
   push("250 HELP");
 }
 
@@ -1760,14 +1965,14 @@ void Channel::cmd_quit(const Arg&) {  // the argument is ignored, as in smtpd.py
 void Channel::cmd_help(const Arg& arg) {
   std::string list;
   for (const Command& command : kCommands) {
-    if (command.syntax == nullptr) continue;
+    if (command.syntax == nullptr || !is_offered(command)) continue;
     list += list.empty() ? "" : " ";
     list += command.verb;
   }
   if (!has_text(arg)) return push("250 Supported commands: " + list);
   std::string verb = ascii_upper(*arg);
   for (const Command& command : kCommands) {
-    if (command.syntax == nullptr || verb != command.verb) continue;
+    if (command.syntax == nullptr || !is_offered(command) || verb != command.verb) continue;
     std::string text = std::string("250 Syntax: ") + command.syntax;
     if (extended_smtp && (verb == "MAIL" || verb == "RCPT")) text += kMailParamsSyntax;
     return push(text);
@@ -1818,12 +2023,17 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_.auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_error("MAIL FROM: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
   if (!parsed) return;
   if (!mailfrom.empty()) return push(kReplyNestedMail);
   mail_options = python_split(ascii_upper(parsed->rest));
   if (!check_mail_params(syntax)) return;
+  if (is_refused(Refusals::Stage::Mail, {parsed->address})) {
+    require_smtputf8 = false;
+    return;
+  }
   if (config_.ask_envelope) return ask(Question::Mail, parsed->address);
   mailfrom = parsed->address;
   push(kReplyOk);
@@ -1879,6 +2089,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
   // differs from smtpd.py: Python has already stored the parameters as the message's
   // rcpt_options, so the refused ones of the last RCPT reach the message; here they do not.
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
+  if (is_refused(Refusals::Stage::Rcpt, {parsed->address})) return;
   if (config_.ask_envelope) return ask(Question::Rcpt, parsed->address);
   rcpttos.push_back(parsed->address);
   push(kReplyOk);
@@ -1905,6 +2116,79 @@ void Channel::cmd_data(const Arg& arg) {
 }
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
+
+// cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
+// and not inside a transaction
+void Channel::cmd_auth(const Arg& arg) {
+  if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (!auth_user.empty()) return push(kReplyAuthAgain);
+  if (!mailfrom.empty()) return push(kReplyAuthInMail);
+  std::vector<std::string> words = python_split(arg.value_or(""));
+  if (words.empty() || words.size() > 2) return push(std::string("501 Syntax: ") + kAuthSyntax);
+  std::string mechanism = ascii_upper(words[0]);
+  bool has_initial = words.size() == 2;
+  if (mechanism == "PLAIN" && has_initial) return auth_plain(words[1]);
+  if (mechanism == "LOGIN" && has_initial) return auth_login_user(words[1]);
+  if (mechanism != "PLAIN" && mechanism != "LOGIN") return push(kReplyAuthMechanism);
+  auth_step_ = mechanism == "PLAIN" ? AuthStep::PlainResponse : AuthStep::LoginUser;
+  push(mechanism == "PLAIN" ? kChallengeEmpty : kChallengeUsername);
+}
+
+// auth_response - a line answering our 334 challenge; "*" cancels (RFC 4954 4). Never
+// traced: it holds a password.
+void Channel::auth_response(std::string_view line, std::size_t size) {
+  if (config_.trace) config_.trace(peer + " <- (AUTH response, not shown)");
+  AuthStep step = std::exchange(auth_step_, AuthStep::None);
+  if (size > line.size()) return push(kReplyLineTooLong);
+  if (line == "*") return push(kReplyAuthCancelled);
+  if (step == AuthStep::PlainResponse) return auth_plain(line);
+  if (step == AuthStep::LoginUser) return auth_login_user(line);
+  std::optional<std::string> password = base64_decode(line);
+  if (!password) return push(kReplyAuthUndecodable);
+  log_in(std::exchange(login_user_, ""), *password);
+}
+
+// auth_plain - RFC 4616: authorization identity, NUL, user name, NUL, password; "=" is an
+// empty initial response. Logging in as someone else (a different authorization identity) is
+// refused.
+void Channel::auth_plain(std::string_view response) {
+  std::optional<std::string> decoded = response == "=" ? std::string() : base64_decode(response);
+  std::size_t first = decoded ? decoded->find('\0') : std::string::npos;
+  std::size_t second = first == std::string::npos ? first : decoded->find('\0', first + 1);
+  if (second == std::string::npos || decoded->find('\0', second + 1) != std::string::npos)
+    return push(kReplyAuthUndecodable);
+  std::string authzid = decoded->substr(0, first);
+  std::string user = decoded->substr(first + 1, second - first - 1);
+  if (!authzid.empty() && authzid != user) return push(kReplyAuthInvalid);
+  log_in(user, decoded->substr(second + 1));
+}
+
+// auth_login_user - the user name of AUTH LOGIN; the password is asked for next
+void Channel::auth_login_user(std::string_view response) {
+  std::optional<std::string> user = base64_decode(response);
+  if (!user) return push(kReplyAuthUndecodable);
+  login_user_ = *user;
+  auth_step_ = AuthStep::LoginPassword;
+  push(kChallengePassword);
+}
+
+// log_in - check a user name and password: with --auth-file against its lines, else any
+// will do. The name goes into header lines and the environment, so it must be one line of
+// printable UTF-8.
+void Channel::log_in(const std::string& user, const std::string& password) {
+  bool is_clean =
+      !user.empty() && is_valid_utf8(user) && std::none_of(user.begin(), user.end(), [](char c) {
+        return static_cast<unsigned char>(c) < 0x20 || c == 0x7F;
+      });
+  bool is_known = true;
+  if (config_.auth_users) {
+    auto it = config_.auth_users->find(user);
+    is_known = it != config_.auth_users->end() && it->second == password;
+  }
+  if (!is_clean || !is_known) return push(kReplyAuthInvalid);
+  auth_user = user;
+  push(kReplyAuthOk);
+}
 
 // ==== 8. Server modes ====
 // What happens to mail: the -c CLASS of smtpd.py. The loop opens a ModeSession for each client
@@ -1998,7 +2282,17 @@ inline std::vector<std::string_view> split_python_lines(std::string_view data) {
   return lines;
 }
 
+// session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
+// a client that logged in with AUTH (the name is one printable line: Channel::log_in)
+inline std::string session_header_lines(const Envelope& envelope) {
+  std::string lines;
+  if (envelope.auth_user && !envelope.auth_user->empty())
+    lines += "X-Auth-User: " + *envelope.auth_user + "\n";
+  return lines;
+}
+
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
+// (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
 inline std::string format_debug_message(const Envelope& envelope) {
   std::string out = "---------- MESSAGE FOLLOWS ----------\n";
@@ -2010,6 +2304,7 @@ inline std::string format_debug_message(const Envelope& envelope) {
   for (std::string_view line : split_python_lines(envelope.data)) {
     if (in_headers && line.empty()) {
       out += "X-Peer: " + envelope.peer + "\n";  // none if the message has no empty line
+      out += session_header_lines(envelope);
       in_headers = false;
     }
     out.append(line.data(), line.size());
@@ -2017,6 +2312,14 @@ inline std::string format_debug_message(const Envelope& envelope) {
   }
   out += "------------ END MESSAGE ------------\n";
   return out;
+}
+
+// auth_user_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not
+// log in); nothing otherwise, so the line stays as it was without --auth
+inline std::string auth_user_json(const Envelope& envelope) {
+  if (!envelope.auth_user) return "";
+  return ", \"auth_user\": " +
+         (envelope.auth_user->empty() ? std::string("null") : json_string(*envelope.auth_user));
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
@@ -2027,7 +2330,7 @@ inline std::string format_json_message(const Envelope& envelope) {
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
          ", \"rcpttos\": " + json_list(envelope.rcpttos) +
          ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + auth_user_json(envelope) +
          ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
          (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
@@ -2054,9 +2357,13 @@ class StreamPrinter : public MessageOutput {
   Format format_;
 };
 
-// message_file_text - the message as a file holds it: data is its lines joined with "\n",
-// so one "\n" ends the last line (a message whose last line is empty ends in "\n\n")
+// message_file_text - the message as a file holds it: the session's header lines first, then
+// data, its lines joined with "\n", so one "\n" ends the last line (a message whose last line
+// is empty ends in "\n\n")
 inline std::string message_file_text(const std::string& data) { return data + "\n"; }
+inline std::string message_file_text(const Envelope& envelope) {
+  return message_file_text(session_header_lines(envelope) + envelope.data);
+}
 
 // maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
 // cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
@@ -2107,7 +2414,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, message_file_text(envelope.data), error)) return false;
+    if (!write_synced(tmp, message_file_text(envelope), error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2160,7 +2467,7 @@ inline std::string format_mbox_entry(const Envelope& envelope, std::int64_t unix
   for (char& c : sender)
     if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
   return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n" +
-         mboxrd_quote(envelope.data) + "\n";
+         mboxrd_quote(session_header_lines(envelope) + envelope.data) + "\n";
 }
 
 // MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
@@ -2238,7 +2545,7 @@ class CommandRun {
   // start - run the command for this message; `done` is called once, later or at once
   void start(const Envelope& envelope, Done done) {
     done_ = std::move(done);
-    input_ = message_file_text(envelope.data);  // as --maildir writes it
+    input_ = message_file_text(envelope);  // as --maildir writes it
     std::string error;
     auto environment = environment_for(envelope);
     if (!rcpttos_file_.create(envelope.rcpttos, error))
@@ -2266,6 +2573,8 @@ class CommandRun {
         {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
     if (environment[2].second.size() > kExecVariableLimit)
       environment.erase(environment.begin() + 2);
+    if (e.auth_user && !e.auth_user->empty())
+      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
     return environment;
   }
 
@@ -3441,16 +3750,20 @@ class Server {
   }
 
   // settle - write what is queued, close when the conversation is over, else poll for what
-  // the connection waits on
+  // the connection waits on. While the mode decides and more of the client's commands wait
+  // behind the question, the replies wait too, so a pipelined group is answered in one write
+  // (RFC 2920 3.2 asks servers to send them together).
   void settle(Connection& c) {
-    if (!c.is_closed) write_some(c);
-    if (c.is_closed) return;
     bool is_waiting = c.channel.question() != Channel::Question::None;
+    bool is_holding = is_waiting && !c.channel.received_lines.empty() &&
+                      c.channel.output().size() < kOutputBacklog;
+    if (!c.is_closed && !is_holding) write_some(c);
+    if (c.is_closed) return;
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
-    if (!c.channel.output().empty()) events |= POLLOUT;
+    if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
     reactor_.set_events(c.transport->socket(), events);
   }
 
@@ -3539,6 +3852,12 @@ struct Settings {
   std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
   std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
+  bool pipelining = false;                      // --pipelining
+  bool auth = false;                            // --auth, --auth-file or --auth-required
+  bool auth_required = false;                   // --auth-required
+  std::shared_ptr<const AuthUsers> auth_users;  // --auth-file: null for anyone
+  std::vector<Refusals::Rule> refusals;         // --reject, in the order given
+  std::optional<std::uint64_t> reject_seed;     // --reject-seed
 };
 
 class UsageError : public std::runtime_error {
@@ -3641,6 +3960,84 @@ inline std::string parse_path(const cxxopts::ParseResult& result, const char* op
   return path;
 }
 
+// parse_auth_users - the lines "user:password" of an --auth-file (the password is all after
+// the first ':'); empty lines and lines starting with '#' are skipped
+inline AuthUsers parse_auth_users(const std::string& text, const std::string& path) {
+  AuthUsers users;
+  std::size_t number = 0;
+  for (std::string_view line : split_python_lines(text)) {
+    ++number;
+    if (line.empty() || line[0] == '#') continue;
+    std::size_t colon = line.find(':');
+    if (colon == 0 || colon == std::string_view::npos)
+      throw UsageError("--auth-file " + path + " line " + std::to_string(number) +
+                       ": expected user:password");
+    users[std::string(line.substr(0, colon))] = std::string(line.substr(colon + 1));
+  }
+  if (users.empty()) throw UsageError("--auth-file " + path + " holds no user:password line");
+  return users;
+}
+
+// load_auth_users - read and parse an --auth-file, at start (before privileges are dropped)
+inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path) {
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr)
+    throw UsageError("cannot read --auth-file " + path + ": " + std::strerror(errno));
+  std::string text;
+  char buffer[4096];
+  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
+  bool is_read = !std::ferror(file);
+  std::fclose(file);
+  if (!is_read) throw UsageError("cannot read --auth-file " + path);
+  return std::make_shared<const AuthUsers>(parse_auth_users(text, path));
+}
+
+// is_refusal_reply - "4xx text" or "5xx text" (or the bare code), printable ASCII, one line
+inline bool is_refusal_reply(const std::string& reply) {
+  bool is_code = reply.size() >= 3 && (reply[0] == '4' || reply[0] == '5') &&
+                 is_decimal(reply.substr(0, 3)) && (reply.size() == 3 || reply[3] == ' ');
+  return is_code && reply.size() <= kReplyLineLimit &&
+         std::all_of(reply.begin(), reply.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
+}
+
+// parse_refusal - --reject STAGE:PATTERN=REPLY. The reply starts at the first '=' followed by
+// a 4xx or 5xx code, so a pattern may hold '=' (as in SRS addresses).
+inline Refusals::Rule parse_refusal(const std::string& spec) {
+  auto bad = [&](const std::string& why) {
+    return UsageError(
+        "bad --reject '" + spec + "': " + why +
+        " (expected STAGE:PATTERN=REPLY, as rcpt:*@bounce.test=550 5.1.1 no such user)");
+  };
+  static const std::pair<const char*, Refusals::Stage> kStages[] = {
+      {"connect", Refusals::Stage::Connect},
+      {"helo", Refusals::Stage::Helo},
+      {"mail", Refusals::Stage::Mail},
+      {"rcpt", Refusals::Stage::Rcpt},
+      {"data", Refusals::Stage::Data}};
+  std::size_t colon = spec.find(':');
+  std::string stage = colon == std::string::npos ? spec : spec.substr(0, colon);
+  auto found = std::find_if(std::begin(kStages), std::end(kStages),
+                            [&](const auto& row) { return stage == row.first; });
+  if (found == std::end(kStages)) throw bad("STAGE must be connect, helo, mail, rcpt or data");
+  std::size_t equals = colon;
+  do {
+    equals = spec.find('=', equals + 1);
+  } while (equals != std::string::npos && !is_refusal_reply(spec.substr(equals + 1)));
+  if (equals == std::string::npos)
+    throw bad("REPLY must be a 4xx or 5xx code and printable text of at most " +
+              std::to_string(kReplyLineLimit) + " bytes");
+  Refusals::Rule rule{found->second, spec.substr(colon + 1, equals - colon - 1), -1,
+                      spec.substr(equals + 1)};
+  if (rule.pattern.empty()) throw bad("PATTERN is empty (use * for every one)");
+  std::string number = rule.pattern.substr(0, rule.pattern.size() - 1);
+  std::size_t dot = number.find('.');
+  bool is_percent = rule.pattern.back() == '%' && is_decimal(number.substr(0, dot)) &&
+                    (dot == std::string::npos || is_decimal(number.substr(dot + 1)));
+  if (is_percent) rule.percent = std::strtod(number.c_str(), nullptr);
+  if (is_percent && rule.percent > 100) throw bad("a share of the time is at most 100%");
+  return rule;
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -3705,7 +4102,29 @@ inline cxxopts::Options build_options() {
            "N")("idle-exit",
                 "Exit with status 0 when no client has been connected for SECONDS; 0 means "
                 "never (the default).",
-                cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+                cxxopts::value<std::string>(), "SECONDS")(
+      "auth",
+      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+      "the user name is recorded with each message.")(
+      "auth-file",
+      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+      "other logins get 535 5.7.8.",
+      cxxopts::value<std::string>(),
+      "FILE")("auth-required",
+              "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+              "as --auth does unless --auth-file is given).")(
+      "pipelining",
+      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+      "commands go out together.")(
+      "reject",
+      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+      "of the time when PATTERN is N%; repeatable, the first match wins.",
+      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY")(
+      "reject-seed",
+      "Seed for the N% rules of --reject, so a run refuses the same commands again "
+      "(default: a new seed at each start).",
+      cxxopts::value<std::string>(), "N")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
@@ -3767,6 +4186,18 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
+  s.pipelining = result.count("pipelining") > 0;
+  s.auth_required = result.count("auth-required") > 0;
+  s.auth = s.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
+  if (result.count("auth-file")) s.auth_users = load_auth_users(parse_path(result, "auth-file"));
+  for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
+    if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
+  if (result.count("reject-seed")) {
+    std::string seed = result["reject-seed"].as<std::string>();
+    if (!is_decimal(seed) || seed.size() > 19)
+      throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
+    s.reject_seed = std::stoull(seed);
+  }
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -3837,6 +4268,22 @@ inline void prepare_outputs(const Settings& s) {
     log_line(error + "; messages get 451 until it can be made");
 }
 
+// configure_extensions - the opt-in extensions of the channel: PIPELINING, AUTH, --reject.
+// Without --reject-seed the seed comes from the system's random source and the clock; -d
+// prints it, so a run worth repeating can be.
+inline void configure_extensions(const Settings& s, ChannelConfig& channel) {
+  channel.offer_pipelining = s.pipelining;
+  channel.offer_auth = s.auth;
+  channel.auth_required = s.auth_required;
+  channel.auth_users = s.auth_users;
+  if (s.refusals.empty()) return;
+  std::uint64_t seed = s.reject_seed ? *s.reject_seed
+                                     : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
+                                           static_cast<std::uint64_t>(unix_time_us());
+  if (s.debug) log_line("--reject-seed " + std::to_string(seed));
+  channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
+}
+
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
@@ -3885,6 +4332,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
+  configure_extensions(settings, options.channel);
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
