@@ -97,6 +97,8 @@ constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a so
 constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
 constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
+                                     // free on all of them
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
@@ -170,6 +172,9 @@ inline std::string socket_error_text(int err) {
   return text.empty() ? "socket error " + std::to_string(err) : text;
 }
 inline bool address_in_use(int err) { return err == WSAEADDRINUSE; }
+inline bool address_unavailable(int err) {
+  return err == WSAEADDRNOTAVAIL || err == WSAEAFNOSUPPORT;
+}
 inline bool out_of_descriptors(int err) { return err == WSAEMFILE || err == WSAENOBUFS; }
 inline bool connect_in_progress(int err) { return err == WSAEWOULDBLOCK || err == WSAEINPROGRESS; }
 
@@ -227,6 +232,8 @@ inline std::string socket_error_text(int err) { return std::strerror(err); }
 // connection would stay open (after its 221) as long as the command runs
 inline void set_close_on_exec(socket_t s) { fcntl(s, F_SETFD, FD_CLOEXEC); }
 inline bool address_in_use(int err) { return err == EADDRINUSE; }
+// address_unavailable - this machine has no such address or family (IPv6 turned off)
+inline bool address_unavailable(int err) { return err == EADDRNOTAVAIL || err == EAFNOSUPPORT; }
 inline bool out_of_descriptors(int err) {
   return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
@@ -3295,45 +3302,108 @@ class PureProxy : public ServerMode {
 // sits on it: its listeners are watched sockets, each client is a Connection (its Transport,
 // its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
 // or a slow upstream, only ever holds up the clients it serves.
-//   StartError, open_listener; PollReactor (turn, run_deferred, the Reactor); Transport,
-//   SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run; accept_clients;
-//   serve, read_some, ask, on_verdict, settle, write_some, close)
+//   StartError, Listener, listen_everywhere, open_listeners; PollReactor (turn, run_deferred, the
+//   Reactor); Transport, SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run;
+//   accept_clients; serve, read_some, ask, on_verdict, settle, write_some, close)
 
 class StartError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
 
-// open_listener - bind and listen on the first address the host resolves to (as smtpd.py)
-inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
-  std::string error;
-  std::vector<SocketAddress> addresses = resolve_endpoint(where, error);
-  if (addresses.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
-  const SocketAddress& first = addresses.front();
-  socket_t s = socket(first.family, SOCK_STREAM, 0);
-  if (s == kInvalidSocket)
-    throw StartError("cannot create a socket: " + socket_error_text(last_socket_error()));
+// Listener - one listening socket and the address it is bound to, as "127.0.0.1:8025"
+struct Listener {
+  socket_t socket;
+  std::string bound;
+};
+
+// listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
+// that fails. With several listeners an IPv6 one takes IPv6 only, so [::] beside 0.0.0.0 works.
+inline socket_t listen_at(const SocketAddress& at, bool is_one_of_several, int& err) {
+  socket_t s = socket(at.family, SOCK_STREAM, 0);
+  if (s == kInvalidSocket) return err = last_socket_error(), kInvalidSocket;
   set_close_on_exec(s);
   int on = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
-  std::string target = format_endpoint(where.host, where.port);
-  if (bind(s, reinterpret_cast<const sockaddr*>(&first.storage), first.length) != 0) {
-    int err = last_socket_error();
+  if (at.family == AF_INET6 && is_one_of_several)
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, reinterpret_cast<const char*>(&on), sizeof on);
+  if (bind(s, reinterpret_cast<const sockaddr*>(&at.storage), at.length) != 0 ||
+      listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
+    err = last_socket_error();
     close_socket(s);
-    throw StartError("cannot listen on " + target + ": " + socket_error_text(err) +
+    return kInvalidSocket;
+  }
+  return s;
+}
+
+// bound_address - where a socket is bound: "127.0.0.1:8025" or "[::1]:8025", and the port
+inline std::pair<std::string, std::uint16_t> bound_address(socket_t s) {
+  SocketAddress bound;
+  bound.length = sizeof bound.storage;
+  getsockname(s, reinterpret_cast<sockaddr*>(&bound.storage), &bound.length);
+  auto [host, port] = numeric_address(reinterpret_cast<sockaddr*>(&bound.storage), bound.length);
+  return {format_endpoint(host, port), static_cast<std::uint16_t>(port)};
+}
+
+// with_port - the address with another port
+inline SocketAddress with_port(SocketAddress address, std::uint16_t port) {
+  if (address.family == AF_INET6)
+    reinterpret_cast<sockaddr_in6*>(&address.storage)->sin6_port = htons(port);
+  else
+    reinterpret_cast<sockaddr_in*>(&address.storage)->sin_port = htons(port);
+  return address;
+}
+
+// listen_everywhere - a listener at each address, all on one port: the given one, or for port
+// 0 the one the kernel picks for the first address (picked again when another address has it
+// taken). An address this machine lacks (IPv6 turned off) is left out, unless it is the
+// first; any other failure is a StartError naming the address.
+inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>& addresses,
+                                               const std::string& name, std::uint16_t port) {
+  for (int attempt = 0; attempt < kPortAttempts; ++attempt) {
+    std::vector<Listener> listeners;
+    std::uint16_t chosen = port;
+    int err = 0;
+    const SocketAddress* failed = nullptr;
+    for (const SocketAddress& address : addresses) {
+      socket_t s = listen_at(with_port(address, chosen), addresses.size() > 1, err);
+      if (s == kInvalidSocket && !listeners.empty() && address_unavailable(err)) continue;
+      if (s == kInvalidSocket) {
+        failed = &address;
+        break;
+      }
+      auto [text, bound_port] = bound_address(s);
+      listeners.push_back({s, text});
+      chosen = bound_port;
+    }
+    if (failed == nullptr) return listeners;
+    for (const Listener& l : listeners) close_socket(l.socket);
+    if (port == 0 && !listeners.empty() && address_in_use(err)) continue;  // another port
+    auto [host, ignored] =
+        numeric_address(reinterpret_cast<const sockaddr*>(&failed->storage), failed->length);
+    std::string where = format_endpoint(host, chosen);
+    throw StartError("cannot listen on " + where + (where == name ? "" : " (" + name + ")") + ": " +
+                     socket_error_text(err) +
                      (address_in_use(err) ? " (another server is using this port)" : ""));
   }
-  if (listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
-    int err = last_socket_error();
-    close_socket(s);
-    throw StartError("cannot listen on " + target + ": " + socket_error_text(err));
+  throw StartError("cannot find a port that is free on every address of " + name);
+}
+
+// open_listeners - listen on every address the host resolves to, in the resolver's order
+// differs from smtpd.py: Python listens on the first address only, so with localhost
+// resolving to ::1 first a client of 127.0.0.1 was refused.
+inline std::vector<Listener> open_listeners(const Endpoint& where) {
+  std::string error;
+  std::vector<SocketAddress> resolved = resolve_endpoint(where, error);
+  if (resolved.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
+  std::vector<SocketAddress> addresses;  // without repeats (/etc/hosts may list one twice)
+  for (const SocketAddress& a : resolved) {
+    bool is_repeat = std::any_of(addresses.begin(), addresses.end(), [&](const SocketAddress& b) {
+      return a.length == b.length && std::memcmp(&a.storage, &b.storage, a.length) == 0;
+    });
+    if (!is_repeat) addresses.push_back(a);
   }
-  struct sockaddr_storage bound {};
-  socklen_t len = sizeof bound;
-  getsockname(s, reinterpret_cast<sockaddr*>(&bound), &len);
-  auto [host, bound_port] = numeric_address(reinterpret_cast<sockaddr*>(&bound), len);
-  bound_text = format_endpoint(host, bound_port);
-  return s;
+  return listen_everywhere(addresses, format_endpoint(where.host, where.port), where.port);
 }
 
 // PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
@@ -4310,10 +4380,9 @@ inline int run_smtpd(int argc, const char* const* argv) {
   install_stop_handlers();
   raise_descriptor_limit();
   binary_stdout();
-  std::string bound;
-  socket_t listener;
+  std::vector<Listener> listeners;
   try {
-    listener = open_listener(settings.local, bound);
+    listeners = open_listeners(settings.local);
   } catch (const StartError& e) {
     log_line(e.what());
     return kExitCannotListen;
@@ -4321,7 +4390,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   if (settings.setuid && running_as_root()) {
     std::string error;
     if (!drop_privileges(error)) {
-      close_socket(listener);
+      for (const Listener& l : listeners) close_socket(l.socket);
       log_line(error);
       return kExitPrivileges;
     }
@@ -4336,13 +4405,19 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
+  // One "listening on" line, as scripts expect; the other addresses after it
+  std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
+  for (std::size_t i = 1; i < listeners.size(); ++i)
+    std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
   warn_if_open_relay(settings, bound);
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));
-  Server server({listener}, std::move(options), *mode);
+  std::vector<socket_t> sockets_to_watch;
+  for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
+  Server server(std::move(sockets_to_watch), std::move(options), *mode);
   if (!server.run()) {
     log_line(server.error());
     return kExitLoopFailed;

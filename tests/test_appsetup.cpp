@@ -568,6 +568,95 @@ TEST_CASE("appsetup: smtp-source pipelines against --pipelining; every message a
   CHECK(count(srv.stdout_text(), "\"mailfrom\": \"app@example.com\"") == 40);
 }
 
+// ==== Both loopbacks: every address of the listening host ====
+
+inline SocketAddress address_of(const std::string& ip) {
+  std::string error;
+  std::vector<SocketAddress> found = resolve_endpoint(Endpoint{ip, 0}, error);
+  REQUIRE_MESSAGE(found.size() == 1, ip << ": " << error);
+  return found.front();
+}
+
+// accepts_connections - a TCP connection to HOST:PORT completes (the kernel accepts it for a
+// listening socket; no loop runs here to greet it)
+inline bool accepts_connections(const std::string& host, int port) {
+  try {
+    Client::connect(host, port, nullptr, milliseconds(2000));
+    return true;
+  } catch (const std::exception&) {
+    return false;
+  }
+}
+
+TEST_CASE("appsetup: listen_everywhere binds every address on one port, port 0 too") {
+  REQUIRE_MESSAGE(have_ipv6_loopback(), "this test needs the IPv6 loopback ::1");
+  std::vector<SocketAddress> addresses{address_of("127.0.0.1"), address_of("::1"),
+                                       address_of("127.0.0.2")};
+  std::vector<Listener> listeners = listen_everywhere(addresses, "test:0", 0);
+  REQUIRE(listeners.size() == 3);
+  std::string port = listeners[0].bound.substr(listeners[0].bound.rfind(':') + 1);
+  CHECK(listeners[0].bound == "127.0.0.1:" + port);
+  CHECK(listeners[1].bound == "[::1]:" + port);
+  CHECK(listeners[2].bound == "127.0.0.2:" + port);
+  for (const char* host : {"127.0.0.1", "::1", "127.0.0.2"}) {
+    INFO(host);
+    CHECK(accepts_connections(host, std::stoi(port)));
+  }
+  SUBCASE("a fixed port taken on one of the addresses: a StartError naming that address") {
+    std::vector<SocketAddress> again{address_of("127.0.0.3"), address_of("127.0.0.2")};
+    auto fixed = static_cast<std::uint16_t>(std::stoi(port));
+    std::string message;
+    try {
+      listen_everywhere(again, "both", fixed);
+    } catch (const StartError& e) {
+      message = e.what();
+    }
+    CHECK(starts_with(message, "cannot listen on 127.0.0.2:" + port + " (both): "));
+  }
+  SUBCASE("port 0 taken by someone else on a later address: another port is found") {
+    std::vector<SocketAddress> again{address_of("127.0.0.2"), address_of("127.0.0.1")};
+    std::vector<Listener> second = listen_everywhere(again, "test:0", 0);
+    REQUIRE(second.size() == 2);
+    CHECK(second[0].bound.substr(second[0].bound.rfind(':')) ==
+          second[1].bound.substr(second[1].bound.rfind(':')));
+    for (const Listener& l : second) close_socket(l.socket);
+  }
+  for (const Listener& l : listeners) close_socket(l.socket);
+}
+
+TEST_CASE("appsetup: an address this machine lacks is left out, unless it is the first") {
+  std::vector<SocketAddress> addresses{address_of("127.0.0.1"), address_of("192.0.2.1")};
+  std::vector<Listener> listeners = listen_everywhere(addresses, "test:0", 0);
+  CHECK(listeners.size() == 1);
+  for (const Listener& l : listeners) close_socket(l.socket);
+  std::vector<SocketAddress> reversed{address_of("192.0.2.1"), address_of("127.0.0.1")};
+  CHECK_THROWS_AS(listen_everywhere(reversed, "test:0", 0), StartError);
+}
+
+TEST_CASE("appsetup: smtpd localhost:0 listens on every address localhost resolves to") {
+  std::string error;
+  std::vector<SocketAddress> resolved = resolve_endpoint(Endpoint{"localhost", 0}, error);
+  REQUIRE(!resolved.empty());
+  ignore_sigpipe();
+  auto srv = ServerProcess::launch({"-n", "localhost:0"});
+  CHECK(srv.wait_stderr(resolved.size() > 1 ? "also listening on" : "listening on"));
+  std::vector<std::string> lines = lines_of(srv.stderr_text());
+  REQUIRE(!lines.empty());
+  CHECK(starts_with(lines[0], "listening on "));
+  for (std::size_t i = 0; i < resolved.size(); ++i) {
+    auto [host, ignored] = numeric_address(reinterpret_cast<const sockaddr*>(&resolved[i].storage),
+                                           resolved[i].length);
+    std::string line = (i == 0 ? "listening on " : "also listening on ") +
+                       format_endpoint(host, static_cast<unsigned>(srv.port()));
+    INFO(srv.stderr_text());
+    REQUIRE(i < lines.size());
+    CHECK(lines[i] == line);
+    Client c = Client::connect(host, srv.port(), &srv);
+    CHECK(starts_with(c.read_reply(), "220 "));
+  }
+  MESSAGE("localhost resolves to " << resolved.size() << " address(es) here");
+}
+
 TEST_SUITE_END();
 
 }  // namespace appsetup
