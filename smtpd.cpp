@@ -1075,6 +1075,10 @@ class AddressParser {
     if (at_end()) throw Refused{};
     std::vector<Piece> pieces;
     std::size_t start = pos_;
+    // Python raises when only CFWS comes before a phrase end: "(c)@x" (found by fuzz_address)
+    skip_cfws();
+    if (at_end() || (peek() != '\\' && is_phrase_end(peek()))) throw Refused{};
+    pos_ = start;
     while (!at_end() && (peek() == '\\' || !is_phrase_end(peek()))) {
       if (peek() == '.') {
         pieces.push_back({Piece::Dot, "."});
@@ -2638,8 +2642,13 @@ class UpstreamClient {
       std::string line = in_.substr(0, end);
       in_.erase(0, end + 1);
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      bool is_code = line.size() >= 3 && is_decimal(line.substr(0, 3));
-      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-')) {
+      // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
+      bool is_code =
+          line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
+      // A CR or other control character inside a line would reach our client in the relayed
+      // reply (found by fuzz_upstream): that is as malformed as a missing code.
+      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
+          has_control_character(line, true)) {
         fail("sent a malformed reply: " + printable(line.substr(0, 80)));
         return false;
       }

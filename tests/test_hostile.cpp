@@ -8,6 +8,9 @@
 // All cases are in the test suite "hostile":   tests/run_tests -ts='hostile'
 #include <doctest/doctest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "test_support.hpp"
 
 namespace smtpd_test {
@@ -82,6 +85,101 @@ TEST_CASE("9.3 a message with bare CRs reaches the upstream with CRLF lines and 
         "Subject: smuggle\nX-Peer: 127.0.0.1\n\nbefore\n.\nMAIL FROM:<evil@example.com>\n"
         "after\n\n");
   CHECK(messages[0].find('\r') == std::string::npos);
+}
+
+// ScriptedReplies - an upstream on 127.0.0.1 for one connection at a time: its greeting, then
+// one scripted reply per line it reads (the message text counts as one line, ended by ".").
+// Stops by itself when the test ends or after 30 s.
+class ScriptedReplies {
+ public:
+  explicit ScriptedReplies(std::vector<std::string> replies) : replies_(std::move(replies)) {
+    port_ = loopback_socket(listener_);
+    if (::listen(listener_, 4) != 0) throw std::runtime_error("listen failed");
+    thread_ = std::thread([this] { serve(); });
+  }
+  ScriptedReplies(const ScriptedReplies&) = delete;
+  ScriptedReplies& operator=(const ScriptedReplies&) = delete;
+  ~ScriptedReplies() {
+    stop_ = true;
+    thread_.join();
+    ::close(listener_);
+  }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  void serve() {
+    Deadline deadline(milliseconds(30000));
+    while (!stop_ && !deadline.expired()) {
+      pollfd p{listener_, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      int fd = ::accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd >= 0) talk(fd, deadline);
+    }
+  }
+  void talk(int fd, const Deadline& deadline) {
+    std::string in;
+    bool in_data = false;
+    for (std::size_t next = 0; next < replies_.size() && !stop_ && !deadline.expired();) {
+      if (next == 0 || in.find("\r\n") != std::string::npos) {
+        if (next > 0) {
+          std::string line = in.substr(0, in.find("\r\n"));
+          in.erase(0, line.size() + 2);
+          if (in_data && line != ".") continue;
+          in_data = line == "DATA";
+        }
+        std::string reply = replies_[next++] + "\r\n";
+        ::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+        continue;
+      }
+      pollfd p{fd, POLLIN, 0};
+      if (::poll(&p, 1, 20) <= 0) continue;
+      char buf[4096];
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n <= 0) break;
+      in.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(fd);
+  }
+
+  std::vector<std::string> replies_;
+  int listener_ = -1;
+  int port_ = 0;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+};
+
+TEST_CASE("9.12 an upstream reply with a bare CR inside reaches the client as 451, not as is") {
+  // found by fuzz/fuzz_upstream: the CR went into our client's reply line
+  ScriptedReplies upstream({"220 up", "250 up", "250 ok\rRCPT TO:<smuggled@example.org>"});
+  auto srv = proxy::start_proxy(upstream.address());
+  Client c = srv.connect();
+  proxy::greet_proxy(c);
+  std::string reply = c.command("MAIL FROM:<a@example.com>");
+  CHECK(starts_with(reply, "451 "));
+  CHECK(reply.find('\r') == std::string::npos);
+}
+
+TEST_CASE("9.12 an upstream reply code 000 is malformed: the client hears 451, one line") {
+  // found by fuzz/fuzz_upstream: "000" read as "no reply", and its text reached the client
+  ScriptedReplies upstream({"220 up", "250-up\r\n000 zero"});
+  auto srv = proxy::start_proxy(upstream.address());
+  Client c = srv.connect();
+  proxy::greet_proxy(c);
+  std::string reply = c.command("MAIL FROM:<a@example.com>");
+  CHECK(starts_with(reply, "451 "));
+  CHECK(reply.find('\n') == std::string::npos);
+}
+
+TEST_CASE("9.12 only a comment before the @ is refused, as Python's parser refuses it") {
+  // found by fuzz/fuzz_address: "(c)@3" parsed to "@3", which does not parse again
+  CHECK_FALSE(parse_address("(c)@3"));
+  CHECK_FALSE(parse_address("(\xc6R()@)@3((@)@)"));
+  CHECK_FALSE(parse_address(" (c) @x"));
+  REQUIRE(parse_address("(c)a@x"));
+  CHECK(parse_address("(c)a@x")->address == "a@x");
+  Session s;
+  CHECK(s.send("HELO a\r\nMAIL FROM:(c)@3\r\n") ==
+        "250 test.example\r\n501 Syntax: MAIL FROM: <address>\r\n");
 }
 
 // ==== 9.10 Cross-protocol: HTTP ====
