@@ -18,4 +18,5 @@
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
 #include "test_hostile.cpp"
+#include "test_loop.cpp"
 // clang-format on
