@@ -116,7 +116,15 @@ constexpr int kKillWaitRounds = 100;             // after a kill, looked for thi
 constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
 constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
-constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
+// --timeout: RFC 5321 4.5.3.2 gives a server at least 5 minutes for each command; a client
+// that trickles bytes cannot stretch one command past it (issue 9.7). In DATA the time runs
+// between reads, and the whole message gets kDataDeadlineFactor times as long.
+constexpr long long kCommandTimeoutMs = 300 * 1000;
+constexpr long long kDataDeadlineFactor = 10;
+constexpr int kDrainGraceMs = 5000;
+// SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
+// finish before they hear 421; idle ones hear it at once (issue 9.9)
+constexpr int kShutdownGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
@@ -183,7 +191,7 @@ struct SocketRuntime {
 
 std::atomic<bool> g_stop_requested{false};
 inline BOOL WINAPI on_console_event(DWORD) {
-  g_stop_requested = true;
+  if (g_stop_requested.exchange(true)) std::_Exit(130);  // the second one: at once
   return TRUE;
 }
 // install_stop_handlers - Ctrl-C and console close end the loop cleanly
@@ -234,7 +242,10 @@ inline bool connect_in_progress(int err) { return err == EINPROGRESS || err == E
 struct SocketRuntime {};
 
 std::atomic<bool> g_stop_requested{false};
-extern "C" inline void on_stop_signal(int) { g_stop_requested = true; }
+// on_stop_signal - the first SIGINT/SIGTERM asks for a graceful stop; a second ends us at once
+extern "C" inline void on_stop_signal(int sig) {
+  if (g_stop_requested.exchange(true)) _exit(128 + sig);
+}
 
 // install_stop_handlers - SIGINT/SIGTERM end the loop; no SA_RESTART so poll() wakes at once
 inline void install_stop_handlers() {
@@ -1321,6 +1332,9 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
+constexpr const char* kClosingTimeout = "Error: timeout exceeded";         // as Postfix says it
+constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
+constexpr const char* kClosingTooMany = "Error: too many connections; try again later";
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -1372,6 +1386,7 @@ class Channel {
   void answer(const std::string& reply);
   void close_with(const std::string& reply);
   bool wants_input() const;
+  std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
 
   // Transaction state, public so tests can look at it as Python's tests do.
@@ -1439,6 +1454,7 @@ class Channel {
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
   bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
 };
 
 // kCommands - the protocol's index, in the order HELP lists the verbs
@@ -1586,6 +1602,7 @@ bool Channel::process_data_bytes() {
 
 // append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
 void Channel::append_data(std::string_view bytes) {
+  ++progress_;
   data_bytes_ += bytes.size();
   std::uint64_t limit = config_.data_size_limit;
   // The CRLF before the final dot is not message data, so the count may run 2 over.
@@ -1640,6 +1657,7 @@ Envelope Channel::take_message() {
 void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
+  ++progress_;
   bool accepted = reply.empty() || reply[0] == '2';
   if (question == Question::Message) {
     set_post_data_state();
@@ -1691,6 +1709,7 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
+  ++progress_;
   if (config_.trace) config_.trace(peer + " <- " + printable(line.substr(0, 200)));
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
@@ -3204,6 +3223,9 @@ struct Connection {
   std::list<Connection>::iterator self;  // its place in Server::connections_
   bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
   bool is_closed = false;                // no more events; destroyed after the current callbacks
+  Reactor::TimerId command_timer = 0;    // --timeout for the command (or DATA read) awaited
+  Reactor::TimerId data_timer = 0;       // --timeout times kDataDeadlineFactor for all of DATA
+  std::uint64_t progress_seen = 0;       // channel.progress() when command_timer last started
 };
 
 // ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
@@ -3264,6 +3286,8 @@ struct ServerOptions {
   bool debug = false;
   std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
   long long idle_exit_ms = 0;      // --idle-exit: 0 for never
+  long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
+  std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
 // Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
@@ -3294,9 +3318,11 @@ class Server {
   // run - serve until a stop is requested or the exit policy says so, then give queued
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
-    while (!g_stop_requested && !exit_.is_due())
+    while (!exit_.is_due() && !is_shutdown_over()) {
+      if (g_stop_requested && shutdown_deadline_ms_ == 0) begin_shutdown();
       if (!reactor_.turn(kPollWakeMs)) return false;
-    if (exit_.is_draining()) close_remaining();
+    }
+    if (exit_.is_draining() || shutdown_deadline_ms_ != 0) close_remaining();
     flush_before_exit();
     return true;
   }
@@ -3326,8 +3352,24 @@ class Server {
       setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
       auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
       trace("connection from " + format_endpoint(ip, port));
+      if (is_full()) {
+        turn_away(s, format_endpoint(ip, port));
+        continue;
+      }
       add_client(std::make_unique<SocketTransport>(s), ip);
     }
+  }
+
+  // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
+  // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
+  bool is_full() const {
+    return options_.max_clients != 0 && connections_.size() >= options_.max_clients;
+  }
+  void turn_away(socket_t s, const std::string& who) {
+    trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
+    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingTooMany + "\r\n";
+    (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
+    close_socket(s);
   }
 
   // accept_failed - out of descriptors the listeners stay readable: pause them instead of
@@ -3354,6 +3396,10 @@ class Server {
   void stop_listening() {
     trace("message limit reached (" + std::to_string(exit_.delivered()) +
           "); no new clients, exiting when the open sessions end");
+    close_listeners();
+  }
+
+  void close_listeners() {
     reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
     for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
     listeners_.clear();
@@ -3439,10 +3485,42 @@ class Server {
     bool is_waiting = c.channel.question() != Channel::Question::None;
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
+    if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
+    watch_time(c);
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty()) events |= POLLOUT;
     reactor_.set_events(c.transport->socket(), events);
+  }
+
+  // watch_time - --timeout: the client has that long for each command line (bytes alone do not
+  // count, so trickling does not help) and, in DATA, between two reads; the whole of DATA has
+  // kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
+  void watch_time(Connection& c) {
+    long long ms = options_.command_timeout_ms;
+    bool is_in_data = c.channel.smtp_state == Channel::State::Data;
+    if (!is_in_data) reactor_.cancel_timer(std::exchange(c.data_timer, 0));
+    if (is_in_data && c.data_timer == 0)
+      c.data_timer = reactor_.start_timer(ms * kDataDeadlineFactor, [this, conn = &c] {
+        conn->data_timer = 0;
+        say_and_close(*conn, kClosingTimeout, "took too long over DATA");
+      });
+    if (c.command_timer != 0 && c.progress_seen == c.channel.progress()) return;
+    c.progress_seen = c.channel.progress();
+    reactor_.cancel_timer(c.command_timer);
+    c.command_timer = reactor_.start_timer(ms, [this, conn = &c] {
+      conn->command_timer = 0;
+      if (conn->channel.question() != Channel::Question::None) return watch_time(*conn);
+      say_and_close(*conn, kClosingTimeout, "timed out");
+    });
+  }
+
+  // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
+  void say_and_close(Connection& c, const char* text, const std::string& why) {
+    if (c.is_closed) return;
+    c.channel.close_with("421 " + options_.channel.fqdn + " " + text);
+    write_some(c);
+    if (!c.is_closed) close(c, why);
   }
 
   void write_some(Connection& c) {
@@ -3457,6 +3535,8 @@ class Server {
   void close(Connection& c, const std::string& why) {
     if (!why.empty()) trace(c.channel.peer + " " + why);
     c.is_closed = true;
+    reactor_.cancel_timer(std::exchange(c.command_timer, 0));
+    reactor_.cancel_timer(std::exchange(c.data_timer, 0));
     reactor_.unwatch(c.transport->socket());
     reactor_.defer([this, place = c.self] {
       connections_.erase(place);
@@ -3466,9 +3546,36 @@ class Server {
 
   // -- Ending --
 
-  // close_remaining - after the message limit, a 421 to the sessions that are still open
+  // begin_shutdown - SIGTERM/SIGINT: no new clients; idle sessions hear 421 now, those in
+  // DATA or waiting for its verdict when they are done (settle), or when the grace is over
+  void begin_shutdown() {
+    trace("stopping: no new clients; open transactions get " +
+          std::to_string(kShutdownGraceMs / 1000) + " s to finish");
+    close_listeners();
+    shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
+    reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
+    for (Connection& c : connections_)
+      if (!c.is_closed) settle(c);
+  }
+
+  // is_idle - between transactions' commands: nothing of a message would be lost by closing
+  static bool is_idle(const Connection& c) {
+    return c.channel.smtp_state == Channel::State::Command &&
+           c.channel.question() == Channel::Question::None;
+  }
+
+  bool is_shutdown_over() const {
+    if (shutdown_deadline_ms_ == 0) return false;
+    bool is_open = std::any_of(connections_.begin(), connections_.end(),
+                               [](const Connection& c) { return !c.is_closed; });
+    return !is_open || PollReactor::now_ms() >= shutdown_deadline_ms_;
+  }
+
+  // close_remaining - after the message limit or the shutdown grace, a 421 to the sessions
+  // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
-    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
+    const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
+    std::string reply = "421 " + options_.channel.fqdn + " " + why;
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -3495,6 +3602,7 @@ class Server {
   std::list<Connection> connections_;
   Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
   bool is_accept_failing_ = false;
+  long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
 };
 
 // ==== 10. Command line ====
@@ -3528,6 +3636,8 @@ struct Settings {
   std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
   std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
   std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
+  std::uint64_t max_clients = 0;                         // --max-clients: 0 for no limit
+  long long command_timeout_ms = kCommandTimeoutMs;      // --timeout
   std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
 };
@@ -3615,7 +3725,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// parse_count - a whole number for --max-messages, --max-recipients, --max-clients or
+// --idle-exit; nine
 // digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
@@ -3689,7 +3800,19 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("max-recipients",
+      "N")("max-clients",
+            "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+            "limit (the default).",
+            cxxopts::value<std::string>(), "N")("timeout",
+                                                "Seconds a client has for each command, and "
+                                                "in DATA between two reads, before it hears "
+                                                "421 and is closed (default " +
+                                                    std::to_string(kCommandTimeoutMs / 1000) +
+                                                    "); the whole message gets " +
+                                                    std::to_string(kDataDeadlineFactor) +
+                                                    " times as long.",
+                                                cxxopts::value<std::string>(), "SECONDS")(
+      "max-recipients",
            "Most recipients in one message; further RCPT commands get 452 (default " +
                std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
            cxxopts::value<std::string>(),
@@ -3754,6 +3877,10 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-clients"))
+    s.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
+  if (result.count("timeout"))
+    s.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
   if (result.count("max-recipients"))
     s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
@@ -3876,6 +4003,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
+  options.max_clients = static_cast<std::size_t>(settings.max_clients);
+  options.command_timeout_ms = settings.command_timeout_ms;
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;

@@ -12,10 +12,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (!parsed) return 0;
   if (arg.empty() && !parsed->address.empty()) __builtin_trap();
   if (parsed->rest.size() > arg.size()) __builtin_trap();
-  // What a channel would accept (no control character: issue 9.2) must read back as itself.
-  // Not an empty local part: Python writes ""@x (outside <>) as "@x", which it then refuses.
+  // What a channel would accept (valid UTF-8, as command lines must be, and no control
+  // character: issue 9.2) must read back as itself. Not an empty local part: Python writes
+  // ""@x (outside <>) as "@x", which it then refuses.
   if (parsed->address.empty() || parsed->address == "<>" || parsed->address[0] == '@' ||
-      has_control_character(arg, true) || has_control_character(parsed->address))
+      !is_valid_utf8(arg) || has_control_character(arg, true) ||
+      has_control_character(parsed->address))
     return 0;
   std::optional<ParsedAddress> again = parse_address("<" + parsed->address + ">");
   if (!again || !again->rest.empty() || again->address != parsed->address) __builtin_trap();

@@ -24,18 +24,36 @@ class FuzzReactor : public Reactor {
   void watch(socket_t s, short events, ReadyHandler on_ready) override {
     watches_[s] = {events, std::move(on_ready)};
   }
+  void set_events(socket_t s, short events) override { watches_[s].first = events; }
   void unwatch(socket_t s) override { watches_.erase(s); }
-  std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) override {
+  void release(socket_t s, void (*close)(socket_t)) override {
+    unwatch(s);
+    defer([s, close] { close(s); });
+  }
+  TimerId start_timer(long long delay_ms, Task on_expiry) override {
     timers_[++last_id_] = {delay_ms, std::move(on_expiry)};
     return last_id_;
   }
-  void cancel_timer(std::uint64_t id) override { timers_.erase(id); }
+  void restart_timer(TimerId id, long long delay_ms) override {
+    auto it = timers_.find(id);
+    if (it != timers_.end()) it->second.first = delay_ms;
+  }
+  void cancel_timer(TimerId id) override { timers_.erase(id); }
+  void defer(Task task) override { deferred_.push_back(std::move(task)); }
 
-  // run - until nothing is watched and no timer is left, or `turns` turns
+  // run - until nothing is watched, no timer and no deferred task is left, or `turns` turns
   void run(int turns) {
-    for (int turn = 0; turn < turns && (!watches_.empty() || !timers_.empty()); ++turn) {
+    for (int turn = 0; turn < turns; ++turn) {
+      if (!deferred_.empty()) {
+        std::vector<Task> tasks;
+        tasks.swap(deferred_);
+        for (Task& task : tasks) task();
+        continue;
+      }
+      if (watches_.empty() && timers_.empty()) break;
       std::vector<pollfd> fds;
-      for (const auto& [s, w] : watches_) fds.push_back({s, w.first, 0});
+      for (const auto& [s, w] : watches_)
+        if (w.first != 0) fds.push_back({s, w.first, 0});
       if (!fds.empty() && ::poll(fds.data(), fds.size(), 0) > 0) {
         for (const pollfd& p : fds) {
           auto it = watches_.find(p.fd);
@@ -49,7 +67,7 @@ class FuzzReactor : public Reactor {
       auto first = std::min_element(timers_.begin(), timers_.end(), [](auto& a, auto& b) {
         return a.second.first < b.second.first;
       });
-      TimerHandler handler = std::move(first->second.second);
+      Task handler = std::move(first->second.second);
       timers_.erase(first);
       handler();
     }
@@ -57,8 +75,9 @@ class FuzzReactor : public Reactor {
 
  private:
   std::map<socket_t, std::pair<short, ReadyHandler>> watches_;
-  std::map<std::uint64_t, std::pair<long long, TimerHandler>> timers_;
-  std::uint64_t last_id_ = 0;
+  std::map<TimerId, std::pair<long long, Task>> timers_;
+  std::vector<Task> deferred_;
+  TimerId last_id_ = 0;
 };
 
 // is_client_reply - one or more reply lines, CRLF between them, codes 200 to 599

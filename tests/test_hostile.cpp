@@ -326,6 +326,162 @@ TEST_CASE("9.11 --exec: a command that exits 0 while a background child holds it
   CHECK(seconds_since(started) < 4);
 }
 
+// ==== 9.7 Timeouts ====
+
+TEST_CASE("9.7 --timeout: a client trickling a command a byte at a time hears 421 and is closed") {
+  auto srv = start({"-c", "SMTPServer", "--timeout", "1"});
+  Client c = srv.connect();
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  auto started = Clock::now();
+  for (int i = 0; i < 40 && !c.wait_closed(milliseconds(200)); ++i) c.send("N");
+  CHECK(c.wait_closed(milliseconds(1000)));
+  double took = seconds_since(started);
+  CHECK(took > 0.9);
+  CHECK(took < 6);
+  auto line = c.recv_line(milliseconds(100));
+  REQUIRE(line);
+  CHECK(starts_with(*line, "421 "));
+  CHECK(line->find(kClosingTimeout) != std::string::npos);
+}
+
+TEST_CASE("9.7 --timeout: an idle client is closed with 421, a busy one is not") {
+  auto srv = start({"-c", "SMTPServer", "--timeout", "1"});
+  Client idle = srv.connect();
+  Client busy = srv.connect();
+  REQUIRE(starts_with(idle.read_reply(), "220 "));
+  REQUIRE(starts_with(busy.read_reply(), "220 "));
+  for (int i = 0; i < 8; ++i) {  // 2.4 s of commands, each well inside the timeout
+    CHECK(busy.command("NOOP") == "250 OK");
+    std::this_thread::sleep_for(milliseconds(300));
+  }
+  CHECK(starts_with(idle.read_reply(milliseconds(100)), "421 "));
+  CHECK(idle.wait_closed(milliseconds(100)));
+  CHECK(busy.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("9.7 DATA: a message trickled line by line is cut off at 10 times --timeout") {
+  auto srv = start({"-c", "SMTPServer", "--timeout", "0.3"});
+  Client c = srv.connect();
+  exec_hook::greet(c);
+  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  auto started = Clock::now();
+  // a line every 0.1 s: each read is in time, the whole is not (3 s)
+  while (!c.wait_closed(milliseconds(100)) && seconds_since(started) < 15) c.send("line\r\n");
+  double took = seconds_since(started);
+  CHECK(took > 2.9);
+  CHECK(took < 10);
+  auto line = c.recv_line(milliseconds(100));
+  REQUIRE(line);
+  CHECK(starts_with(*line, "421 "));
+}
+
+TEST_CASE("9.7 time spent waiting for the --exec command does not count against the client") {
+  Script script("cat > /dev/null; sleep 2");
+  auto srv = start({"-c", "SMTPServer", "--timeout", "1", "--exec", script.command()});
+  Client c = srv.connect();
+  exec_hook::greet(c);
+  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  CHECK(c.command("x\r\n.") == "250 OK");
+  CHECK(c.command("QUIT") == "221 Bye");
+}
+
+// ==== 9.8 --max-clients ====
+
+TEST_CASE("9.8 --max-clients 2: a third client hears 421 and is closed; the listener goes on") {
+  auto srv = start({"-c", "SMTPServer", "--max-clients", "2"});
+  Client a = srv.connect();
+  Client b = srv.connect();
+  REQUIRE(starts_with(a.read_reply(), "220 "));
+  REQUIRE(starts_with(b.read_reply(), "220 "));
+  Client third = srv.connect();
+  std::string reply = third.read_reply();
+  CHECK(starts_with(reply, "421 "));
+  CHECK(reply.find(kClosingTooMany) != std::string::npos);
+  CHECK(third.wait_closed());
+  CHECK(a.command("QUIT") == "221 Bye");
+  REQUIRE(a.wait_closed());
+  // once a place is free a new client is served (the server may take a moment to see a leave)
+  bool served = wait_until(
+      [&] {
+        Client next = srv.connect();
+        return starts_with(next.read_reply(), "220 ");
+      },
+      kWait);
+  CHECK(served);
+  CHECK(b.command("NOOP") == "250 OK");
+}
+
+// ==== 9.9 Shutdown ====
+
+TEST_CASE("9.9 SIGTERM or SIGINT: an idle session hears 421, and the server exits 0") {
+  for (int sig : {SIGTERM, SIGINT}) {
+    CAPTURE(sig);
+    auto srv = start({"-c", "SMTPServer"});
+    Client c = srv.connect();
+    exec_hook::greet(c);
+    REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");  // no message yet: idle
+    srv.child.send_signal(sig);
+    std::string reply = c.read_reply();
+    CHECK(starts_with(reply, "421 "));
+    CHECK(reply.find(kClosingShutdown) != std::string::npos);
+    CHECK(c.wait_closed());
+    ExitStatus st = srv.child.wait_exit(kWait);
+    CHECK(st.exited);
+    CHECK(st.code == 0);
+  }
+}
+
+TEST_CASE("9.9 SIGTERM during DATA: the message is finished and answered 250, then 421") {
+  TempDir dir;
+  auto srv = start({"-c", "SMTPServer", "--maildir", dir.path()});
+  Client c = srv.connect();
+  exec_hook::greet(c);
+  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  REQUIRE(c.send("Subject: in flight\r\n\r\nfirst half\r\n"));
+  Client idle = srv.connect();
+  REQUIRE(starts_with(idle.read_reply(), "220 "));
+  srv.child.send_signal(SIGTERM);
+  CHECK(starts_with(idle.read_reply(), "421 "));  // at once
+  std::this_thread::sleep_for(milliseconds(500));
+  REQUIRE(c.send("second half\r\n"));
+  CHECK(c.command(".") == "250 OK");
+  CHECK(starts_with(c.read_reply(), "421 "));
+  ExitStatus st = srv.child.wait_exit(kWait);
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+  CHECK(exec_hook::maildir_messages(dir.path()).size() == 1);
+}
+
+TEST_CASE("9.9 SIGTERM: a transaction that does not finish in the grace period hears 421") {
+  auto srv = start({"-c", "SMTPServer"});
+  Client c = srv.connect();
+  exec_hook::greet(c);
+  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  auto started = Clock::now();
+  srv.child.send_signal(SIGTERM);
+  std::string reply = c.read_reply(milliseconds(kShutdownGraceMs + 5000));
+  CHECK(starts_with(reply, "421 "));
+  CHECK(seconds_since(started) > kShutdownGraceMs / 1000.0 - 0.5);
+  ExitStatus st = srv.child.wait_exit(kWait);
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+}
+
+TEST_CASE("9.9 a second SIGTERM ends the server at once") {
+  auto srv = start({"-c", "SMTPServer"});
+  Client c = srv.connect();
+  exec_hook::greet(c);
+  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});  // would get the grace
+  auto started = Clock::now();
+  srv.child.send_signal(SIGTERM);
+  std::this_thread::sleep_for(milliseconds(200));
+  srv.child.send_signal(SIGTERM);
+  ExitStatus st = srv.child.wait_exit(kWait);
+  CHECK(seconds_since(started) < 2.5);
+  CHECK(st.exited);
+  CHECK(st.code == 128 + SIGTERM);
+}
+
 // ==== 9.1 Descriptors 0-2 closed at start ====
 
 TEST_CASE("9.1 started with stdin and stdout closed, a client never sees another's message") {
