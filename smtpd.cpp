@@ -34,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <list>
 #include <map>
@@ -124,7 +125,11 @@ constexpr long long kDataDeadlineFactor = 10;
 constexpr int kDrainGraceMs = 5000;
 // SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
 // finish before they hear 421; idle ones hear it at once (issue 9.9)
-constexpr int kShutdownGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
+constexpr int kShutdownGraceMs = 5000;
+// stdout and stderr on a pipe nobody reads (issue 9.6): trace lines queue up to this much,
+// then are dropped and counted; at exit, what is queued gets this long to leave
+constexpr std::size_t kTraceBacklog = 256 * 1024;
+constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
@@ -202,6 +207,10 @@ inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
 inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
 inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
+inline bool set_output_nonblocking(int) { return false; }  // WSAPoll takes sockets only
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return _write(fd, data, static_cast<unsigned>(std::min<std::size_t>(size, 1 << 30)));
+}
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -259,6 +268,19 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// set_output_nonblocking - stdout or stderr on a pipe or socket could wait forever for its
+// reader: its writes fail with EAGAIN instead (issue 9.6). Files and terminals stay blocking
+// (O_NONBLOCK on a terminal would reach the shell that shares it).
+inline bool set_output_nonblocking(int fd) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return false;
+  int flags = fcntl(fd, F_GETFL);
+  return flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0;
+}
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return static_cast<long>(::write(fd, data, size));
+}
 
 // open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
 // Started with them closed (smtpd <&- >&-), the listener and the first clients would take
@@ -696,7 +718,8 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
 // check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, and host-name lookup.
+// asctime date of mbox "From " lines, wall-clock time, host-name lookup, and stdout and stderr
+// as queues the loop never waits on (OutputQueue, log_line).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -971,10 +994,117 @@ inline std::string host_name() {
 }
 
 // log_line - one line on stderr, prefixed with the program name
-inline void log_line(const std::string& text) {
-  std::fprintf(stderr, "smtpd: %s\n", text.c_str());
-  std::fflush(stderr);
+// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
+// pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
+// dropped and counted; a print-out of a message whole, and whoever waits on it is told once it
+// is written. The loop polls the stream while text waits (section 9); on a file or terminal
+// every write completes at once, as before.
+class OutputQueue {
+ public:
+  using Written = std::function<void(const std::string& error)>;  // "" when written
+  explicit OutputQueue(int fd) : fd_(fd) {}
+
+  void make_nonblocking() { is_nonblocking_ = set_output_nonblocking(fd_); }
+  bool is_nonblocking() const { return is_nonblocking_; }
+  bool has_pending() const { return !chunks_.empty(); }
+  int fd() const { return fd_; }
+  std::uint64_t dropped() const { return dropped_; }
+
+  // trace - a line that may be lost rather than waited for
+  void trace(std::string text) {
+    if (queued_ + text.size() > kTraceBacklog) {
+      ++dropped_;
+      ++dropped_unsaid_;
+      return;
+    }
+    push(std::move(text), nullptr);
+  }
+
+  // print - text that must be written whole; `written` is called from a later flush (or now)
+  std::uint64_t print(std::string text, Written written) {
+    return push(std::move(text), std::move(written));
+  }
+
+  // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
+  void forget(std::uint64_t id) {
+    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
+      if (it->id != id) continue;
+      it->written_to = nullptr;
+      if (it->done != 0) return;
+      queued_ -= it->text.size();
+      chunks_.erase(it);
+      return;
+    }
+  }
+
+  // flush - write what the stream takes now, never waiting
+  void flush() {
+    while (!chunks_.empty()) {
+      Chunk& c = chunks_.front();
+      long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
+      if (n < 0 && would_block(errno)) return;
+      std::string error;
+      if (n < 0)
+        error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
+                std::strerror(errno);
+      if (n >= 0) c.done += static_cast<std::size_t>(n);
+      if (error.empty() && c.done < c.text.size()) continue;
+      Written written = std::move(c.written_to);
+      queued_ -= c.text.size();
+      chunks_.pop_front();
+      if (written) written(error);
+    }
+    if (dropped_unsaid_ != 0) {
+      std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
+                         " trace lines dropped: standard error was not read\n";
+      push(std::move(note), nullptr);
+    }
+  }
+
+  // drain - at exit: wait (at most max_ms) for what is queued to leave
+  void drain(int max_ms) {
+    for (int waited = 0; waited < max_ms && has_pending(); waited += 10) {
+      flush();
+      if (has_pending()) sleep_ms(10);
+    }
+  }
+
+ private:
+  struct Chunk {
+    std::string text;
+    std::size_t done = 0;  // bytes of text already written
+    std::uint64_t id = 0;
+    Written written_to;
+  };
+
+  std::uint64_t push(std::string text, Written written) {
+    queued_ += text.size();
+    chunks_.push_back(Chunk{std::move(text), 0, ++last_id_, std::move(written)});
+    std::uint64_t id = last_id_;
+    flush();
+    return id;
+  }
+
+  int fd_;
+  bool is_nonblocking_ = false;
+  std::deque<Chunk> chunks_;
+  std::size_t queued_ = 0;  // bytes in chunks_
+  std::uint64_t last_id_ = 0;
+  std::uint64_t dropped_ = 0;         // trace lines dropped so far
+  std::uint64_t dropped_unsaid_ = 0;  // ... and not yet reported
+};
+
+inline OutputQueue& standard_output() {
+  static OutputQueue queue(1);
+  return queue;
 }
+inline OutputQueue& standard_error() {
+  static OutputQueue queue(2);
+  return queue;
+}
+
+// log_line - "smtpd: text" on stderr; dropped (and counted) rather than waited for
+inline void log_line(const std::string& text) { standard_error().trace("smtpd: " + text + "\n"); }
 
 // ==== 5. Addresses ====
 // smtpd.py reads the address of MAIL, RCPT and VRFY with get_angle_addr/get_addr_spec from
@@ -1332,7 +1462,7 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
-constexpr const char* kClosingTimeout = "Error: timeout exceeded";         // as Postfix says it
+constexpr const char* kClosingTimeout = "Error: timeout exceeded";  // as Postfix says it
 constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
 constexpr const char* kClosingTooMany = "Error: too many connections; try again later";
 
@@ -1353,7 +1483,8 @@ struct ChannelConfig {
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
+  bool keep_data = true;  // false: the mode wants no message text (a sink without outputs)
+  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1611,7 +1742,7 @@ void Channel::append_data(std::string_view bytes) {
     received_data.clear();
     received_data.shrink_to_fit();
   }
-  if (data_too_big_) return;
+  if (data_too_big_ || !config_.keep_data) return;  // counted, not kept (issue 9.8)
   if (bytes == "\r\n")
     received_data += '\n';
   else
@@ -1922,7 +2053,7 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
 //   MessageOutput, StreamPrinter, MaildirStore, MboxStore, format_debug_message,
 //   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
-//   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
+//   RecipientsFile, CommandRun (one run of the --exec command), DeliveringServer, SinkServer,
 //   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
 // Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
 // timer, and run a task after the current callbacks. That last one is the only guard against
@@ -1976,6 +2107,7 @@ class ServerMode {
  public:
   virtual ~ServerMode() = default;
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
+  virtual bool keeps_data() const { return true; }      // false: message text is not needed
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
 };
 
@@ -1987,46 +2119,37 @@ class MessageOutput {
   virtual bool deliver(const Envelope& envelope, std::string& error) = 0;
 };
 
-// split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
-inline std::vector<std::string_view> split_python_lines(std::string_view data) {
-  std::vector<std::string_view> lines;
-  std::size_t start = 0;
-  while (start < data.size()) {
-    std::size_t end = data.find_first_of("\r\n", start);
-    if (end == std::string_view::npos) {
-      lines.push_back(data.substr(start));
-      break;
-    }
-    lines.push_back(data.substr(start, end - start));
-    start = end + ((data[end] == '\r' && end + 1 < data.size() && data[end + 1] == '\n') ? 2 : 1);
-  }
-  return lines;
-}
-
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
-inline std::string format_debug_message(const Envelope& envelope) {
-  std::string out = "---------- MESSAGE FOLLOWS ----------\n";
+// It works on the message text in place (it is usually the last use of it), so printing a
+// message costs little more memory than the message itself (issue 9.8).
+inline std::string format_debug_message(Envelope envelope) {
+  std::string head = "---------- MESSAGE FOLLOWS ----------\n";
   if (!envelope.mail_options.empty())
-    out += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
+    head += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
   if (!envelope.rcpt_options.empty())
-    out += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
-  bool in_headers = true;
-  for (std::string_view line : split_python_lines(envelope.data)) {
-    if (in_headers && line.empty()) {
-      out += "X-Peer: " + envelope.peer + "\n";  // none if the message has no empty line
-      in_headers = false;
-    }
-    out.append(line.data(), line.size());
-    out += '\n';
+    head += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
+  std::string& text = envelope.data;
+  std::size_t to = 0;  // line ends as bytes.splitlines() finds them ("\r\n", "\r", "\n") -> "\n"
+  for (std::size_t from = 0; from < text.size(); ++from, ++to) {
+    bool is_crlf = text[from] == '\r' && from + 1 < text.size() && text[from + 1] == '\n';
+    text[to] = text[from] == '\r' ? '\n' : text[from];
+    if (is_crlf) ++from;
   }
-  out += "------------ END MESSAGE ------------\n";
-  return out;
+  text.resize(to);
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  std::size_t blank = text.empty() ? std::string::npos : text[0] == '\n' ? 0 : text.find("\n\n");
+  if (blank != std::string::npos && blank != 0) ++blank;  // the empty line after that "\n"
+  if (blank != std::string::npos)                         // none if the message has no empty line
+    text.insert(blank, "X-Peer: " + envelope.peer + "\n");
+  text.insert(0, head);
+  text += "------------ END MESSAGE ------------\n";
+  return std::move(text);
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
 // text when it is UTF-8, else as base64, and data_encoding says which
-inline std::string format_json_message(const Envelope& envelope) {
+inline std::string format_json_message(Envelope envelope) {
   bool is_text = is_valid_utf8(envelope.data);
   return "{\"peer\": " + json_string(envelope.peer) +
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
@@ -2038,25 +2161,61 @@ inline std::string format_json_message(const Envelope& envelope) {
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
 }
 
-// StreamPrinter - each message, formatted, on a stream (stdout); flushed before the 250
-class StreamPrinter : public MessageOutput {
+// StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
+// 250 waits until it is written. A reader that does not read for timeout_ms (--timeout) gets
+// the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
+class StreamPrinter {
  public:
-  using Format = std::string (*)(const Envelope&);
-  StreamPrinter(std::FILE* out, Format format) : out_(out), format_(format) {}
-  bool deliver(const Envelope& envelope, std::string& error) override {
-    std::string text = format_(envelope);
-    errno = 0;
-    bool is_written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
-    if (std::fflush(out_) == 0 && is_written) return true;
-    error = std::string("cannot write to standard output: ") +
-            (errno != 0 ? std::strerror(errno) : "write error");
-    std::clearerr(out_);
-    return false;
+  using Format = std::string (*)(Envelope);                    // may take the text over
+  using Done = std::function<void(const std::string& error)>;  // "" once printed
+  StreamPrinter(OutputQueue& out, Format format, long long timeout_ms)
+      : out_(out), format_(format), timeout_ms_(timeout_ms) {}
+
+  // Job - one print-out on its way; destroyed, it no longer calls back
+  class Job {
+   public:
+    Job(Reactor& reactor, OutputQueue& out) : reactor_(reactor), out_(out) {}
+    ~Job() {
+      reactor_.cancel_timer(timer_);
+      if (id_ != 0) out_.forget(id_);
+    }
+    Job(const Job&) = delete;
+    Job& operator=(const Job&) = delete;
+
+   private:
+    friend class StreamPrinter;
+    void end(const std::string& error) {
+      reactor_.cancel_timer(std::exchange(timer_, 0));
+      if (done_) std::exchange(done_, nullptr)(error);
+    }
+    Reactor& reactor_;
+    OutputQueue& out_;
+    std::uint64_t id_ = 0;
+    Reactor::TimerId timer_ = 0;
+    Done done_;
+  };
+
+  std::unique_ptr<Job> print(Reactor& reactor, Envelope envelope, Done done) {
+    auto job = std::make_unique<Job>(reactor, out_);
+    job->done_ = std::move(done);
+    Job* self = job.get();
+    job->timer_ = reactor.start_timer(timeout_ms_, [self] {
+      self->timer_ = 0;
+      self->out_.forget(std::exchange(self->id_, 0));
+      self->end("standard output is not being read");
+    });
+    std::uint64_t id = out_.print(format_(std::move(envelope)), [self](const std::string& error) {
+      self->id_ = 0;
+      self->end(error);
+    });
+    if (self->done_) self->id_ = id;  // else it was written at once, and `done` has run
+    return job;
   }
 
  private:
-  std::FILE* out_;
+  OutputQueue& out_;
   Format format_;
+  long long timeout_ms_;
 };
 
 // message_file_text - the message as a file holds it: data is its lines joined with "\n",
@@ -2112,7 +2271,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, message_file_text(envelope.data), error)) return false;
+    if (!write_synced(tmp, envelope.data, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2123,11 +2282,14 @@ class MaildirStore : public MessageOutput {
   }
 
  private:
-  // write_synced - a new file with these bytes, on disk when this returns true
-  static bool write_synced(const std::string& path, std::string_view text, std::string& error) {
+  // write_synced - a new file with the message (message_file_text, written without a copy),
+  // on disk when this returns true
+  static bool write_synced(const std::string& path, std::string_view data, std::string& error) {
     File file;
     if (!file.create_new(path, error)) return false;
-    if (file.write_all(text, error) && file.sync(error) && file.close(error)) return true;
+    if (file.write_all(data, error) && file.write_all("\n", error) && file.sync(error) &&
+        file.close(error))
+      return true;
     remove_file(path);
     return false;
   }
@@ -2421,11 +2583,15 @@ class DeliveringServer : public ServerMode {
     long long timeout_ms = kExecTimeoutMs;
   };
 
-  DeliveringServer(MessageOutputs outputs, Hook hook)
-      : outputs_(std::move(outputs)), hook_(std::move(hook)) {}
+  DeliveringServer(MessageOutputs outputs, Hook hook, std::unique_ptr<StreamPrinter> printer = {})
+      : outputs_(std::move(outputs)), hook_(std::move(hook)), printer_(std::move(printer)) {}
 
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
     return std::make_unique<Session>(*this, reactor);
+  }
+  // keeps_data - a sink with no output and no command throws the text away: never store it
+  bool keeps_data() const override {
+    return !outputs_.empty() || !hook_.command.empty() || printer_ != nullptr;
   }
 
   // store - the message to every output; "" once all have it, else the 451 to send
@@ -2440,35 +2606,46 @@ class DeliveringServer : public ServerMode {
     return "";
   }
 
- protected:
-  void add_output(std::unique_ptr<MessageOutput> output) { outputs_.push_back(std::move(output)); }
-
  private:
   class Session : public ModeSession {
    public:
     Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
+      if (mode_.hook_.command.empty()) return keep(envelope, "", verdict);
       auto message = std::make_shared<Envelope>(std::move(envelope));
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         bool is_accepted = reply.empty() || reply[0] == '2';
         if (!is_accepted) return verdict(reply);
-        std::string refusal = mode_.store(*message);
-        verdict(refusal.empty() ? reply : refusal);
+        keep(*message, reply, verdict);
       });
     }
 
    private:
+    // keep - the stores, then the print-out; the verdict is `reply` once all have it
+    void keep(Envelope& envelope, const std::string& reply, const Verdict& verdict) {
+      std::string refusal = mode_.store(envelope);
+      if (!refusal.empty() || !mode_.printer_) return verdict(refusal.empty() ? reply : refusal);
+      reactor_.dispose(std::move(printing_));  // a finished job: its verdict may have led here
+      printing_ = mode_.printer_->print(reactor_, std::move(envelope),
+                                        [reply, verdict](const std::string& error) {
+                                          if (error.empty()) return verdict(reply);
+                                          log_line("could not print a message: " + error);
+                                          verdict(not_stored_reply(error));
+                                        });
+    }
+
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<StreamPrinter::Job> printing_;
   };
 
   MessageOutputs outputs_;
   Hook hook_;
+  std::unique_ptr<StreamPrinter> printer_;  // stdout: DebuggingServer, or SMTPServer --json
 };
 
 // SinkServer - SMTPServer: accepts every message; keeps it only where outputs say (--maildir,
@@ -2477,19 +2654,18 @@ class DeliveringServer : public ServerMode {
 // the connection; on the command line "override process_message" is --exec.
 class SinkServer : public DeliveringServer {
  public:
-  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {}
+  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {},
+                      std::unique_ptr<StreamPrinter> printer = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
-// DebuggingServer - prints each message on a stream, after the other outputs (so a printed
-// message is already stored), flushed before the client hears 250; --json changes the format
+// DebuggingServer - prints each message on stdout, after the other outputs (so a printed
+// message is already stored), written before the client hears 250; --json changes the format
 class DebuggingServer : public DeliveringServer {
  public:
-  explicit DebuggingServer(std::FILE* out, MessageOutputs outputs = {},
-                           StreamPrinter::Format format = format_debug_message, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {
-    add_output(std::make_unique<StreamPrinter>(out, format));
-  }
+  explicit DebuggingServer(std::unique_ptr<StreamPrinter> printer, MessageOutputs outputs = {},
+                           Hook hook = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
@@ -3284,8 +3460,8 @@ class ExitPolicy {
 struct ServerOptions {
   ChannelConfig channel;
   bool debug = false;
-  std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
-  long long idle_exit_ms = 0;      // --idle-exit: 0 for never
+  std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
+  long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
   long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
@@ -3303,6 +3479,7 @@ class Server {
         listeners_(std::move(listeners)),
         exit_(reactor_, options_.max_messages, options_.idle_exit_ms) {
     options_.channel.ask_envelope = mode.asks_envelope();
+    options_.channel.keep_data = mode.keeps_data();
     if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
@@ -3320,6 +3497,7 @@ class Server {
   bool run() {
     while (!exit_.is_due() && !is_shutdown_over()) {
       if (g_stop_requested && shutdown_deadline_ms_ == 0) begin_shutdown();
+      watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
     }
     if (exit_.is_draining() || shutdown_deadline_ms_ != 0) close_remaining();
@@ -3542,6 +3720,17 @@ class Server {
       connections_.erase(place);
       exit_.on_clients(connections_.size());
     });
+  }
+
+  // watch_outputs - stdout and stderr are polled while text waits for their reader
+  void watch_outputs() {
+    for (OutputQueue* out : {&standard_output(), &standard_error()}) {
+      if (!out->is_nonblocking()) continue;
+      if (out->has_pending())
+        reactor_.watch(out->fd(), POLLOUT, [out](short) { out->flush(); });
+      else
+        reactor_.unwatch(out->fd());
+    }
   }
 
   // -- Ending --
@@ -3801,25 +3990,24 @@ inline cxxopts::Options build_options() {
           std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
       "N")("max-clients",
-            "Most clients connected at once; one more hears 421 and is closed; 0 means no "
-            "limit (the default).",
-            cxxopts::value<std::string>(), "N")("timeout",
-                                                "Seconds a client has for each command, and "
-                                                "in DATA between two reads, before it hears "
-                                                "421 and is closed (default " +
-                                                    std::to_string(kCommandTimeoutMs / 1000) +
-                                                    "); the whole message gets " +
-                                                    std::to_string(kDataDeadlineFactor) +
-                                                    " times as long.",
-                                                cxxopts::value<std::string>(), "SECONDS")(
-      "max-recipients",
-           "Most recipients in one message; further RCPT commands get 452 (default " +
-               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+           "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+           "limit (the default).",
            cxxopts::value<std::string>(),
-           "N")("idle-exit",
-                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-                "never (the default).",
-                cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+           "N")("timeout",
+                "Seconds a client has for each command, and "
+                "in DATA between two reads, before it hears "
+                "421 and is closed (default " +
+                    std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+                    std::to_string(kDataDeadlineFactor) + " times as long.",
+                cxxopts::value<std::string>(), "SECONDS")(
+      "max-recipients",
+      "Most recipients in one message; further RCPT commands get 452 (default " +
+          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      cxxopts::value<std::string>(),
+      "N")("idle-exit",
+           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+           "never (the default).",
+           cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
@@ -3925,15 +4113,16 @@ inline MessageOutputs make_stores(const Settings& s) {
 // stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::string& our_name) {
   StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
+  auto printer = std::make_unique<StreamPrinter>(standard_output(), format, s.command_timeout_ms);
   DeliveringServer::Hook hook{s.exec_command, s.exec_timeout_ms};
   switch (s.mode) {
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
-      if (s.json) outputs.push_back(std::make_unique<StreamPrinter>(stdout, format));
-      return std::make_unique<SinkServer>(std::move(outputs), hook);
+      if (!s.json) printer.reset();
+      return std::make_unique<SinkServer>(std::move(outputs), hook, std::move(printer));
     }
     case ModeKind::Debugging:
-      return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
+      return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
     case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
     case ModeKind::MailmanProxy: break;
   }
@@ -4010,17 +4199,18 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
   std::fflush(stderr);
+  standard_output().make_nonblocking();  // from here on the loop never waits for a reader
+  standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));
   Server server({listener}, std::move(options), *mode);
-  if (!server.run()) {
-    log_line(server.error());
-    return kExitLoopFailed;
-  }
-  std::fflush(stdout);
-  return kExitOk;
+  bool is_ok = server.run();
+  if (!is_ok) log_line(server.error());
+  standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
+  standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
+  return is_ok ? kExitOk : kExitLoopFailed;
 }
 
 // ==== 11. main ====

@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <sstream>
 #include <thread>
 
 #include "test_support.hpp"
@@ -144,9 +145,9 @@ class ScriptedReplies {
 TEST_CASE("9.12 an upstream reply with a bare CR inside reaches the client as 451, not as is") {
   // found by fuzz/fuzz_upstream: the CR went into our client's reply line
   ScriptedReplies upstream({"220 up", "250 up", "250 ok\rRCPT TO:<smuggled@example.org>"});
-  auto srv = proxy::start_proxy(upstream.address());
+  auto srv = start_proxy(upstream.address());
   Client c = srv.connect();
-  proxy::greet_proxy(c);
+  greet(c);
   std::string reply = c.command("MAIL FROM:<a@example.com>");
   CHECK(starts_with(reply, "451 "));
   CHECK(reply.find('\r') == std::string::npos);
@@ -155,9 +156,9 @@ TEST_CASE("9.12 an upstream reply with a bare CR inside reaches the client as 45
 TEST_CASE("9.12 an upstream reply code 000 is malformed: the client hears 451, one line") {
   // found by fuzz/fuzz_upstream: "000" read as "no reply", and its text reached the client
   ScriptedReplies upstream({"220 up", "250-up\r\n000 zero"});
-  auto srv = proxy::start_proxy(upstream.address());
+  auto srv = start_proxy(upstream.address());
   Client c = srv.connect();
-  proxy::greet_proxy(c);
+  greet(c);
   std::string reply = c.command("MAIL FROM:<a@example.com>");
   CHECK(starts_with(reply, "451 "));
   CHECK(reply.find('\n') == std::string::npos);
@@ -173,6 +174,67 @@ TEST_CASE("9.12 only a comment before the @ is refused, as Python's parser refus
   Session s;
   CHECK(s.send("HELO a\r\nMAIL FROM:(c)@3\r\n") ==
         "250 test.example\r\n501 Syntax: MAIL FROM: <address>\r\n");
+}
+
+// ==== 9.8 Memory for one message ====
+
+// split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
+inline std::vector<std::string_view> split_python_lines(std::string_view data) {
+  std::vector<std::string_view> lines;
+  std::size_t start = 0;
+  while (start < data.size()) {
+    std::size_t end = data.find_first_of("\r\n", start);
+    if (end == std::string_view::npos) {
+      lines.push_back(data.substr(start));
+      break;
+    }
+    lines.push_back(data.substr(start, end - start));
+    start = end + ((data[end] == '\r' && end + 1 < data.size() && data[end + 1] == '\n') ? 2 : 1);
+  }
+  return lines;
+}
+
+// printed_by_lines - DebuggingServer's print-out as it was built before issue 9.8: a copy
+// made line by line (bytes.splitlines()); the in-place version must give the same bytes
+inline std::string printed_by_lines(const Envelope& e) {
+  std::string out = kFollows;
+  if (!e.mail_options.empty()) out += "mail options: " + python_list_repr(e.mail_options) + "\n";
+  if (!e.rcpt_options.empty()) out += "rcpt options: " + python_list_repr(e.rcpt_options) + "\n\n";
+  bool in_headers = true;
+  for (std::string_view line : split_python_lines(e.data)) {
+    if (in_headers && line.empty()) {
+      out += "X-Peer: " + e.peer + "\n";
+      in_headers = false;
+    }
+    out += std::string(line) + "\n";
+  }
+  return out + kEnd;
+}
+
+TEST_CASE("9.8 the in-place DebuggingServer print-out is byte for byte the line-by-line one") {
+  for (const char* data :
+       {"", "\n", "\r", "\r\n", "a", "a\n", "a\n\n", "a\r\n\r\nb", "\n\nx", "Subject: x\n\nbody\n",
+        "h: 1\rh: 2\r\rb\r", "no blank\nline", "a\r\r\n\n\rb\n\n\n", "x\n\ny\n\nz"}) {
+    Envelope e;
+    e.peer = "192.0.2.1";
+    e.data = data;
+    CAPTURE(printable(data));
+    CHECK(format_debug_message(e) == printed_by_lines(e));
+    e.mail_options = {"SIZE=10"};
+    e.rcpt_options = {"X"};
+    CHECK(format_debug_message(e) == printed_by_lines(e));
+  }
+}
+
+TEST_CASE("9.8 a sink without outputs keeps none of the message text") {
+  ChannelConfig config = test_config();
+  config.keep_data = false;
+  Session s(config);
+  s.send("HELO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n");
+  s.send("Subject: x\r\n\r\n" + std::string(100000, 'x') + "\r\n");
+  CHECK(s.channel.received_data.capacity() < 1000);
+  CHECK(s.send(".\r\n").empty());  // the question goes to the mode
+  CHECK(s.deliver().data.empty());
 }
 
 // ==== 9.10 Cross-protocol: HTTP ====
@@ -313,7 +375,7 @@ TEST_CASE("9.11 --exec: a command that exits 0 while a background child holds it
 // ==== 9.7 Timeouts ====
 
 TEST_CASE("9.7 --timeout: a client trickling a command a byte at a time hears 421 and is closed") {
-  auto srv = start({"-c", "SMTPServer", "--timeout", "1"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "1"});
   Client c = srv.connect();
   REQUIRE(starts_with(c.read_reply(), "220 "));
   auto started = Clock::now();
@@ -329,7 +391,7 @@ TEST_CASE("9.7 --timeout: a client trickling a command a byte at a time hears 42
 }
 
 TEST_CASE("9.7 --timeout: an idle client is closed with 421, a busy one is not") {
-  auto srv = start({"-c", "SMTPServer", "--timeout", "1"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "1"});
   Client idle = srv.connect();
   Client busy = srv.connect();
   REQUIRE(starts_with(idle.read_reply(), "220 "));
@@ -344,10 +406,10 @@ TEST_CASE("9.7 --timeout: an idle client is closed with 421, a busy one is not")
 }
 
 TEST_CASE("9.7 DATA: a message trickled line by line is cut off at 10 times --timeout") {
-  auto srv = start({"-c", "SMTPServer", "--timeout", "0.3"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "0.3"});
   Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  greet(c);
+  begin_data(c, "<a@example.com>", {"b@example.com"});
   auto started = Clock::now();
   // a line every 0.1 s: each read is in time, the whole is not (3 s)
   while (!c.wait_closed(milliseconds(100)) && seconds_since(started) < 15) c.send("line\r\n");
@@ -361,10 +423,10 @@ TEST_CASE("9.7 DATA: a message trickled line by line is cut off at 10 times --ti
 
 TEST_CASE("9.7 time spent waiting for the --exec command does not count against the client") {
   Script script("cat > /dev/null; sleep 2");
-  auto srv = start({"-c", "SMTPServer", "--timeout", "1", "--exec", script.command()});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "1", "--exec", script.command()});
   Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  greet(c);
+  begin_data(c, "<a@example.com>", {"b@example.com"});
   CHECK(c.command("x\r\n.") == "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
 }
@@ -372,7 +434,7 @@ TEST_CASE("9.7 time spent waiting for the --exec command does not count against 
 // ==== 9.8 --max-clients ====
 
 TEST_CASE("9.8 --max-clients 2: a third client hears 421 and is closed; the listener goes on") {
-  auto srv = start({"-c", "SMTPServer", "--max-clients", "2"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--max-clients", "2"});
   Client a = srv.connect();
   Client b = srv.connect();
   REQUIRE(starts_with(a.read_reply(), "220 "));
@@ -400,9 +462,9 @@ TEST_CASE("9.8 --max-clients 2: a third client hears 421 and is closed; the list
 TEST_CASE("9.9 SIGTERM or SIGINT: an idle session hears 421, and the server exits 0") {
   for (int sig : {SIGTERM, SIGINT}) {
     CAPTURE(sig);
-    auto srv = start({"-c", "SMTPServer"});
+    auto srv = start_smtpd({"-c", "SMTPServer"});
     Client c = srv.connect();
-    exec_hook::greet(c);
+    greet(c);
     REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");  // no message yet: idle
     srv.child.send_signal(sig);
     std::string reply = c.read_reply();
@@ -417,10 +479,10 @@ TEST_CASE("9.9 SIGTERM or SIGINT: an idle session hears 421, and the server exit
 
 TEST_CASE("9.9 SIGTERM during DATA: the message is finished and answered 250, then 421") {
   TempDir dir;
-  auto srv = start({"-c", "SMTPServer", "--maildir", dir.path()});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--maildir", dir.path()});
   Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  greet(c);
+  begin_data(c, "<a@example.com>", {"b@example.com"});
   REQUIRE(c.send("Subject: in flight\r\n\r\nfirst half\r\n"));
   Client idle = srv.connect();
   REQUIRE(starts_with(idle.read_reply(), "220 "));
@@ -433,14 +495,14 @@ TEST_CASE("9.9 SIGTERM during DATA: the message is finished and answered 250, th
   ExitStatus st = srv.child.wait_exit(kWait);
   CHECK(st.exited);
   CHECK(st.code == 0);
-  CHECK(exec_hook::maildir_messages(dir.path()).size() == 1);
+  CHECK(list_dir(dir.path() + "/new").size() == 1);
 }
 
 TEST_CASE("9.9 SIGTERM: a transaction that does not finish in the grace period hears 421") {
-  auto srv = start({"-c", "SMTPServer"});
+  auto srv = start_smtpd({"-c", "SMTPServer"});
   Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  greet(c);
+  begin_data(c, "<a@example.com>", {"b@example.com"});
   auto started = Clock::now();
   srv.child.send_signal(SIGTERM);
   std::string reply = c.read_reply(milliseconds(kShutdownGraceMs + 5000));
@@ -452,10 +514,10 @@ TEST_CASE("9.9 SIGTERM: a transaction that does not finish in the grace period h
 }
 
 TEST_CASE("9.9 a second SIGTERM ends the server at once") {
-  auto srv = start({"-c", "SMTPServer"});
+  auto srv = start_smtpd({"-c", "SMTPServer"});
   Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});  // would get the grace
+  greet(c);
+  begin_data(c, "<a@example.com>", {"b@example.com"});  // would get the grace
   auto started = Clock::now();
   srv.child.send_signal(SIGTERM);
   std::this_thread::sleep_for(milliseconds(200));
@@ -464,6 +526,138 @@ TEST_CASE("9.9 a second SIGTERM ends the server at once") {
   CHECK(seconds_since(started) < 2.5);
   CHECK(st.exited);
   CHECK(st.code == 128 + SIGTERM);
+}
+
+// ==== 9.5 A client gone while its verdict is pending ====
+
+// cpu_seconds - user and system time the process has used so far (Linux /proc)
+inline double cpu_seconds(pid_t pid) {
+  std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
+  std::istringstream fields(stat.substr(stat.rfind(')') + 2));
+  std::string field;
+  double ticks = 0;
+  for (int i = 0; i < 13 && fields >> field; ++i)
+    if (i >= 11) ticks += std::stod(field);  // utime, stime: fields 14 and 15
+  return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+TEST_CASE("9.5 a client that resets while its verdict is pending leaves nothing spinning") {
+  IdlePort silent(IdlePort::Silent);  // an upstream that never greets
+  Script script("cat > /dev/null; sleep 3");
+  for (bool proxy : {false, true}) {
+    CAPTURE(proxy);
+    auto srv = proxy ? start_proxy("127.0.0.1:" + std::to_string(silent.port()))
+                     : start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
+    Client c = srv.connect();
+    greet(c);
+    if (proxy) {
+      REQUIRE(c.send("MAIL FROM:<a@example.com>\r\n"));  // waits for the upstream's greeting
+    } else {
+      begin_data(c);
+      REQUIRE(c.send("x\r\n.\r\n"));  // waits for the command
+    }
+    std::this_thread::sleep_for(milliseconds(300));
+    c.reset();
+    double before = cpu_seconds(srv.child.pid());
+    std::this_thread::sleep_for(milliseconds(2000));
+    CHECK(cpu_seconds(srv.child.pid()) - before < 0.3);  // a busy loop would use ~2 s
+    Client d = srv.connect();
+    CHECK(starts_with(d.read_reply(), "220 "));
+  }
+}
+
+// ==== 9.6 Output nobody reads ====
+
+// UnreadFifo - a FIFO under a temporary directory whose read end this test holds open and
+// reads only when asked: the server's stdout or stderr on a pipe nobody reads.
+class UnreadFifo {
+ public:
+  UnreadFifo() {
+    REQUIRE(::mkfifo(path().c_str(), 0600) == 0);
+    fd_ = ::open(path().c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    REQUIRE(fd_ >= 0);
+  }
+  ~UnreadFifo() { ::close(fd_); }
+  UnreadFifo(const UnreadFifo&) = delete;
+  UnreadFifo& operator=(const UnreadFifo&) = delete;
+  std::string path() const { return dir_ / "fifo"; }
+  // read_now - what the pipe holds now, appended to text()
+  const std::string& read_now() {
+    char buf[65536];
+    ssize_t n;
+    while ((n = ::read(fd_, buf, sizeof buf)) > 0) text_.append(buf, static_cast<std::size_t>(n));
+    return text_;
+  }
+
+ private:
+  TempDir dir_;
+  int fd_ = -1;
+  std::string text_;
+};
+
+TEST_CASE("9.6 DebuggingServer with stdout on a pipe nobody reads: other clients go on") {
+  UnreadFifo fifo;
+  ServerProcess srv;
+  srv.child = Child::spawn({"/bin/sh", "-c", "exec \"$@\" > \"$0\"", fifo.path(), smtpd_bin(), "-n",
+                            "--timeout", "2", "127.0.0.1:0"},
+                           0);
+  REQUIRE(srv.wait_listening());
+  Client a = srv.connect();
+  greet(a);
+  const std::string body = "Subject: big\r\n\r\n" + std::string(10 * 1024, 'x') + "\r\n";
+  int accepted = 0;
+  std::string last;
+  for (int i = 0; i < 12; ++i) {  // 120 kB: more than a pipe holds (64 KiB)
+    begin_data(a, "<a@example.com>", {"b@example.com"});
+    REQUIRE(a.send(body));
+    REQUIRE(a.send(".\r\n"));
+    last = a.read_reply(milliseconds(500));
+    if (last != "250 OK") break;
+    ++accepted;
+  }
+  CHECK(accepted >= 3);
+  CHECK(accepted < 12);
+  CHECK(last.empty());  // the 250 waits for the reader ...
+  // ... and meanwhile a new client is greeted and served at once
+  auto started = Clock::now();
+  Client b = srv.connect();
+  CHECK(starts_with(b.read_reply(milliseconds(1000)), "220 "));
+  CHECK(b.command("NOOP", milliseconds(1000)) == "250 OK");
+  CHECK(seconds_since(started) < 1.5);
+  // past --timeout the waiting client hears 451 (it keeps the message and retries)
+  std::string reply = a.read_reply(milliseconds(5000));
+  CHECK(starts_with(reply, "451 "));
+  CHECK(reply.find("standard output is not being read") != std::string::npos);
+  // every message answered 250 is in the pipe, whole
+  CHECK(wait_until([&] { return count(fifo.read_now(), "END MESSAGE") >= std::size_t(accepted); },
+                   kWait));
+}
+
+TEST_CASE("9.6 -d with stderr on a pipe nobody reads: clients go on, trace lines are dropped") {
+  UnreadFifo fifo;
+  ServerProcess srv;
+  srv.child = Child::spawn({"/bin/sh", "-c", "exec \"$@\" 2> \"$0\"", fifo.path(), smtpd_bin(),
+                            "-n", "-c", "SMTPServer", "-d", "127.0.0.1:0"},
+                           0);
+  // the listening line is read, then nothing more
+  REQUIRE(wait_until([&] { return fifo.read_now().find("listening on ") != std::string::npos; },
+                     kWait));
+  std::string line = fifo.read_now().substr(fifo.read_now().find("listening on "));
+  line = line.substr(0, line.find('\n'));
+  int port = std::stoi(line.substr(line.rfind(':') + 1));
+  Client c = Client::connect("127.0.0.1", port);
+  REQUIRE(starts_with(c.read_reply(), "220 "));
+  REQUIRE(starts_with(c.command("HELO x"), "250 "));
+  std::string noise = "HELO " + std::string(400, 'n');  // traced in and out: 0.5 kB each
+  auto started = Clock::now();
+  for (int i = 0; i < 2000; ++i) REQUIRE(starts_with(c.command(noise, milliseconds(2000)), "250 "));
+  CHECK(seconds_since(started) < 20);  // 0.8 MB of trace, and not one wait for the reader
+  Client d = Client::connect("127.0.0.1", port);
+  CHECK(starts_with(d.read_reply(milliseconds(1000)), "220 "));
+  CHECK(c.command("QUIT") == "221 Bye");
+  // read again: the queued trace comes out, then a count of what was dropped
+  CHECK(wait_until([&] { return fifo.read_now().find("trace lines dropped") != std::string::npos; },
+                   kWait));
 }
 
 // ==== 9.1 Descriptors 0-2 closed at start ====
