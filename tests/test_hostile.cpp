@@ -178,22 +178,6 @@ TEST_CASE("9.12 only a comment before the @ is refused, as Python's parser refus
 
 // ==== 9.8 Memory for one message ====
 
-// split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
-inline std::vector<std::string_view> split_python_lines(std::string_view data) {
-  std::vector<std::string_view> lines;
-  std::size_t start = 0;
-  while (start < data.size()) {
-    std::size_t end = data.find_first_of("\r\n", start);
-    if (end == std::string_view::npos) {
-      lines.push_back(data.substr(start));
-      break;
-    }
-    lines.push_back(data.substr(start, end - start));
-    start = end + ((data[end] == '\r' && end + 1 < data.size() && data[end + 1] == '\n') ? 2 : 1);
-  }
-  return lines;
-}
-
 // printed_by_lines - DebuggingServer's print-out as it was built before issue 9.8: a copy
 // made line by line (bytes.splitlines()); the in-place version must give the same bytes
 inline std::string printed_by_lines(const Envelope& e) {
@@ -203,7 +187,7 @@ inline std::string printed_by_lines(const Envelope& e) {
   bool in_headers = true;
   for (std::string_view line : split_python_lines(e.data)) {
     if (in_headers && line.empty()) {
-      out += "X-Peer: " + e.peer + "\n";
+      out += "X-Peer: " + e.peer + "\n" + session_header_lines(e);
       in_headers = false;
     }
     out += std::string(line) + "\n";
@@ -222,6 +206,7 @@ TEST_CASE("9.8 the in-place DebuggingServer print-out is byte for byte the line-
     CHECK(format_debug_message(e) == printed_by_lines(e));
     e.mail_options = {"SIZE=10"};
     e.rcpt_options = {"X"};
+    e.auth_user = "alice";
     CHECK(format_debug_message(e) == printed_by_lines(e));
   }
 }

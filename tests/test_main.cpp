@@ -9,6 +9,7 @@
 #include <doctest/doctest.h>
 
 #include "../smtpd.cpp"
+#include "test_appsetup.cpp"
 #include "test_channel.cpp"
 #include "test_e2e.cpp"
 #include "test_exec.cpp"
