@@ -142,26 +142,19 @@ class ScriptedReplies {
   std::atomic<bool> stop_{false};
 };
 
-TEST_CASE("9.12 an upstream reply with a bare CR inside reaches the client as 451, not as is") {
-  // found by fuzz/fuzz_upstream: the CR went into our client's reply line
-  ScriptedReplies upstream({"220 up", "250 up", "250 ok\rRCPT TO:<smuggled@example.org>"});
-  auto srv = start_proxy(upstream.address());
-  Client c = srv.connect();
-  greet(c);
-  std::string reply = c.command("MAIL FROM:<a@example.com>");
-  CHECK(starts_with(reply, "451 "));
-  CHECK(reply.find('\r') == std::string::npos);
-}
-
-TEST_CASE("9.12 an upstream reply code 000 is malformed: the client hears 451, one line") {
-  // found by fuzz/fuzz_upstream: "000" read as "no reply", and its text reached the client
-  ScriptedReplies upstream({"220 up", "250-up\r\n000 zero"});
-  auto srv = start_proxy(upstream.address());
-  Client c = srv.connect();
-  greet(c);
-  std::string reply = c.command("MAIL FROM:<a@example.com>");
-  CHECK(starts_with(reply, "451 "));
-  CHECK(reply.find('\n') == std::string::npos);
+TEST_CASE("9.12 a malformed upstream reply reaches the client as a one-line 451, not as is") {
+  // found by fuzz/fuzz_upstream: a CR inside a reply line went into our client's reply, and
+  // code "000" read as "no reply" put the upstream's lines into a 451
+  for (const char* bad : {"250 ok\rRCPT TO:<smuggled@example.org>", "250-up\r\n000 zero"}) {
+    CAPTURE(printable(bad));
+    ScriptedReplies upstream({"220 up", "250 up", bad});
+    auto srv = start_proxy(upstream.address());
+    Client c = srv.connect();
+    greet(c);
+    std::string reply = c.command("MAIL FROM:<a@example.com>");
+    CHECK(starts_with(reply, "451 "));
+    CHECK(reply.find_first_of("\r\n") == std::string::npos);
+  }
 }
 
 TEST_CASE("9.12 only a comment before the @ is refused, as Python's parser refuses it") {
@@ -359,28 +352,32 @@ TEST_CASE("9.11 --exec: a command that exits 0 while a background child holds it
 
 // ==== 9.7 Timeouts ====
 
+// trickle - send `piece` every 100 ms or so until the server closes (at most 15 s); returns
+// the seconds that took, and in `said` the last line the server sent
+inline double trickle(Client& c, const std::string& piece, std::string& said) {
+  auto started = Clock::now();
+  while (!c.wait_closed(milliseconds(100)) && seconds_since(started) < 15) c.send(piece);
+  double took = seconds_since(started);
+  said = c.recv_line(milliseconds(100)).value_or("");
+  return took;
+}
+
 TEST_CASE("9.7 --timeout: a client trickling a command a byte at a time hears 421 and is closed") {
   auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "1"});
   Client c = srv.connect();
   REQUIRE(starts_with(c.read_reply(), "220 "));
-  auto started = Clock::now();
-  for (int i = 0; i < 40 && !c.wait_closed(milliseconds(200)); ++i) c.send("N");
-  CHECK(c.wait_closed(milliseconds(1000)));
-  double took = seconds_since(started);
+  std::string said;
+  double took = trickle(c, "N", said);
   CHECK(took > 0.9);
   CHECK(took < 6);
-  auto line = c.recv_line(milliseconds(100));
-  REQUIRE(line);
-  CHECK(starts_with(*line, "421 "));
-  CHECK(line->find(kClosingTimeout) != std::string::npos);
+  CHECK(said == "421 " + said.substr(4, said.find(' ', 4) - 4) + " " + kClosingTimeout);
 }
 
 TEST_CASE("9.7 --timeout: an idle client is closed with 421, a busy one is not") {
   auto srv = start_smtpd({"-c", "SMTPServer", "--timeout", "1"});
   Client idle = srv.connect();
-  Client busy = srv.connect();
-  REQUIRE(starts_with(idle.read_reply(), "220 "));
-  REQUIRE(starts_with(busy.read_reply(), "220 "));
+  read_greeting(idle);
+  Client busy = greeted_client(srv);
   for (int i = 0; i < 8; ++i) {  // 2.4 s of commands, each well inside the timeout
     CHECK(busy.command("NOOP") == "250 OK");
     std::this_thread::sleep_for(milliseconds(300));
@@ -395,15 +392,11 @@ TEST_CASE("9.7 DATA: a message trickled line by line is cut off at 10 times --ti
   Client c = srv.connect();
   greet(c);
   begin_data(c, "<a@example.com>", {"b@example.com"});
-  auto started = Clock::now();
-  // a line every 0.1 s: each read is in time, the whole is not (3 s)
-  while (!c.wait_closed(milliseconds(100)) && seconds_since(started) < 15) c.send("line\r\n");
-  double took = seconds_since(started);
+  std::string said;
+  double took = trickle(c, "line\r\n", said);  // each read in time, the whole not (3 s)
   CHECK(took > 2.9);
   CHECK(took < 10);
-  auto line = c.recv_line(milliseconds(100));
-  REQUIRE(line);
-  CHECK(starts_with(*line, "421 "));
+  CHECK(starts_with(said, "421 "));
 }
 
 TEST_CASE("9.7 time spent waiting for the --exec command does not count against the client") {
@@ -420,10 +413,8 @@ TEST_CASE("9.7 time spent waiting for the --exec command does not count against 
 
 TEST_CASE("9.8 --max-clients 2: a third client hears 421 and is closed; the listener goes on") {
   auto srv = start_smtpd({"-c", "SMTPServer", "--max-clients", "2"});
-  Client a = srv.connect();
-  Client b = srv.connect();
-  REQUIRE(starts_with(a.read_reply(), "220 "));
-  REQUIRE(starts_with(b.read_reply(), "220 "));
+  Client a = greeted_client(srv);
+  Client b = greeted_client(srv);
   Client third = srv.connect();
   std::string reply = third.read_reply();
   CHECK(starts_with(reply, "421 "));
