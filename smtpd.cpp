@@ -1095,11 +1095,11 @@ inline std::int64_t unix_time_us() {
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
 }
 
-// host_name - gethostname(), "localhost" if it fails: the name in the greeting, in EHLO and
-// in Maildir file names
+// getfqdn - our name, as smtpd.py's socket.getfqdn(): in the greeting, in EHLO and HELO to an
+// upstream, in Maildir file names. gethostname(), "localhost" if it fails.
 // differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
 // seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
-inline std::string host_name() {
+inline std::string getfqdn() {
   char name[256] = {0};
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
   return name;
@@ -1675,7 +1675,9 @@ class Channel {
   enum class State { Command, Data, Waiting, Closing };
   enum class Question { None, Mail, Rcpt, Message };
 
-  Channel(ChannelConfig config, std::string peer);
+  Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
+  Channel(ChannelConfig config, std::string peer)  // a config of its own (tests, fuzzing)
+      : Channel(std::make_shared<const ChannelConfig>(std::move(config)), std::move(peer)) {}
 
   void feed(std::string_view bytes);
   const std::string& output() const { return output_; }
@@ -1702,7 +1704,7 @@ class Channel {
   std::string auth_user;       // the user name AUTH accepted; empty before
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
-  const std::string fqdn;
+  const std::string& fqdn;     // config's: the greeting host
   const std::string peer;
 
   static const char* to_string(State state);
@@ -1757,7 +1759,7 @@ class Channel {
   bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
-  ChannelConfig config_;
+  std::shared_ptr<const ChannelConfig> config_;  // shared by every connection of a server
   Question question_ = Question::None;
   std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
@@ -1787,8 +1789,8 @@ const Channel::Command Channel::kCommands[] = {
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
 };
 
-Channel::Channel(ChannelConfig config, std::string peer_address)
-    : fqdn(config.fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
+Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
+    : fqdn(config->fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
   if (is_refused(Refusals::Stage::Connect, {peer}))
@@ -1809,15 +1811,15 @@ const char* Channel::to_string(State state) {
 
 // push - queue one reply line
 void Channel::push(const std::string& reply) {
-  if (config_.trace) config_.trace(peer + " -> " + printable(reply));
+  if (config_->trace) config_->trace(peer + " -> " + printable(reply));
   output_ += reply;
   output_ += "\r\n";
 }
 
 // enter_state - every state change goes through here, so -d can explain a session
 void Channel::enter_state(State to) {
-  if (config_.trace && to != smtp_state)
-    config_.trace(peer + " state " + to_string(smtp_state) + " -> " + to_string(to));
+  if (config_->trace && to != smtp_state)
+    config_->trace(peer + " state " + to_string(smtp_state) + " -> " + to_string(to));
   smtp_state = to;
 }
 
@@ -1924,14 +1926,14 @@ bool Channel::process_data_bytes() {
 void Channel::append_data(std::string_view bytes) {
   ++progress_;
   data_bytes_ += bytes.size();
-  std::uint64_t limit = config_.data_size_limit;
+  std::uint64_t limit = config_->data_size_limit;
   // The CRLF before the final dot is not message data, so the count may run 2 over.
   if (limit != 0 && data_bytes_ > limit + 2 && !data_too_big_) {
     data_too_big_ = true;
     received_data.clear();
     received_data.shrink_to_fit();
   }
-  if (data_too_big_ || !config_.keep_data) return;  // counted, not kept (issue 9.8)
+  if (data_too_big_ || !config_->keep_data) return;  // counted, not kept (issue 9.8)
   if (bytes == "\r\n")
     received_data += '\n';
   else
@@ -1942,7 +1944,7 @@ void Channel::append_data(std::string_view bytes) {
 void Channel::end_of_data() {
   std::uint64_t size = data_bytes_ >= 2 ? data_bytes_ - 2 : 0;
   if (!received_data.empty()) received_data.pop_back();  // the "\n" of the last CRLF
-  if (config_.data_size_limit != 0 && size > config_.data_size_limit) {
+  if (config_->data_size_limit != 0 && size > config_->data_size_limit) {
     push(kReplyTooMuchData);
     // differs from smtpd.py: Python stays in DATA state here and reads the next commands
     // as message text; RFC 5321 4.1.1.4 returns the session to command state.
@@ -1969,7 +1971,7 @@ Envelope Channel::take_message() {
   envelope.rcpt_options = rcpt_options;
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
-  if (config_.offer_auth) envelope.auth_user = auth_user;
+  if (config_->offer_auth) envelope.auth_user = auth_user;
   received_data.clear();
   return envelope;
 }
@@ -2024,8 +2026,8 @@ inline bool has_control_character(std::string_view text, bool allow_tab = false)
 std::size_t Channel::command_size_limit(const std::string& verb) const {
   if (!extended_smtp || verb != "MAIL") return kCommandSizeLimit;
   std::size_t limit = kCommandSizeLimit;
-  if (config_.data_size_limit != 0) limit += kSizeParamExtra;
-  if (config_.enable_smtputf8) limit += kSmtpUtf8Extra;
+  if (config_->data_size_limit != 0) limit += kSizeParamExtra;
+  if (config_->enable_smtputf8) limit += kSmtpUtf8Extra;
   return limit;
 }
 
@@ -2036,7 +2038,7 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
   std::string_view shown = line.substr(0, 200);
   if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
-  if (config_.trace) config_.trace(peer + " <- " + printable(shown));
+  if (config_->trace) config_->trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
@@ -2054,13 +2056,13 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
 
 // is_offered - false for an extension's verb when its option is off: then it is unknown
 bool Channel::is_offered(const Command& command) const {
-  return command.offered == nullptr || config_.*command.offered;
+  return command.offered == nullptr || (*config_).*command.offered;
 }
 
 // is_refused - a --reject rule for this stage takes one of the subjects: its reply is sent
 bool Channel::is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects) {
-  if (!config_.refusals) return false;
-  std::string reply = config_.refusals->reply_for(stage, subjects);
+  if (!config_->refusals) return false;
+  std::string reply = config_->refusals->reply_for(stage, subjects);
   if (reply.empty()) return false;
   push(reply);
   return true;
@@ -2091,11 +2093,11 @@ void Channel::greet(const Arg& arg, bool extended) {
   extended_smtp = extended;
   if (!extended) return push("250 " + fqdn);
   push("250-" + fqdn);
-  if (config_.data_size_limit != 0) push("250-SIZE " + std::to_string(config_.data_size_limit));
+  if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
   push("250-8BITMIME");
-  if (config_.enable_smtputf8) push("250-SMTPUTF8");
-  if (config_.offer_pipelining) push("250-PIPELINING");
-  if (config_.offer_auth) push("250-AUTH PLAIN LOGIN");
+  if (config_->enable_smtputf8) push("250-SMTPUTF8");
+  if (config_->offer_pipelining) push("250-PIPELINING");
+  if (config_->offer_auth) push("250-AUTH PLAIN LOGIN");
   push("250 HELP");
 }
 
@@ -2168,7 +2170,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_.auth_required && auth_user.empty()) return push(kReplyAuthRequired);
+  if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_error("MAIL FROM: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
   if (!parsed) return;
@@ -2179,7 +2181,7 @@ void Channel::cmd_mail(const Arg& arg) {
     require_smtputf8 = false;
     return;
   }
-  if (config_.ask_envelope) return ask(Question::Mail, parsed->address);
+  if (config_->ask_envelope) return ask(Question::Mail, parsed->address);
   mailfrom = parsed->address;
   push(kReplyOk);
 }
@@ -2203,7 +2205,7 @@ bool Channel::check_mail_params(const std::string& syntax) {
   auto body = take("BODY");
   if (body && (!*body || (**body != "7BIT" && **body != "8BITMIME")))
     return push(kReplyBadBody), false;
-  if (config_.enable_smtputf8) {
+  if (config_->enable_smtputf8) {
     auto smtputf8 = take("SMTPUTF8");
     if (smtputf8 && *smtputf8) return push(kReplySmtpUtf8Arg), false;
     if (smtputf8) require_smtputf8 = true;
@@ -2212,7 +2214,7 @@ bool Channel::check_mail_params(const std::string& syntax) {
   if (size) {
     // differs from smtpd.py: a bare SIZE with no value crashes Python; here it is a syntax error
     if (!*size || !is_decimal(**size)) return push(syntax), false;
-    std::uint64_t limit = config_.data_size_limit;
+    std::uint64_t limit = config_->data_size_limit;
     bool too_big = (*size)->size() > 19 || std::stoull(**size) > limit;
     if (limit != 0 && too_big) return push(kReplySizeExceeded), false;
   }
@@ -2223,7 +2225,7 @@ bool Channel::check_mail_params(const std::string& syntax) {
 void Channel::cmd_rcpt(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (mailfrom.empty()) return push(kReplyNeedMail);
-  std::size_t max = config_.max_recipients;
+  std::size_t max = config_->max_recipients;
   if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
   std::string syntax = syntax_error("RCPT TO: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
@@ -2233,7 +2235,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
   if (!params) return push(syntax);
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
   if (is_refused(Refusals::Stage::Rcpt, {parsed->address})) return;
-  if (config_.ask_envelope) return ask(Question::Rcpt, parsed->address);
+  if (config_->ask_envelope) return ask(Question::Rcpt, parsed->address);
   rcpttos.push_back(parsed->address);
   push(kReplyOk);
 }
@@ -2280,7 +2282,7 @@ void Channel::cmd_auth(const Arg& arg) {
 // auth_response - a line answering our 334 challenge; "*" cancels (RFC 4954 4). Never
 // traced: it holds a password.
 void Channel::auth_response(std::string_view line, std::size_t size) {
-  if (config_.trace) config_.trace(peer + " <- (AUTH response, not shown)");
+  if (config_->trace) config_->trace(peer + " <- (AUTH response, not shown)");
   AuthStep step = std::exchange(auth_step_, AuthStep::None);
   if (size > line.size()) return push(kReplyLineTooLong);
   if (line == "*") return push(kReplyAuthCancelled);
@@ -2324,9 +2326,9 @@ void Channel::log_in(const std::string& user, const std::string& password) {
         return static_cast<unsigned char>(c) < 0x20 || c == 0x7F;
       });
   bool is_known = true;
-  if (config_.auth_users) {
-    auto it = config_.auth_users->find(user);
-    is_known = it != config_.auth_users->end() && it->second == password;
+  if (config_->auth_users) {
+    auto it = config_->auth_users->find(user);
+    is_known = it != config_->auth_users->end() && it->second == password;
   }
   if (!is_clean || !is_known) return push(kReplyAuthInvalid);
   auth_user = user;
@@ -2584,7 +2586,7 @@ inline bool make_directories(const std::string& path, std::string& error) {
 // runs comes back. No name comes from the message: only time, pid, a counter and the host.
 class MaildirStore : public MessageOutput {
  public:
-  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(host_name()) {}
+  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(getfqdn()) {}
 
   // make_maildir - DIR and its tmp, new and cur, where missing
   static bool make_maildir(const std::string& dir, std::string& error) {
@@ -3013,7 +3015,7 @@ struct UpstreamSettings {
   std::string tag = "upstream";          // the same in the -d trace
   std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                 // our name in EHLO/HELO/LHLO
+  std::string fqdn;                      // our name in EHLO/HELO/LHLO, as in our greeting
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
@@ -3343,16 +3345,15 @@ class UpstreamSession {
 
   // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
   void greet(const char* verb, std::function<void(const std::string& failure)> then) {
-    client_->send(verb + settings_.helo_name + "\r\n",
-                  [this, verb, then](const UpstreamReply& reply) {
-                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
-                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
-                    if (!reply.is_positive()) return then(unavailable(reply));
-                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
-                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
-                    is_greeted_ = true;
-                    then("");
-                  });
+    client_->send(verb + settings_.fqdn + "\r\n", [this, verb, then](const UpstreamReply& reply) {
+      bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+      if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+      if (!reply.is_positive()) return then(unavailable(reply));
+      bool is_helo = std::strcmp(verb, "HELO ") == 0;
+      extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+      is_greeted_ = true;
+      then("");
+    });
   }
 
   static std::vector<std::string> ehlo_keywords(const std::string& text) {
@@ -3782,7 +3783,8 @@ class SocketTransport : public Transport {
 // through Server::close, which stops its events at once and destroys it after the current
 // callbacks; a verdict that comes in between finds it closed.
 struct Connection {
-  Connection(std::unique_ptr<Transport> io, ChannelConfig config, std::string peer_ip)
+  Connection(std::unique_ptr<Transport> io, std::shared_ptr<const ChannelConfig> config,
+             std::string peer_ip)
       : transport(std::move(io)), channel(std::move(config), std::move(peer_ip)) {}
   ~Connection() { session.reset(); }  // first, while the socket number is still ours
   Connection(const Connection&) = delete;
@@ -3852,9 +3854,10 @@ class ExitPolicy {
   Reactor::TimerId drain_timer_ = 0;
 };
 
+// ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;
-  bool debug = false;
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients
+  bool debug = false;                                // -d
   std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
   long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
   long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
@@ -3868,14 +3871,14 @@ struct ServerOptions {
 // itself back.
 class Server {
  public:
-  Server(std::vector<socket_t> listeners, ServerOptions options, ServerMode& mode)
-      : options_(std::move(options)),
+  Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
+      : channel_(channel_config(options, mode)),
+        is_debug_(options.debug),
         mode_(mode),
         listeners_(std::move(listeners)),
-        exit_(reactor_, options_.max_messages, options_.idle_exit_ms) {
-    options_.channel.ask_envelope = mode.asks_envelope();
-    options_.channel.keep_data = mode.keeps_data();
-    if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
+        exit_(reactor_, options.max_messages, options.idle_exit_ms),
+        command_timeout_ms_(options.command_timeout_ms),
+        max_clients_(options.max_clients) {
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
@@ -3903,8 +3906,19 @@ class Server {
   const std::string& error() const { return reactor_.error(); }
 
  private:
+  // channel_config - what every connection's channel shares: the options, the mode's wish
+  // to decide MAIL and RCPT, the -d trace
+  static std::shared_ptr<const ChannelConfig> channel_config(const ServerOptions& options,
+                                                             const ServerMode& mode) {
+    auto config = std::make_shared<ChannelConfig>(options.channel);
+    config->ask_envelope = mode.asks_envelope();
+    config->keep_data = mode.keeps_data();
+    if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
+    return config;
+  }
+
   void trace(const std::string& text) const {
-    if (options_.debug) log_line(text);
+    if (is_debug_) log_line(text);
   }
 
   // -- Accepting: each listener is a watched socket --
@@ -3935,12 +3949,10 @@ class Server {
 
   // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
   // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
-  bool is_full() const {
-    return options_.max_clients != 0 && connections_.size() >= options_.max_clients;
-  }
+  bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
   void turn_away(socket_t s, const std::string& who) {
     trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
-    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingTooMany + "\r\n";
+    std::string reply = "421 " + channel_->fqdn + " " + kClosingTooMany + "\r\n";
     (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
     close_socket(s);
   }
@@ -3980,7 +3992,7 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
-    Connection& c = connections_.emplace_back(std::move(transport), options_.channel, ip);
+    Connection& c = connections_.emplace_back(std::move(transport), channel_, ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
     reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
@@ -4074,7 +4086,7 @@ class Server {
   // count, so trickling does not help) and, in DATA, between two reads; the whole of DATA has
   // kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
   void watch_time(Connection& c) {
-    long long ms = options_.command_timeout_ms;
+    long long ms = command_timeout_ms_;
     bool is_in_data = c.channel.smtp_state == Channel::State::Data;
     if (!is_in_data) reactor_.cancel_timer(std::exchange(c.data_timer, 0));
     if (is_in_data && c.data_timer == 0)
@@ -4095,7 +4107,7 @@ class Server {
   // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
   void say_and_close(Connection& c, const char* text, const std::string& why) {
     if (c.is_closed) return;
-    c.channel.close_with("421 " + options_.channel.fqdn + " " + text);
+    c.channel.close_with("421 " + channel_->fqdn + " " + text);
     write_some(c);
     if (!c.is_closed) close(c, why);
   }
@@ -4163,7 +4175,7 @@ class Server {
   // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
     const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
-    std::string reply = "421 " + options_.channel.fqdn + " " + why;
+    std::string reply = "421 " + channel_->fqdn + " " + why;
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -4183,7 +4195,8 @@ class Server {
   }
 
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
-  ServerOptions options_;
+  std::shared_ptr<const ChannelConfig> channel_;
+  bool is_debug_;
   ServerMode& mode_;
   std::vector<socket_t> listeners_;  // empty once the message limit closed them
   ExitPolicy exit_;
@@ -4191,6 +4204,8 @@ class Server {
   Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
   bool is_accept_failing_ = false;
   long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
+  long long command_timeout_ms_;        // --timeout
+  std::size_t max_clients_;             // --max-clients: 0 for no limit
 };
 
 // ==== 10. Command line ====
@@ -4208,32 +4223,22 @@ enum ExitStatus {
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
+// Settings - everything the command line decides, each value in the struct of the part that
+// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook
 struct Settings {
   bool setuid = true;
-  bool debug = false;
-  bool enable_smtputf8 = false;
-  std::uint64_t size_limit = kDataSizeDefault;
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  long long connect_timeout_ms = kConnectTimeoutMs;
-  long long reply_timeout_ms = kReplyTimeoutMs;
-  std::string maildir;                                   // --maildir: empty for none
-  std::string mbox;                                      // --mbox: empty for none
-  bool json = false;                                     // --json
-  std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
-  std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
-  std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
-  std::uint64_t max_clients = 0;                         // --max-clients: 0 for no limit
-  long long command_timeout_ms = kCommandTimeoutMs;      // --timeout
-  std::string exec_command;                              // --exec: empty for none
-  long long exec_timeout_ms = kExecTimeoutMs;
-  bool pipelining = false;                      // --pipelining
-  bool auth = false;                            // --auth, --auth-file or --auth-required
-  bool auth_required = false;                   // --auth-required
-  std::shared_ptr<const AuthUsers> auth_users;  // --auth-file: null for anyone
-  std::vector<Refusals::Rule> refusals;         // --reject, in the order given
-  std::optional<std::uint64_t> reject_seed;     // --reject-seed
+  ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
+                         // --max-clients
+  UpstreamSettings upstream;                 // --connect-timeout, --reply-timeout
+  DeliveringServer::Hook exec;               // --exec, --exec-timeout
+  std::string maildir;                       // --maildir: empty for none
+  std::string mbox;                          // --mbox: empty for none
+  bool json = false;                         // --json
+  std::vector<Refusals::Rule> refusals;      // --reject, in the order given
+  std::optional<std::uint64_t> reject_seed;  // --reject-seed
 };
 
 class UsageError : public std::runtime_error {
@@ -4542,15 +4547,16 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   if (result.count("version")) return {std::nullopt, std::string(kVersion) + "\n"};
   Settings s;
   s.setuid = result.count("nosetuid") == 0;
-  s.debug = result.count("debug") > 0;
-  s.enable_smtputf8 = result.count("smtputf8") > 0;
-  if (result.count("size")) s.size_limit = parse_size(result["size"].as<std::string>());
+  s.server.debug = result.count("debug") > 0;
+  s.server.channel.enable_smtputf8 = result.count("smtputf8") > 0;
+  if (result.count("size"))
+    s.server.channel.data_size_limit = parse_size(result["size"].as<std::string>());
   if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
   if (result.count("connect-timeout"))
-    s.connect_timeout_ms =
+    s.upstream.connect_timeout_ms =
         parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
   if (result.count("reply-timeout"))
-    s.reply_timeout_ms =
+    s.upstream.reply_timeout_ms =
         parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
   s.maildir = parse_path(result, "maildir");
   s.mbox = parse_path(result, "mbox");
@@ -4562,26 +4568,30 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
         "DebuggingServer, not with " +
         std::string(mode_name(s.mode)));
   if (result.count("exec")) {
-    s.exec_command = result["exec"].as<std::string>();
-    if (s.exec_command.empty()) throw UsageError("--exec needs a command");
+    s.exec.command = result["exec"].as<std::string>();
+    if (s.exec.command.empty()) throw UsageError("--exec needs a command");
     if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
   }
   if (result.count("exec-timeout"))
-    s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
+    s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
-    s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+    s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
   if (result.count("max-clients"))
-    s.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
+    s.server.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
   if (result.count("timeout"))
-    s.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
+    s.server.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
   if (result.count("max-recipients"))
-    s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
+    s.server.channel.max_recipients =
+        parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
-    s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
-  s.pipelining = result.count("pipelining") > 0;
-  s.auth_required = result.count("auth-required") > 0;
-  s.auth = s.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
-  if (result.count("auth-file")) s.auth_users = load_auth_users(parse_path(result, "auth-file"));
+    s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(
+                                       result["idle-exit"].as<std::string>(), "--idle-exit"));
+  s.server.channel.offer_pipelining = result.count("pipelining") > 0;
+  s.server.channel.auth_required = result.count("auth-required") > 0;
+  s.server.channel.offer_auth =
+      s.server.channel.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
+  if (result.count("auth-file"))
+    s.server.channel.auth_users = load_auth_users(parse_path(result, "auth-file"));
   for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
     if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
   if (result.count("reject-seed")) {
@@ -4602,20 +4612,17 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
-// upstream_settings - the relay's upstream, resolved once at start so the loop never waits
+// resolve_upstream - the relay's upstream, resolved once at start so the loop never waits
 // for a name lookup; throws StartError when the name does not resolve
-inline UpstreamSettings upstream_settings(const Settings& s, const std::string& our_name) {
-  UpstreamSettings upstream;
+inline void resolve_upstream(Settings& s) {
+  UpstreamSettings& upstream = s.upstream;
   upstream.name = format_endpoint(s.remote.host, s.remote.port);
   std::string error;
   upstream.addresses = resolve_endpoint(s.remote, error);
   if (upstream.addresses.empty())
     throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
-  upstream.helo_name = our_name;
-  upstream.connect_timeout_ms = s.connect_timeout_ms;
-  upstream.reply_timeout_ms = s.reply_timeout_ms;
-  if (s.debug) upstream.trace = [](const std::string& line) { log_line(line); };
-  return upstream;
+  upstream.fqdn = s.server.channel.fqdn;
+  if (s.server.debug) upstream.trace = [](const std::string& line) { log_line(line); };
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -4628,10 +4635,11 @@ inline MessageOutputs make_stores(const Settings& s) {
 
 // make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
 // stores come before the printer, so a message on stdout is already in the files.
-inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::string& our_name) {
+inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
-  auto printer = std::make_unique<StreamPrinter>(standard_output(), format, s.command_timeout_ms);
-  DeliveringServer::Hook hook{s.exec_command, s.exec_timeout_ms};
+  auto printer =
+      std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
+  const DeliveringServer::Hook& hook = s.exec;
   switch (s.mode) {
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
@@ -4640,7 +4648,7 @@ inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::strin
     }
     case ModeKind::Debugging:
       return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
-    case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
+    case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: break;
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
@@ -4661,20 +4669,16 @@ inline void prepare_outputs(const Settings& s) {
     log_line(error + "; messages get 451 until it can be made");
 }
 
-// configure_extensions - the opt-in extensions of the channel: PIPELINING, AUTH, --reject.
-// Without --reject-seed the seed comes from the system's random source and the clock; -d
-// prints it, so a run worth repeating can be.
-inline void configure_extensions(const Settings& s, ChannelConfig& channel) {
-  channel.offer_pipelining = s.pipelining;
-  channel.offer_auth = s.auth;
-  channel.auth_required = s.auth_required;
-  channel.auth_users = s.auth_users;
+// seed_refusals - the --reject rules with their random source. Without --reject-seed the
+// seed comes from the system's random source and the clock; -d prints it, so a run worth
+// repeating can be.
+inline void seed_refusals(Settings& s) {
   if (s.refusals.empty()) return;
   std::uint64_t seed = s.reject_seed ? *s.reject_seed
                                      : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
                                            static_cast<std::uint64_t>(unix_time_us());
-  if (s.debug) log_line("--reject-seed " + std::to_string(seed));
-  channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
+  if (s.server.debug) log_line("--reject-seed " + std::to_string(seed));
+  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
 }
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
@@ -4683,7 +4687,6 @@ inline int run_smtpd(int argc, const char* const* argv) {
   [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
-  std::string our_name;
   try {
     CommandLine cl = parse_command_line(argc, argv);
     if (!cl.settings) {
@@ -4691,8 +4694,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitOk;
     }
     settings = *cl.settings;
-    our_name = host_name();
-    mode = make_mode(settings, our_name);
+    settings.server.channel.fqdn = getfqdn();
+    mode = make_mode(settings);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
@@ -4719,17 +4722,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     }
   }
   prepare_outputs(settings);
-  ServerOptions options;
-  options.channel.fqdn = our_name;
-  options.channel.data_size_limit = settings.size_limit;
-  options.channel.enable_smtputf8 = settings.enable_smtputf8;
-  options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
-  options.max_clients = static_cast<std::size_t>(settings.max_clients);
-  options.command_timeout_ms = settings.command_timeout_ms;
-  configure_extensions(settings, options.channel);
-  options.debug = settings.debug;
-  options.max_messages = settings.max_messages;
-  options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
+  seed_refusals(settings);
   // One "listening on" line, as scripts expect; the other addresses after it
   std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
@@ -4739,12 +4732,12 @@ inline int run_smtpd(int argc, const char* const* argv) {
   standard_output().make_nonblocking();  // from here on the loop never waits for a reader
   standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);
-  if (settings.debug)
+  if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
-  Server server(std::move(sockets_to_watch), std::move(options), *mode);
+  Server server(std::move(sockets_to_watch), settings.server, *mode);
   bool is_ok = server.run();
   if (!is_ok) log_line(server.error());
   standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
