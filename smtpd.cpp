@@ -109,8 +109,14 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
 constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+constexpr std::size_t kUpstreamReadChunk = 16 * 1024;   // bytes read from the upstream at once
+constexpr std::size_t kUpstreamSendChunk = 1 << 20;     // bytes handed to one send() upstream
+constexpr std::size_t kQuotedReplyLimit = 200;   // bytes of an upstream reply quoted in our 451
+constexpr std::size_t kQuotedLineLimit = 80;     // bytes of a bad upstream line quoted in a log
+constexpr std::size_t kTraceLineLimit = 200;     // bytes of a client's command line shown by -d
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
+constexpr std::size_t kExecPipeChunk = 1 << 16;  // bytes moved through its pipes at once
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr int kExecReapPollMs = 10;              // how often to look for its exit status
 constexpr int kKillWaitRounds = 100;             // after a kill, looked for this often (1 s)
@@ -330,7 +336,8 @@ inline bool drop_privileges(std::string& error) {
 // Child processes for --exec: /bin/sh -c COMMAND in its own process group, with pipes for its
 // standard input and output that the loop polls like sockets. POSIX only for now: on Windows
 // CreateProcess with overlapped pipes does not fit WSAPoll, which polls sockets only.
-//   ChildProcess, spawn_shell, kill_child, reap_child, close_pipe, kCanRunCommands
+//   ChildProcess, spawn_shell, kill_child, reap_child, PipeResult, read_pipe, write_pipe,
+//   close_pipe, kCanRunCommands
 #ifdef _WIN32
 using process_t = int;
 #else
@@ -340,6 +347,13 @@ struct ChildProcess {
   process_t pid = -1;
   socket_t to_child = kInvalidSocket;    // its standard input
   socket_t from_child = kInvalidSocket;  // its standard output
+};
+
+// PipeResult - one non-blocking read or write on a pipe: bytes moved, nothing yet (it would
+// block), or the end (end of output, or a command that stopped reading: EPIPE)
+struct PipeResult {
+  enum class Status { Ok, WouldBlock, End } status;
+  std::size_t bytes;
 };
 
 #ifdef _WIN32
@@ -353,6 +367,10 @@ inline void kill_child(const ChildProcess&) {}
 inline bool reap_child(const ChildProcess&, int& exit_code) {
   exit_code = -1;
   return true;
+}
+inline PipeResult read_pipe(socket_t, char*, std::size_t) { return {PipeResult::Status::End, 0}; }
+inline PipeResult write_pipe(socket_t, const char*, std::size_t) {
+  return {PipeResult::Status::End, 0};
 }
 inline void close_pipe(socket_t) {}
 #else
@@ -418,6 +436,19 @@ inline bool reap_child(const ChildProcess& child, int& exit_code) {
   if (done < 0) return exit_code = -1, true;
   exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return true;
+}
+
+// pipe_result - what read() or write() on a non-blocking pipe returned, as a PipeResult
+inline PipeResult pipe_result(ssize_t n) {
+  if (n > 0) return {PipeResult::Status::Ok, static_cast<std::size_t>(n)};
+  if (n < 0 && would_block(errno)) return {PipeResult::Status::WouldBlock, 0};
+  return {PipeResult::Status::End, 0};
+}
+inline PipeResult read_pipe(socket_t fd, char* buffer, std::size_t size) {
+  return pipe_result(::read(fd, buffer, size));
+}
+inline PipeResult write_pipe(socket_t fd, const char* data, std::size_t size) {
+  return pipe_result(::write(fd, data, size));
 }
 
 inline void close_pipe(socket_t fd) {
@@ -726,8 +757,9 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
 // check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, host-name lookup, and stdout and stderr
-// as queues the loop never waits on (OutputQueue, log_line).
+// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), our
+// name (getfqdn), and stdout and stderr as queues the loop never waits on (OutputQueue,
+// log_line).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -1093,6 +1125,13 @@ inline std::string format_asctime_utc(std::int64_t t) {
 inline std::int64_t unix_time_us() {
   using namespace std::chrono;
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
+}
+
+// seconds_text - a duration given in milliseconds, in seconds as people write them ("30", "0.5")
+inline std::string seconds_text(long long ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(ms) / 1000);
+  return text;
 }
 
 // getfqdn - our name, as smtpd.py's socket.getfqdn(): in the greeting, in EHLO and HELO to an
@@ -1542,8 +1581,11 @@ inline std::optional<std::vector<std::pair<std::string, std::optional<std::strin
 }
 
 // ==== 6. Replies ====
-// Every reply the channel sends, as smtpd.py words it, so code and tests share one spelling.
-// Replies that carry a value are built where they are sent.
+// Every reply we send, as smtpd.py words it, so code and tests share one spelling: constants,
+// and for replies that carry a value, the small functions that build them. A verb's syntax
+// text lives in the channel's verb table (kCommands) and is quoted from there.
+//   the kReply* constants; is_accepting; reply_greeting, reply_unknown_command,
+//   reply_cannot_vrfy; reply_closing; reply_exec_*; reply_upstream_*
 
 constexpr const char* kReplyOk = "250 OK";
 constexpr const char* kReplyBye = "221 Bye";
@@ -1567,6 +1609,10 @@ constexpr const char* kReplyVrfyCannot =
     "252 Cannot VRFY user, but will accept message and attempt delivery";
 constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
+constexpr const char* kReplySyntax = "501 Syntax: ";                   // + the verb's syntax
+constexpr const char* kReplyHelpSyntax = "250 Syntax: ";               // + the verb's syntax
+constexpr const char* kReplyHelpList = "250 Supported commands: ";     // + the verbs
+constexpr const char* kReplyHelpUnknown = "501 Supported commands: ";  // + the verbs
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
 constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
@@ -1591,6 +1637,73 @@ constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
+
+// is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
+inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
+
+inline std::string reply_greeting(const std::string& fqdn) {
+  return "220 " + fqdn + " " + kVersion;
+}
+inline std::string reply_unknown_command(const std::string& verb) {
+  return "500 Error: command \"" + verb + "\" not recognized";
+}
+inline std::string reply_cannot_vrfy(const std::string& argument) {
+  return "502 Could not VRFY " + argument;
+}
+// reply_closing - "421 <fqdn> <why>": the server closes the session (the message limit, a
+// timeout, shutdown, too many clients)
+inline std::string reply_closing(const std::string& fqdn, const char* why = kClosingLimitReached) {
+  return "421 " + fqdn + " " + why;
+}
+
+// --exec (CommandRun): a command that cannot decide gets the client a 451, so it retries
+inline std::string reply_exec_cannot_run(const std::string& why) {
+  return "451 Error: cannot run the --exec command: " + why;
+}
+inline std::string reply_exec_failed(int exit_code) {
+  return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
+         "); try again later";
+}
+inline std::string reply_exec_not_final(const std::string& code) {
+  return "451 Error: the --exec command replied " + code +
+         ", which does not end a message; try again later";
+}
+inline std::string reply_exec_timed_out(long long timeout_ms) {
+  return "451 Error: the --exec command ran longer than " + seconds_text(timeout_ms) +
+         " s and was stopped; try again later";
+}
+
+// Relaying (UpstreamSession): `role` is what the upstream is to us ("upstream server"), `name`
+// its host:port, `text` its reply, quoted printable and cut at kQuotedReplyLimit
+inline std::string quoted(const std::string& text) {
+  return printable(text.substr(0, kQuotedReplyLimit));
+}
+inline std::string reply_upstream_no_8bit(const std::string& role) {
+  return "554 5.6.3 Error: the " + role + " does not accept 8-bit mail";
+}
+inline std::string reply_upstream_no_smtputf8(const std::string& role) {
+  return "553 5.6.7 Error: the " + role + " does not support SMTPUTF8";
+}
+inline std::string reply_upstream_closed(const std::string& role, const std::string& name,
+                                         const std::string& text) {
+  return "451 Error: " + role + " " + name + " closed the session (" + quoted(text) +
+         "); try again later";
+}
+inline std::string reply_upstream_unexpected(const std::string& role, const std::string& step,
+                                             const std::string& text) {
+  return "451 Error: unexpected reply from the " + role + " to " + step + ": " + quoted(text);
+}
+inline std::string reply_upstream_failed(const std::string& role, const std::string& name,
+                                         const std::string& why) {
+  return "451 Error: " + role + " " + name + " " + why + "; try again later";
+}
+inline std::string reply_upstream_refused(const std::string& role, const std::string& name,
+                                          const std::string& text) {
+  return "451 Error: " + role + " " + name + " refused the session: " + quoted(text);
+}
+inline std::string reply_upstream_lost(const std::string& role, const std::string& name) {
+  return "451 Error: the connection to " + role + " " + name + " was lost; try again later";
+}
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -1733,7 +1846,8 @@ class Channel {
   void handle_command_line(std::string_view line, std::size_t size);
   void refuse_non_smtp();
   std::size_t command_size_limit(const std::string& verb) const;
-  std::string syntax_error(const char* verb_syntax) const;
+  std::string syntax_of(const char* verb) const;
+  std::string syntax_reply(const char* verb) const;
   std::optional<ParsedAddress> address_argument(const Arg& arg, const char* keyword,
                                                 const std::string& syntax);
   bool check_mail_params(const std::string& syntax);
@@ -1796,7 +1910,7 @@ Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_a
   if (is_refused(Refusals::Stage::Connect, {peer}))
     enter_state(State::Closing);
   else
-    push("220 " + fqdn + " " + kVersion);
+    push(reply_greeting(fqdn));
 }
 
 const char* Channel::to_string(State state) {
@@ -1982,7 +2096,7 @@ void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
   ++progress_;
-  bool accepted = reply.empty() || reply[0] == '2';
+  bool accepted = is_accepting(reply);
   if (question == Question::Message) {
     set_post_data_state();
   } else {
@@ -2036,7 +2150,7 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   ++progress_;
   if (auth_step_ != AuthStep::None) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
-  std::string_view shown = line.substr(0, 200);
+  std::string_view shown = line.substr(0, kTraceLineLimit);
   if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
   if (config_->trace) config_->trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
@@ -2051,7 +2165,7 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   for (const Command& command : kCommands) {
     if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
   }
-  push("500 Error: command \"" + verb + "\" not recognized");
+  push(reply_unknown_command(verb));
 }
 
 // is_offered - false for an extension's verb when its option is off: then it is unknown
@@ -2085,8 +2199,7 @@ void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
 // differs from smtpd.py: a second HELO/EHLO resets the transaction like RSET and is answered
 // again (RFC 5321 4.1.4), where Python answers "503 Duplicate HELO/EHLO".
 void Channel::greet(const Arg& arg, bool extended) {
-  if (!has_text(arg))
-    return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
+  if (!has_text(arg)) return push(syntax_reply(extended ? "EHLO" : "HELO"));
   if (is_refused(Refusals::Stage::Helo, {*arg})) return;
   set_rset_state();
   seen_greeting = *arg;
@@ -2101,7 +2214,7 @@ void Channel::greet(const Arg& arg, bool extended) {
   push("250 HELP");
 }
 
-void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? "501 Syntax: NOOP" : kReplyOk); }
+void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? syntax_reply("NOOP") : kReplyOk); }
 
 void Channel::cmd_quit(const Arg&) {  // the argument is ignored, as in smtpd.py
   push(kReplyBye);
@@ -2116,31 +2229,37 @@ void Channel::cmd_help(const Arg& arg) {
     list += list.empty() ? "" : " ";
     list += command.verb;
   }
-  if (!has_text(arg)) return push("250 Supported commands: " + list);
+  if (!has_text(arg)) return push(kReplyHelpList + list);
   std::string verb = ascii_upper(*arg);
   for (const Command& command : kCommands) {
     if (command.syntax == nullptr || !is_offered(command) || verb != command.verb) continue;
-    std::string text = std::string("250 Syntax: ") + command.syntax;
-    if (extended_smtp && (verb == "MAIL" || verb == "RCPT")) text += kMailParamsSyntax;
-    return push(text);
+    return push(kReplyHelpSyntax + syntax_of(command.verb));
   }
-  push("501 Supported commands: " + list);
+  push(kReplyHelpUnknown + list);
 }
 
 void Channel::cmd_vrfy(const Arg& arg) {
-  if (!has_text(arg)) return push("501 Syntax: VRFY <address>");
+  if (!has_text(arg)) return push(syntax_reply("VRFY"));
   std::optional<ParsedAddress> parsed = parse_address(*arg);
   if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
     return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
-  push("502 Could not VRFY " + *arg);
+  push(reply_cannot_vrfy(*arg));
 }
 
-// syntax_error - "501 Syntax: MAIL FROM: <address>", with the parameters part after EHLO
-std::string Channel::syntax_error(const char* verb_syntax) const {
-  std::string text = std::string("501 Syntax: ") + verb_syntax;
-  return extended_smtp ? text + kMailParamsSyntax : text;
+// syntax_of - a verb's syntax from kCommands; after EHLO, MAIL and RCPT take parameters too
+std::string Channel::syntax_of(const char* verb) const {
+  for (const Command& command : kCommands) {
+    if (std::strcmp(command.verb, verb) != 0 || command.syntax == nullptr) continue;
+    bool has_params =
+        extended_smtp && (std::strcmp(verb, "MAIL") == 0 || std::strcmp(verb, "RCPT") == 0);
+    return std::string(command.syntax) + (has_params ? kMailParamsSyntax : "");
+  }
+  return verb;
 }
+
+// syntax_reply - "501 Syntax: MAIL FROM: <address>" and the like, for the verb's misuse
+std::string Channel::syntax_reply(const char* verb) const { return kReplySyntax + syntax_of(verb); }
 
 // address_argument - "FROM:<addr> params" -> address and rest; replies and gives nothing on error
 std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const char* keyword,
@@ -2171,7 +2290,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
-  std::string syntax = syntax_error("MAIL FROM: <address>");
+  std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
   if (!parsed) return;
   if (!mailfrom.empty()) return push(kReplyNestedMail);
@@ -2227,7 +2346,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
   if (mailfrom.empty()) return push(kReplyNeedMail);
   std::size_t max = config_->max_recipients;
   if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
-  std::string syntax = syntax_error("RCPT TO: <address>");
+  std::string syntax = syntax_reply("RCPT");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
   if (!parsed) return;
   std::vector<std::string> options = python_split(ascii_upper(parsed->rest));
@@ -2241,7 +2360,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
 }
 
 void Channel::cmd_rset(const Arg& arg) {
-  if (has_text(arg)) return push("501 Syntax: RSET");
+  if (has_text(arg)) return push(syntax_reply("RSET"));
   set_rset_state();
   push(kReplyOk);
 }
@@ -2249,7 +2368,7 @@ void Channel::cmd_rset(const Arg& arg) {
 void Channel::cmd_data(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (rcpttos.empty()) return push(kReplyNeedRcpt);
-  if (has_text(arg)) return push("501 Syntax: DATA");
+  if (has_text(arg)) return push(syntax_reply("DATA"));
   received_data.clear();
   data_bytes_ = 0;
   data_too_big_ = false;
@@ -2269,7 +2388,7 @@ void Channel::cmd_auth(const Arg& arg) {
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
-  if (words.empty() || words.size() > 2) return push(std::string("501 Syntax: ") + kAuthSyntax);
+  if (words.empty() || words.size() > 2) return push(syntax_reply("AUTH"));
   std::string mechanism = ascii_upper(words[0]);
   bool has_initial = words.size() == 2;
   if (mechanism == "PLAIN" && has_initial) return auth_plain(words[1]);
@@ -2774,18 +2893,14 @@ class CommandRun {
   // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
   // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
   static std::string reply_for(int exit_code, const std::string& output) {
-    if (exit_code != 0)
-      return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
-             "); try again later";
+    if (exit_code != 0) return reply_exec_failed(exit_code);
     std::string line = output.substr(0, output.find('\n'));
     if (!line.empty() && line.back() == '\r') line.pop_back();
     bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
                     (line.size() == 3 || line[3] == ' ' || line[3] == '-') && line[0] >= '1' &&
                     line[0] <= '5';
     if (!has_code) return "";
-    if (line[0] == '1' || line[0] == '3')
-      return "451 Error: the --exec command replied " + line.substr(0, 3) +
-             ", which does not end a message; try again later";
+    if (line[0] == '1' || line[0] == '3') return reply_exec_not_final(line.substr(0, 3));
     if (line.size() > 3) line[3] = ' ';
     return printable(line).substr(0, kReplyLineLimit);
   }
@@ -2793,14 +2908,11 @@ class CommandRun {
  private:
   void write_input() {
     while (written_ < input_.size()) {
-      auto n = ::write(child_.to_child, input_.data() + written_,
-                       std::min<std::size_t>(input_.size() - written_, 1 << 16));
-      if (n > 0) {
-        written_ += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (n < 0 && would_block(errno)) return;
-      break;  // the command does not read all of it (EPIPE): that is its business
+      PipeResult r = write_pipe(child_.to_child, input_.data() + written_,
+                                std::min(input_.size() - written_, kExecPipeChunk));
+      if (r.status == PipeResult::Status::WouldBlock) return;
+      if (r.status == PipeResult::Status::End) break;  // it does not read it all: its business
+      written_ += r.bytes;
     }
     close_input();
   }
@@ -2813,15 +2925,12 @@ class CommandRun {
 
   // read_output - what the command printed so far; its end closes the pipe
   void read_output() {
-    char buffer[4096];
+    static char buffer[kExecPipeChunk];
     for (;;) {
-      auto n = ::read(child_.from_child, buffer, sizeof buffer);
-      if (n > 0) {
-        if (output_.size() < kExecOutputLimit) output_.append(buffer, static_cast<std::size_t>(n));
-        continue;
-      }
-      if (n < 0 && would_block(errno)) return;
-      break;  // end of its output
+      PipeResult r = read_pipe(child_.from_child, buffer, sizeof buffer);
+      if (r.status == PipeResult::Status::WouldBlock) return;
+      if (r.status == PipeResult::Status::End) break;
+      if (output_.size() < kExecOutputLimit) output_.append(buffer, r.bytes);
     }
     close_output();
   }
@@ -2851,17 +2960,14 @@ class CommandRun {
 
   static std::string cannot_run(const std::string& why) {
     log_line("cannot run the --exec command: " + why);
-    return "451 Error: cannot run the --exec command: " + why;
+    return reply_exec_cannot_run(why);
   }
 
   void on_timeout() {
     timer_ = 0;
     kill_child(child_);
     stop();
-    char seconds[32];
-    std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout_ms_) / 1000);
-    finish(std::string("451 Error: the --exec command ran longer than ") + seconds +
-           " s and was stopped; try again later");
+    finish(reply_exec_timed_out(timeout_ms_));
   }
 
   // stop - no more events from this run; a command still running is killed and reaped
@@ -2951,8 +3057,7 @@ class DeliveringServer : public ServerMode {
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
-        bool is_accepted = reply.empty() || reply[0] == '2';
-        if (!is_accepted) return verdict(reply);
+        if (!is_accepting(reply)) return verdict(reply);
         keep(*message, reply, verdict);
       });
     }
@@ -3130,7 +3235,7 @@ class UpstreamClient {
   void flush() {
     while (!out_.empty()) {
       auto n = ::send(socket_, out_.data(),
-                      static_cast<int>(std::min<std::size_t>(out_.size(), 1 << 20)), kSendFlags);
+                      static_cast<int>(std::min(out_.size(), kUpstreamSendChunk)), kSendFlags);
       if (n > 0) {
         out_.erase(0, static_cast<std::size_t>(n));
         continue;
@@ -3143,7 +3248,7 @@ class UpstreamClient {
   }
 
   void read_replies() {
-    char buffer[16 * 1024];
+    char buffer[kUpstreamReadChunk];
     for (;;) {
       auto n = recv(socket_, buffer, sizeof buffer, 0);
       if (n > 0) {
@@ -3172,7 +3277,7 @@ class UpstreamClient {
       // reply (found by fuzz_upstream): that is as malformed as a missing code.
       if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
           has_control_character(line, true)) {
-        fail("sent a malformed reply: " + printable(line.substr(0, 80)));
+        fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
         return false;
       }
       if (!reply_.text.empty()) reply_.text += "\r\n";
@@ -3192,7 +3297,7 @@ class UpstreamClient {
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
-      fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
+      fail("said " + printable(reply.text.substr(0, kQuotedLineLimit)) + " unasked");
       return false;
     }
     got_.push_back(reply);
@@ -3379,10 +3484,10 @@ class UpstreamSession {
       if (key == "SIZE" && offers("SIZE")) command += " " + option;
       if (key == "BODY" && offers("8BITMIME")) command += " " + option;
       if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
-        refusal = "554 5.6.3 Error: the " + settings_.role + " does not accept 8-bit mail";
+        refusal = reply_upstream_no_8bit(settings_.role);
       if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
       if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
-        refusal = "553 5.6.7 Error: the " + settings_.role + " does not support SMTPUTF8";
+        refusal = reply_upstream_no_smtputf8(settings_.role);
     }
     return command + "\r\n";
   }
@@ -3395,26 +3500,17 @@ class UpstreamSession {
       in_transaction_ = false;
     }
     if (reply.code == 0) return unavailable(reply);
-    if (reply.code == 421)
-      return "451 Error: " + settings_.role + " " + settings_.name + " closed the session (" +
-             printable(reply.text.substr(0, 200)) + "); try again later";
+    if (reply.code == 421) return reply_upstream_closed(settings_.role, settings_.name, reply.text);
     if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-    return "451 Error: unexpected reply from the " + settings_.role + " to " + std::string(step) +
-           ": " + printable(reply.text.substr(0, 200));
+    return reply_upstream_unexpected(settings_.role, step, reply.text);
   }
 
   std::string unavailable(const UpstreamReply& reply) const {
-    if (reply.code == 0)
-      return "451 Error: " + settings_.role + " " + settings_.name + " " + reply.text +
-             "; try again later";
-    return "451 Error: " + settings_.role + " " + settings_.name +
-           " refused the session: " + printable(reply.text.substr(0, 200));
+    if (reply.code == 0) return reply_upstream_failed(settings_.role, settings_.name, reply.text);
+    return reply_upstream_refused(settings_.role, settings_.name, reply.text);
   }
 
-  std::string lost() const {
-    return "451 Error: the connection to " + settings_.role + " " + settings_.name +
-           " was lost; try again later";
-  }
+  std::string lost() const { return reply_upstream_lost(settings_.role, settings_.name); }
 
   Reactor& reactor_;
   const UpstreamSettings& settings_;
@@ -3952,7 +4048,7 @@ class Server {
   bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
   void turn_away(socket_t s, const std::string& who) {
     trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
-    std::string reply = "421 " + channel_->fqdn + " " + kClosingTooMany + "\r\n";
+    std::string reply = reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n";
     (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
     close_socket(s);
   }
@@ -4039,7 +4135,7 @@ class Server {
       case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
       case Channel::Question::Message: {
         Verdict counted = [this, verdict](const std::string& reply) {
-          if ((reply.empty() || reply[0] == '2') && exit_.on_delivered()) stop_listening();
+          if (is_accepting(reply) && exit_.on_delivered()) stop_listening();
           verdict(reply);
         };
         return c.session->on_message(c.channel.take_message(), counted);
@@ -4107,7 +4203,7 @@ class Server {
   // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
   void say_and_close(Connection& c, const char* text, const std::string& why) {
     if (c.is_closed) return;
-    c.channel.close_with("421 " + channel_->fqdn + " " + text);
+    c.channel.close_with(reply_closing(channel_->fqdn, text));
     write_some(c);
     if (!c.is_closed) close(c, why);
   }
@@ -4175,7 +4271,7 @@ class Server {
   // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
     const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
-    std::string reply = "421 " + channel_->fqdn + " " + why;
+    std::string reply = reply_closing(channel_->fqdn, why);
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -4440,16 +4536,19 @@ inline cxxopts::Options build_options() {
       cxxopts::value<std::string>(),
       "CLASS")("s,size",
                "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-               "limit (default 33554432).",
+               "limit (default " +
+                   std::to_string(kDataSizeDefault) + ").",
                cxxopts::value<std::string>(),
                "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
       "connect-timeout",
       "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default 30).",
+      "connection (default " +
+          seconds_text(kConnectTimeoutMs) + ").",
       cxxopts::value<std::string>(),
       "SECONDS")("reply-timeout",
                  "PureProxy: seconds to wait for each reply of the upstream server "
-                 "(default 120).",
+                 "(default " +
+                     seconds_text(kReplyTimeoutMs) + ").",
                  cxxopts::value<std::string>(),
                  "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
       "maildir",
@@ -4470,12 +4569,13 @@ inline cxxopts::Options build_options() {
       cxxopts::value<std::string>(),
       "COMMAND")("exec-timeout",
                  "Seconds the --exec command may run before it is killed and the client "
-                 "gets 451 (default 30).",
+                 "gets 451 (default " +
+                     seconds_text(kExecTimeoutMs) + ").",
                  cxxopts::value<std::string>(), "SECONDS")(
       "max-messages",
       "Exit with status 0 once N messages are delivered and the open "
       "sessions have ended (after at most " +
-          std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
+          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
       "N")("max-clients",
            "Most clients connected at once; one more hears 421 and is closed; 0 means no "
@@ -4524,8 +4624,8 @@ inline cxxopts::Options build_options() {
 }
 
 inline std::string help_text(cxxopts::Options& options) {
-  return options.help() +
-         "\nDefaults: localhost:8025 to listen on, localhost:25 as the upstream.\n"
+  return options.help() + "\nDefaults: " + kDefaultLocal + " to listen on, " + kDefaultRemote +
+         " as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
