@@ -131,7 +131,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   std::size_t recipients = 1 + (data[0] >> 1) % 3;
   UpstreamSettings settings;
   settings.name = "fuzz";
-  settings.helo_name = "fuzz.example";
+  settings.fqdn = "fuzz.example";
   socket_t ears = listener(settings.addresses.emplace_back());
 
   FuzzReactor reactor;
