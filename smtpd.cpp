@@ -3616,12 +3616,12 @@ class PureProxy : public ServerMode {
 // ==== 9. Event loop ====
 // One thread, non-blocking sockets and poll(), in two layers (as Redis's ae.c under its
 // server). PollReactor knows sockets, timers and deferred tasks and nothing of SMTP. Server
-// sits on it: its listeners are watched sockets, each client is a Connection (its Transport,
+// sits on it: its Acceptor watches the listeners, each client is a Connection (its Transport,
 // its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
 // or a slow upstream, only ever holds up the clients it serves.
 //   StartError, Listener, listen_everywhere, open_listeners; PollReactor (turn, run_deferred, the
-//   Reactor); Transport, SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run;
-//   accept_clients; serve, read_some, ask, on_verdict, settle, write_some, close)
+//   Reactor); Transport, SocketTransport; Connection; ExitPolicy; ServerOptions; Acceptor;
+//   Server (run; on_accepted; serve, read_some, ask, on_verdict, settle, write_some, close)
 
 class StartError : public std::runtime_error {
  public:
@@ -3978,6 +3978,84 @@ struct ServerOptions {
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
+// Acceptor - the listeners, each one more watched socket. A client that arrives becomes a
+// non-blocking socket with TCP_NODELAY, handed to on_client. Out of descriptors, the
+// listeners rest for kAcceptPauseMs instead of spinning, and the failure is logged once per
+// episode rather than once per turn.
+class Acceptor {
+ public:
+  using ClientHandler = std::function<void(socket_t s, const std::string& ip, unsigned port)>;
+  using Count = std::function<std::size_t()>;
+
+  Acceptor(Reactor& reactor, std::vector<socket_t> listeners, ClientHandler on_client,
+           Count clients)
+      : reactor_(reactor),
+        listeners_(std::move(listeners)),
+        on_client_(std::move(on_client)),
+        clients_(std::move(clients)) {
+    for (socket_t listener : listeners_)
+      reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
+  }
+  ~Acceptor() {
+    reactor_.cancel_timer(pause_timer_);
+    for (socket_t listener : listeners_) close_socket(listener);
+  }
+  Acceptor(const Acceptor&) = delete;
+  Acceptor& operator=(const Acceptor&) = delete;
+
+  // close - no new clients from now on
+  void close() {
+    reactor_.cancel_timer(std::exchange(pause_timer_, 0));
+    for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
+    listeners_.clear();
+  }
+
+ private:
+  void accept_clients(socket_t listener) {
+    for (int n = 0; n < kAcceptBurst; ++n) {
+      struct sockaddr_storage addr {};
+      socklen_t len = sizeof addr;
+      socket_t s = accept(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+      if (s == kInvalidSocket) return accept_failed(last_socket_error());
+      is_failing_ = false;
+      set_close_on_exec(s);
+      if (!set_nonblocking(s)) {
+        close_socket(s);
+        continue;
+      }
+      int on = 1;  // replies are small and the client waits for each one
+      setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
+      auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
+      on_client_(s, ip, port);
+    }
+  }
+
+  void accept_failed(int err) {
+    if (would_block(err)) return;
+    if (out_of_descriptors(err)) pause();
+    if (!is_failing_)
+      log_line("accept failed: " + socket_error_text(err) + " (" + std::to_string(clients_()) +
+               " clients connected); retrying");
+    is_failing_ = true;
+  }
+
+  void pause() {
+    if (pause_timer_ != 0) return;
+    for (socket_t listener : listeners_) reactor_.set_events(listener, 0);
+    pause_timer_ = reactor_.start_timer(kAcceptPauseMs, [this] {
+      pause_timer_ = 0;
+      for (socket_t listener : listeners_) reactor_.set_events(listener, POLLIN);
+    });
+  }
+
+  Reactor& reactor_;
+  std::vector<socket_t> listeners_;  // empty once closed
+  ClientHandler on_client_;
+  Count clients_;                     // how many are connected, for the log
+  Reactor::TimerId pause_timer_ = 0;  // out of descriptors: the listeners rest until it fires
+  bool is_failing_ = false;
+};
+
 // Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
 // bytes between its transport and its channel and the channel's questions to the mode. A
 // question is asked once, right after the bytes or the answer that raised it; a verdict
@@ -3989,17 +4067,16 @@ class Server {
       : channel_(channel_config(options, mode)),
         is_debug_(options.debug),
         mode_(mode),
-        listeners_(std::move(listeners)),
+        acceptor_(
+            reactor_, std::move(listeners),
+            [this](socket_t s, const std::string& ip, unsigned port) { on_accepted(s, ip, port); },
+            [this] { return connections_.size(); }),
         exit_(reactor_, options.max_messages, options.idle_exit_ms),
         command_timeout_ms_(options.command_timeout_ms),
-        max_clients_(options.max_clients) {
-    for (socket_t listener : listeners_)
-      reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
-  }
+        max_clients_(options.max_clients) {}
   ~Server() {
     reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
-    for (socket_t listener : listeners_) close_socket(listener);
   }
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
@@ -4035,30 +4112,12 @@ class Server {
     if (is_debug_) log_line(text);
   }
 
-  // -- Accepting: each listener is a watched socket --
+  // -- Accepting: the Acceptor hands over each new client --
 
-  void accept_clients(socket_t listener) {
-    for (int n = 0; n < kAcceptBurst; ++n) {
-      struct sockaddr_storage addr {};
-      socklen_t len = sizeof addr;
-      socket_t s = accept(listener, reinterpret_cast<sockaddr*>(&addr), &len);
-      if (s == kInvalidSocket) return accept_failed(last_socket_error());
-      is_accept_failing_ = false;
-      set_close_on_exec(s);
-      if (!set_nonblocking(s)) {
-        close_socket(s);
-        continue;
-      }
-      int on = 1;  // replies are small and the client waits for each one
-      setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
-      auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
-      trace("connection from " + format_endpoint(ip, port));
-      if (is_full()) {
-        turn_away(s, format_endpoint(ip, port));
-        continue;
-      }
-      add_client(std::make_unique<SocketTransport>(s), ip);
-    }
+  void on_accepted(socket_t s, const std::string& ip, unsigned port) {
+    trace("connection from " + format_endpoint(ip, port));
+    if (is_full()) return turn_away(s, format_endpoint(ip, port));
+    add_client(std::make_unique<SocketTransport>(s), ip);
   }
 
   // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
@@ -4071,37 +4130,11 @@ class Server {
     close_socket(s);
   }
 
-  // accept_failed - out of descriptors the listeners stay readable: pause them instead of
-  // spinning, and say so once per episode rather than once per turn
-  void accept_failed(int err) {
-    if (would_block(err)) return;
-    if (out_of_descriptors(err)) pause_accepting();
-    if (!is_accept_failing_)
-      log_line("accept failed: " + socket_error_text(err) + " (" +
-               std::to_string(connections_.size()) + " clients connected); retrying");
-    is_accept_failing_ = true;
-  }
-
-  void pause_accepting() {
-    if (accept_pause_timer_ != 0) return;
-    for (socket_t listener : listeners_) reactor_.set_events(listener, 0);
-    accept_pause_timer_ = reactor_.start_timer(kAcceptPauseMs, [this] {
-      accept_pause_timer_ = 0;
-      for (socket_t listener : listeners_) reactor_.set_events(listener, POLLIN);
-    });
-  }
-
   // stop_listening - the message limit is reached: no new clients
   void stop_listening() {
     trace("message limit reached (" + std::to_string(exit_.delivered()) +
           "); no new clients, exiting when the open sessions end");
-    close_listeners();
-  }
-
-  void close_listeners() {
-    reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
-    for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
-    listeners_.clear();
+    acceptor_.close();
   }
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
@@ -4265,7 +4298,7 @@ class Server {
   void begin_shutdown() {
     trace("stopping: no new clients; open transactions get " +
           std::to_string(kShutdownGraceMs / 1000) + " s to finish");
-    close_listeners();
+    acceptor_.close();
     shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
     reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
     for (Connection& c : connections_)
@@ -4312,11 +4345,9 @@ class Server {
   std::shared_ptr<const ChannelConfig> channel_;
   bool is_debug_;
   ServerMode& mode_;
-  std::vector<socket_t> listeners_;  // empty once the message limit closed them
+  Acceptor acceptor_;
   ExitPolicy exit_;
   std::list<Connection> connections_;
-  Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
-  bool is_accept_failing_ = false;
   long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
   long long command_timeout_ms_;        // --timeout
   std::size_t max_clients_;             // --max-clients: 0 for no limit
