@@ -99,7 +99,10 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
-constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+// One upstream reply, all its lines: an EHLO reply has about 15 lines and 300 bytes, so these
+// only stop an upstream that never ends its reply (issue 9: 2.1 GB seen before the cap).
+constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes
+constexpr std::size_t kUpstreamReplyLines = 200;        // lines
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
@@ -2496,20 +2499,24 @@ class UpstreamClient {
     update_watch();
   }
 
+  // read_replies - one read per turn of the loop, so an upstream that writes without end
+  // cannot keep the loop from other clients and from the timer that ends its reply
   void read_replies() {
     char buffer[16 * 1024];
-    for (;;) {
-      auto n = recv(socket_, buffer, sizeof buffer, 0);
-      if (n > 0) {
-        in_.append(buffer, static_cast<std::size_t>(n));
-        if (!take_replies()) return;  // a handler closed us, or the reply was bad
-        if (in_.size() > kUpstreamReplyLimit) return fail("sent an over-long reply");
-        continue;
-      }
-      int err = n < 0 ? last_socket_error() : 0;
-      if (n < 0 && would_block(err)) return;
-      return fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+    auto n = recv(socket_, buffer, sizeof buffer, 0);
+    if (n > 0) {
+      in_.append(buffer, static_cast<std::size_t>(n));
+      if (!take_replies()) return;  // a handler closed us, or the reply was bad
+      if (in_.size() + reply_.text.size() > kUpstreamReplyLimit) fail(too_long());
+      return;
     }
+    int err = n < 0 ? last_socket_error() : 0;
+    if (n < 0 && would_block(err)) return;
+    fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+  }
+
+  static std::string too_long() {
+    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
   }
 
   // take_replies - complete reply lines; false when this client should stop reading
@@ -2526,8 +2533,13 @@ class UpstreamClient {
       }
       if (!reply_.text.empty()) reply_.text += "\r\n";
       reply_.text += line;
+      if (reply_.text.size() > kUpstreamReplyLimit) return fail(too_long()), false;
+      if (++reply_lines_ > kUpstreamReplyLines)
+        return fail("sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines"),
+               false;
       if (line.size() > 3 && line[3] == '-') continue;
       reply_.code = std::stoi(line.substr(0, 3));
+      reply_lines_ = 0;
       UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
       if (!deliver(reply)) return false;
     }
@@ -2591,6 +2603,8 @@ class UpstreamClient {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     out_.clear();
     in_.clear();
+    reply_ = UpstreamReply{};
+    reply_lines_ = 0;
   }
 
   Reactor& reactor_;
@@ -2601,7 +2615,8 @@ class UpstreamClient {
   std::uint64_t timer_ = 0;
   std::string out_;
   std::string in_;
-  UpstreamReply reply_;  // the lines of a multi-line reply so far
+  UpstreamReply reply_;          // the lines of a multi-line reply so far
+  std::size_t reply_lines_ = 0;  // and how many
   RepliesHandler waiting_;
   std::size_t expected_ = 0;        // replies waiting_ wants
   std::vector<UpstreamReply> got_;  // those of them already in

@@ -17,4 +17,5 @@
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
+#include "test_upstream.cpp"
 // clang-format on
