@@ -84,7 +84,10 @@ constexpr std::size_t kCommandSizeLimit = 512;  // smtpd.py command_size_limit; 
 constexpr std::size_t kSizeParamExtra = 26;  // smtpd.py: MAIL may grow by 26 with SIZE (RFC 1870)
 constexpr std::size_t kSmtpUtf8Extra = 10;   // smtpd.py: MAIL may grow by 10 with SMTPUTF8
 constexpr std::size_t kLongestCommand = kCommandSizeLimit + kSizeParamExtra + kSmtpUtf8Extra;
-constexpr std::uint64_t kDataSizeDefault = 33554432;     // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
+// --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
+// cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
+constexpr std::size_t kMaxRecipientsDefault = 1000;
 constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
 constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
@@ -107,6 +110,10 @@ constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of t
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
+// --exec: SMTPD_RCPTTOS is left out above this size (Linux refuses a variable over 128 KiB
+// and all of them over about 2 MB: the command would not start); SMTPD_RCPTTOS_FILE always
+// has the list (issue 9.11)
+constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
@@ -121,6 +128,7 @@ constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; 
 // sockets, fsync, or _WIN32.
 //   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
 //   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
+//   open_standard_descriptors,
 //   File, make_directory, rename_file, remove_file, sync_directory, process_id
 
 #ifdef _WIN32
@@ -181,7 +189,8 @@ inline void install_stop_handlers() { SetConsoleCtrlHandler(on_console_event, TR
 // "\r\n"; messages go out as the bytes they are, as on POSIX
 inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
-inline void raise_descriptor_limit() {}  // WSAPoll has no per-process descriptor limit to raise
+inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
+inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -235,6 +244,17 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
+// Started with them closed (smtpd <&- >&-), the listener and the first clients would take
+// those numbers, and a message printed on "stdout" would go to another client's socket.
+inline void open_standard_descriptors() {
+  for (int fd = 0; fd <= 2; ++fd) {
+    if (fcntl(fd, F_GETFD) != -1 || errno != EBADF) continue;
+    int opened = ::open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);  // the lowest free: fd
+    if (opened > 2) ::close(opened);  // cannot happen while fd is free; never hold it open
+  }
+}
 
 // raise_descriptor_limit - each client is a descriptor, and the usual soft limit (1024) is far
 // below what the loop can hold; take what the hard limit allows, as servers commonly do
@@ -321,6 +341,10 @@ inline bool spawn_shell(const std::string& command,
     signal(SIGTERM, SIG_DFL);
     for (const auto& [name, value] : environment) setenv(name.c_str(), value.c_str(), 1);
     execl("/bin/sh", "sh", "-c", command.c_str(), static_cast<char*>(nullptr));
+    const char* why = std::strerror(errno);  // said on our stderr, not only as exit status 127
+    static const char kPrefix[] = "smtpd: cannot run /bin/sh for --exec: ";
+    if (::write(2, kPrefix, sizeof kPrefix - 1) > 0 && ::write(2, why, std::strlen(why)) > 0)
+      (void)!::write(2, "\n", 1);
     _exit(127);
   }
   setpgid(pid, pid);  // also here, so the group exists before we might kill it
@@ -1284,6 +1308,10 @@ constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
+constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
+    "501 Error: control characters are not allowed in an address";
+constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
+constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 
 // ==== 7. SMTP channel ====
@@ -1298,11 +1326,12 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 //   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
 struct ChannelConfig {
-  std::string fqdn = "localhost";                    // name in the greeting and in EHLO
-  std::uint64_t data_size_limit = kDataSizeDefault;  // 0: no limit, no SIZE in EHLO
-  bool enable_smtputf8 = false;                      // -u: announce and accept SMTPUTF8
-  bool ask_envelope = false;                         // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;     // -d: protocol trace sink (may be empty)
+  std::string fqdn = "localhost";                      // name in the greeting and in EHLO
+  std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
+  std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
+  bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
+  bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
+  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1372,6 +1401,7 @@ class Channel {
   void append_data(std::string_view bytes);
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
+  void refuse_non_smtp();
   std::size_t command_size_limit(const std::string& verb) const;
   std::string syntax_error(const char* verb_syntax) const;
   std::optional<ParsedAddress> address_argument(const Arg& arg, const char* keyword,
@@ -1624,6 +1654,22 @@ void Channel::close_with(const std::string& reply) {
   enter_state(State::Closing);
 }
 
+// is_http_verb - the methods a browser's request line starts with (issue 9.10)
+inline bool is_http_verb(std::string_view verb) {
+  for (const char* method : {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
+    if (verb == method) return true;
+  return false;
+}
+
+// has_control_character - C0 controls and DEL; `allow_tab` for a whole argument, where a
+// tab may separate parameters (RFC 5321 4.1.2 allows no control character in an address)
+inline bool has_control_character(std::string_view text, bool allow_tab = false) {
+  return std::any_of(text.begin(), text.end(), [allow_tab](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && !(allow_tab && c == '\t')) || u == 0x7F;
+  });
+}
+
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
 // differs from smtpd.py: Python keeps this table in the class, shared by all connections, and
 // clears it whenever a client connects; here each connection has its own.
@@ -1639,10 +1685,11 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (config_.trace) config_.trace(peer + " <- " + printable(line.substr(0, 200)));
   if (line.empty()) return push(kReplyBadSyntax);
-  // differs from smtpd.py: Python's decode raises and drops the connection.
-  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
+  if (is_http_verb(verb) || (verb.size() > 1 && verb.back() == ':')) return refuse_non_smtp();
+  // differs from smtpd.py: Python's decode raises and drops the connection.
+  if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
   Arg arg;
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
@@ -1653,6 +1700,14 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
 }
 
 inline bool has_text(const std::optional<std::string>& arg) { return arg && !arg->empty(); }
+
+// refuse_non_smtp - an HTTP request line or a header line: a web page is making a browser
+// talk to us (cross-protocol attack), so stop reading and close at once, as Postfix does.
+// differs from smtpd.py: Python answers 500 to each line and goes on reading.
+void Channel::refuse_non_smtp() {
+  push(kReplyNotSmtp);
+  enter_state(State::Closing);
+}
 
 void Channel::cmd_helo(const Arg& arg) { greet(arg, false); }
 void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
@@ -1703,6 +1758,8 @@ void Channel::cmd_help(const Arg& arg) {
 void Channel::cmd_vrfy(const Arg& arg) {
   if (!has_text(arg)) return push("501 Syntax: VRFY <address>");
   std::optional<ParsedAddress> parsed = parse_address(*arg);
+  if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
+    return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
   push("502 Could not VRFY " + *arg);
 }
@@ -1726,6 +1783,12 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
   std::string_view after;
   if (ascii_upper(text.substr(0, keylen)) == keyword) after = python_strip(text.substr(keylen));
   std::optional<ParsedAddress> parsed = parse_address(after);
+  // differs from smtpd.py: Python accepts control characters in a quoted local part, which a
+  // relay would pass on (a bare LF there smuggles a command to the upstream; issue 9.2)
+  if (has_control_character(text, true) || (parsed && has_control_character(parsed->address))) {
+    push(kReplyControlInAddress);
+    return std::nullopt;
+  }
   if (!parsed || parsed->address.empty() || (!extended_smtp && !parsed->rest.empty())) {
     push(syntax);
     return std::nullopt;
@@ -1785,6 +1848,8 @@ bool Channel::check_mail_params(const std::string& syntax) {
 void Channel::cmd_rcpt(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (mailfrom.empty()) return push(kReplyNeedMail);
+  std::size_t max = config_.max_recipients;
+  if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
   std::string syntax = syntax_error("RCPT TO: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
   if (!parsed) return;
@@ -2105,6 +2170,41 @@ class MboxStore : public MessageOutput {
   std::string path_;
 };
 
+// RecipientsFile - SMTPD_RCPTTOS_FILE: the recipients, one a line, in a new file under
+// $TMPDIR (or /tmp) that only we can read, removed when the run ends. No length limit applies
+// to a file, so a command can see 10,000 recipients (issue 9.11).
+class RecipientsFile {
+ public:
+  RecipientsFile() = default;
+  ~RecipientsFile() { remove(); }
+  RecipientsFile(const RecipientsFile&) = delete;
+  RecipientsFile& operator=(const RecipientsFile&) = delete;
+
+  bool create(const std::vector<std::string>& rcpttos, std::string& error) {
+    remove();
+    const char* dir = std::getenv("TMPDIR");
+    std::int64_t now = unix_time_us();
+    path_ = std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/smtpd-rcpttos." +
+            maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000), process_id(),
+                                ++count_, "txt");
+    std::string text;
+    for (const std::string& rcpt : rcpttos) text += rcpt + "\n";
+    File file;
+    if (file.create_new(path_, error) && file.write_all(text, error) && file.close(error))
+      return true;
+    remove();
+    return false;
+  }
+  void remove() {
+    if (!path_.empty()) remove_file(std::exchange(path_, ""));
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  static inline std::uint64_t count_ = 0;  // files named by this process
+};
+
 // CommandRun - one run of the --exec command for one message, inside the loop: the message
 // goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
 // first line of output become the reply (smtpd.py's process_message, as a program).
@@ -2126,12 +2226,16 @@ class CommandRun {
     done_ = std::move(done);
     input_ = message_file_text(envelope.data);  // as --maildir writes it
     std::string error;
-    if (!spawn_shell(command_, environment_for(envelope), child_, error))
-      return finish("451 Error: cannot run the --exec command: " + error);
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return finish(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
     is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
+    wait_for_exit();
   }
 
   static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
@@ -2140,11 +2244,15 @@ class CommandRun {
       for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
       return out;
     };
-    return {{"SMTPD_PEER", e.peer},
-            {"SMTPD_MAILFROM", e.mailfrom},
-            {"SMTPD_RCPTTOS", joined(e.rcpttos)},
-            {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
-            {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    std::vector<std::pair<std::string, std::string>> environment{
+        {"SMTPD_PEER", e.peer},
+        {"SMTPD_MAILFROM", e.mailfrom},
+        {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+        {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+        {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
+    return environment;
   }
 
   // reply_for - the reply for an exit status and what the command printed. Only the first
@@ -2189,6 +2297,7 @@ class CommandRun {
     child_.to_child = kInvalidSocket;
   }
 
+  // read_output - what the command printed so far; its end closes the pipe
   void read_output() {
     char buffer[4096];
     for (;;) {
@@ -2198,15 +2307,20 @@ class CommandRun {
         continue;
       }
       if (n < 0 && would_block(errno)) return;
-      break;  // end of its output: it is about to exit, if it has not already
+      break;  // end of its output
     }
+    close_output();
+  }
+
+  void close_output() {
+    if (child_.from_child == kInvalidSocket) return;
     reactor_.unwatch(child_.from_child);
     close_pipe(child_.from_child);
     child_.from_child = kInvalidSocket;
-    wait_for_exit();
   }
 
-  // wait_for_exit - the output is closed; look for the exit status until it comes
+  // wait_for_exit - look for the exit status until it comes. The exit, not the end of the
+  // output, ends the run: a background child may keep the output open long after (issue 9.11).
   void wait_for_exit() {
     int exit_code = 0;
     if (!reap_child(child_, exit_code)) {
@@ -2217,7 +2331,14 @@ class CommandRun {
       return;
     }
     is_running_ = false;
+    if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
+    stop();
     finish(reply_for(exit_code, output_));
+  }
+
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return "451 Error: cannot run the --exec command: " + why;
   }
 
   void on_timeout() {
@@ -2235,11 +2356,8 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
-    if (child_.from_child != kInvalidSocket) {
-      reactor_.unwatch(child_.from_child);
-      close_pipe(child_.from_child);
-      child_.from_child = kInvalidSocket;
-    }
+    close_output();
+    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
@@ -2259,6 +2377,7 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
+  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
@@ -2795,6 +2914,10 @@ class UpstreamSession {
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
 // empty line (or at the end if there is none), as smtpd.py's PureProxy inserts it; CRLF line
 // ends; dot-stuffing redone (RFC 5321 4.5.2); the final ".".
+// differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
+// (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
+// CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
+// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
 inline std::string relay_payload(const std::string& data, const std::string& peer) {
   std::string out;
   out.reserve(data.size() + data.size() / 32 + peer.size() + 16);
@@ -2806,7 +2929,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
   };
   std::size_t start = 0;
   for (;;) {
-    std::size_t end = data.find('\n', start);
+    std::size_t end = data.find_first_of("\r\n", start);
     std::string_view line(data.data() + start,
                           (end == std::string::npos ? data.size() : end) - start);
     if (!peer_added && line.empty()) {
@@ -2815,7 +2938,7 @@ inline std::string relay_payload(const std::string& data, const std::string& pee
     }
     add_line(line);
     if (end == std::string::npos) break;
-    start = end + 1;
+    start = end + (data.compare(end, 2, "\r\n") == 0 ? 2 : 1);
   }
   if (!peer_added) add_line("X-Peer: " + peer);
   out += ".\r\n";
@@ -3310,12 +3433,13 @@ struct Settings {
   Endpoint remote;
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
-  std::string maildir;                  // --maildir: empty for none
-  std::string mbox;                     // --mbox: empty for none
-  bool json = false;                    // --json
-  std::uint64_t max_messages = 0;       // --max-messages: 0 for no limit
-  std::uint64_t idle_exit_seconds = 0;  // --idle-exit: 0 for never
-  std::string exec_command;             // --exec: empty for none
+  std::string maildir;                                   // --maildir: empty for none
+  std::string mbox;                                      // --mbox: empty for none
+  bool json = false;                                     // --json
+  std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
+  std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
+  std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
+  std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
 };
 
@@ -3402,8 +3526,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages or --idle-exit; nine digits at most, so
-// seconds still fit in milliseconds
+// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
     throw UsageError("invalid " + std::string(option) + ": '" + text +
@@ -3476,10 +3600,14 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("idle-exit",
-           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-           "never (the default).",
-           cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+      "N")("max-recipients",
+           "Most recipients in one message; further RCPT commands get 452 (default " +
+               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+           cxxopts::value<std::string>(),
+           "N")("idle-exit",
+                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+                "never (the default).",
+                cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
@@ -3537,6 +3665,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-recipients"))
+    s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
   std::vector<std::string> addresses;
@@ -3611,6 +3741,7 @@ inline void prepare_outputs(const Settings& s) {
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
+  open_standard_descriptors();  // first: before anything can make a socket or open a file
   [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
@@ -3655,6 +3786,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.fqdn = our_name;
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
+  options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;

@@ -18,4 +18,5 @@
 #include "test_proxy.cpp"
 #include "test_exec.cpp"
 #include "test_upstream.cpp"
+#include "test_hostile.cpp"
 // clang-format on
