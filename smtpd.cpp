@@ -88,11 +88,12 @@ constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFA
 // --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
 // cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
 constexpr std::size_t kMaxRecipientsDefault = 1000;
-constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
-constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
-constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
-constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
-constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
+constexpr const char* kDefaultLocal = "localhost:8025";        // smtpd.py's default local address
+constexpr const char* kDefaultRemote = "localhost:25";         // smtpd.py's default upstream
+constexpr const char* kDefaultMailmanLmtp = "127.0.0.1:8024";  // Mailman 3's lmtp_host/port
+constexpr std::size_t kReadChunk = 64 * 1024;                  // bytes read from a socket at once
+constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
+constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
@@ -379,6 +380,13 @@ inline void close_pipe(socket_t fd) {
   if (fd != kInvalidSocket) ::close(fd);
 }
 #endif
+
+// shell_quote - one word for sh -c, quoted so the shell takes it literally
+inline std::string shell_quote(const std::string& word) {
+  std::string out = "'";
+  for (char c : word) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
 
 // Socket addresses, the same on both systems once the headers above are in.
 //   Endpoint, format_endpoint, numeric_address, resolve_endpoint, start_connect, connect_error
@@ -670,6 +678,12 @@ inline bool sync_directory(const std::string& path, std::string& error) {
 }
 inline long process_id() { return static_cast<long>(::getpid()); }
 #endif
+
+// path_exists - a file or directory is there (Mailman 2's lists/NAME/config.pck)
+inline bool path_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
 
 inline bool File::create_new(const std::string& path, std::string& error) {
   return open(path, kCreateNewFlags, error);
@@ -2214,6 +2228,17 @@ class RecipientsFile {
 class CommandRun {
  public:
   using Done = std::function<void(const std::string& reply)>;
+  using Environment = std::vector<std::pair<std::string, std::string>>;
+  // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
+  // exited with exit_code after printing output
+  struct Outcome {
+    bool has_started = false;
+    bool has_timed_out = false;
+    int exit_code = -1;
+    std::string output;
+    std::string error;
+  };
+  using Finished = std::function<void(const Outcome&)>;
 
   CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
@@ -2221,17 +2246,33 @@ class CommandRun {
   CommandRun(const CommandRun&) = delete;
   CommandRun& operator=(const CommandRun&) = delete;
 
-  // start - run the command for this message; `done` is called once, later or at once
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
   void start(const Envelope& envelope, Done done) {
-    done_ = std::move(done);
-    input_ = message_file_text(envelope.data);  // as --maildir writes it
     std::string error;
     auto environment = environment_for(envelope);
     if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return finish(cannot_run("cannot write the recipients to a file: " + error));
+      return done(cannot_run("cannot write the recipients to a file: " + error));
     environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
-    is_running_ = true;
+    long long timeout_ms = timeout_ms_;
+    run(message_file_text(envelope.data), environment,  // as --maildir writes it
+        [done, timeout_ms](const Outcome& outcome) {
+          if (!outcome.has_started) return done(cannot_run(outcome.error));
+          if (outcome.has_timed_out) return done(timed_out_reply(timeout_ms));
+          done(reply_for(outcome.exit_code, outcome.output));
+        });
+  }
+
+  // run - the command with `input` on its standard input; `finished` is called once
+  void run(std::string input, const Environment& environment, Finished finished) {
+    finished_ = std::move(finished);
+    input_ = std::move(input);
+    std::string error;
+    if (!spawn_shell(command_, environment, child_, error)) {
+      outcome_.error = error;
+      return finish();
+    }
+    outcome_.has_started = is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
@@ -2275,6 +2316,13 @@ class CommandRun {
     return printable(line).substr(0, kReplyLineLimit);
   }
 
+  static std::string timed_out_reply(long long timeout_ms) {
+    char seconds[32];
+    std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout_ms) / 1000);
+    return std::string("451 Error: the --exec command ran longer than ") + seconds +
+           " s and was stopped; try again later";
+  }
+
  private:
   void write_input() {
     while (written_ < input_.size()) {
@@ -2303,7 +2351,8 @@ class CommandRun {
     for (;;) {
       auto n = ::read(child_.from_child, buffer, sizeof buffer);
       if (n > 0) {
-        if (output_.size() < kExecOutputLimit) output_.append(buffer, static_cast<std::size_t>(n));
+        if (outcome_.output.size() < kExecOutputLimit)
+          outcome_.output.append(buffer, static_cast<std::size_t>(n));
         continue;
       }
       if (n < 0 && would_block(errno)) return;
@@ -2333,7 +2382,8 @@ class CommandRun {
     is_running_ = false;
     if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
     stop();
-    finish(reply_for(exit_code, output_));
+    outcome_.exit_code = exit_code;
+    finish();
   }
 
   static std::string cannot_run(const std::string& why) {
@@ -2345,10 +2395,8 @@ class CommandRun {
     timer_ = 0;
     kill_child(child_);
     stop();
-    char seconds[32];
-    std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout_ms_) / 1000);
-    finish(std::string("451 Error: the --exec command ran longer than ") + seconds +
-           " s and was stopped; try again later");
+    outcome_.has_timed_out = true;
+    finish();
   }
 
   // stop - no more events from this run; a command still running is killed and reaped
@@ -2369,8 +2417,8 @@ class CommandRun {
     }
   }
 
-  void finish(const std::string& reply) {
-    if (done_) std::exchange(done_, nullptr)(reply);
+  void finish() {
+    if (finished_) std::exchange(finished_, nullptr)(outcome_);
   }
 
   Reactor& reactor_;
@@ -2381,10 +2429,10 @@ class CommandRun {
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
-  std::string output_;
+  Outcome outcome_;
   std::uint64_t timer_ = 0;
   std::uint64_t reap_timer_ = 0;
-  Done done_;
+  Finished finished_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -2985,6 +3033,276 @@ class PureProxy : public ServerMode {
   UpstreamSettings settings_;
 };
 
+// format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
+// asctime form above
+inline std::string format_rfc5322_date_utc(std::int64_t t) {
+  std::string a = format_asctime_utc(t);  // "Sun Nov 29 05:10:00 2026"
+  std::string day = a.substr(8, 2);
+  if (day[0] == ' ') day.erase(0, 1);
+  return a.substr(0, 3) + ", " + day + " " + a.substr(4, 3) + " " + a.substr(20) + " " +
+         a.substr(11, 8) + " +0000";
+}
+
+// with_list_headers - the message as Mailman gets it: Python's MailmanProxy added From: and
+// Date: when missing, as Mailman needs them and MTAs add them; Message-ID: too, as Mailman
+// files and threads by it. The date is RFC 5322's, where Python used ctime().
+inline std::string with_list_headers(const std::string& data, const std::string& mailfrom,
+                                     const std::string& our_name, std::int64_t unix_us) {
+  std::size_t end = data.rfind('\n', 0) == 0 ? 0 : data.find("\n\n");
+  std::string head = "\n" + ascii_upper(data.substr(0, end));
+  auto lacks = [&head](const char* name) { return head.find(name) == std::string::npos; };
+  std::string added;
+  if (lacks("\nFROM:") && mailfrom != "<>") added += "From: " + mailfrom + "\n";
+  if (lacks("\nDATE:")) added += "Date: " + format_rfc5322_date_utc(unix_us / 1000000) + "\n";
+  if (lacks("\nMESSAGE-ID:")) {
+    static std::uint64_t count = 0;
+    added += "Message-ID: <" +
+             maildir_unique_name(unix_us / 1000000, static_cast<long>(unix_us % 1000000),
+                                 process_id(), ++count, our_name) +
+             ">\n";
+  }
+  return added + data;
+}
+
+// MailmanTarget - a recipient Mailman 2 takes: its wrapper's COMMAND and LIST arguments
+struct MailmanTarget {
+  std::string command;  // post, admin, bounces, confirm, join, leave, owner, request, ...
+  std::string list;
+  bool operator==(const MailmanTarget& o) const { return command == o.command && list == o.list; }
+};
+
+// mailman2_target - whether a Mailman 2 installation in `home` takes this recipient: its local
+// part, lower-cased, is LIST or LIST-COMMAND and home/lists/LIST has a config.pck or config.db
+// (Mailman 2's Utils.list_exists; a list literally named "a-request" wins over a's -request).
+// The list name holds only Mailman's ACCEPTABLE_LISTNAME_CHARACTERS, so it never leaves lists/.
+inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
+                                                    const std::string& rcpt) {
+  static const char* const kCommands[] = {"admin", "bounces", "confirm",   "join",       "leave",
+                                          "owner", "request", "subscribe", "unsubscribe"};
+  std::string local = rcpt.substr(0, rcpt.rfind('@'));
+  for (char& c : local)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  auto is_list = [&home](const std::string& name) {
+    if (name.empty() || name == "." || name == "..") return false;
+    for (char c : name)
+      if (!is_ascii_alnum(c) && std::strchr("-+_.=", c) == nullptr) return false;
+    std::string dir = home + "/lists/" + name + "/";
+    return path_exists(dir + "config.pck") || path_exists(dir + "config.db");
+  };
+  if (is_list(local)) return MailmanTarget{"post", local};
+  std::size_t dash = local.rfind('-');
+  if (dash == std::string::npos) return std::nullopt;
+  std::string command = local.substr(dash + 1);
+  for (const char* known : kCommands)
+    if (command == known && is_list(local.substr(0, dash)))
+      return MailmanTarget{command, local.substr(0, dash)};
+  return std::nullopt;
+}
+
+// MailmanProxy - list mail to Mailman, the rest relayed as PureProxy relays it. Mailman 3 is
+// asked at each RCPT over LMTP whether the address is its own; Mailman 2 is looked up in its
+// lists/ directory. Whatever is not Mailman's goes to the upstream with the upstream's own
+// verdicts. At the final dot the upstream gets the message first and Mailman only once the
+// upstream has it, so that one permanent refusal rarely leaves the other side with a copy;
+// the client hears 250 only when every destination has the message, 4xx when any of them
+// failed for now (a retry may duplicate; nothing is lost). The man page has the whole table.
+// differs from smtpd.py: Python spoke a Mailman 2.0 API that no longer exists, took only
+// LIST, -admin, -owner, -request, -join and -leave, and answered 250 whatever happened.
+class MailmanProxy : public ServerMode {
+ public:
+  struct Options {
+    UpstreamSettings relay;  // the upstream server
+    UpstreamSettings lmtp;   // Mailman 3's LMTP runner (unused with home)
+    std::string home;        // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+    long long wrapper_timeout_ms = kExecTimeoutMs;
+    std::string our_name;  // for the Message-ID we add
+  };
+
+  explicit MailmanProxy(Options options) : options_(std::move(options)) {}
+  bool asks_envelope() const override { return true; }
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, options_);
+  }
+
+  // wrapper_command - Mailman 2's mail wrapper as the MTA's pipe alias runs it
+  static std::string wrapper_command(const std::string& home, const MailmanTarget& target) {
+    return shell_quote(home + "/mail/mailman") + " " + target.command + " " + target.list;
+  }
+
+  // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
+  // scripts' "list not found"), anything else, or no exit in time, a failure for now
+  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+    if (!outcome.has_started)
+      return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
+    if (outcome.has_timed_out)
+      return "451 Error: Mailman 2's " + what + " did not finish in time; try again later";
+    if (outcome.exit_code == 0) return "";
+    if (outcome.exit_code == 1)
+      return "550 5.1.1 Error: Mailman 2's " + what + " found no such list";
+    return "451 Error: Mailman 2's " + what + " failed (exit status " +
+           std::to_string(outcome.exit_code) + "); try again later";
+  }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    Session(Reactor& reactor, const Options& options)
+        : reactor_(reactor),
+          options_(options),
+          relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo),
+          lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo),
+          retired_(reactor) {}
+
+    // on_mail - the sender is taken here and given to each destination at its first RCPT
+    void on_mail(const MailRequest& mail, Verdict verdict) override {
+      mail_ = mail;
+      has_relay_mail_ = has_lmtp_mail_ = false;
+      relay_accepted_ = lmtp_accepted_ = 0;
+      targets_.clear();
+      verdict("");
+    }
+
+    void on_rcpt(const std::string& rcpt, Verdict verdict) override {
+      if (options_.home.empty()) return ask_mailman(rcpt, std::move(verdict));
+      std::optional<MailmanTarget> target = mailman2_target(options_.home, rcpt);
+      if (!target) return relay(rcpt, std::move(verdict));
+      if (std::find(targets_.begin(), targets_.end(), *target) == targets_.end())
+        targets_.push_back(*target);
+      verdict("");
+    }
+
+    // on_message - the upstream first, then Mailman, then one reply for all
+    void on_message(Envelope envelope, Verdict verdict) override {
+      auto message = std::make_shared<Envelope>(std::move(envelope));
+      if (relay_accepted_ == 0) return to_mailman(message, "", verdict);
+      std::string payload = relay_payload(message->data, message->peer);
+      relay_.data(std::move(payload), 1,
+                  [this, message, verdict](const std::vector<std::string>& replies) {
+                    if (replies[0][0] != '2') return verdict(replies[0]);  // nobody has it
+                    to_mailman(message, replies[0], verdict);
+                  });
+    }
+
+   private:
+    // ask_mailman - Mailman 3 at RCPT: 2xx it is Mailman's, 5xx it is not (relay it), and
+    // anything else a 4xx, never a relay of what may be a list address
+    void ask_mailman(const std::string& rcpt, Verdict verdict) {
+      auto ask = [this, rcpt, verdict] {
+        lmtp_.rcpt(rcpt, [this, rcpt, verdict](const std::string& reply) {
+          if (reply[0] == '2') return ++lmtp_accepted_, verdict(reply);
+          if (reply[0] == '5') return relay(rcpt, verdict);
+          verdict(for_now(reply));
+        });
+      };
+      if (has_lmtp_mail_) return ask();
+      lmtp_.mail(mail_for_mailman(), [this, ask, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(for_now(reply));
+        has_lmtp_mail_ = true;
+        ask();
+      });
+    }
+
+    // mail_for_mailman - the sender as Mailman 3 gets it. Its LMTP runner offers no SMTPUTF8;
+    // as the final delivery agent it reads UTF-8 headers all the same, so the parameter is
+    // left out rather than refusing the mail (RFC 6531 3.4 asks of relays, not of delivery).
+    MailRequest mail_for_mailman() const {
+      MailRequest mail = mail_;
+      mail.options.erase(std::remove(mail.options.begin(), mail.options.end(), "SMTPUTF8"),
+                         mail.options.end());
+      mail.smtputf8 = false;
+      return mail;
+    }
+
+    // relay - a recipient that is not Mailman's goes upstream, the sender first if need be
+    void relay(const std::string& rcpt, Verdict verdict) {
+      auto send_rcpt = [this, rcpt, verdict] {
+        relay_.rcpt(rcpt, [this, verdict](const std::string& reply) {
+          if (reply[0] == '2') ++relay_accepted_;
+          verdict(reply);
+        });
+      };
+      if (has_relay_mail_) return send_rcpt();
+      relay_.mail(mail_, [this, send_rcpt, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(reply);  // the upstream refuses the sender
+        has_relay_mail_ = true;
+        send_rcpt();
+      });
+    }
+
+    // to_mailman - the Mailman part of the message, once the upstream (if any) has it: then
+    // upstream_reply is its 2xx
+    void to_mailman(std::shared_ptr<Envelope> message, const std::string& upstream_reply,
+                    Verdict verdict) {
+      if (lmtp_accepted_ == 0 && targets_.empty()) return verdict(upstream_reply);
+      bool upstream_has_it = !upstream_reply.empty();
+      message->data =
+          with_list_headers(message->data, message->mailfrom, options_.our_name, unix_time_us());
+      auto finish = [upstream_has_it, verdict](const std::vector<std::string>& replies) {
+        verdict(one_reply(replies, upstream_has_it));
+      };
+      if (!options_.home.empty()) return run_wrappers(message, 0, {}, finish);
+      std::string payload = relay_payload(message->data, message->peer);
+      lmtp_.data(std::move(payload), lmtp_accepted_, finish);
+    }
+
+    // run_wrappers - Mailman 2's wrapper once for each list address, one after the other
+    void run_wrappers(std::shared_ptr<Envelope> message, std::size_t next,
+                      std::vector<std::string> replies,
+                      std::function<void(const std::vector<std::string>&)> finish) {
+      if (next == targets_.size()) return finish(replies);
+      const MailmanTarget& target = targets_[next];
+      std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
+      retired_.add(std::move(run_));  // a finished run: its end may have led here
+      run_ = std::make_unique<CommandRun>(reactor_,
+                                          MailmanProxy::wrapper_command(options_.home, target),
+                                          options_.wrapper_timeout_ms);
+      run_->run(message_file_text(message->data), {},
+                [this, message, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+                  std::vector<std::string> so_far = replies;
+                  so_far.push_back(wrapper_reply(outcome, what));
+                  run_wrappers(message, next + 1, so_far, finish);
+                });
+    }
+
+    // one_reply - the client's one reply for Mailman's replies: 250 when all accepted; the
+    // first 4xx when any failed for now (the client retries); else the first refusal, said
+    // to have reached the upstream's recipients when it did
+    static std::string one_reply(const std::vector<std::string>& replies, bool upstream_has_it) {
+      for (const std::string& reply : replies)
+        if (!reply.empty() && reply[0] == '4') return reply;
+      for (const std::string& reply : replies) {
+        if (reply.empty() || reply[0] == '2') continue;
+        if (!upstream_has_it) return reply;
+        return reply.substr(0, 3) + " Error: the upstream server took the message, Mailman " +
+               "refused it: " + printable(reply).substr(0, 300);
+      }
+      return "";
+    }
+
+    // for_now - Mailman could not say whether an address is its own: a 4xx, whatever it was
+    std::string for_now(const std::string& reply) const {
+      if (reply[0] == '4') return reply;
+      return "451 Error: Mailman's LMTP server " + options_.lmtp.name +
+             " cannot tell whether this address is a list's: " + printable(reply).substr(0, 300);
+    }
+
+    Reactor& reactor_;
+    const Options& options_;
+    UpstreamSession relay_;
+    UpstreamSession lmtp_;
+    MailRequest mail_;
+    bool has_relay_mail_ = false;         // the upstream has this transaction's MAIL
+    bool has_lmtp_mail_ = false;          // so has Mailman 3
+    std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
+    std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
+    std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
+    std::unique_ptr<CommandRun> run_;
+    Retired<CommandRun> retired_;
+  };
+
+  Options options_;
+};
+
 // ==== 9. Event loop ====
 // One thread, non-blocking sockets and poll(): the listener, a Connection per client that pairs
 // its socket with its Channel and its ModeSession, and the sockets and timers modes ask for
@@ -3441,6 +3759,8 @@ struct Settings {
   std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
   std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
+  Endpoint mailman_lmtp;     // --mailman-lmtp: Mailman 3's LMTP runner
+  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
 };
 
 class UsageError : public std::runtime_error {
@@ -3568,11 +3888,11 @@ inline cxxopts::Options build_options() {
                "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
       "connect-timeout",
       "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default 30).",
+      "connection (default 30); MailmanProxy: the upstream and Mailman.",
       cxxopts::value<std::string>(),
       "SECONDS")("reply-timeout",
                  "PureProxy: seconds to wait for each reply of the upstream server "
-                 "(default 120).",
+                 "(default 120); MailmanProxy: of the upstream and of Mailman.",
                  cxxopts::value<std::string>(),
                  "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
       "maildir",
@@ -3592,8 +3912,8 @@ inline cxxopts::Options build_options() {
       "is the reply), anything else gives 451.",
       cxxopts::value<std::string>(),
       "COMMAND")("exec-timeout",
-                 "Seconds the --exec command may run before it is killed and the client "
-                 "gets 451 (default 30).",
+                 "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+                 "it is killed and the client gets 451 (default 30).",
                  cxxopts::value<std::string>(), "SECONDS")(
       "max-messages",
       "Exit with status 0 once N messages are delivered and the open "
@@ -3607,7 +3927,15 @@ inline cxxopts::Options build_options() {
            "N")("idle-exit",
                 "Exit with status 0 when no client has been connected for SECONDS; 0 means "
                 "never (the default).",
-                cxxopts::value<std::string>(), "SECONDS")("h,help", "Print this help and exit.")(
+                cxxopts::value<std::string>(), "SECONDS")(
+      "mailman-lmtp",
+      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+      "address is a list's (default 127.0.0.1:8024).",
+      cxxopts::value<std::string>(),
+      "HOST:PORT")("mailman-home",
+                   "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+                   "mail/mailman wrapper).",
+                   cxxopts::value<std::string>(), "DIR")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
@@ -3618,6 +3946,25 @@ inline std::string help_text(cxxopts::Options& options) {
          "\nDefaults: localhost:8025 to listen on, localhost:25 as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
+}
+
+// parse_mailman_options - --mailman-lmtp or --mailman-home, for MailmanProxy only
+inline void parse_mailman_options(const cxxopts::ParseResult& result, Settings& s) {
+  bool has_lmtp = result.count("mailman-lmtp") > 0;
+  s.mailman_home = parse_path(result, "mailman-home");
+  bool has_home = !s.mailman_home.empty();
+  if ((has_lmtp || has_home) && s.mode != ModeKind::MailmanProxy)
+    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
+  if (has_lmtp && has_home)
+    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
+  s.mailman_lmtp = parse_endpoint(
+      has_lmtp ? result["mailman-lmtp"].as<std::string>() : kDefaultMailmanLmtp, "Mailman LMTP");
+  if (!has_home) return;
+  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
+  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
+  if (!path_exists(s.mailman_home + "/mail/mailman"))
+    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
+                     "/mail/mailman");
 }
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
@@ -3669,6 +4016,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
+  parse_mailman_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -3683,13 +4031,17 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
 
 // upstream_settings - the relay's upstream, resolved once at start so the loop never waits
 // for a name lookup; throws StartError when the name does not resolve
-inline UpstreamSettings upstream_settings(const Settings& s, const std::string& our_name) {
+inline UpstreamSettings upstream_settings(const Settings& s, const std::string& our_name,
+                                          const Endpoint& where, const char* role,
+                                          const char* tag) {
   UpstreamSettings upstream;
-  upstream.name = format_endpoint(s.remote.host, s.remote.port);
+  upstream.role = role;
+  upstream.tag = tag;
+  upstream.name = format_endpoint(where.host, where.port);
   std::string error;
-  upstream.addresses = resolve_endpoint(s.remote, error);
+  upstream.addresses = resolve_endpoint(where, error);
   if (upstream.addresses.empty())
-    throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
+    throw StartError("cannot resolve the " + std::string(role) + " " + where.host + ": " + error);
   upstream.helo_name = our_name;
   upstream.connect_timeout_ms = s.connect_timeout_ms;
   upstream.reply_timeout_ms = s.reply_timeout_ms;
@@ -3718,15 +4070,28 @@ inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::strin
     }
     case ModeKind::Debugging:
       return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
-    case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
-    case ModeKind::MailmanProxy: break;
+    case ModeKind::PureProxy:
+      return std::make_unique<PureProxy>(
+          upstream_settings(s, our_name, s.remote, "upstream server", "upstream"));
+    case ModeKind::MailmanProxy: {
+      MailmanProxy::Options options;
+      options.relay = upstream_settings(s, our_name, s.remote, "upstream server", "upstream");
+      if (s.mailman_home.empty())
+        options.lmtp =
+            upstream_settings(s, our_name, s.mailman_lmtp, "Mailman LMTP server", "mailman");
+      options.home = s.mailman_home;
+      options.wrapper_timeout_ms = s.exec_timeout_ms;
+      options.our_name = our_name;
+      return std::make_unique<MailmanProxy>(std::move(options));
+    }
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
 }
 
 // warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
 inline void warn_if_open_relay(const Settings& s, const std::string& bound) {
-  if (s.mode != ModeKind::PureProxy || is_loopback_host(s.local.host)) return;
+  bool is_relay = s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy;
+  if (!is_relay || is_loopback_host(s.local.host)) return;
   log_line("warning: " + std::string(mode_name(s.mode)) + " on " + bound +
            " relays mail from anyone who can connect: this can make an open relay");
 }
@@ -3737,6 +4102,13 @@ inline void prepare_outputs(const Settings& s) {
   std::string error;
   if (!s.maildir.empty() && !MaildirStore::make_maildir(s.maildir, error))
     log_line(error + "; messages get 451 until it can be made");
+}
+
+// mailman_text - where MailmanProxy finds Mailman, for the -d start line
+inline std::string mailman_text(const Settings& s) {
+  if (s.mode != ModeKind::MailmanProxy) return "";
+  if (!s.mailman_home.empty()) return "; Mailman 2 in " + s.mailman_home;
+  return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
@@ -3795,7 +4167,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   warn_if_open_relay(settings, bound);
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
-             format_endpoint(settings.remote.host, settings.remote.port));
+             format_endpoint(settings.remote.host, settings.remote.port) + mailman_text(settings));
   Server server(listener, std::move(options), *mode);
   try {
     server.run();

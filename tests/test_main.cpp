@@ -19,4 +19,5 @@
 #include "test_exec.cpp"
 #include "test_upstream.cpp"
 #include "test_hostile.cpp"
+#include "test_mailman.cpp"
 // clang-format on
