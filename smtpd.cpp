@@ -18,7 +18,8 @@
 //   6. Replies               (every reply text, named)
 //   7. SMTP channel          (the pure state machine: bytes in, replies and questions out)
 //   8. Server modes          (outputs, --exec, SMTPServer, DebuggingServer, PureProxy)
-//   9. Event loop            (listener, connections, poll, timers: the Reactor modes use)
+//   9. Event loop            (PollReactor: sockets, timers, deferred tasks; the Server on it:
+//                             listeners, connections, exit policy)
 //  10. Command line          (options, addresses, validation)
 //  11. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
@@ -34,6 +35,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -110,11 +112,14 @@ constexpr std::size_t kUpstreamReplyLines = 200;        // lines
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
-constexpr long long kExecReapPollMs = 10;        // how often to look for its exit status
+constexpr int kExecReapPollMs = 10;              // how often to look for its exit status
+constexpr int kKillWaitRounds = 100;             // after a kill, looked for this often (1 s)
 // --exec: SMTPD_RCPTTOS is left out above this size (Linux refuses a variable over 128 KiB
 // and all of them over about 2 MB: the command would not start); SMTPD_RCPTTOS_FILE always
 // has the list (issue 9.11)
 constexpr std::size_t kExecVariableLimit = 64 * 1024;
+constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
+constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
 constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
@@ -127,10 +132,10 @@ constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; 
 // Sockets, poll, signals and synced files differ between Windows and POSIX; the difference
 // stops here. Nothing below this section spells closesocket, WSAGetLastError, errno for
 // sockets, fsync, or _WIN32.
-//   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, would_block,
-//   set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers, drop_privileges,
-//   open_standard_descriptors,
-//   File, make_directory, rename_file, remove_file, sync_directory, process_id
+//   socket_t, kInvalidSocket, close_socket, poll_sockets, last_socket_error, sleep_ms,
+//   would_block, set_nonblocking, socket_error_text, SocketRuntime, install_stop_handlers,
+//   drop_privileges, open_standard_descriptors, File, make_directory, rename_file, remove_file,
+//   sync_directory, process_id
 
 #ifdef _WIN32
 using socket_t = SOCKET;
@@ -140,11 +145,12 @@ constexpr int kSendFlags = 0;
 
 // close_socket - release a socket handle
 inline void close_socket(socket_t s) { closesocket(s); }
+inline void sleep_ms(int ms) { Sleep(static_cast<DWORD>(ms)); }
 
 // poll_sockets - WSAPoll; with no sockets it fails on Windows, so sleep instead
 inline int poll_sockets(pollfd_t* fds, std::size_t n, int timeout_ms) {
   if (n == 0) {
-    Sleep(static_cast<DWORD>(timeout_ms));
+    sleep_ms(timeout_ms);
     return 0;
   }
   return WSAPoll(fds, static_cast<ULONG>(n), timeout_ms);
@@ -212,6 +218,7 @@ inline int poll_sockets(pollfd_t* fds, std::size_t n, int timeout_ms) {
   return ::poll(fds, static_cast<nfds_t>(n), timeout_ms);
 }
 inline int last_socket_error() { return errno; }
+inline void sleep_ms(int ms) { ::poll(nullptr, 0, ms); }
 inline bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINTR; }
 inline bool interrupted(int err) { return err == EINTR; }
 inline bool set_nonblocking(socket_t s) {
@@ -562,7 +569,7 @@ inline bool File::lock(int timeout_ms, std::string& error) {
                                            : socket_error_text(static_cast<int>(err)));
       return false;
     }
-    Sleep(kLockRetryMs);
+    sleep_ms(kLockRetryMs);
   }
 }
 inline bool File::size(std::int64_t& bytes, std::string& error) {
@@ -635,7 +642,7 @@ inline bool File::lock(int timeout_ms, std::string& error) {
               std::to_string(timeout_ms / 1000) + " s";
       return false;
     }
-    ::poll(nullptr, 0, kLockRetryMs);
+    sleep_ms(kLockRetryMs);
   }
 }
 inline bool File::size(std::int64_t& bytes, std::string& error) {
@@ -1911,42 +1918,34 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 //   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
 //   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
 //   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
-// Reactor - the loop's services to modes: watch a socket, run a timer (section 9 has the loop)
+// Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
+// timer, and run a task after the current callbacks. That last one is the only guard against
+// re-entrancy anywhere: whatever must not happen inside a callback (destroying the object
+// whose callback is on the stack, asking the mode its next question) is deferred, and
+// deferred tasks run in the order given, before the next poll. A watched socket is closed
+// through release(), after the current callbacks, so its number cannot come back to a new
+// socket while this turn's events are still being handed out.
 class Reactor {
  public:
   using ReadyHandler = std::function<void(short revents)>;
-  using TimerHandler = std::function<void()>;
+  using Task = std::function<void()>;
+  using TimerId = std::uint64_t;  // 0 is never a timer, so "no timer" needs no flag
+
   virtual ~Reactor() = default;
-  virtual void watch(socket_t s, short events, ReadyHandler on_ready) = 0;  // add or change
+  virtual void watch(socket_t s, short events, ReadyHandler on_ready) = 0;  // add or replace
+  virtual void set_events(socket_t s, short events) = 0;  // same handler; 0 polls it not at all
   virtual void unwatch(socket_t s) = 0;
-  virtual std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) = 0;
-  virtual void cancel_timer(std::uint64_t id) = 0;
-};
+  virtual void release(socket_t s, void (*close)(socket_t)) = 0;  // unwatch; close after callbacks
+  virtual TimerId start_timer(long long delay_ms, Task on_expiry) = 0;
+  virtual void restart_timer(TimerId id, long long delay_ms) = 0;  // same handler, new deadline
+  virtual void cancel_timer(TimerId id) = 0;                       // 0 or a fired timer: no-op
+  virtual void defer(Task task) = 0;  // run after the current callbacks, before the next poll
 
-// Retired - objects whose own callback may still be on the stack (their reply led to their
-// replacement): kept until a later turn of the loop, never destroyed inside that callback
-template <class T>
-class Retired {
- public:
-  explicit Retired(Reactor& reactor) : reactor_(reactor) {}
-  ~Retired() { reactor_.cancel_timer(timer_); }
-  Retired(const Retired&) = delete;
-  Retired& operator=(const Retired&) = delete;
-
-  void add(std::unique_ptr<T> object) {
-    if (!object) return;
-    objects_.push_back(std::move(object));
-    if (timer_ != 0) return;
-    timer_ = reactor_.start_timer(0, [this] {
-      timer_ = 0;
-      objects_.clear();
-    });
+  // dispose - destroy an object after the current callbacks (its own may be on the stack)
+  template <class T>
+  void dispose(std::unique_ptr<T> object) {
+    if (object) defer([kept = std::shared_ptr<T>(std::move(object))] {});
   }
-
- private:
-  Reactor& reactor_;
-  std::vector<std::unique_ptr<T>> objects_;
-  std::uint64_t timer_ = 0;
 };
 
 using Verdict = std::function<void(const std::string& reply)>;
@@ -2340,8 +2339,7 @@ class CommandRun {
 
   void close_input() {
     if (child_.to_child == kInvalidSocket) return;
-    reactor_.unwatch(child_.to_child);
-    close_pipe(child_.to_child);
+    reactor_.release(child_.to_child, close_pipe);
     child_.to_child = kInvalidSocket;
   }
 
@@ -2363,8 +2361,7 @@ class CommandRun {
 
   void close_output() {
     if (child_.from_child == kInvalidSocket) return;
-    reactor_.unwatch(child_.from_child);
-    close_pipe(child_.from_child);
+    reactor_.release(child_.from_child, close_pipe);
     child_.from_child = kInvalidSocket;
   }
 
@@ -2409,10 +2406,9 @@ class CommandRun {
     if (is_running_) {
       int exit_code;
       kill_child(child_);
-      for (int i = 0; i < 100 && !reap_child(child_, exit_code); ++i) {
-        pollfd_t none{};
-        poll_sockets(&none, 0, 10);  // SIGKILL is quick; bounded at 1 s all the same
-      }
+      // SIGKILL is quick; the wait is bounded all the same
+      for (int i = 0; i < kKillWaitRounds && !reap_child(child_, exit_code); ++i)
+        sleep_ms(kExecReapPollMs);
       is_running_ = false;
     }
   }
@@ -2430,8 +2426,8 @@ class CommandRun {
   std::string input_;
   std::size_t written_ = 0;
   Outcome outcome_;
-  std::uint64_t timer_ = 0;
-  std::uint64_t reap_timer_ = 0;
+  Reactor::TimerId timer_ = 0;
+  Reactor::TimerId reap_timer_ = 0;
   Finished finished_;
 };
 
@@ -2478,13 +2474,12 @@ class DeliveringServer : public ServerMode {
  private:
   class Session : public ModeSession {
    public:
-    Session(DeliveringServer& mode, Reactor& reactor)
-        : mode_(mode), reactor_(reactor), retired_(reactor) {}
+    Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
       if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
       auto message = std::make_shared<Envelope>(std::move(envelope));
-      retired_.add(std::move(run_));  // a finished run: its verdict may have led here
+      reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         bool is_accepted = reply.empty() || reply[0] == '2';
@@ -2498,7 +2493,6 @@ class DeliveringServer : public ServerMode {
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
-    Retired<CommandRun> retired_;
   };
 
   MessageOutputs outputs_;
@@ -2648,7 +2642,7 @@ class UpstreamClient {
     if (socket_ == kInvalidSocket) return;
     short events = POLLIN;
     if (!out_.empty()) events |= POLLOUT;
-    reactor_.watch(socket_, events, [this](short revents) { on_ready(revents); });
+    reactor_.set_events(socket_, events);
   }
 
   void flush() {
@@ -2759,8 +2753,7 @@ class UpstreamClient {
 
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
-    reactor_.unwatch(socket_);
-    close_socket(socket_);
+    reactor_.release(socket_, close_socket);
     socket_ = kInvalidSocket;
     is_connecting_ = false;
   }
@@ -2779,7 +2772,7 @@ class UpstreamClient {
   socket_t socket_ = kInvalidSocket;
   bool is_connecting_ = false;
   std::size_t address_index_ = 0;
-  std::uint64_t timer_ = 0;
+  Reactor::TimerId timer_ = 0;
   std::string out_;
   std::string in_;
   UpstreamReply reply_;          // the lines of a multi-line reply so far
@@ -2802,7 +2795,7 @@ class UpstreamSession {
   using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
 
   UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
-      : reactor_(reactor), settings_(settings), greeting_(greeting), retired_(reactor) {}
+      : reactor_(reactor), settings_(settings), greeting_(greeting) {}
   ~UpstreamSession() {
     if (client_) client_->quit();
   }
@@ -2865,7 +2858,7 @@ class UpstreamSession {
   void with_session(std::function<void(const std::string& failure)> then) {
     if (is_ready()) return then("");
     if (client_) client_->quit();
-    retired_.add(std::move(client_));  // its reply may have led here
+    reactor_.dispose(std::move(client_));  // its reply may have led here
     client_ = std::make_unique<UpstreamClient>(reactor_, settings_);
     is_greeted_ = false;
     in_transaction_ = false;
@@ -2953,7 +2946,6 @@ class UpstreamSession {
   const UpstreamSettings& settings_;
   Greeting greeting_;
   std::unique_ptr<UpstreamClient> client_;
-  Retired<UpstreamClient> retired_;
   bool is_greeted_ = false;
   bool in_transaction_ = false;
   std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
@@ -3150,8 +3142,7 @@ class MailmanProxy : public ServerMode {
         : reactor_(reactor),
           options_(options),
           relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo),
-          lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo),
-          retired_(reactor) {}
+          lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo) {}
 
     // on_mail - the sender is taken here and given to each destination at its first RCPT
     void on_mail(const MailRequest& mail, Verdict verdict) override {
@@ -3252,7 +3243,7 @@ class MailmanProxy : public ServerMode {
       if (next == targets_.size()) return finish(replies);
       const MailmanTarget& target = targets_[next];
       std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
-      retired_.add(std::move(run_));  // a finished run: its end may have led here
+      reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
       run_ = std::make_unique<CommandRun>(reactor_,
                                           MailmanProxy::wrapper_command(options_.home, target),
                                           options_.wrapper_timeout_ms);
@@ -3297,18 +3288,20 @@ class MailmanProxy : public ServerMode {
     std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
     std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
     std::unique_ptr<CommandRun> run_;
-    Retired<CommandRun> retired_;
   };
 
   Options options_;
 };
 
 // ==== 9. Event loop ====
-// One thread, non-blocking sockets and poll(): the listener, a Connection per client that pairs
-// its socket with its Channel and its ModeSession, and the sockets and timers modes ask for
-// (Reactor). Each turn polls everything, serves what is ready, fires due timers and accepts
-// new clients. A slow client, or a slow upstream, only ever holds up the clients it serves.
-//   StartError, open_listener, Connection, ServerOptions, Server (run, pump, the Reactor)
+// One thread, non-blocking sockets and poll(), in two layers (as Redis's ae.c under its
+// server). PollReactor knows sockets, timers and deferred tasks and nothing of SMTP. Server
+// sits on it: its listeners are watched sockets, each client is a Connection (its Transport,
+// its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
+// or a slow upstream, only ever holds up the clients it serves.
+//   StartError, open_listener; PollReactor (turn, run_deferred, the Reactor); Transport,
+//   SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run; accept_clients;
+//   serve, read_some, ask, on_verdict, settle, write_some, close)
 
 class StartError : public std::runtime_error {
  public:
@@ -3347,25 +3340,245 @@ inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
   return s;
 }
 
-// Connection - one client: its socket, its channel, its session with the mode
-struct Connection {
-  Connection(std::uint64_t connection_id, socket_t s, ChannelConfig config, std::string peer_ip)
-      : id(connection_id), socket(s), channel(std::move(config), std::move(peer_ip)) {}
-  ~Connection() {
-    session.reset();  // first, while the socket number is still ours
-    close_socket(socket);
+// PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
+// of those that are ready, then the timers that are due, then the deferred tasks. Timers are
+// kept by deadline, so starting, restarting or cancelling one costs a map update however many
+// there are (a timer per connection is cheap).
+class PollReactor : public Reactor {
+ public:
+  ~PollReactor() override { run_deferred(); }
+
+  void watch(socket_t s, short events, ReadyHandler on_ready) override {
+    watchers_[s] = Watcher{events, std::move(on_ready)};
   }
+  void set_events(socket_t s, short events) override {
+    auto it = watchers_.find(s);
+    if (it != watchers_.end()) it->second.events = events;
+  }
+  void unwatch(socket_t s) override { watchers_.erase(s); }
+  void release(socket_t s, void (*close)(socket_t)) override {
+    unwatch(s);
+    defer([s, close] { close(s); });
+  }
+  TimerId start_timer(long long delay_ms, Task on_expiry) override {
+    TimerId id = ++last_timer_id_;
+    long long deadline = now_ms() + delay_ms;
+    timers_.emplace(std::make_pair(deadline, id), std::move(on_expiry));
+    deadlines_.emplace(id, deadline);
+    return id;
+  }
+  void restart_timer(TimerId id, long long delay_ms) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    auto node = timers_.extract(std::make_pair(at->second, id));
+    at->second = now_ms() + delay_ms;
+    node.key() = std::make_pair(at->second, id);
+    timers_.insert(std::move(node));
+  }
+  void cancel_timer(TimerId id) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    timers_.erase(std::make_pair(at->second, id));
+    deadlines_.erase(at);
+  }
+  void defer(Task task) override { deferred_.push_back(std::move(task)); }
+
+  // turn - wait up to max_wait_ms (less when a timer is due sooner), then run what is ready;
+  // false when poll itself fails, with the reason in error()
+  bool turn(int max_wait_ms) {
+    fds_.clear();
+    for (const auto& [s, w] : watchers_)
+      if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
+    if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {
+      int err = last_socket_error();
+      if (interrupted(err)) return true;
+      error_ = "poll failed: " + socket_error_text(err);
+      return false;
+    }
+    for (const pollfd_t& p : fds_)
+      if (p.revents != 0) dispatch(p.fd, p.revents);
+    fire_timers();
+    run_deferred();
+    return true;
+  }
+
+  // run_deferred - the deferred tasks, in order, including those they defer in turn
+  void run_deferred() {
+    while (!deferred_.empty()) {
+      std::vector<Task> batch = std::exchange(deferred_, {});
+      for (Task& task : batch) std::exchange(task, nullptr)();  // each gone before the next
+    }
+  }
+
+  const std::string& error() const { return error_; }
+
+  static long long now_ms() {
+    using namespace std::chrono;
+    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  }
+
+ private:
+  struct Watcher {
+    short events = 0;
+    ReadyHandler on_ready;
+  };
+
+  int wait_ms(int max_wait_ms) const {
+    if (!deferred_.empty()) return 0;
+    long long wait = max_wait_ms;
+    if (!timers_.empty()) wait = std::min(wait, timers_.begin()->first.first - now_ms());
+    return static_cast<int>(std::max(0LL, wait));
+  }
+
+  // dispatch - a socket unwatched earlier in this turn gets nothing; a handler may replace
+  // or remove itself, so it runs from a copy
+  void dispatch(socket_t s, short revents) {
+    auto it = watchers_.find(s);
+    if (it == watchers_.end()) return;
+    ReadyHandler handler = it->second.on_ready;
+    handler(revents);
+  }
+
+  // fire_timers - those due now, earliest first; one started meanwhile waits for a later turn
+  void fire_timers() {
+    long long now = now_ms();
+    TimerId newest = last_timer_id_;
+    while (!timers_.empty()) {
+      auto first = timers_.begin();
+      auto [deadline, id] = first->first;
+      if (deadline > now || id > newest) break;
+      Task task = std::move(first->second);
+      timers_.erase(first);
+      deadlines_.erase(id);
+      task();
+    }
+  }
+
+  std::unordered_map<socket_t, Watcher> watchers_;
+  std::map<std::pair<long long, TimerId>, Task> timers_;  // by deadline, then by age
+  std::unordered_map<TimerId, long long> deadlines_;      // each timer's key in timers_
+  TimerId last_timer_id_ = 0;
+  std::vector<Task> deferred_;
+  std::vector<pollfd_t> fds_;  // this turn's poll set
+  std::string error_;
+};
+
+// Transport - the one door a connection's bytes go through (as cpp-httplib's Stream), so a
+// TLS layer can wrap it and every line above stays the same. Plain TCP is SocketTransport.
+class Transport {
+ public:
+  enum class Status { Ok, WouldBlock, Closed, Failed };  // Closed: the peer sent EOF
+  struct Result {
+    Status status;
+    std::size_t bytes = 0;
+    std::string error;  // for Failed
+  };
+  virtual ~Transport() = default;
+  virtual socket_t socket() const = 0;
+  virtual Result read_some(char* buffer, std::size_t size) = 0;
+  virtual Result write_some(std::string_view bytes) = 0;
+};
+
+// SocketTransport - a connected TCP socket, closed with the transport
+class SocketTransport : public Transport {
+ public:
+  explicit SocketTransport(socket_t s) : socket_(s) {}
+  ~SocketTransport() override { close_socket(socket_); }
+  SocketTransport(const SocketTransport&) = delete;
+  SocketTransport& operator=(const SocketTransport&) = delete;
+
+  socket_t socket() const override { return socket_; }
+  Result read_some(char* buffer, std::size_t size) override {
+    auto n = recv(socket_, buffer, static_cast<int>(size), 0);
+    if (n > 0) return {Status::Ok, static_cast<std::size_t>(n), ""};
+    if (n == 0) return {Status::Closed, 0, ""};
+    return failure();
+  }
+  Result write_some(std::string_view bytes) override {
+    auto n = send(socket_, bytes.data(), static_cast<int>(bytes.size()), kSendFlags);
+    if (n > 0) return {Status::Ok, static_cast<std::size_t>(n), ""};
+    return failure();
+  }
+
+ private:
+  static Result failure() {
+    int err = last_socket_error();
+    if (would_block(err)) return {Status::WouldBlock, 0, ""};
+    return {Status::Failed, 0, socket_error_text(err)};
+  }
+
+  socket_t socket_;
+};
+
+// Connection - one client: its transport, its channel, its session with the mode. It ends
+// through Server::close, which stops its events at once and destroys it after the current
+// callbacks; a verdict that comes in between finds it closed.
+struct Connection {
+  Connection(std::unique_ptr<Transport> io, ChannelConfig config, std::string peer_ip)
+      : transport(std::move(io)), channel(std::move(config), std::move(peer_ip)) {}
+  ~Connection() { session.reset(); }  // first, while the socket number is still ours
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
 
-  std::uint64_t id;
-  socket_t socket;
+  std::unique_ptr<Transport> transport;
   Channel channel;
   std::unique_ptr<ModeSession> session;
-  bool is_asking = false;        // a question is with the mode; its verdict has not come yet
-  bool is_pumping = false;       // pump() is on the stack for this connection
-  bool is_input_closed = false;  // the client sent EOF; finish what it asked, then close
-  bool is_dead = false;          // closed at the end of this turn
+  std::list<Connection>::iterator self;  // its place in Server::connections_
+  bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
+  bool is_closed = false;                // no more events; destroyed after the current callbacks
+};
+
+// ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
+// After the N-th delivered message (its 250 queued) the server stops listening; the sessions
+// still open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a
+// 421. With --idle-exit the loop ends once no client has been connected for that long,
+// counted from the start or from when the last client left.
+class ExitPolicy {
+ public:
+  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms)
+      : reactor_(reactor), max_messages_(max_messages), idle_exit_ms_(idle_exit_ms) {
+    on_clients(0);
+  }
+  ~ExitPolicy() {
+    reactor_.cancel_timer(idle_timer_);
+    reactor_.cancel_timer(drain_timer_);
+  }
+  ExitPolicy(const ExitPolicy&) = delete;
+  ExitPolicy& operator=(const ExitPolicy&) = delete;
+
+  // on_clients - a client came or went; `count` are connected now
+  void on_clients(std::size_t count) {
+    clients_ = count;
+    if (is_draining_ && count == 0) is_due_ = true;
+    reactor_.cancel_timer(std::exchange(idle_timer_, 0));
+    if (count == 0 && idle_exit_ms_ > 0)
+      idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
+  }
+
+  // on_delivered - one more message accepted with 2xx; true when it is the last one wanted
+  bool on_delivered() {
+    ++delivered_;
+    if (max_messages_ == 0 || delivered_ < max_messages_ || is_draining_) return false;
+    is_draining_ = true;
+    drain_timer_ = reactor_.start_timer(kDrainGraceMs, [this] { is_due_ = true; });
+    if (clients_ == 0) is_due_ = true;
+    return true;
+  }
+
+  bool is_draining() const { return is_draining_; }  // the limit is reached: no new clients
+  bool is_due() const { return is_due_; }            // time to end the loop
+  std::uint64_t delivered() const { return delivered_; }
+
+ private:
+  Reactor& reactor_;
+  std::uint64_t max_messages_;  // 0 for no limit
+  long long idle_exit_ms_;      // 0 for never
+  std::uint64_t delivered_ = 0;
+  std::size_t clients_ = 0;
+  bool is_draining_ = false;
+  bool is_due_ = false;
+  Reactor::TimerId idle_timer_ = 0;
+  Reactor::TimerId drain_timer_ = 0;
 };
 
 struct ServerOptions {
@@ -3375,165 +3588,56 @@ struct ServerOptions {
   long long idle_exit_ms = 0;      // --idle-exit: 0 for never
 };
 
-class Server : public Reactor {
+// Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
+// bytes between its transport and its channel and the channel's questions to the mode. A
+// question is asked once, right after the bytes or the answer that raised it; a verdict
+// (given at once or later) reaches the channel in a deferred task, so nothing here calls
+// itself back.
+class Server {
  public:
-  Server(socket_t listener, ServerOptions options, ServerMode& mode)
-      : listener_(listener), options_(std::move(options)), mode_(mode) {
+  Server(std::vector<socket_t> listeners, ServerOptions options, ServerMode& mode)
+      : options_(std::move(options)),
+        mode_(mode),
+        listeners_(std::move(listeners)),
+        exit_(reactor_, options_.max_messages, options_.idle_exit_ms) {
     options_.channel.ask_envelope = mode.asks_envelope();
+    if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
+    for (socket_t listener : listeners_)
+      reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
-  ~Server() override {
+  ~Server() {
+    reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
-    if (listener_ != kInvalidSocket) close_socket(listener_);
+    for (socket_t listener : listeners_) close_socket(listener);
   }
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
 
-  // run - serve until a stop is requested or a limit says to exit (--max-messages,
-  // --idle-exit); queued replies get a moment to leave
-  void run() {
-    idle_since_ms_ = now_ms();
-    while (!g_stop_requested && !is_time_to_exit()) turn();
-    if (is_draining_) close_remaining();
+  // run - serve until a stop is requested or the exit policy says so, then give queued
+  // replies a moment to leave; false when the loop itself failed, with the reason in error()
+  bool run() {
+    while (!g_stop_requested && !exit_.is_due())
+      if (!reactor_.turn(kPollWakeMs)) return false;
+    if (exit_.is_draining()) close_remaining();
     flush_before_exit();
+    return true;
   }
 
-  // Reactor: the sockets and timers modes ask for
-  void watch(socket_t s, short events, ReadyHandler on_ready) override {
-    Watcher& w = watchers_[s];
-    w.events = events;
-    w.on_ready = std::move(on_ready);
-    w.generation = ++last_generation_;
-  }
-  void unwatch(socket_t s) override { watchers_.erase(s); }
-  std::uint64_t start_timer(long long delay_ms, TimerHandler on_expiry) override {
-    std::uint64_t id = ++last_timer_id_;
-    timers_[id] = Timer{now_ms() + delay_ms, std::move(on_expiry)};
-    return id;
-  }
-  void cancel_timer(std::uint64_t id) override { timers_.erase(id); }
+  const std::string& error() const { return reactor_.error(); }
 
  private:
-  struct Watcher {
-    short events = 0;
-    ReadyHandler on_ready;
-    std::uint64_t generation = 0;  // a watch renewed during a turn ignores that turn's events
-  };
-  struct Timer {
-    long long deadline_ms;
-    TimerHandler on_expiry;
-  };
-  // What each pollfd of a turn stands for.
-  struct Polled {
-    Connection* connection;  // or nullptr for a watcher
-    socket_t watched;
-    std::uint64_t generation;
-  };
-
-  static long long now_ms() {
-    using namespace std::chrono;
-    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
-  }
-
-  // turn - one poll over everything, then serve what is ready
-  void turn() {
-    fds_.clear();
-    polled_.clear();
-    long long now = now_ms();
-    bool accepting = accept_paused_until_ms_ <= now;
-    // The listener is polled first while it is open (--max-messages closes it); WSAPoll
-    // refuses an invalid socket, so a closed one is left out rather than passed as -1.
-    std::size_t first = is_listening() ? 1 : 0;
-    if (first == 1) {
-      fds_.push_back(pollfd_t{listener_, static_cast<short>(accepting ? POLLIN : 0), 0});
-      polled_.push_back(Polled{nullptr, kInvalidSocket, 0});
-    }
-    for (auto& c : connections_) {
-      fds_.push_back(pollfd_t{c->socket, events_for(*c), 0});
-      polled_.push_back(Polled{c.get(), kInvalidSocket, 0});
-    }
-    for (auto& [s, w] : watchers_) {
-      fds_.push_back(pollfd_t{s, w.events, 0});
-      polled_.push_back(Polled{nullptr, s, w.generation});
-    }
-    int ready = poll_sockets(fds_.data(), fds_.size(), wait_ms(now, accepting));
-    if (ready < 0) {
-      int err = last_socket_error();
-      if (interrupted(err)) return;
-      throw StartError("poll failed: " + socket_error_text(err));
-    }
-    for (std::size_t i = first; i < fds_.size(); ++i) {
-      if (fds_[i].revents == 0) continue;
-      if (polled_[i].connection != nullptr)
-        serve(*polled_[i].connection, fds_[i].revents);
-      else
-        serve_watcher(polled_[i], fds_[i].revents);
-    }
-    fire_timers();
-    // serving may have closed the listener (the message limit): then fds_[0] is stale
-    if (first == 1 && is_listening() && (fds_[0].revents & POLLIN)) accept_clients();
-    close_dead();
-  }
-
-  // wait_ms - until the next timer, the end of an accept pause, a --max-messages or
-  // --idle-exit deadline, or the usual wake-up
-  int wait_ms(long long now, bool accepting) const {
-    long long wait = kPollWakeMs;
-    if (!accepting) wait = std::min(wait, accept_paused_until_ms_ - now);
-    if (is_draining_) wait = std::min(wait, drain_deadline_ms_ - now);
-    if (options_.idle_exit_ms > 0 && connections_.empty())
-      wait = std::min(wait, idle_since_ms_ + options_.idle_exit_ms - now);
-    for (const auto& [id, timer] : timers_) wait = std::min(wait, timer.deadline_ms - now);
-    return static_cast<int>(std::max(0LL, wait));
-  }
-
-  void serve_watcher(const Polled& p, short revents) {
-    auto it = watchers_.find(p.watched);
-    if (it == watchers_.end() || it->second.generation != p.generation) return;
-    ReadyHandler handler = it->second.on_ready;  // a copy: the handler may unwatch itself
-    handler(revents);
-  }
-
-  void fire_timers() {
-    if (timers_.empty()) return;
-    long long now = now_ms();
-    std::vector<std::uint64_t> due;
-    for (const auto& [id, timer] : timers_)
-      if (timer.deadline_ms <= now) due.push_back(id);
-    for (std::uint64_t id : due) {
-      auto it = timers_.find(id);
-      if (it == timers_.end()) continue;  // cancelled by an earlier one
-      TimerHandler handler = std::move(it->second.on_expiry);
-      timers_.erase(it);
-      handler();
-    }
-  }
-
-  short events_for(const Connection& c) const {
-    short events = 0;
-    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
-    if (!c.channel.output().empty()) events |= POLLOUT;
-    return events;
-  }
-
   void trace(const std::string& text) const {
     if (options_.debug) log_line(text);
   }
 
-  void accept_clients() {
+  // -- Accepting: each listener is a watched socket --
+
+  void accept_clients(socket_t listener) {
     for (int n = 0; n < kAcceptBurst; ++n) {
       struct sockaddr_storage addr {};
       socklen_t len = sizeof addr;
-      socket_t s = accept(listener_, reinterpret_cast<sockaddr*>(&addr), &len);
-      if (s == kInvalidSocket) {
-        int err = last_socket_error();
-        if (would_block(err)) return;
-        // Out of descriptors the listener stays readable: pause instead of spinning, and
-        // say so once per episode rather than once per turn.
-        if (out_of_descriptors(err)) accept_paused_until_ms_ = now_ms() + kAcceptPauseMs;
-        if (!is_accept_failing_)
-          log_line("accept failed: " + socket_error_text(err) + " (" +
-                   std::to_string(connections_.size()) + " clients connected); retrying");
-        is_accept_failing_ = true;
-        return;
-      }
+      socket_t s = accept(listener, reinterpret_cast<sockaddr*>(&addr), &len);
+      if (s == kInvalidSocket) return accept_failed(last_socket_error());
       is_accept_failing_ = false;
       set_close_on_exec(s);
       if (!set_nonblocking(s)) {
@@ -3544,58 +3648,80 @@ class Server : public Reactor {
       setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
       auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
       trace("connection from " + format_endpoint(ip, port));
-      ChannelConfig config = options_.channel;
-      if (options_.debug) config.trace = [](const std::string& line) { log_line(line); };
-      auto c = std::make_unique<Connection>(++last_connection_id_, s, std::move(config), ip);
-      c->session = mode_.open_session(*this, ip);
-      by_id_[c->id] = c.get();
-      connections_.push_back(std::move(c));
-      write_some(*connections_.back());  // the greeting
+      add_client(std::make_unique<SocketTransport>(s), ip);
     }
   }
 
-  // serve - one polled connection: read, let the mode answer, write
+  // accept_failed - out of descriptors the listeners stay readable: pause them instead of
+  // spinning, and say so once per episode rather than once per turn
+  void accept_failed(int err) {
+    if (would_block(err)) return;
+    if (out_of_descriptors(err)) pause_accepting();
+    if (!is_accept_failing_)
+      log_line("accept failed: " + socket_error_text(err) + " (" +
+               std::to_string(connections_.size()) + " clients connected); retrying");
+    is_accept_failing_ = true;
+  }
+
+  void pause_accepting() {
+    if (accept_pause_timer_ != 0) return;
+    for (socket_t listener : listeners_) reactor_.set_events(listener, 0);
+    accept_pause_timer_ = reactor_.start_timer(kAcceptPauseMs, [this] {
+      accept_pause_timer_ = 0;
+      for (socket_t listener : listeners_) reactor_.set_events(listener, POLLIN);
+    });
+  }
+
+  // stop_listening - the message limit is reached: no new clients
+  void stop_listening() {
+    trace("message limit reached (" + std::to_string(exit_.delivered()) +
+          "); no new clients, exiting when the open sessions end");
+    reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
+    for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
+    listeners_.clear();
+  }
+
+  void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
+    socket_t s = transport->socket();
+    Connection& c = connections_.emplace_back(std::move(transport), options_.channel, ip);
+    c.self = std::prev(connections_.end());
+    c.session = mode_.open_session(reactor_, ip);
+    reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
+    exit_.on_clients(connections_.size());
+    settle(c);  // the greeting
+  }
+
+  // -- One connection: bytes in, questions to the mode, replies out --
+
+  // serve - the connection's socket is ready
   void serve(Connection& c, short revents) {
-    if (c.is_dead) return;
-    if (revents & (POLLIN | POLLHUP | POLLERR)) read_some(c);
-    pump(c);
+    if ((revents & (POLLIN | POLLHUP | POLLERR)) && read_some(c)) ask(c);
     settle(c);
   }
 
-  void read_some(Connection& c) {
+  // read_some - true when bytes went to the channel
+  bool read_some(Connection& c) {
     static char buffer[kReadChunk];
-    if (c.is_input_closed || !c.channel.wants_input()) return;
-    auto n = recv(c.socket, buffer, sizeof buffer, 0);
-    if (n > 0) {
-      c.channel.feed(std::string_view(buffer, static_cast<std::size_t>(n)));
-      return;
+    if (c.is_input_closed || !c.channel.wants_input()) return false;
+    Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
+    switch (r.status) {
+      case Transport::Status::Ok: c.channel.feed(std::string_view(buffer, r.bytes)); return true;
+      case Transport::Status::WouldBlock: return false;
+      case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
+      case Transport::Status::Closed:
+        // The client may still wait for replies to what it sent (a half-close after QUIT).
+        // A message not finished with "." was never answered 250, so nothing is lost.
+        trace(c.channel.peer + " closed its side of the connection");
+        c.is_input_closed = true;
+        return false;
     }
-    int err = n < 0 ? last_socket_error() : 0;
-    if (n < 0 && would_block(err)) return;
-    if (n < 0) {
-      trace(c.channel.peer + " failed: " + socket_error_text(err));
-      c.is_dead = true;
-      return;
-    }
-    // EOF: the client may still wait for replies to what it sent (a half-close after QUIT).
-    // A message not finished with "." was never answered 250, so nothing is lost.
-    trace(c.channel.peer + " closed its side of the connection");
-    c.is_input_closed = true;
+    return false;
   }
 
-  // pump - hand the channel's questions to the mode until one has to wait for its answer
-  void pump(Connection& c) {
-    if (c.is_pumping) return;  // called from a verdict inside the loop below: it goes on
-    c.is_pumping = true;
-    while (!c.is_dead && !c.is_asking && c.channel.question() != Channel::Question::None) {
-      c.is_asking = true;
-      ask(c);
-    }
-    c.is_pumping = false;
-  }
-
+  // ask - hand the channel's question, if it has one, to the mode; the verdict comes to
+  // on_verdict
   void ask(Connection& c) {
-    Verdict verdict = [this, id = c.id](const std::string& reply) { on_verdict(id, reply); };
+    Verdict verdict = [this, conn = &c](const std::string& reply) { on_verdict(*conn, reply); };
     switch (c.channel.question()) {
       case Channel::Question::Mail:
         return c.session->on_mail(MailRequest{c.channel.pending_address(), c.channel.mail_options,
@@ -3604,132 +3730,93 @@ class Server : public Reactor {
       case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
       case Channel::Question::Message: {
         Verdict counted = [this, verdict](const std::string& reply) {
-          if (reply.empty() || reply[0] == '2') count_delivery();
+          if ((reply.empty() || reply[0] == '2') && exit_.on_delivered()) stop_listening();
           verdict(reply);
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
-      case Channel::Question::None: c.is_asking = false; return;
+      case Channel::Question::None: return;
     }
   }
 
-  // on_verdict - the mode answered, now or later; a closed connection no longer cares
-  void on_verdict(std::uint64_t id, const std::string& reply) {
-    auto it = by_id_.find(id);
-    if (it == by_id_.end() || it->second->is_dead) return;
-    Connection& c = *it->second;
-    c.is_asking = false;
-    c.channel.answer(reply);
-    if (c.is_pumping) return;  // the pump loop on the stack carries on
-    pump(c);
-    settle(c);
+  // on_verdict - the mode answered, now or later. The channel takes the answer after the
+  // current callbacks: the answer may raise the next question (pipelined commands), asked
+  // then, and what the verdict set off (the listeners closing at the message limit) is done
+  // before the reply leaves.
+  void on_verdict(Connection& c, const std::string& reply) {
+    if (c.is_closed) return;  // the client is gone; the connection only waits to be destroyed
+    reactor_.defer([this, conn = &c, reply] {
+      if (conn->is_closed) return;
+      conn->channel.answer(reply);
+      ask(*conn);
+      settle(*conn);
+    });
   }
 
-  // settle - write what is queued; close when the conversation is over
+  // settle - write what is queued, close when the conversation is over, else poll for what
+  // the connection waits on
   void settle(Connection& c) {
-    if (!c.is_dead && !c.channel.output().empty()) write_some(c);
-    bool is_waiting = c.is_asking || c.channel.question() != Channel::Question::None;
+    if (!c.is_closed) write_some(c);
+    if (c.is_closed) return;
+    bool is_waiting = c.channel.question() != Channel::Question::None;
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
-    if (is_done && c.channel.output().empty()) c.is_dead = true;
+    if (is_done && c.channel.output().empty()) return close(c, "");
+    short events = 0;
+    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
+    if (!c.channel.output().empty()) events |= POLLOUT;
+    reactor_.set_events(c.transport->socket(), events);
   }
 
   void write_some(Connection& c) {
     const std::string& out = c.channel.output();
     if (out.empty()) return;
-    auto n = send(c.socket, out.data(), static_cast<int>(out.size()), kSendFlags);
-    if (n > 0) {
-      c.channel.consume_output(static_cast<std::size_t>(n));
-      return;
-    }
-    int err = last_socket_error();
-    if (n < 0 && would_block(err)) return;
-    trace(c.channel.peer + " failed: " + socket_error_text(err));
-    c.is_dead = true;
+    Transport::Result r = c.transport->write_some(out);
+    if (r.status == Transport::Status::Ok) return c.channel.consume_output(r.bytes);
+    if (r.status != Transport::Status::WouldBlock) close(c, "failed: " + r.error);
   }
 
-  void close_dead() {
-    bool had_clients = !connections_.empty();
-    for (auto& c : connections_)
-      if (c->is_dead) by_id_.erase(c->id);
-    auto dead = [](const std::unique_ptr<Connection>& c) { return c->is_dead; };
-    connections_.erase(std::remove_if(connections_.begin(), connections_.end(), dead),
-                       connections_.end());
-    if (had_clients && connections_.empty()) idle_since_ms_ = now_ms();
+  // close - no more events now; destroyed (socket closed) after the current callbacks
+  void close(Connection& c, const std::string& why) {
+    if (!why.empty()) trace(c.channel.peer + " " + why);
+    c.is_closed = true;
+    reactor_.unwatch(c.transport->socket());
+    reactor_.defer([this, place = c.self] {
+      connections_.erase(place);
+      exit_.on_clients(connections_.size());
+    });
   }
 
-  // -- Exiting by itself: --max-messages N and --idle-exit SECONDS --
-  // After the N-th delivered message (its 250 queued) the listener closes; the sessions still
-  // open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a 421.
-  // With --idle-exit the loop ends once no client has been connected for that long, counted
-  // from the start or from when the last client left.
+  // -- Ending --
 
-  bool is_listening() const { return listener_ != kInvalidSocket; }
-
-  // count_delivery - one more message accepted with 2xx; at the limit, stop accepting
-  void count_delivery() {
-    ++messages_delivered_;
-    if (options_.max_messages == 0 || messages_delivered_ < options_.max_messages) return;
-    if (is_draining_) return;
-    trace("message limit reached (" + std::to_string(messages_delivered_) +
-          "); no new clients, exiting when the open sessions end");
-    close_socket(listener_);
-    listener_ = kInvalidSocket;
-    is_draining_ = true;
-    drain_deadline_ms_ = now_ms() + kDrainGraceMs;
-  }
-
-  // is_time_to_exit - after the limit, all sessions done or their grace over; or no client
-  // for --idle-exit
-  bool is_time_to_exit() const {
-    long long now = now_ms();
-    if (is_draining_) return connections_.empty() || now >= drain_deadline_ms_;
-    return options_.idle_exit_ms > 0 && connections_.empty() &&
-           now - idle_since_ms_ >= options_.idle_exit_ms;
-  }
-
-  // close_remaining - after the limit, a 421 to the sessions that are still open
+  // close_remaining - after the message limit, a 421 to the sessions that are still open
   void close_remaining() {
     std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
-    for (auto& c : connections_)
-      if (!c->is_dead && !c->channel.is_closing()) c->channel.close_with(reply);
+    for (Connection& c : connections_)
+      if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
 
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
   void flush_before_exit() {
-    for (int turn = 0; turn < 20; ++turn) {
-      bool pending = false;
-      for (auto& c : connections_) {
-        if (!c->is_dead && !c->channel.output().empty()) {
-          write_some(*c);
-          pending = pending || !c->channel.output().empty();
-        }
+    for (int round = 0; round < kExitFlushRounds; ++round) {
+      bool is_pending = false;
+      for (Connection& c : connections_) {
+        if (c.is_closed || c.channel.output().empty()) continue;
+        write_some(c);
+        is_pending = is_pending || (!c.is_closed && !c.channel.output().empty());
       }
-      if (!pending) break;
-      pollfd_t none{};
-      poll_sockets(&none, 0, 50);
+      if (!is_pending) break;
+      sleep_ms(kExitFlushPauseMs);
     }
-    connections_.clear();
-    by_id_.clear();
   }
 
-  socket_t listener_;  // kInvalidSocket once the message limit closed it
-  long long accept_paused_until_ms_ = 0;
-  bool is_accept_failing_ = false;
+  PollReactor reactor_;  // first: destroyed last, after everything that uses it
   ServerOptions options_;
   ServerMode& mode_;
-  std::vector<std::unique_ptr<Connection>> connections_;
-  std::unordered_map<std::uint64_t, Connection*> by_id_;
-  std::uint64_t last_connection_id_ = 0;
-  std::unordered_map<socket_t, Watcher> watchers_;
-  std::uint64_t last_generation_ = 0;
-  std::map<std::uint64_t, Timer> timers_;
-  std::uint64_t last_timer_id_ = 0;
-  std::vector<pollfd_t> fds_;
-  std::vector<Polled> polled_;
-  std::uint64_t messages_delivered_ = 0;
-  bool is_draining_ = false;         // the message limit is reached; the listener is closed
-  long long drain_deadline_ms_ = 0;  // open sessions get a 421 when this passes
-  long long idle_since_ms_ = 0;      // start, or when the last client left
+  std::vector<socket_t> listeners_;  // empty once the message limit closed them
+  ExitPolicy exit_;
+  std::list<Connection> connections_;
+  Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
+  bool is_accept_failing_ = false;
 };
 
 // ==== 10. Command line ====
@@ -3737,7 +3824,13 @@ class Server : public Reactor {
 // one Settings value. Errors are one line and exit status 1 (kExitUsage).
 //   parse_endpoint, parse_mode, parse_command_line
 
-enum ExitStatus { kExitOk = 0, kExitUsage = 1, kExitCannotListen = 2, kExitPrivileges = 3 };
+enum ExitStatus {
+  kExitOk = 0,
+  kExitUsage = 1,
+  kExitCannotListen = 2,
+  kExitPrivileges = 3,
+  kExitLoopFailed = 4,  // poll() failed while serving
+};
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
@@ -4168,12 +4261,10 @@ inline int run_smtpd(int argc, const char* const* argv) {
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port) + mailman_text(settings));
-  Server server(listener, std::move(options), *mode);
-  try {
-    server.run();
-  } catch (const StartError& e) {
-    log_line(e.what());
-    return kExitCannotListen;
+  Server server({listener}, std::move(options), *mode);
+  if (!server.run()) {
+    log_line(server.error());
+    return kExitLoopFailed;
   }
   std::fflush(stdout);
   return kExitOk;

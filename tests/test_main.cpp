@@ -20,4 +20,5 @@
 #include "test_upstream.cpp"
 #include "test_hostile.cpp"
 #include "test_mailman.cpp"
+#include "test_loop.cpp"
 // clang-format on
