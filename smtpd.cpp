@@ -1351,8 +1351,9 @@ struct ChannelConfig {
   std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
-  bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
+  bool offer_8bitmime = true;  // a relay whose upstream lacks 8BITMIME does not offer it
+  bool ask_envelope = false;   // MAIL and RCPT wait for the mode's verdict
+  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1745,7 +1746,7 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (!extended) return push("250 " + fqdn);
   push("250-" + fqdn);
   if (config_.data_size_limit != 0) push("250-SIZE " + std::to_string(config_.data_size_limit));
-  push("250-8BITMIME");
+  if (config_.offer_8bitmime) push("250-8BITMIME");
   if (config_.enable_smtputf8) push("250-SMTPUTF8");
   push("250 HELP");
 }
@@ -1971,6 +1972,9 @@ class ServerMode {
   virtual ~ServerMode() = default;
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
+  virtual void start(Reactor&) {}              // the loop is there: a relay asks its upstream
+  virtual void stop() {}                       // the loop is going: let go of what uses it
+  virtual void shape(ChannelConfig&) const {}  // what a new client's EHLO offers
 };
 
 // MessageOutput - one place a message goes; deliver() is true only once the message is
@@ -2539,6 +2543,25 @@ struct UpstreamSettings {
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
+// UpstreamOffer - what an upstream's EHLO reply offered of the extensions a client may use,
+// learned by a relay at start and at each session, so its own EHLO offers no more (a client
+// such as Postfix can then downgrade 8-bit mail, or keep a message too big, itself)
+struct UpstreamOffer {
+  bool is_known = false;  // no EHLO reply seen yet: offer what we offer anyway
+  bool has_8bitmime = false;
+  bool has_smtputf8 = false;
+  std::uint64_t size_limit = 0;  // its SIZE; 0 for none, or no fixed limit
+
+  // shape - a client's channel offers only what the upstream takes too
+  void shape(ChannelConfig& config) const {
+    if (!is_known) return;
+    config.offer_8bitmime = has_8bitmime;
+    config.enable_smtputf8 = config.enable_smtputf8 && has_smtputf8;
+    std::uint64_t& ours = config.data_size_limit;
+    if (size_limit != 0) ours = ours == 0 ? size_limit : std::min(ours, size_limit);
+  }
+};
+
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
 // send one command (or the message text), wait for its reply or replies (LMTP answers the
 // message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
@@ -2588,11 +2611,14 @@ class UpstreamClient {
     flush();
   }
 
-  // quit - say goodbye without waiting for the answer, then close
+  // quit - say goodbye without waiting for the answer, then close; with -d the answer is
+  // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
     if (socket_ != kInvalidSocket && !is_connecting_ && out_.empty()) {
       static const char kQuit[] = "QUIT\r\n";
+      if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
+      if (settings_.trace) trace_goodbye();
     }
     close();
   }
@@ -2751,6 +2777,50 @@ class UpstreamClient {
     std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
+  // trace_goodbye - hand the socket to a watcher of its own that traces the reply to QUIT
+  // and closes it then, or after the reply timeout; the loop owns it, so this client can go
+  void trace_goodbye() {
+    struct Goodbye {
+      socket_t socket = kInvalidSocket;
+      std::string prefix;
+      std::function<void(const std::string&)> trace;
+      std::string in;
+      Reactor::TimerId timer = 0;
+      ~Goodbye() {
+        if (socket != kInvalidSocket) close_socket(socket);
+      }
+    };
+    auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
+    goodbye->socket = socket_;
+    goodbye->prefix = settings_.tag + " " + settings_.name;
+    goodbye->trace = settings_.trace;
+    Reactor& reactor = reactor_;
+    socket_ = kInvalidSocket;  // the watcher's now
+    auto end = [&reactor, goodbye] {
+      reactor.cancel_timer(goodbye->timer);
+      reactor.unwatch(goodbye->socket);
+    };
+    reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
+      char buffer[1024];
+      auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
+      if (n < 0 && would_block(last_socket_error())) return;
+      if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
+      std::size_t line_end;
+      while ((line_end = goodbye->in.find('\n')) != std::string::npos) {
+        std::string line = goodbye->in.substr(0, line_end);
+        goodbye->in.erase(0, line_end + 1);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        goodbye->trace(goodbye->prefix + " -> " + printable(line));
+        if (line.size() < 4 || line[3] != '-') return end();
+      }
+      if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
+    });
+    goodbye->timer = reactor.start_timer(settings_.reply_timeout_ms, [goodbye, end] {
+      goodbye->trace(goodbye->prefix + " did not answer QUIT");
+      end();
+    });
+  }
+
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
     reactor_.release(socket_, close_socket);
@@ -2794,8 +2864,9 @@ class UpstreamSession {
   using Done = std::function<void(const std::string& reply)>;
   using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
 
-  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
-      : reactor_(reactor), settings_(settings), greeting_(greeting) {}
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting,
+                  UpstreamOffer* learned = nullptr)
+      : reactor_(reactor), settings_(settings), greeting_(greeting), learned_(learned) {}
   ~UpstreamSession() {
     if (client_) client_->quit();
   }
@@ -2849,6 +2920,9 @@ class UpstreamSession {
 
   bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
 
+  // open - connect and greet now (a relay learns its upstream's extensions at start)
+  void open(std::function<void(const std::string& failure)> then) { with_session(std::move(then)); }
+
   bool offers(const char* keyword) const {
     return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
   }
@@ -2870,30 +2944,37 @@ class UpstreamSession {
 
   // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
   void greet(const char* verb, std::function<void(const std::string& failure)> then) {
-    client_->send(verb + settings_.helo_name + "\r\n",
-                  [this, verb, then](const UpstreamReply& reply) {
-                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
-                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
-                    if (!reply.is_positive()) return then(unavailable(reply));
-                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
-                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
-                    is_greeted_ = true;
-                    then("");
-                  });
+    client_->send(
+        verb + settings_.helo_name + "\r\n", [this, verb, then](const UpstreamReply& reply) {
+          bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+          if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+          if (!reply.is_positive()) return then(unavailable(reply));
+          bool is_helo = std::strcmp(verb, "HELO ") == 0;
+          extensions_.clear();
+          size_limit_ = 0;
+          if (!is_helo) read_extensions(reply.text);
+          is_greeted_ = true;
+          if (learned_) {
+            *learned_ = UpstreamOffer{true, offers("8BITMIME"), offers("SMTPUTF8"), size_limit_};
+          }
+          then("");
+        });
   }
 
-  static std::vector<std::string> ehlo_keywords(const std::string& text) {
-    std::vector<std::string> keywords;
+  // read_extensions - the keywords of an EHLO or LHLO reply, and the SIZE limit (RFC 1870)
+  void read_extensions(const std::string& text) {
     std::size_t start = text.find("\r\n");  // the first line is the upstream's name
     while (start != std::string::npos) {
       start += 2;
       std::size_t end = text.find("\r\n", start);
       std::string line = text.substr(start, end == std::string::npos ? end : end - start);
       std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      if (!words.empty()) extensions_.push_back(ascii_upper(words[0]));
+      bool has_size = words.size() > 1 && extensions_.back() == "SIZE";
+      if (has_size && is_decimal(words[1]) && words[1].size() < 19)
+        size_limit_ = std::stoull(words[1]);
       start = end;
     }
-    return keywords;
   }
 
   // mail_command - MAIL FROM with the client's parameters the upstream understands;
@@ -2945,10 +3026,29 @@ class UpstreamSession {
   Reactor& reactor_;
   const UpstreamSettings& settings_;
   Greeting greeting_;
+  UpstreamOffer* learned_;  // where a relay keeps what its upstream offers; may be null
+  std::uint64_t size_limit_ = 0;
   std::unique_ptr<UpstreamClient> client_;
   bool is_greeted_ = false;
   bool in_transaction_ = false;
   std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
+};
+
+// UpstreamProbe - one session opened at start only to learn what the upstream offers; it
+// says goodbye as soon as it has (or has failed), and is let go before the loop ends
+class UpstreamProbe {
+ public:
+  void start(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer) {
+    reactor_ = &reactor;
+    session_ = std::make_unique<UpstreamSession>(reactor, settings, UpstreamSession::Greeting::Ehlo,
+                                                 &offer);
+    session_->open([this](const std::string&) { reactor_->dispose(std::move(session_)); });
+  }
+  void stop() { session_.reset(); }
+
+ private:
+  Reactor* reactor_ = nullptr;
+  std::unique_ptr<UpstreamSession> session_;
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
@@ -2996,14 +3096,17 @@ class PureProxy : public ServerMode {
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, settings_);
+    return std::make_unique<Session>(reactor, settings_, offer_);
   }
+  void start(Reactor& reactor) override { probe_.start(reactor, settings_, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings)
-        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
+    Session(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo, &offer) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
       upstream_.mail(mail, std::move(verdict));
@@ -3023,6 +3126,8 @@ class PureProxy : public ServerMode {
   };
 
   UpstreamSettings settings_;
+  UpstreamOffer offer_;
+  UpstreamProbe probe_;
 };
 
 // format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
@@ -3113,8 +3218,11 @@ class MailmanProxy : public ServerMode {
   explicit MailmanProxy(Options options) : options_(std::move(options)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, options_);
+    return std::make_unique<Session>(reactor, options_, offer_);
   }
+  void start(Reactor& reactor) override { probe_.start(reactor, options_.relay, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
 
   // wrapper_command - Mailman 2's mail wrapper as the MTA's pipe alias runs it
   static std::string wrapper_command(const std::string& home, const MailmanTarget& target) {
@@ -3138,10 +3246,10 @@ class MailmanProxy : public ServerMode {
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const Options& options)
+    Session(Reactor& reactor, const Options& options, UpstreamOffer& offer)
         : reactor_(reactor),
           options_(options),
-          relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo),
+          relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo, &offer),
           lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo) {}
 
     // on_mail - the sender is taken here and given to each destination at its first RCPT
@@ -3291,6 +3399,8 @@ class MailmanProxy : public ServerMode {
   };
 
   Options options_;
+  UpstreamOffer offer_;  // what the upstream offers; Mailman 3's runner offers 8BITMIME too
+  UpstreamProbe probe_;
 };
 
 // ==== 9. Event loop ====
@@ -3604,8 +3714,10 @@ class Server {
     if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
+    mode_.start(reactor_);
   }
   ~Server() {
+    mode_.stop();
     reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
     for (socket_t listener : listeners_) close_socket(listener);
@@ -3683,7 +3795,9 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
-    Connection& c = connections_.emplace_back(std::move(transport), options_.channel, ip);
+    ChannelConfig config = options_.channel;
+    mode_.shape(config);
+    Connection& c = connections_.emplace_back(std::move(transport), std::move(config), ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
     reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });

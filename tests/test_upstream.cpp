@@ -141,19 +141,21 @@ TEST_CASE("an upstream reply of too many short lines gives 451") {
   int port = loopback_socket(listener);
   REQUIRE(::listen(listener, 4) == 0);
   std::thread server([listener] {
-    pollfd p{listener, POLLIN, 0};
-    if (::poll(&p, 1, 10000) <= 0) return;
-    int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-    if (fd < 0) return;
-    std::string lines;
-    for (int i = 0; i < 201; ++i) lines += "220-x\r\n";
-    lines += "220 done\r\n";
-    ::send(fd, lines.data(), lines.size(), MSG_NOSIGNAL);
-    char buf[512];
-    pollfd q{fd, POLLIN, 0};
-    ::poll(&q, 1, 10000);  // until smtpd hangs up
-    (void)::recv(fd, buf, sizeof buf, 0);
-    ::close(fd);
+    for (int n = 0; n < 2; ++n) {  // the proxy's probe at start, then the client's session
+      pollfd p{listener, POLLIN, 0};
+      if (::poll(&p, 1, 10000) <= 0) return;
+      int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) return;
+      std::string lines;
+      for (int i = 0; i < 201; ++i) lines += "220-x\r\n";
+      lines += "220 done\r\n";
+      ::send(fd, lines.data(), lines.size(), MSG_NOSIGNAL);
+      char buf[512];
+      pollfd q{fd, POLLIN, 0};
+      ::poll(&q, 1, 10000);  // until smtpd hangs up
+      (void)::recv(fd, buf, sizeof buf, 0);
+      ::close(fd);
+    }
   });
   std::string upstream = "127.0.0.1:" + std::to_string(port);
   {
