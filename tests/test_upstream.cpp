@@ -130,7 +130,7 @@ TEST_CASE("an upstream reply that never ends gives 451, bounded memory, and othe
                        " sent no greeting within the reply timeout; try again later");
     double took = seconds_since(start);
     CHECK(took >= 1.9);
-    CHECK(took < 8);
+    CHECK(took < 12);  // the probe at start may hold the one-at-a-time upstream for 2 s first
   }
 }
 
