@@ -124,7 +124,8 @@ build-win/inc/cxxopts.hpp build-win/inc/doctest/doctest.h:
 build-win/smtpd.exe: smtpd.cpp build-win/inc/cxxopts.hpp
 	$(WIN_CXX) $(WIN_FLAGS) -O2 smtpd.cpp -o $@ $(WIN_LINK)
 
-build-win/run_tests.exe: smtpd.cpp tests/windows_main.cpp tests/test_channel.cpp build-win/inc/doctest/doctest.h
+build-win/run_tests.exe: smtpd.cpp tests/windows_main.cpp tests/test_channel.cpp tests/test_support.hpp \
+                         build-win/inc/doctest/doctest.h
 	$(WIN_CXX) $(WIN_FLAGS) -O1 tests/windows_main.cpp -o $@ $(WIN_LINK)
 
 windows: build-win/smtpd.exe build-win/run_tests.exe

@@ -39,6 +39,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -97,6 +98,8 @@ constexpr std::size_t kReadChunk = 64 * 1024;                  // bytes read fro
 constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
 constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
+                                     // free on all of them
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
 constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
 constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
@@ -173,6 +176,9 @@ inline std::string socket_error_text(int err) {
   return text.empty() ? "socket error " + std::to_string(err) : text;
 }
 inline bool address_in_use(int err) { return err == WSAEADDRINUSE; }
+inline bool address_unavailable(int err) {
+  return err == WSAEADDRNOTAVAIL || err == WSAEAFNOSUPPORT;
+}
 inline bool out_of_descriptors(int err) { return err == WSAEMFILE || err == WSAENOBUFS; }
 inline bool connect_in_progress(int err) { return err == WSAEWOULDBLOCK || err == WSAEINPROGRESS; }
 
@@ -230,6 +236,8 @@ inline std::string socket_error_text(int err) { return std::strerror(err); }
 // connection would stay open (after its 221) as long as the command runs
 inline void set_close_on_exec(socket_t s) { fcntl(s, F_SETFD, FD_CLOEXEC); }
 inline bool address_in_use(int err) { return err == EADDRINUSE; }
+// address_unavailable - this machine has no such address or family (IPv6 turned off)
+inline bool address_unavailable(int err) { return err == EADDRNOTAVAIL || err == EAFNOSUPPORT; }
 inline bool out_of_descriptors(int err) {
   return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM;
 }
@@ -934,6 +942,110 @@ inline std::string base64_encode(std::string_view bytes) {
   return out;
 }
 
+// base64_decode - RFC 4648 section 4, padding required as RFC 4954 asks of AUTH responses;
+// nothing for any other character, or for bits left over
+inline std::optional<std::string> base64_decode(std::string_view text) {
+  if (text.size() % 4 != 0) return std::nullopt;
+  std::string out;
+  std::uint32_t group = 0;
+  std::size_t padding = 0;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    char c = text[i];
+    int value = c >= 'A' && c <= 'Z'   ? c - 'A'
+                : c >= 'a' && c <= 'z' ? c - 'a' + 26
+                : c >= '0' && c <= '9' ? c - '0' + 52
+                : c == '+'             ? 62
+                : c == '/'             ? 63
+                                       : -1;
+    bool is_tail = i + 2 >= text.size();  // '=' only in the last two places, and at the end
+    if (c == '=' && is_tail && (padding > 0 || i + 1 == text.size() || text[i + 1] == '=')) {
+      ++padding, value = 0;
+    } else if (value < 0 || padding > 0) {
+      return std::nullopt;
+    }
+    group = (group << 6) | static_cast<std::uint32_t>(value);
+    if (i % 4 != 3) continue;
+    for (std::size_t k = 0; k < 3 - padding; ++k)
+      out += static_cast<char>((group >> (16 - 8 * k)) & 0xFF);
+    if ((padding == 1 && (group & 0xFF) != 0) || (padding == 2 && (group & 0xFFFF) != 0))
+      return std::nullopt;
+    group = 0;
+  }
+  return out;
+}
+
+inline char ascii_lower(char c) {
+  return c >= 'A' && c <= 'Z' ? static_cast<char>(c - 'A' + 'a') : c;
+}
+
+// glob_class - the [set] at pattern[p] against c; next is set just past its ']', or to 0 when
+// there is no ']' (then the '[' is an ordinary character)
+inline bool glob_class(std::string_view pattern, std::size_t p, char c, std::size_t& next) {
+  std::size_t i = p + 1;
+  bool negate = i < pattern.size() && (pattern[i] == '!' || pattern[i] == '^');
+  if (negate) ++i;
+  bool found = false;
+  for (std::size_t first = i; i < pattern.size() && (pattern[i] != ']' || i == first); ++i) {
+    char lo = ascii_lower(pattern[i]), hi = lo;
+    if (i + 2 < pattern.size() && pattern[i + 1] == '-' && pattern[i + 2] != ']')
+      hi = ascii_lower(pattern[i += 2]);
+    found = found || (ascii_lower(c) >= lo && ascii_lower(c) <= hi);
+  }
+  next = i < pattern.size() ? i + 1 : 0;
+  return found != negate;
+}
+
+// glob_match - a shell-style pattern (fnmatch without flags: * ? [set] [!set] [a-z]) against
+// text; ASCII letters match without regard to case, as in mail domains and host names
+inline bool glob_match(std::string_view pattern, std::string_view text) {
+  std::size_t p = 0, t = 0, star = std::string_view::npos, resume = 0;
+  while (t < text.size()) {
+    if (p < pattern.size() && pattern[p] == '*') {
+      star = p++, resume = t;  // first try matching nothing; on a mismatch take one more
+      continue;
+    }
+    std::size_t next = p + 1;
+    bool is_match = false;
+    if (p < pattern.size() && pattern[p] == '?') {
+      is_match = true;
+    } else if (p < pattern.size() && pattern[p] == '[') {
+      is_match = glob_class(pattern, p, text[t], next);
+      if (next == 0) next = p + 1, is_match = text[t] == '[';
+    } else if (p < pattern.size()) {
+      is_match = ascii_lower(pattern[p]) == ascii_lower(text[t]);
+    }
+    if (is_match) {
+      p = next, ++t;
+    } else if (star != std::string_view::npos) {
+      p = star + 1, t = ++resume;
+    } else {
+      return false;
+    }
+  }
+  while (p < pattern.size() && pattern[p] == '*') ++p;
+  return p == pattern.size();
+}
+
+// SeededRandom - splitmix64 (Steele, Lea, Flood 2014): the same numbers from the same seed on
+// every platform, which std::uniform_real_distribution does not promise
+class SeededRandom {
+ public:
+  explicit SeededRandom(std::uint64_t seed) : state_(seed) {}
+  // chance - true with the given probability in percent
+  bool chance(double percent) {
+    return static_cast<double>(next() >> 11) * 0x1.0p-53 * 100 < percent;
+  }
+
+ private:
+  std::uint64_t next() {
+    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  std::uint64_t state_;
+};
+
 // format_asctime_utc - Python's time.asctime(time.gmtime(t)): "Sun Nov 29 05:10:00 2026".
 // Computed by hand (days to civil date, H. Hinnant's algorithm) rather than with gmtime and
 // strftime, which differ between C libraries and follow the locale.
@@ -1334,6 +1446,20 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
+// AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
+// of LOGIN are "Username:" and "Password:" in base64, as every client expects.
+constexpr const char* kReplyAuthOk = "235 2.7.0 Authentication successful";
+constexpr const char* kReplyAuthInvalid = "535 5.7.8 Authentication credentials invalid";
+constexpr const char* kReplyAuthRequired = "530 5.7.0 Authentication required";
+constexpr const char* kReplyAuthAgain = "503 5.5.1 Error: already authenticated";
+constexpr const char* kReplyAuthInMail = "503 5.5.1 Error: MAIL transaction in progress";
+constexpr const char* kReplyAuthMechanism = "504 5.5.4 Unrecognized authentication type";
+constexpr const char* kReplyAuthCancelled = "501 5.7.0 Authentication cancelled";
+constexpr const char* kReplyAuthUndecodable = "501 5.5.2 Cannot decode response";
+constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
+constexpr const char* kChallengeEmpty = "334 ";
+constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
+constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -1346,14 +1472,57 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 //   Channel::feed, output, consume_output, question, take_message, answer, close_with,
 //   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
 
+// Refusals - the --reject rules: at a stage of the session, the first rule whose pattern
+// matches (a shell-style pattern on the client IP, the HELO name, the sender or a recipient,
+// or "N%": that share of the time, from a seeded generator) gives the reply instead of the
+// usual one. One generator for the whole server, so a seed repeats a run's sequence.
+class Refusals {
+ public:
+  enum class Stage { Connect, Helo, Mail, Rcpt, Data };
+  struct Rule {
+    Stage stage;
+    std::string pattern;  // shell-style; unused when percent is set
+    double percent = -1;  // "N%": refuse this share of the time; -1 for a pattern rule
+    std::string reply;    // a complete 4xx or 5xx reply line, without CRLF
+  };
+
+  Refusals(std::vector<Rule> rules, std::uint64_t seed) : rules_(std::move(rules)), random_(seed) {}
+
+  // reply_for - the reply of the first rule for this stage that takes any of the subjects, or
+  // "" when none does; each N% rule reached draws one number
+  std::string reply_for(Stage stage, const std::vector<std::string>& subjects) {
+    for (const Rule& rule : rules_) {
+      if (rule.stage != stage) continue;
+      bool is_hit = rule.percent >= 0 ? random_.chance(rule.percent)
+                                      : std::any_of(subjects.begin(), subjects.end(),
+                                                    [&](const std::string& subject) {
+                                                      return glob_match(rule.pattern, subject);
+                                                    });
+      if (is_hit) return rule.reply;
+    }
+    return "";
+  }
+
+ private:
+  std::vector<Rule> rules_;
+  SeededRandom random_;
+};
+
+using AuthUsers = std::map<std::string, std::string>;  // --auth-file: user name -> password
+
 struct ChannelConfig {
   std::string fqdn = "localhost";                      // name in the greeting and in EHLO
   std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
-  bool offer_8bitmime = true;  // a relay whose upstream lacks 8BITMIME does not offer it
-  bool ask_envelope = false;   // MAIL and RCPT wait for the mode's verdict
-  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
+  bool offer_8bitmime = true;                          // a relay's upstream may lack 8BITMIME
+  bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
+  bool offer_pipelining = false;                       // --pipelining: announce PIPELINING
+  bool offer_auth = false;                             // --auth...: announce and accept AUTH
+  bool auth_required = false;                          // --auth-required: no MAIL before AUTH
+  std::shared_ptr<const AuthUsers> auth_users;         // --auth-file; null: anyone logs in
+  std::shared_ptr<Refusals> refusals;                  // --reject; null: none
+  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1365,6 +1534,7 @@ struct Envelope {
   std::vector<std::string> rcpt_options;  // parameters of accepted RCPTs, upper-cased
   std::string data;                       // dot-unstuffed, lines joined with "\n"
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
+  std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
 };
 
 class Channel {
@@ -1397,6 +1567,7 @@ class Channel {
   std::vector<std::string> mail_options;
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
+  std::string auth_user;       // the user name AUTH accepted; empty before
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string fqdn;
@@ -1409,8 +1580,11 @@ class Channel {
   struct Command {
     const char* verb;
     void (Channel::*handler)(const Arg&);
-    const char* syntax;  // HELP text; nullptr for verbs HELP does not list
+    const char* syntax;            // HELP text; nullptr for verbs HELP does not list
+    bool ChannelConfig::*offered;  // the option that turns an extension on; nullptr: always
   };
+  // The steps of an AUTH exchange: the next line is a response to our 334, not a command.
+  enum class AuthStep { None, PlainResponse, LoginUser, LoginPassword };
   static const Command kCommands[];
 
   void push(const std::string& reply);
@@ -1442,6 +1616,13 @@ class Channel {
   void cmd_rset(const Arg& arg);
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
+  void cmd_auth(const Arg& arg);
+  void auth_response(std::string_view line, std::size_t size);
+  void auth_plain(std::string_view response);
+  void auth_login_user(std::string_view response);
+  void log_in(const std::string& user, const std::string& password);
+  bool is_offered(const Command& command) const;
+  bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
   ChannelConfig config_;
@@ -1453,26 +1634,34 @@ class Channel {
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
   bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  AuthStep auth_step_ = AuthStep::None;
+  std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
 
 // kCommands - the protocol's index, in the order HELP lists the verbs
 const Channel::Command Channel::kCommands[] = {
-    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname"},
-    {"HELO", &Channel::cmd_helo, "HELO hostname"},
-    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>"},
-    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>"},
-    {"DATA", &Channel::cmd_data, "DATA"},
-    {"RSET", &Channel::cmd_rset, "RSET"},
-    {"NOOP", &Channel::cmd_noop, "NOOP"},
-    {"QUIT", &Channel::cmd_quit, "QUIT"},
-    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>"},
-    {"HELP", &Channel::cmd_help, nullptr},
-    {"EXPN", &Channel::cmd_expn, nullptr},
+    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr},
+    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr},
+    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr},
+    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr},
+    {"DATA", &Channel::cmd_data, "DATA", nullptr},
+    {"RSET", &Channel::cmd_rset, "RSET", nullptr},
+    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr},
+    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr},
+    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr},
+    {"HELP", &Channel::cmd_help, nullptr, nullptr},
+    {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
+    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
 };
 
 Channel::Channel(ChannelConfig config, std::string peer_address)
     : fqdn(config.fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
-  push("220 " + fqdn + " " + kVersion);
+  // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
+  // would let the client QUIT first; closing is what clients handle everywhere)
+  if (is_refused(Refusals::Stage::Connect, {peer}))
+    enter_state(State::Closing);
+  else
+    push("220 " + fqdn + " " + kVersion);
 }
 
 const char* Channel::to_string(State state) {
@@ -1626,6 +1815,7 @@ void Channel::end_of_data() {
     set_rset_state();
     return;
   }
+  if (is_refused(Refusals::Stage::Data, rcpttos)) return set_rset_state();  // never stored
   ask(Question::Message, "");
 }
 
@@ -1645,6 +1835,7 @@ Envelope Channel::take_message() {
   envelope.rcpt_options = rcpt_options;
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
+  if (config_.offer_auth) envelope.auth_user = auth_user;
   received_data.clear();
   return envelope;
 }
@@ -1705,7 +1896,11 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
-  if (config_.trace) config_.trace(peer + " <- " + printable(line.substr(0, 200)));
+  if (auth_step_ != AuthStep::None) return auth_response(line, size);
+  // AUTH's initial response holds the password: the trace shows the verb and mechanism only
+  std::string_view shown = line.substr(0, 200);
+  if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
+  if (config_.trace) config_.trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
@@ -1716,9 +1911,23 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
   for (const Command& command : kCommands) {
-    if (verb == command.verb) return (this->*command.handler)(arg);
+    if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
   }
   push("500 Error: command \"" + verb + "\" not recognized");
+}
+
+// is_offered - false for an extension's verb when its option is off: then it is unknown
+bool Channel::is_offered(const Command& command) const {
+  return command.offered == nullptr || config_.*command.offered;
+}
+
+// is_refused - a --reject rule for this stage takes one of the subjects: its reply is sent
+bool Channel::is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects) {
+  if (!config_.refusals) return false;
+  std::string reply = config_.refusals->reply_for(stage, subjects);
+  if (reply.empty()) return false;
+  push(reply);
+  return true;
 }
 
 inline bool has_text(const std::optional<std::string>& arg) { return arg && !arg->empty(); }
@@ -1740,6 +1949,7 @@ void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
 void Channel::greet(const Arg& arg, bool extended) {
   if (!has_text(arg))
     return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
+  if (is_refused(Refusals::Stage::Helo, {*arg})) return;
   set_rset_state();
   seen_greeting = *arg;
   extended_smtp = extended;
@@ -1748,6 +1958,8 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (config_.data_size_limit != 0) push("250-SIZE " + std::to_string(config_.data_size_limit));
   if (config_.offer_8bitmime) push("250-8BITMIME");
   if (config_.enable_smtputf8) push("250-SMTPUTF8");
+  if (config_.offer_pipelining) push("250-PIPELINING");
+  if (config_.offer_auth) push("250-AUTH PLAIN LOGIN");
   push("250 HELP");
 }
 
@@ -1762,14 +1974,14 @@ void Channel::cmd_quit(const Arg&) {  // the argument is ignored, as in smtpd.py
 void Channel::cmd_help(const Arg& arg) {
   std::string list;
   for (const Command& command : kCommands) {
-    if (command.syntax == nullptr) continue;
+    if (command.syntax == nullptr || !is_offered(command)) continue;
     list += list.empty() ? "" : " ";
     list += command.verb;
   }
   if (!has_text(arg)) return push("250 Supported commands: " + list);
   std::string verb = ascii_upper(*arg);
   for (const Command& command : kCommands) {
-    if (command.syntax == nullptr || verb != command.verb) continue;
+    if (command.syntax == nullptr || !is_offered(command) || verb != command.verb) continue;
     std::string text = std::string("250 Syntax: ") + command.syntax;
     if (extended_smtp && (verb == "MAIL" || verb == "RCPT")) text += kMailParamsSyntax;
     return push(text);
@@ -1820,12 +2032,17 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_.auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_error("MAIL FROM: <address>");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
   if (!parsed) return;
   if (!mailfrom.empty()) return push(kReplyNestedMail);
   mail_options = python_split(ascii_upper(parsed->rest));
   if (!check_mail_params(syntax)) return;
+  if (is_refused(Refusals::Stage::Mail, {parsed->address})) {
+    require_smtputf8 = false;
+    return;
+  }
   if (config_.ask_envelope) return ask(Question::Mail, parsed->address);
   mailfrom = parsed->address;
   push(kReplyOk);
@@ -1879,6 +2096,7 @@ void Channel::cmd_rcpt(const Arg& arg) {
   auto params = parse_params(options);
   if (!params) return push(syntax);
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
+  if (is_refused(Refusals::Stage::Rcpt, {parsed->address})) return;
   if (config_.ask_envelope) return ask(Question::Rcpt, parsed->address);
   rcpttos.push_back(parsed->address);
   push(kReplyOk);
@@ -1905,6 +2123,79 @@ void Channel::cmd_data(const Arg& arg) {
 }
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
+
+// cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
+// and not inside a transaction
+void Channel::cmd_auth(const Arg& arg) {
+  if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (!auth_user.empty()) return push(kReplyAuthAgain);
+  if (!mailfrom.empty()) return push(kReplyAuthInMail);
+  std::vector<std::string> words = python_split(arg.value_or(""));
+  if (words.empty() || words.size() > 2) return push(std::string("501 Syntax: ") + kAuthSyntax);
+  std::string mechanism = ascii_upper(words[0]);
+  bool has_initial = words.size() == 2;
+  if (mechanism == "PLAIN" && has_initial) return auth_plain(words[1]);
+  if (mechanism == "LOGIN" && has_initial) return auth_login_user(words[1]);
+  if (mechanism != "PLAIN" && mechanism != "LOGIN") return push(kReplyAuthMechanism);
+  auth_step_ = mechanism == "PLAIN" ? AuthStep::PlainResponse : AuthStep::LoginUser;
+  push(mechanism == "PLAIN" ? kChallengeEmpty : kChallengeUsername);
+}
+
+// auth_response - a line answering our 334 challenge; "*" cancels (RFC 4954 4). Never
+// traced: it holds a password.
+void Channel::auth_response(std::string_view line, std::size_t size) {
+  if (config_.trace) config_.trace(peer + " <- (AUTH response, not shown)");
+  AuthStep step = std::exchange(auth_step_, AuthStep::None);
+  if (size > line.size()) return push(kReplyLineTooLong);
+  if (line == "*") return push(kReplyAuthCancelled);
+  if (step == AuthStep::PlainResponse) return auth_plain(line);
+  if (step == AuthStep::LoginUser) return auth_login_user(line);
+  std::optional<std::string> password = base64_decode(line);
+  if (!password) return push(kReplyAuthUndecodable);
+  log_in(std::exchange(login_user_, ""), *password);
+}
+
+// auth_plain - RFC 4616: authorization identity, NUL, user name, NUL, password; "=" is an
+// empty initial response. Logging in as someone else (a different authorization identity) is
+// refused.
+void Channel::auth_plain(std::string_view response) {
+  std::optional<std::string> decoded = response == "=" ? std::string() : base64_decode(response);
+  std::size_t first = decoded ? decoded->find('\0') : std::string::npos;
+  std::size_t second = first == std::string::npos ? first : decoded->find('\0', first + 1);
+  if (second == std::string::npos || decoded->find('\0', second + 1) != std::string::npos)
+    return push(kReplyAuthUndecodable);
+  std::string authzid = decoded->substr(0, first);
+  std::string user = decoded->substr(first + 1, second - first - 1);
+  if (!authzid.empty() && authzid != user) return push(kReplyAuthInvalid);
+  log_in(user, decoded->substr(second + 1));
+}
+
+// auth_login_user - the user name of AUTH LOGIN; the password is asked for next
+void Channel::auth_login_user(std::string_view response) {
+  std::optional<std::string> user = base64_decode(response);
+  if (!user) return push(kReplyAuthUndecodable);
+  login_user_ = *user;
+  auth_step_ = AuthStep::LoginPassword;
+  push(kChallengePassword);
+}
+
+// log_in - check a user name and password: with --auth-file against its lines, else any
+// will do. The name goes into header lines and the environment, so it must be one line of
+// printable UTF-8.
+void Channel::log_in(const std::string& user, const std::string& password) {
+  bool is_clean =
+      !user.empty() && is_valid_utf8(user) && std::none_of(user.begin(), user.end(), [](char c) {
+        return static_cast<unsigned char>(c) < 0x20 || c == 0x7F;
+      });
+  bool is_known = true;
+  if (config_.auth_users) {
+    auto it = config_.auth_users->find(user);
+    is_known = it != config_.auth_users->end() && it->second == password;
+  }
+  if (!is_clean || !is_known) return push(kReplyAuthInvalid);
+  auth_user = user;
+  push(kReplyAuthOk);
+}
 
 // ==== 8. Server modes ====
 // What happens to mail: the -c CLASS of smtpd.py. The loop opens a ModeSession for each client
@@ -2001,7 +2292,17 @@ inline std::vector<std::string_view> split_python_lines(std::string_view data) {
   return lines;
 }
 
+// session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
+// a client that logged in with AUTH (the name is one printable line: Channel::log_in)
+inline std::string session_header_lines(const Envelope& envelope) {
+  std::string lines;
+  if (envelope.auth_user && !envelope.auth_user->empty())
+    lines += "X-Auth-User: " + *envelope.auth_user + "\n";
+  return lines;
+}
+
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
+// (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
 inline std::string format_debug_message(const Envelope& envelope) {
   std::string out = "---------- MESSAGE FOLLOWS ----------\n";
@@ -2013,6 +2314,7 @@ inline std::string format_debug_message(const Envelope& envelope) {
   for (std::string_view line : split_python_lines(envelope.data)) {
     if (in_headers && line.empty()) {
       out += "X-Peer: " + envelope.peer + "\n";  // none if the message has no empty line
+      out += session_header_lines(envelope);
       in_headers = false;
     }
     out.append(line.data(), line.size());
@@ -2020,6 +2322,14 @@ inline std::string format_debug_message(const Envelope& envelope) {
   }
   out += "------------ END MESSAGE ------------\n";
   return out;
+}
+
+// auth_user_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not
+// log in); nothing otherwise, so the line stays as it was without --auth
+inline std::string auth_user_json(const Envelope& envelope) {
+  if (!envelope.auth_user) return "";
+  return ", \"auth_user\": " +
+         (envelope.auth_user->empty() ? std::string("null") : json_string(*envelope.auth_user));
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
@@ -2030,7 +2340,7 @@ inline std::string format_json_message(const Envelope& envelope) {
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
          ", \"rcpttos\": " + json_list(envelope.rcpttos) +
          ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + auth_user_json(envelope) +
          ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
          (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
@@ -2057,9 +2367,13 @@ class StreamPrinter : public MessageOutput {
   Format format_;
 };
 
-// message_file_text - the message as a file holds it: data is its lines joined with "\n",
-// so one "\n" ends the last line (a message whose last line is empty ends in "\n\n")
+// message_file_text - the message as a file holds it: the session's header lines first, then
+// data, its lines joined with "\n", so one "\n" ends the last line (a message whose last line
+// is empty ends in "\n\n")
 inline std::string message_file_text(const std::string& data) { return data + "\n"; }
+inline std::string message_file_text(const Envelope& envelope) {
+  return message_file_text(session_header_lines(envelope) + envelope.data);
+}
 
 // maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
 // cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
@@ -2110,7 +2424,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, message_file_text(envelope.data), error)) return false;
+    if (!write_synced(tmp, message_file_text(envelope), error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2163,7 +2477,7 @@ inline std::string format_mbox_entry(const Envelope& envelope, std::int64_t unix
   for (char& c : sender)
     if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
   return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n" +
-         mboxrd_quote(envelope.data) + "\n";
+         mboxrd_quote(session_header_lines(envelope) + envelope.data) + "\n";
 }
 
 // MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
@@ -2258,7 +2572,7 @@ class CommandRun {
       return done(cannot_run("cannot write the recipients to a file: " + error));
     environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
     long long timeout_ms = timeout_ms_;
-    run(message_file_text(envelope.data), environment,  // as --maildir writes it
+    run(message_file_text(envelope), environment,  // as --maildir writes it
         [done, timeout_ms](const Outcome& outcome) {
           if (!outcome.has_started) return done(cannot_run(outcome.error));
           if (outcome.has_timed_out) return done(timed_out_reply(timeout_ms));
@@ -2296,6 +2610,8 @@ class CommandRun {
         {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
     if (environment[2].second.size() > kExecVariableLimit)
       environment.erase(environment.begin() + 2);
+    if (e.auth_user && !e.auth_user->empty())
+      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
     return environment;
   }
 
@@ -3409,45 +3725,108 @@ class MailmanProxy : public ServerMode {
 // sits on it: its listeners are watched sockets, each client is a Connection (its Transport,
 // its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
 // or a slow upstream, only ever holds up the clients it serves.
-//   StartError, open_listener; PollReactor (turn, run_deferred, the Reactor); Transport,
-//   SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run; accept_clients;
-//   serve, read_some, ask, on_verdict, settle, write_some, close)
+//   StartError, Listener, listen_everywhere, open_listeners; PollReactor (turn, run_deferred, the
+//   Reactor); Transport, SocketTransport; Connection; ExitPolicy; ServerOptions; Server (run;
+//   accept_clients; serve, read_some, ask, on_verdict, settle, write_some, close)
 
 class StartError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
 
-// open_listener - bind and listen on the first address the host resolves to (as smtpd.py)
-inline socket_t open_listener(const Endpoint& where, std::string& bound_text) {
-  std::string error;
-  std::vector<SocketAddress> addresses = resolve_endpoint(where, error);
-  if (addresses.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
-  const SocketAddress& first = addresses.front();
-  socket_t s = socket(first.family, SOCK_STREAM, 0);
-  if (s == kInvalidSocket)
-    throw StartError("cannot create a socket: " + socket_error_text(last_socket_error()));
+// Listener - one listening socket and the address it is bound to, as "127.0.0.1:8025"
+struct Listener {
+  socket_t socket;
+  std::string bound;
+};
+
+// listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
+// that fails. With several listeners an IPv6 one takes IPv6 only, so [::] beside 0.0.0.0 works.
+inline socket_t listen_at(const SocketAddress& at, bool is_one_of_several, int& err) {
+  socket_t s = socket(at.family, SOCK_STREAM, 0);
+  if (s == kInvalidSocket) return err = last_socket_error(), kInvalidSocket;
   set_close_on_exec(s);
   int on = 1;
   setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
-  std::string target = format_endpoint(where.host, where.port);
-  if (bind(s, reinterpret_cast<const sockaddr*>(&first.storage), first.length) != 0) {
-    int err = last_socket_error();
+  if (at.family == AF_INET6 && is_one_of_several)
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, reinterpret_cast<const char*>(&on), sizeof on);
+  if (bind(s, reinterpret_cast<const sockaddr*>(&at.storage), at.length) != 0 ||
+      listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
+    err = last_socket_error();
     close_socket(s);
-    throw StartError("cannot listen on " + target + ": " + socket_error_text(err) +
+    return kInvalidSocket;
+  }
+  return s;
+}
+
+// bound_address - where a socket is bound: "127.0.0.1:8025" or "[::1]:8025", and the port
+inline std::pair<std::string, std::uint16_t> bound_address(socket_t s) {
+  SocketAddress bound;
+  bound.length = sizeof bound.storage;
+  getsockname(s, reinterpret_cast<sockaddr*>(&bound.storage), &bound.length);
+  auto [host, port] = numeric_address(reinterpret_cast<sockaddr*>(&bound.storage), bound.length);
+  return {format_endpoint(host, port), static_cast<std::uint16_t>(port)};
+}
+
+// with_port - the address with another port
+inline SocketAddress with_port(SocketAddress address, std::uint16_t port) {
+  if (address.family == AF_INET6)
+    reinterpret_cast<sockaddr_in6*>(&address.storage)->sin6_port = htons(port);
+  else
+    reinterpret_cast<sockaddr_in*>(&address.storage)->sin_port = htons(port);
+  return address;
+}
+
+// listen_everywhere - a listener at each address, all on one port: the given one, or for port
+// 0 the one the kernel picks for the first address (picked again when another address has it
+// taken). An address this machine lacks (IPv6 turned off) is left out, unless it is the
+// first; any other failure is a StartError naming the address.
+inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>& addresses,
+                                               const std::string& name, std::uint16_t port) {
+  for (int attempt = 0; attempt < kPortAttempts; ++attempt) {
+    std::vector<Listener> listeners;
+    std::uint16_t chosen = port;
+    int err = 0;
+    const SocketAddress* failed = nullptr;
+    for (const SocketAddress& address : addresses) {
+      socket_t s = listen_at(with_port(address, chosen), addresses.size() > 1, err);
+      if (s == kInvalidSocket && !listeners.empty() && address_unavailable(err)) continue;
+      if (s == kInvalidSocket) {
+        failed = &address;
+        break;
+      }
+      auto [text, bound_port] = bound_address(s);
+      listeners.push_back({s, text});
+      chosen = bound_port;
+    }
+    if (failed == nullptr) return listeners;
+    for (const Listener& l : listeners) close_socket(l.socket);
+    if (port == 0 && !listeners.empty() && address_in_use(err)) continue;  // another port
+    auto [host, ignored] =
+        numeric_address(reinterpret_cast<const sockaddr*>(&failed->storage), failed->length);
+    std::string where = format_endpoint(host, chosen);
+    throw StartError("cannot listen on " + where + (where == name ? "" : " (" + name + ")") + ": " +
+                     socket_error_text(err) +
                      (address_in_use(err) ? " (another server is using this port)" : ""));
   }
-  if (listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
-    int err = last_socket_error();
-    close_socket(s);
-    throw StartError("cannot listen on " + target + ": " + socket_error_text(err));
+  throw StartError("cannot find a port that is free on every address of " + name);
+}
+
+// open_listeners - listen on every address the host resolves to, in the resolver's order
+// differs from smtpd.py: Python listens on the first address only, so with localhost
+// resolving to ::1 first a client of 127.0.0.1 was refused.
+inline std::vector<Listener> open_listeners(const Endpoint& where) {
+  std::string error;
+  std::vector<SocketAddress> resolved = resolve_endpoint(where, error);
+  if (resolved.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
+  std::vector<SocketAddress> addresses;  // without repeats (/etc/hosts may list one twice)
+  for (const SocketAddress& a : resolved) {
+    bool is_repeat = std::any_of(addresses.begin(), addresses.end(), [&](const SocketAddress& b) {
+      return a.length == b.length && std::memcmp(&a.storage, &b.storage, a.length) == 0;
+    });
+    if (!is_repeat) addresses.push_back(a);
   }
-  struct sockaddr_storage bound {};
-  socklen_t len = sizeof bound;
-  getsockname(s, reinterpret_cast<sockaddr*>(&bound), &len);
-  auto [host, bound_port] = numeric_address(reinterpret_cast<sockaddr*>(&bound), len);
-  bound_text = format_endpoint(host, bound_port);
-  return s;
+  return listen_everywhere(addresses, format_endpoint(where.host, where.port), where.port);
 }
 
 // PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
@@ -3868,16 +4247,20 @@ class Server {
   }
 
   // settle - write what is queued, close when the conversation is over, else poll for what
-  // the connection waits on
+  // the connection waits on. While the mode decides and more of the client's commands wait
+  // behind the question, the replies wait too, so a pipelined group is answered in one write
+  // (RFC 2920 3.2 asks servers to send them together).
   void settle(Connection& c) {
-    if (!c.is_closed) write_some(c);
-    if (c.is_closed) return;
     bool is_waiting = c.channel.question() != Channel::Question::None;
+    bool is_holding = is_waiting && !c.channel.received_lines.empty() &&
+                      c.channel.output().size() < kOutputBacklog;
+    if (!c.is_closed && !is_holding) write_some(c);
+    if (c.is_closed) return;
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
-    if (!c.channel.output().empty()) events |= POLLOUT;
+    if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
     reactor_.set_events(c.transport->socket(), events);
   }
 
@@ -3968,6 +4351,12 @@ struct Settings {
   long long exec_timeout_ms = kExecTimeoutMs;
   Endpoint mailman_lmtp;     // --mailman-lmtp: Mailman 3's LMTP runner
   std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  bool pipelining = false;                      // --pipelining
+  bool auth = false;                            // --auth, --auth-file or --auth-required
+  bool auth_required = false;                   // --auth-required
+  std::shared_ptr<const AuthUsers> auth_users;  // --auth-file: null for anyone
+  std::vector<Refusals::Rule> refusals;         // --reject, in the order given
+  std::optional<std::uint64_t> reject_seed;     // --reject-seed
 };
 
 class UsageError : public std::runtime_error {
@@ -4070,6 +4459,84 @@ inline std::string parse_path(const cxxopts::ParseResult& result, const char* op
   return path;
 }
 
+// parse_auth_users - the lines "user:password" of an --auth-file (the password is all after
+// the first ':'); empty lines and lines starting with '#' are skipped
+inline AuthUsers parse_auth_users(const std::string& text, const std::string& path) {
+  AuthUsers users;
+  std::size_t number = 0;
+  for (std::string_view line : split_python_lines(text)) {
+    ++number;
+    if (line.empty() || line[0] == '#') continue;
+    std::size_t colon = line.find(':');
+    if (colon == 0 || colon == std::string_view::npos)
+      throw UsageError("--auth-file " + path + " line " + std::to_string(number) +
+                       ": expected user:password");
+    users[std::string(line.substr(0, colon))] = std::string(line.substr(colon + 1));
+  }
+  if (users.empty()) throw UsageError("--auth-file " + path + " holds no user:password line");
+  return users;
+}
+
+// load_auth_users - read and parse an --auth-file, at start (before privileges are dropped)
+inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path) {
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr)
+    throw UsageError("cannot read --auth-file " + path + ": " + std::strerror(errno));
+  std::string text;
+  char buffer[4096];
+  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
+  bool is_read = !std::ferror(file);
+  std::fclose(file);
+  if (!is_read) throw UsageError("cannot read --auth-file " + path);
+  return std::make_shared<const AuthUsers>(parse_auth_users(text, path));
+}
+
+// is_refusal_reply - "4xx text" or "5xx text" (or the bare code), printable ASCII, one line
+inline bool is_refusal_reply(const std::string& reply) {
+  bool is_code = reply.size() >= 3 && (reply[0] == '4' || reply[0] == '5') &&
+                 is_decimal(reply.substr(0, 3)) && (reply.size() == 3 || reply[3] == ' ');
+  return is_code && reply.size() <= kReplyLineLimit &&
+         std::all_of(reply.begin(), reply.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
+}
+
+// parse_refusal - --reject STAGE:PATTERN=REPLY. The reply starts at the first '=' followed by
+// a 4xx or 5xx code, so a pattern may hold '=' (as in SRS addresses).
+inline Refusals::Rule parse_refusal(const std::string& spec) {
+  auto bad = [&](const std::string& why) {
+    return UsageError(
+        "bad --reject '" + spec + "': " + why +
+        " (expected STAGE:PATTERN=REPLY, as rcpt:*@bounce.test=550 5.1.1 no such user)");
+  };
+  static const std::pair<const char*, Refusals::Stage> kStages[] = {
+      {"connect", Refusals::Stage::Connect},
+      {"helo", Refusals::Stage::Helo},
+      {"mail", Refusals::Stage::Mail},
+      {"rcpt", Refusals::Stage::Rcpt},
+      {"data", Refusals::Stage::Data}};
+  std::size_t colon = spec.find(':');
+  std::string stage = colon == std::string::npos ? spec : spec.substr(0, colon);
+  auto found = std::find_if(std::begin(kStages), std::end(kStages),
+                            [&](const auto& row) { return stage == row.first; });
+  if (found == std::end(kStages)) throw bad("STAGE must be connect, helo, mail, rcpt or data");
+  std::size_t equals = colon;
+  do {
+    equals = spec.find('=', equals + 1);
+  } while (equals != std::string::npos && !is_refusal_reply(spec.substr(equals + 1)));
+  if (equals == std::string::npos)
+    throw bad("REPLY must be a 4xx or 5xx code and printable text of at most " +
+              std::to_string(kReplyLineLimit) + " bytes");
+  Refusals::Rule rule{found->second, spec.substr(colon + 1, equals - colon - 1), -1,
+                      spec.substr(equals + 1)};
+  if (rule.pattern.empty()) throw bad("PATTERN is empty (use * for every one)");
+  std::string number = rule.pattern.substr(0, rule.pattern.size() - 1);
+  std::size_t dot = number.find('.');
+  bool is_percent = rule.pattern.back() == '%' && is_decimal(number.substr(0, dot)) &&
+                    (dot == std::string::npos || is_decimal(number.substr(dot + 1)));
+  if (is_percent) rule.percent = std::strtod(number.c_str(), nullptr);
+  if (is_percent && rule.percent > 100) throw bad("a share of the time is at most 100%");
+  return rule;
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -4135,6 +4602,28 @@ inline cxxopts::Options build_options() {
                 "Exit with status 0 when no client has been connected for SECONDS; 0 means "
                 "never (the default).",
                 cxxopts::value<std::string>(), "SECONDS")(
+      "auth",
+      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+      "the user name is recorded with each message.")(
+      "auth-file",
+      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+      "other logins get 535 5.7.8.",
+      cxxopts::value<std::string>(),
+      "FILE")("auth-required",
+              "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+              "as --auth does unless --auth-file is given).")(
+      "pipelining",
+      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+      "commands go out together.")(
+      "reject",
+      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+      "of the time when PATTERN is N%; repeatable, the first match wins.",
+      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY")(
+      "reject-seed",
+      "Seed for the N% rules of --reject, so a run refuses the same commands again "
+      "(default: a new seed at each start).",
+      cxxopts::value<std::string>(), "N")(
       "mailman-lmtp",
       "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
       "address is a list's (default 127.0.0.1:8024).",
@@ -4223,6 +4712,18 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
     s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
+  s.pipelining = result.count("pipelining") > 0;
+  s.auth_required = result.count("auth-required") > 0;
+  s.auth = s.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
+  if (result.count("auth-file")) s.auth_users = load_auth_users(parse_path(result, "auth-file"));
+  for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
+    if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
+  if (result.count("reject-seed")) {
+    std::string seed = result["reject-seed"].as<std::string>();
+    if (!is_decimal(seed) || seed.size() > 19)
+      throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
+    s.reject_seed = std::stoull(seed);
+  }
   parse_mailman_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
@@ -4318,6 +4819,22 @@ inline std::string mailman_text(const Settings& s) {
   return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
+// configure_extensions - the opt-in extensions of the channel: PIPELINING, AUTH, --reject.
+// Without --reject-seed the seed comes from the system's random source and the clock; -d
+// prints it, so a run worth repeating can be.
+inline void configure_extensions(const Settings& s, ChannelConfig& channel) {
+  channel.offer_pipelining = s.pipelining;
+  channel.offer_auth = s.auth;
+  channel.auth_required = s.auth_required;
+  channel.auth_users = s.auth_users;
+  if (s.refusals.empty()) return;
+  std::uint64_t seed = s.reject_seed ? *s.reject_seed
+                                     : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
+                                           static_cast<std::uint64_t>(unix_time_us());
+  if (s.debug) log_line("--reject-seed " + std::to_string(seed));
+  channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
+}
+
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
@@ -4344,10 +4861,9 @@ inline int run_smtpd(int argc, const char* const* argv) {
   install_stop_handlers();
   raise_descriptor_limit();
   binary_stdout();
-  std::string bound;
-  socket_t listener;
+  std::vector<Listener> listeners;
   try {
-    listener = open_listener(settings.local, bound);
+    listeners = open_listeners(settings.local);
   } catch (const StartError& e) {
     log_line(e.what());
     return kExitCannotListen;
@@ -4355,7 +4871,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   if (settings.setuid && running_as_root()) {
     std::string error;
     if (!drop_privileges(error)) {
-      close_socket(listener);
+      for (const Listener& l : listeners) close_socket(l.socket);
       log_line(error);
       return kExitPrivileges;
     }
@@ -4366,16 +4882,23 @@ inline int run_smtpd(int argc, const char* const* argv) {
   options.channel.data_size_limit = settings.size_limit;
   options.channel.enable_smtputf8 = settings.enable_smtputf8;
   options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
+  configure_extensions(settings, options.channel);
   options.debug = settings.debug;
   options.max_messages = settings.max_messages;
   options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
+  // One "listening on" line, as scripts expect; the other addresses after it
+  std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
+  for (std::size_t i = 1; i < listeners.size(); ++i)
+    std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
   warn_if_open_relay(settings, bound);
   if (settings.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port) + mailman_text(settings));
-  Server server({listener}, std::move(options), *mode);
+  std::vector<socket_t> sockets_to_watch;
+  for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
+  Server server(std::move(sockets_to_watch), std::move(options), *mode);
   if (!server.run()) {
     log_line(server.error());
     return kExitLoopFailed;

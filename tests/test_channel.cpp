@@ -1,41 +1,15 @@
 // test_channel.cpp - the channel as a pure state machine: bytes in, replies and messages out.
 // No sockets here. Expected replies are smtpd.py 3.11's, byte for byte, except where the
 // man page's COMPATIBILITY section says we follow RFC 5321 instead.
+#include <doctest/doctest.h>
+
+#include "test_support.hpp"
 
 namespace {
 
-ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
-  ChannelConfig config;
-  config.fqdn = "test.example";
-  config.data_size_limit = size;
-  config.enable_smtputf8 = utf8;
-  return config;
-}
-
-// Session - a channel with its greeting already read; send() returns the replies to one write
-struct Session {
-  explicit Session(ChannelConfig config = test_config()) : channel(std::move(config), "192.0.2.7") {
-    greeting = take();
-  }
-  std::string take() {
-    std::string out = channel.output();
-    channel.consume_output(out.size());
-    return out;
-  }
-  std::string send(std::string_view bytes) {
-    channel.feed(bytes);
-    return take();
-  }
-  // deliver - play the mode: take the finished message and answer with `reply`
-  Envelope deliver(const std::string& reply = "") {
-    REQUIRE(channel.has_message());
-    Envelope e = channel.take_message();
-    channel.answer(reply);
-    return e;
-  }
-  Channel channel;
-  std::string greeting;
-};
+using smtpd_test::parse_args;
+using smtpd_test::Session;
+using smtpd_test::test_config;
 
 const char* const kEhloNoSize = "250-test.example\r\n250-8BITMIME\r\n250 HELP\r\n";
 
@@ -490,11 +464,7 @@ TEST_CASE("DebuggingServer's layout: options, X-Peer after the headers, raw line
 }
 
 TEST_CASE("command line: defaults, classes and addresses") {
-  auto parse = [](std::vector<const char*> args) {
-    args.insert(args.begin(), "smtpd");
-    return parse_command_line(static_cast<int>(args.size()), args.data());
-  };
-  CommandLine plain = parse({});
+  CommandLine plain = parse_args({});
   REQUIRE(plain.settings);
   CHECK(plain.settings->mode == ModeKind::Debugging);
   CHECK(plain.settings->size_limit == 33554432);
@@ -502,7 +472,8 @@ TEST_CASE("command line: defaults, classes and addresses") {
   CHECK(plain.settings->local.port == 8025);
   CHECK(plain.settings->remote.port == 25);
   CHECK(plain.settings->setuid);
-  CommandLine full = parse({"-n", "-c", "smtpd.SMTPServer", "-s", "0", "-u", "[::1]:0", "h:2525"});
+  CommandLine full =
+      parse_args({"-n", "-c", "smtpd.SMTPServer", "-s", "0", "-u", "[::1]:0", "h:2525"});
   REQUIRE(full.settings);
   CHECK(full.settings->mode == ModeKind::Sink);
   CHECK(full.settings->size_limit == 0);
@@ -510,19 +481,19 @@ TEST_CASE("command line: defaults, classes and addresses") {
   CHECK(full.settings->local.host == "::1");
   CHECK(full.settings->remote.host == "h");
   CHECK(full.settings->remote.port == 2525);
-  CHECK(parse({"-c", "sink"}).settings->mode == ModeKind::Sink);
-  CHECK(parse({"--class=debug"}).settings->mode == ModeKind::Debugging);
-  CHECK(parse({"-c", "proxy"}).settings->mode == ModeKind::PureProxy);
-  CHECK_FALSE(parse({"--help"}).settings);
-  CHECK(parse({"-V"}).text_for_stdout == "smtpd 1.0.0\n");
-  CHECK_THROWS_AS(parse({"-c", "Nope"}), UsageError);
-  CHECK_THROWS_AS(parse({"-s", "12k"}), UsageError);
-  CHECK_THROWS_AS(parse({"--bogus"}), UsageError);
-  CHECK_THROWS_AS(parse({"nocolon"}), UsageError);
-  CHECK_THROWS_AS(parse({"h:70000"}), UsageError);
-  CHECK_THROWS_AS(parse({":25"}), UsageError);
-  CHECK_THROWS_AS(parse({"::1:25"}), UsageError);
-  CHECK_THROWS_AS(parse({"a:1", "b:2", "c:3"}), UsageError);
+  CHECK(parse_args({"-c", "sink"}).settings->mode == ModeKind::Sink);
+  CHECK(parse_args({"--class=debug"}).settings->mode == ModeKind::Debugging);
+  CHECK(parse_args({"-c", "proxy"}).settings->mode == ModeKind::PureProxy);
+  CHECK_FALSE(parse_args({"--help"}).settings);
+  CHECK(parse_args({"-V"}).text_for_stdout == "smtpd 1.0.0\n");
+  CHECK_THROWS_AS(parse_args({"-c", "Nope"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"-s", "12k"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--bogus"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"nocolon"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"h:70000"}), UsageError);
+  CHECK_THROWS_AS(parse_args({":25"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"::1:25"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"a:1", "b:2", "c:3"}), UsageError);
 }
 
 TEST_CASE("with ask_envelope, MAIL and RCPT wait for the mode's verdict") {

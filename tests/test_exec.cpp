@@ -18,20 +18,15 @@
 namespace smtpd_test {
 namespace exec_hook {
 
-using outputs::read_file;
-using outputs::write_file;
-
 TEST_SUITE_BEGIN("exec");
 
 // ==== Unit tests: CommandRun::reply_for, CommandRun::environment_for, the command line ====
 
 TEST_CASE("--exec reply_for: exit 0 is 250 OK unless line 1 starts with a reply code") {
   SUBCASE("no reply code: the empty verdict, which the channel sends as 250 OK") {
-    CHECK(CommandRun::reply_for(0, "") == "");
-    CHECK(CommandRun::reply_for(0, "\n") == "");
-    CHECK(CommandRun::reply_for(0, "delivered\n250 on line two\n") == "");
-    CHECK(CommandRun::reply_for(0, "y\ny\ny\n") == "");
-    CHECK(CommandRun::reply_for(0, " 250 leading space\n") == "");
+    for (const char* out :
+         {"", "\n", "delivered\n250 on line two\n", "y\ny\ny\n", " 250 leading space\n"})
+      CHECK_MESSAGE(CommandRun::reply_for(0, out) == "", out);
   }
   SUBCASE("a code from 200 to 599, then a space, a dash or the end of the line") {
     CHECK(CommandRun::reply_for(0, "550 5.7.1 no thanks\n") == "550 5.7.1 no thanks");
@@ -56,13 +51,9 @@ TEST_CASE("--exec reply_for: exit 0 is 250 OK unless line 1 starts with a reply 
     CHECK(CommandRun::reply_for(0, "550 " + std::string(1000, 'x') + "\n").size() == 510);
   }
   SUBCASE("what only looks like a code is not one") {
-    CHECK(CommandRun::reply_for(0, "600 too high\n") == "");
-    CHECK(CommandRun::reply_for(0, "099 no\n") == "");
-    CHECK(CommandRun::reply_for(0, "25 short\n") == "");
-    CHECK(CommandRun::reply_for(0, "2500 four digits\n") == "");
-    CHECK(CommandRun::reply_for(0, "250x\n") == "");
-    CHECK(CommandRun::reply_for(0, "25a ok\n") == "");
-    CHECK(CommandRun::reply_for(0, "+50 ok\n") == "");
+    for (const char* out : {"600 too high\n", "099 no\n", "25 short\n", "2500 four digits\n",
+                            "250x\n", "25a ok\n", "+50 ok\n"})
+      CHECK_MESSAGE(CommandRun::reply_for(0, out) == "", out);
   }
   SUBCASE("control characters in the command's line cannot break the reply") {
     CHECK(CommandRun::reply_for(0, "550 a\tb\rc\n") == "550 a\\x09b\\x0dc");
@@ -109,62 +100,24 @@ TEST_CASE("--exec environment_for: the envelope in five SMTPD_* variables") {
 }
 
 TEST_CASE("--exec and --exec-timeout on the command line") {
-  auto parse = [](std::vector<const char*> args) {
-    args.insert(args.begin(), "smtpd");
-    return parse_command_line(static_cast<int>(args.size()), args.data());
-  };
-  Settings plain = *parse({}).settings;
+  Settings plain = *parse_args({}).settings;
   CHECK(plain.exec_command == "");
   CHECK(plain.exec_timeout_ms == 30000);
   Settings s =
-      *parse({"-c", "SMTPServer", "--exec", "cat >/dev/null", "--exec-timeout", "2"}).settings;
+      *parse_args({"-c", "SMTPServer", "--exec", "cat >/dev/null", "--exec-timeout", "2"}).settings;
   CHECK(s.exec_command == "cat >/dev/null");
   CHECK(s.exec_timeout_ms == 2000);
-  CHECK(parse({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec_timeout_ms == 500);
-  CHECK(parse({"-c", "DebuggingServer", "--exec", "true"}).settings->exec_command == "true");
-  CHECK_THROWS_AS(parse({"--exec", ""}), UsageError);
-  CHECK_THROWS_AS(parse({"-c", "PureProxy", "--exec", "true"}), UsageError);
-  CHECK_THROWS_AS(parse({"--exec-timeout", "0"}), UsageError);
-  CHECK_THROWS_AS(parse({"--exec-timeout", "-1"}), UsageError);
-  CHECK_THROWS_AS(parse({"--exec-timeout", "abc"}), UsageError);
-  CHECK_THROWS_AS(parse({"--exec-timeout", "1e3"}), UsageError);
+  CHECK(parse_args({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec_timeout_ms == 500);
+  CHECK(parse_args({"-c", "DebuggingServer", "--exec", "true"}).settings->exec_command == "true");
+  CHECK_THROWS_AS(parse_args({"--exec", ""}), UsageError);
+  CHECK_THROWS_AS(parse_args({"-c", "PureProxy", "--exec", "true"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--exec-timeout", "0"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--exec-timeout", "-1"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--exec-timeout", "abc"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--exec-timeout", "1e3"}), UsageError);
 }
 
 // ==== Helpers for the end-to-end tests ====
-
-inline double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
-}
-
-// start - smtpd -n [options] 127.0.0.1:0, waiting for its listening line.
-inline ServerProcess start(std::vector<std::string> options) {
-  ignore_sigpipe();
-  options.insert(options.begin(), "-n");
-  options.push_back("127.0.0.1:0");
-  return ServerProcess::launch(options);
-}
-
-// shell_quote - text as one sh word.
-inline std::string shell_quote(const std::string& text) {
-  std::string out = "'";
-  for (char ch : text) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return out + "'";
-}
-
-// Script - a shell script written into a temporary directory; command() is its --exec.
-// Inside the script $D is that directory.
-class Script {
- public:
-  explicit Script(const std::string& body) {
-    write_file(dir_ / "script.sh", "D=" + shell_quote(dir_.path()) + "\n" + body);
-  }
-  std::string command() const { return "sh " + shell_quote(dir_ / "script.sh"); }
-  std::string operator/(const std::string& name) const { return dir_ / name; }
-  const std::string& path() const { return dir_.path(); }
-
- private:
-  TempDir dir_;
-};
 
 // kSaveMessage - saves stdin to $D/in.N and the variables to $D/env.N, N = 1, 2, ... per
 // message (the tests send one message at a time). SET= shows which variables exist at all.
@@ -201,32 +154,6 @@ case "$SMTPD_RCPTTOS" in
 esac
 cat > /dev/null
 )SH";
-
-// greet - read the 220 and say EHLO.
-inline void greet(Client& c) {
-  std::string greeting = c.read_reply();
-  REQUIRE_MESSAGE(starts_with(greeting, "220 "), "greeting: " << greeting);
-  std::string ehlo = c.command("EHLO client.example");
-  REQUIRE_MESSAGE(starts_with(ehlo, "250"), "EHLO -> " << ehlo);
-}
-
-// begin_data - MAIL (with `mail` as written after "MAIL FROM:"), one RCPT per recipient,
-// DATA; REQUIREs each reply.
-inline void begin_data(Client& c, const std::string& mail, const std::vector<std::string>& rcpts) {
-  REQUIRE(c.command("MAIL FROM:" + mail) == "250 OK");
-  for (const auto& r : rcpts) REQUIRE(c.command("RCPT TO:<" + r + ">") == "250 OK");
-  REQUIRE(c.command("DATA") == "354 End data with <CR><LF>.<CR><LF>");
-}
-
-// transact - a whole transaction with `wire` (CRLF, already dot-stuffed, without the final
-// dot); returns the reply to the final dot.
-inline std::string transact(Client& c, const std::string& rcpt, const std::string& wire,
-                            const std::string& mail = "<a@example.com>",
-                            milliseconds timeout = kWait) {
-  begin_data(c, mail, {rcpt});
-  REQUIRE(c.send(wire));
-  return c.command(".", timeout);
-}
 
 // alive - the process exists and is not a zombie (a killed grandchild may wait unreaped
 // under a PID 1 that does not reap).
@@ -291,9 +218,8 @@ inline std::string big_wire(std::size_t bytes) {
 
 TEST_CASE("--exec: the command gets the message unstuffed with LF ends, and SMTPD_* variables") {
   Script script(kSaveMessage);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command()});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
+  Client c = greeted_client(srv);
 
   // Written by hand as it goes over the wire: dot-stuffed lines, CRLF, non-ASCII UTF-8.
   const std::string wire =
@@ -317,7 +243,8 @@ TEST_CASE("--exec: the command gets the message unstuffed with LF ends, and SMTP
         "MAIL_OPTIONS=SIZE=300 BODY=8BITMIME\nRCPT_OPTIONS=\nSET=11111\n");
 
   SUBCASE("a second message on the same connection: null sender, no options") {
-    CHECK(transact(c, "postmaster@example.com", "Subject: two\r\n\r\nshort\r\n", "<>") == "250 OK");
+    CHECK(send_wire(c, "Subject: two\r\n\r\nshort\r\n", "<>", {"postmaster@example.com"}) ==
+          "250 OK");
     CHECK(read_file(script / "in.2") == "Subject: two\n\nshort\n");
     CHECK(read_file(script / "env.2") ==
           "PEER=127.0.0.1\nMAILFROM=<>\nRCPTTOS=postmaster@example.com\n"
@@ -325,8 +252,7 @@ TEST_CASE("--exec: the command gets the message unstuffed with LF ends, and SMTP
   }
   SUBCASE("a line of 5000 bytes and bytes that are not UTF-8 arrive unchanged") {
     std::string long_line(5000, 'L');
-    CHECK(transact(c, "b@example.com",
-                   "Subject: 8bit\r\n\r\n" + long_line + "\r\ncaf\xe9\xff\r\n") == "250 OK");
+    CHECK(send_wire(c, "Subject: 8bit\r\n\r\n" + long_line + "\r\ncaf\xe9\xff\r\n") == "250 OK");
     CHECK(read_file(script / "in.2") == "Subject: 8bit\n\n" + long_line + "\ncaf\xe9\xff\n");
   }
   CHECK(c.command("QUIT") == "221 Bye");
@@ -336,10 +262,10 @@ TEST_CASE("--exec: the command gets the message unstuffed with LF ends, and SMTP
 // and one final "\n", so a last empty line is not lost.
 TEST_CASE("--exec: a message whose last line is empty reaches the command as --maildir keeps it") {
   Script script(kSaveMessage);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command(), "--maildir", script / "md"});
-  Client c = srv.connect();
-  greet(c);
-  REQUIRE(transact(c, "b@example.com", "Subject: x\r\n\r\nbody\r\n\r\n") == "250 OK");
+  auto srv =
+      start_smtpd({"-c", "SMTPServer", "--exec", script.command(), "--maildir", script / "md"});
+  Client c = greeted_client(srv);
+  REQUIRE(send_wire(c, "Subject: x\r\n\r\nbody\r\n\r\n") == "250 OK");
   auto stored = maildir_messages(script / "md");
   REQUIRE(stored.size() == 1);
   CHECK(stored[0] == "Subject: x\n\nbody\n\n");
@@ -353,12 +279,11 @@ TEST_CASE("--exec: the command inherits none of the server's sockets") {
   Script script(
       "for f in /proc/$$/fd/*; do echo \"${f##*/} $(readlink \"$f\")\"; done > \"$D/fds\"\n"
       "cat >/dev/null\n");
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command()});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
   Client other = srv.connect();  // a second client, open while the command runs
   greet(other);
-  Client c = srv.connect();
-  greet(c);
-  REQUIRE(transact(c, "b@example.com", "Subject: x\r\n\r\nx\r\n") == "250 OK");
+  Client c = greeted_client(srv);
+  REQUIRE(send_wire(c, "Subject: x\r\n\r\nx\r\n") == "250 OK");
   std::string fds = read_file(script / "fds");
   INFO("the command's open files:\n" << fds);
   REQUIRE(!fds.empty());
@@ -369,19 +294,20 @@ TEST_CASE("--exec: the command inherits none of the server's sockets") {
 
 TEST_CASE("--exec with DebuggingServer: the command's own replies; only accepted mail is printed") {
   Script script(std::string(kSaveMessage) + kDecideByRecipient);
-  auto srv = start({"-c", "DebuggingServer", "--exec", script.command()});
-  Client c = srv.connect();
-  greet(c);
-  CHECK(transact(c, "first@example.com", "Subject: accepted-one\r\n\r\nx\r\n") == "250 OK");
-  CHECK(transact(c, "please-reject@example.com", "Subject: refused-one\r\n\r\nx\r\n") ==
-        "550 5.7.1 no thanks");
-  CHECK(transact(c, "queue@example.com", "Subject: accepted-two\r\n\r\nx\r\n") ==
-        "250 2.0.0 queued as 42");
+  auto srv = start_smtpd({"-c", "DebuggingServer", "--exec", script.command()});
+  Client c = greeted_client(srv);
+  CHECK(send_wire(c, "Subject: accepted-one\r\n\r\nx\r\n", "<a@example.com>",
+                  {"first@example.com"}) == "250 OK");
+  CHECK(send_wire(c, "Subject: refused-one\r\n\r\nx\r\n", "<a@example.com>",
+                  {"please-reject@example.com"}) == "550 5.7.1 no thanks");
+  CHECK(send_wire(c, "Subject: accepted-two\r\n\r\nx\r\n", "<a@example.com>",
+                  {"queue@example.com"}) == "250 2.0.0 queued as 42");
   // Two recipients, one of them refused by the script: the whole message is refused.
   begin_data(c, "<a@example.com>", {"ok@example.com", "reject-me@example.com"});
   REQUIRE(c.send("Subject: refused-two\r\n\r\nx\r\n"));
   CHECK(c.command(".") == "550 5.7.1 no thanks");
-  CHECK(transact(c, "last@example.com", "Subject: accepted-three\r\n\r\nx\r\n") == "250 OK");
+  CHECK(send_wire(c, "Subject: accepted-three\r\n\r\nx\r\n", "<a@example.com>",
+                  {"last@example.com"}) == "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
   CHECK(read_file(script / "count") == "5\n");  // the command saw every message
 
@@ -403,20 +329,19 @@ TEST_CASE("--exec: a command that fails gives 451 with its exit status; the serv
       "  *signal*) kill -9 $$ ;;\n"
       "esac\n"
       "cat >/dev/null\n");
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command()});
-  Client c = srv.connect();
-  greet(c);
-  CHECK(transact(c, "fail@example.com", "Subject: x\r\n\r\nx\r\n") ==
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
+  Client c = greeted_client(srv);
+  CHECK(send_wire(c, "Subject: x\r\n\r\nx\r\n", "<a@example.com>", {"fail@example.com"}) ==
         "451 Error: the --exec command failed (exit status 3); try again later");
-  CHECK(transact(c, "signal@example.com", "Subject: x\r\n\r\nx\r\n") ==
+  CHECK(send_wire(c, "Subject: x\r\n\r\nx\r\n", "<a@example.com>", {"signal@example.com"}) ==
         "451 Error: the --exec command failed (exit status 137); try again later");
-  CHECK(transact(c, "fine@example.com", "Subject: x\r\n\r\nx\r\n") == "250 OK");
+  CHECK(send_wire(c, "Subject: x\r\n\r\nx\r\n", "<a@example.com>", {"fine@example.com"}) ==
+        "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
   SUBCASE("a command that cannot be found: 127 from sh, so 451") {
-    auto srv2 = start({"-c", "SMTPServer", "--exec", "/nonexistent/smtpd-test-hook"});
-    Client d = srv2.connect();
-    greet(d);
-    CHECK(transact(d, "b@example.com", "x\r\n") ==
+    auto srv2 = start_smtpd({"-c", "SMTPServer", "--exec", "/nonexistent/smtpd-test-hook"});
+    Client d = greeted_client(srv2);
+    CHECK(send_wire(d, "x\r\n") ==
           "451 Error: the --exec command failed (exit status 127); try again later");
   }
 }
@@ -424,11 +349,11 @@ TEST_CASE("--exec: a command that fails gives 451 with its exit status; the serv
 // Only the first line of the command's output counts; "550-first" is sent as "550 first", a
 // complete reply, so the client never waits for lines that will not come.
 TEST_CASE("--exec: a multi-line reply printed by the command reaches the client complete") {
-  auto srv =
-      start({"-c", "SMTPServer", "--exec", "cat >/dev/null; printf '550-first\\n550 second\\n'"});
-  Client c = srv.connect();
-  greet(c);
-  std::string reply = transact(c, "b@example.com", "x\r\n", "<a@example.com>", milliseconds(1500));
+  auto srv = start_smtpd(
+      {"-c", "SMTPServer", "--exec", "cat >/dev/null; printf '550-first\\n550 second\\n'"});
+  Client c = greeted_client(srv);
+  std::string reply =
+      send_wire(c, "x\r\n", "<a@example.com>", {"b@example.com"}, milliseconds(1500));
   INFO("reply: " << reply);
   CHECK(starts_with(reply, "550"));
   CHECK(lines_of(reply).back().substr(0, 4) == "550 ");  // a complete reply ends "NNN "
@@ -439,9 +364,8 @@ TEST_CASE("--exec: a multi-line reply printed by the command reaches the client 
 
 TEST_CASE("--exec-timeout 1: a hanging command is killed after 1 s; other clients go on") {
   Script script(kHangByRecipient);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "1"});
-  Client slow = srv.connect();
-  greet(slow);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "1"});
+  Client slow = greeted_client(srv);
   begin_data(slow, "<a@example.com>", {"hang@example.com"});
   // 1 MB the script never reads: far more than a pipe holds, so a server that wrote it
   // with a blocking write would stall here for everyone.
@@ -459,9 +383,9 @@ TEST_CASE("--exec-timeout 1: a hanging command is killed after 1 s; other client
   // While it hangs: another client's whole session, from connect to QUIT.
   auto other_start = Clock::now();
   {
-    Client fast = srv.connect();
-    greet(fast);
-    CHECK(transact(fast, "fast@example.com", "Subject: fast\r\n\r\nx\r\n") == "250 OK");
+    Client fast = greeted_client(srv);
+    CHECK(send_wire(fast, "Subject: fast\r\n\r\nx\r\n", "<a@example.com>", {"fast@example.com"}) ==
+          "250 OK");
     CHECK(fast.command("QUIT") == "221 Bye");
   }
   double other_seconds = seconds_since(other_start);
@@ -479,17 +403,17 @@ TEST_CASE("--exec-timeout 1: a hanging command is killed after 1 s; other client
   // The command and what it started are gone.
   CHECK(wait_until([&] { return !alive(script_pid) && !alive(child_pid); }, milliseconds(2000)));
   // The session goes on.
-  CHECK(transact(slow, "next@example.com", "Subject: next\r\n\r\nx\r\n") == "250 OK");
+  CHECK(send_wire(slow, "Subject: next\r\n\r\nx\r\n", "<a@example.com>", {"next@example.com"}) ==
+        "250 OK");
   CHECK(slow.command("QUIT") == "221 Bye");
   CHECK(srv.stop().code == 0);
 }
 
 TEST_CASE("--exec-timeout 0.5: fractions of a second are honoured") {
-  auto srv = start({"-c", "SMTPServer", "--exec", "sleep 5", "--exec-timeout", "0.5"});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", "sleep 5", "--exec-timeout", "0.5"});
+  Client c = greeted_client(srv);
   auto start_time = Clock::now();
-  std::string reply = transact(c, "b@example.com", "x\r\n");
+  std::string reply = send_wire(c, "x\r\n");
   double waited = seconds_since(start_time);
   CHECK(starts_with(reply, "451 Error: the --exec command ran longer than "));
   CHECK(waited > 0.4);
@@ -498,10 +422,9 @@ TEST_CASE("--exec-timeout 0.5: fractions of a second are honoured") {
 
 // The 451 names the timeout as given, fractions included.
 TEST_CASE("--exec-timeout 0.5: the 451 says 0.5 s") {
-  auto srv = start({"-c", "SMTPServer", "--exec", "sleep 5", "--exec-timeout", "0.5"});
-  Client c = srv.connect();
-  greet(c);
-  CHECK(transact(c, "b@example.com", "x\r\n") ==
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", "sleep 5", "--exec-timeout", "0.5"});
+  Client c = greeted_client(srv);
+  CHECK(send_wire(c, "x\r\n") ==
         "451 Error: the --exec command ran longer than 0.5 s and was stopped; try again later");
 }
 
@@ -510,13 +433,12 @@ TEST_CASE("--exec-timeout 0.5: the 451 says 0.5 s") {
 // short: it ends on its own or at --exec-timeout, as for a client that stays.
 TEST_CASE("--exec: a client that hangs up while its command runs: killed at the timeout") {
   Script script(kHangByRecipient);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "1"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "1"});
   pid_t script_pid, child_pid;
   GroupKiller cleanup;
   auto dot_sent = Clock::now();
   {
-    Client c = srv.connect();
-    greet(c);
+    Client c = greeted_client(srv);
     begin_data(c, "<a@example.com>", {"hang@example.com"});
     REQUIRE(c.send("x\r\n.\r\n"));
     dot_sent = Clock::now();
@@ -530,9 +452,8 @@ TEST_CASE("--exec: a client that hangs up while its command runs: killed at the 
   }
   auto other_start = Clock::now();
   {
-    Client d = srv.connect();
-    greet(d);
-    CHECK(transact(d, "b@example.com", "x\r\n") == "250 OK");
+    Client d = greeted_client(srv);
+    CHECK(send_wire(d, "x\r\n") == "250 OK");
   }
   CHECK(seconds_since(other_start) < 0.5);
   CHECK(wait_until([&] { return !alive(script_pid) && !alive(child_pid); }, milliseconds(3000)));
@@ -542,9 +463,8 @@ TEST_CASE("--exec: a client that hangs up while its command runs: killed at the 
 
 TEST_CASE("--exec: SIGTERM while a command runs ends the server at once, and the command") {
   Script script(kHangByRecipient);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command()});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
+  Client c = greeted_client(srv);
   begin_data(c, "<a@example.com>", {"hang@example.com"});
   REQUIRE(c.send("x\r\n.\r\n"));
   pid_t script_pid = read_pid(script / "script.pid");
@@ -569,23 +489,21 @@ TEST_CASE("--exec: a command that ignores stdin still answers for a 2 MB message
   SUBCASE("reads 10 bytes and exits") { command = "head -c 10 >/dev/null"; }
   SUBCASE("refuses at once without reading") { command = "echo '554 5.6.0 too big for me'"; }
   CAPTURE(command);
-  auto srv = start({"-c", "SMTPServer", "--exec", command, "--exec-timeout", "5"});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", command, "--exec-timeout", "5"});
+  Client c = greeted_client(srv);
   auto start_time = Clock::now();
-  std::string reply = transact(c, "b@example.com", big_wire(2 * 1024 * 1024));
+  std::string reply = send_wire(c, big_wire(2 * 1024 * 1024));
   CHECK(reply == (command[0] == 'e' ? "554 5.6.0 too big for me" : "250 OK"));
   CHECK(seconds_since(start_time) < 3.0);
-  CHECK(transact(c, "b@example.com", "x\r\n") == reply);  // and the next one too
+  CHECK(send_wire(c, "x\r\n") == reply);  // and the next one too
 }
 
 TEST_CASE("--exec: a 2 MB message reaches a command that reads it all, byte for byte") {
   Script script(kSaveMessage);
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command()});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
+  Client c = greeted_client(srv);
   std::string wire = big_wire(2 * 1024 * 1024);
-  CHECK(transact(c, "b@example.com", wire) == "250 OK");
+  CHECK(send_wire(c, wire) == "250 OK");
   std::string expected;
   for (const auto& line : lines_of(wire)) expected += line.substr(0, line.size() - 1) + "\n";
   std::string got = read_file(script / "in.1");
@@ -614,11 +532,10 @@ TEST_CASE("--exec: a command that prints 5 MB is read to the end; only its first
     wire = big_wire(2 * 1024 * 1024);
   }
   CAPTURE(command);
-  auto srv = start({"-c", "SMTPServer", "--exec", command, "--exec-timeout", "5"});
-  Client c = srv.connect();
-  greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", command, "--exec-timeout", "5"});
+  Client c = greeted_client(srv);
   auto start_time = Clock::now();
-  CHECK(transact(c, "b@example.com", wire) == expected);
+  CHECK(send_wire(c, wire) == expected);
   CHECK(seconds_since(start_time) < 3.0);
 }
 
@@ -627,14 +544,13 @@ TEST_CASE("--exec: a command that prints 5 MB is read to the end; only its first
 TEST_CASE("--exec with --maildir: accepted messages land in the Maildir, refused ones do not") {
   Script script(std::string(kSaveMessage) + kDecideByRecipient);
   std::string md = script / "md";
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command(), "--maildir", md});
-  Client c = srv.connect();
-  greet(c);
-  CHECK(transact(c, "one@example.com", "Subject: kept-1\r\n\r\n..dot\r\ncaf\xc3\xa9\r\n") ==
-        "250 OK");
-  CHECK(transact(c, "reject@example.com", "Subject: refused\r\n\r\nx\r\n") ==
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command(), "--maildir", md});
+  Client c = greeted_client(srv);
+  CHECK(send_wire(c, "Subject: kept-1\r\n\r\n..dot\r\ncaf\xc3\xa9\r\n", "<a@example.com>",
+                  {"one@example.com"}) == "250 OK");
+  CHECK(send_wire(c, "Subject: refused\r\n\r\nx\r\n", "<a@example.com>", {"reject@example.com"}) ==
         "550 5.7.1 no thanks");
-  CHECK(transact(c, "queue@example.com", "Subject: kept-2\r\n\r\nx\r\n") ==
+  CHECK(send_wire(c, "Subject: kept-2\r\n\r\nx\r\n", "<a@example.com>", {"queue@example.com"}) ==
         "250 2.0.0 queued as 42");
   CHECK(c.command("QUIT") == "221 Bye");
 
@@ -652,11 +568,10 @@ TEST_CASE("--exec with --maildir: accepted messages land in the Maildir, refused
 
 TEST_CASE("--exec with --maildir: a command that times out stores nothing") {
   TempDir tmp;
-  auto srv = start(
+  auto srv = start_smtpd(
       {"-c", "SMTPServer", "--exec", "sleep 5", "--exec-timeout", "0.3", "--maildir", tmp / "md"});
-  Client c = srv.connect();
-  greet(c);
-  CHECK(starts_with(transact(c, "b@example.com", "x\r\n"), "451 "));
+  Client c = greeted_client(srv);
+  CHECK(starts_with(send_wire(c, "x\r\n"), "451 "));
   CHECK(maildir_messages(tmp / "md").empty());
 }
 
@@ -677,8 +592,8 @@ TEST_CASE("--exec on the command line: with -c PureProxy, or empty, exits 1 with
   std::string argtext;
   for (const auto& a : args) argtext += " " + a;
   INFO("smtpd" << argtext);
-  CommandResult r = e2e::run_smtpd(args);
-  e2e::check_one_error_line(r, 1);
+  CommandResult r = run_smtpd(args);
+  check_one_error_line(r, 1);
   if (args[3] == "--exec" && args[2] == "PureProxy")
     CHECK(r.err.find("PureProxy") != std::string::npos);
 }

@@ -13,11 +13,6 @@
 namespace smtpd_test {
 namespace hostile {
 
-using e2e::kDataReply;
-using exec_hook::Script;
-using exec_hook::seconds_since;
-using exec_hook::start;
-
 TEST_SUITE_BEGIN("hostile");
 
 // ==== 9.2 Control characters in addresses ====
@@ -65,15 +60,13 @@ TEST_CASE("9.3 relay_payload: a bare CR or LF ends a line, and every line end is
 }
 
 TEST_CASE("9.3 a message with bare CRs reaches the upstream with CRLF lines and no smuggled end") {
-  proxy::SmtpSink sink;
-  auto srv = proxy::start_proxy(sink.address());
-  Client c = srv.connect();
-  proxy::greet_proxy(c);
-  REQUIRE(starts_with(c.command("MAIL FROM:<a@example.com>"), "250"));
-  REQUIRE(starts_with(c.command("RCPT TO:<b@example.com>"), "250"));
-  REQUIRE(c.command("DATA") == kDataReply);
-  REQUIRE(c.send("Subject: smuggle\r\n\r\nbefore\r.\rMAIL FROM:<evil@example.com>\rafter\r\n"));
-  CHECK(starts_with(c.command("."), "250"));
+  SmtpSink sink;
+  auto srv = start_proxy(sink.address());
+  Client c = greeted_client(srv);
+  Outcome o =
+      try_wire(c, "Subject: smuggle\r\n\r\nbefore\r.\rMAIL FROM:<evil@example.com>\rafter\r\n");
+  REQUIRE(o.data == kDataReply);
+  CHECK(o.accepted());
   REQUIRE(wait_until([&] { return sink.dump_count() == 1; }, kWait));
   std::vector<std::string> messages = sink.messages();
   REQUIRE(messages.size() == 1);
@@ -104,7 +97,7 @@ TEST_CASE("9.10 an HTTP request line or header line closes the session at once")
 }
 
 TEST_CASE("9.10 an HTTP POST carrying SMTP lines delivers nothing and is closed") {
-  auto srv = start({"-c", "DebuggingServer"});
+  auto srv = start_smtpd({"-c", "DebuggingServer"});
   Client c = srv.connect();
   const std::string smtp =
       "HELO x\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n"
@@ -149,9 +142,8 @@ TEST_CASE("9.8 the default recipient limit is 1000; --max-recipients 0 lifts it"
     CAPTURE(unlimited);
     std::vector<std::string> options{"-c", "SMTPServer"};
     if (unlimited) options.insert(options.end(), {"--max-recipients", "0"});
-    auto srv = start(options);
-    Client c = srv.connect();
-    exec_hook::greet(c);
+    auto srv = start_smtpd(options);
+    Client c = greeted_client(srv);
     REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");
     std::string batch;
     for (int i = 0; i < 1001; ++i) batch += "RCPT TO:<r" + std::to_string(i) + "@example.com>\r\n";
@@ -168,14 +160,9 @@ TEST_CASE("9.8 the default recipient limit is 1000; --max-recipients 0 lifts it"
 }
 
 TEST_CASE("9.8 --max-recipients takes a whole number") {
-  CHECK(parse_command_line(3, std::array<const char*, 3>{"smtpd", "--max-recipients", "5"}.data())
-            .settings->max_recipients == 5);
-  CHECK(
-      parse_command_line(1, std::array<const char*, 1>{"smtpd"}.data()).settings->max_recipients ==
-      1000);
-  CHECK_THROWS_AS(
-      parse_command_line(3, std::array<const char*, 3>{"smtpd", "--max-recipients", "-1"}.data()),
-      UsageError);
+  CHECK(parse_args({"--max-recipients", "5"}).settings->max_recipients == 5);
+  CHECK(parse_args({}).settings->max_recipients == 1000);
+  CHECK_THROWS_AS(parse_args({"--max-recipients", "-1"}), UsageError);
 }
 
 // ==== 9.11 --exec at scale ====
@@ -186,9 +173,8 @@ TEST_CASE("9.11 --exec with 10,000 recipients runs; the list is in SMTPD_RCPTTOS
       "echo \"$SMTPD_RCPTTOS_FILE\" > \"$D/file\"\n"
       "echo \"250 got $(wc -l < \"$SMTPD_RCPTTOS_FILE\") last $(tail -n 1 "
       "\"$SMTPD_RCPTTOS_FILE\") env ${SMTPD_RCPTTOS+set}\"\n");
-  auto srv = start({"-c", "SMTPServer", "--max-recipients", "0", "--exec", script.command()});
-  Client c = srv.connect();
-  exec_hook::greet(c);
+  auto srv = start_smtpd({"-c", "SMTPServer", "--max-recipients", "0", "--exec", script.command()});
+  Client c = greeted_client(srv);
   REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");
   std::string batch;
   for (int i = 0; i < 10000; ++i)
@@ -201,17 +187,16 @@ TEST_CASE("9.11 --exec with 10,000 recipients runs; the list is in SMTPD_RCPTTOS
   // too long for one variable: SMTPD_RCPTTOS is left out rather than cut short
   CHECK(c.command("Subject: many\r\n\r\nbody\r\n.") ==
         "250 got 10000 last recipient-number-9999@example.com env ");
-  std::string file = outputs::read_file(script / "file");
+  std::string file = read_file(script / "file");
   REQUIRE(!file.empty());
   CHECK(::access(file.substr(0, file.size() - 1).c_str(), F_OK) != 0);  // removed afterwards
 
   SUBCASE("a few recipients: both the variable and the file") {
     Script small(
         "cat > /dev/null; echo \"250 $SMTPD_RCPTTOS / $(tr '\\n' ' ' < \"$SMTPD_RCPTTOS_FILE\")\"");
-    auto srv2 = start({"-c", "SMTPServer", "--exec", small.command()});
-    Client d = srv2.connect();
-    exec_hook::greet(d);
-    exec_hook::begin_data(d, "<a@example.com>", {"b@example.com", "c@example.com"});
+    auto srv2 = start_smtpd({"-c", "SMTPServer", "--exec", small.command()});
+    Client d = greeted_client(srv2);
+    begin_data(d, "<a@example.com>", {"b@example.com", "c@example.com"});
     CHECK(d.command("x\r\n.") == "250 b@example.com c@example.com / b@example.com c@example.com ");
   }
 }
@@ -219,10 +204,9 @@ TEST_CASE("9.11 --exec with 10,000 recipients runs; the list is in SMTPD_RCPTTOS
 TEST_CASE("9.11 --exec: a command that exits 0 while a background child holds its stdout") {
   // The old loop waited for the end of the output, which the child holds for 6 s.
   Script script("cat > /dev/null\n(sleep 6 &)\necho '250 done'\nexit 0\n");
-  auto srv = start({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "20"});
-  Client c = srv.connect();
-  exec_hook::greet(c);
-  exec_hook::begin_data(c, "<a@example.com>", {"b@example.com"});
+  auto srv = start_smtpd({"-c", "SMTPServer", "--exec", script.command(), "--exec-timeout", "20"});
+  Client c = greeted_client(srv);
+  begin_data(c, "<a@example.com>", {"b@example.com"});
   auto started = Clock::now();
   CHECK(c.command("x\r\n.", milliseconds(4000)) == "250 done");
   CHECK(seconds_since(started) < 4);
@@ -238,11 +222,11 @@ TEST_CASE("9.1 started with stdin and stdout closed, a client never sees another
                             "DebuggingServer", "-d", "127.0.0.1:0"});
   REQUIRE(srv.wait_listening());
   Client first = srv.connect();  // took descriptor 1 when stdout was closed
-  REQUIRE(starts_with(first.read_reply(), "220 "));
+  read_greeting(first);
   Client second = srv.connect();
-  REQUIRE(starts_with(second.read_reply(), "220 "));
+  read_greeting(second);
   REQUIRE(starts_with(second.command("HELO x"), "250 "));
-  exec_hook::begin_data(second, "<a@example.com>", {"b@example.com"});
+  begin_data(second, "<a@example.com>", {"b@example.com"});
   CHECK(second.command("Subject: secret of the second client\r\n\r\nsecret\r\n.") == "250 OK");
   // the print-out went to stdout (now /dev/null) before that 250: had it gone to descriptor
   // 1, `first` would read the message before its own reply

@@ -13,22 +13,6 @@ namespace interop {
 
 TEST_SUITE_BEGIN("interop");
 
-// require_tool - full path of program; fails the test naming the Debian package if absent.
-inline std::string require_tool(const std::string& program, const std::string& package) {
-  std::string path = find_in_path(program);
-  REQUIRE_MESSAGE(!path.empty(), program << " not found in PATH: install the Debian package "
-                                         << package << " (apt-get install " << package << ")");
-  return path;
-}
-
-// start - smtpd -n [options] 127.0.0.1:0, waiting for its listening line.
-inline ServerProcess start(std::vector<std::string> options = {}) {
-  ignore_sigpipe();
-  options.insert(options.begin(), "-n");
-  options.push_back("127.0.0.1:0");
-  return ServerProcess::launch(options);
-}
-
 // kSmtplibSend - python3 -c script; argv: port, mail options (comma-separated or ""),
 // sender, message (UTF-8, "\n" line ends, sent with CRLF). os.fsencode gives back the
 // argument bytes whatever the locale. Prints "sent" on success; an smtplib exception
@@ -44,13 +28,6 @@ with smtplib.SMTP('127.0.0.1', port, timeout=10) as s:
     assert not refused, refused
 print('sent')
 )PY";
-
-// to_crlf - "\n" line ends to "\r\n".
-inline std::string to_crlf(const std::string& text) {
-  std::string out;
-  for (char ch : text) out += ch == '\n' ? std::string("\r\n") : std::string(1, ch);
-  return out;
-}
 
 // split_options - (stdout without its "mail options: ..." lines, those lines). Clients such
 // as smtplib and curl add SIZE=<n> to MAIL whenever the server announces SIZE, so the
@@ -69,7 +46,7 @@ inline CommandResult smtplib_send(const std::string& python, int port, const std
 
 TEST_CASE("Python smtplib sends a message that smtpd prints") {
   std::string python = require_tool("python3", "python3");
-  auto srv = start();
+  auto srv = start_smtpd();
   const std::string message =
       "From: a@example.com\nTo: b@example.com\nSubject: from smtplib\n\n"
       "Hello from smtplib.\n.leading dot\n";
@@ -81,7 +58,7 @@ TEST_CASE("Python smtplib sends a message that smtpd prints") {
   CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
   auto [text, options] = split_options(srv.stdout_text());
   // smtplib announces the size of the message as sent (CRLF line ends, before stuffing).
-  CHECK(options == "mail options: ['SIZE=" + std::to_string(to_crlf(message).size()) + "']\n");
+  CHECK(options == "mail options: ['SIZE=" + std::to_string(crlf(message).size()) + "']\n");
   CHECK(text ==
         "---------- MESSAGE FOLLOWS ----------\n"
         "From: a@example.com\nTo: b@example.com\nSubject: from smtplib\n"
@@ -94,39 +71,37 @@ TEST_CASE("Python smtplib sends an 8BITMIME UTF-8 body") {
   const std::string body =
       "Gr\xc3\xbc\xc3\x9f"
       "e aus K\xc3\xb6ln \xe2\x9c\x93";  // Grüße aus Köln ✓
+  std::vector<std::string> flags;
+  std::string mail_options, sender = "a@example.com", message, printed_part, options_end;
   SUBCASE("BODY=8BITMIME") {
-    auto srv = start();
-    auto r = smtplib_send(
-        python, srv.port(), "BODY=8BITMIME", "a@example.com",
-        "Subject: utf-8 body\nContent-Type: text/plain; charset=utf-8\n\n" + body + "\n");
-    INFO(r.describe());
-    CHECK(r.ok());
-    CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
-    const std::string& out = srv.stdout_text();
-    auto options = split_options(out).second;
-    CHECK(starts_with(options, "mail options: ['SIZE="));
-    CHECK(options.find("', 'BODY=8BITMIME']\n") != std::string::npos);
-    CHECK(out.find("\n\n" + body + "\n------------ END MESSAGE") != std::string::npos);
+    mail_options = "BODY=8BITMIME";
+    message = "Subject: utf-8 body\nContent-Type: text/plain; charset=utf-8\n\n" + body + "\n";
+    printed_part = "\n\n" + body + "\n------------ END MESSAGE";
+    options_end = "', 'BODY=8BITMIME']\n";
   }
   SUBCASE("SMTPUTF8 with a UTF-8 sender, server started with -u") {
-    auto srv = start({"-u"});
-    auto r = smtplib_send(python, srv.port(), "SMTPUTF8,BODY=8BITMIME", "j\xc3\xb6rg@example.com",
-                          "Subject: " + body + "\n\n" + body + "\n");
-    INFO(r.describe());
-    CHECK(r.ok());
-    CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
-    const std::string& out = srv.stdout_text();
-    auto options = split_options(out).second;
-    CHECK(starts_with(options, "mail options: ['SIZE="));
-    CHECK(options.find("', 'SMTPUTF8', 'BODY=8BITMIME']\n") != std::string::npos);
-    CHECK(out.find("Subject: " + body + "\nX-Peer: 127.0.0.1\n\n" + body + "\n") !=
-          std::string::npos);
+    flags = {"-u"};
+    mail_options = "SMTPUTF8,BODY=8BITMIME";
+    sender = "j\xc3\xb6rg@example.com";
+    message = "Subject: " + body + "\n\n" + body + "\n";
+    printed_part = "Subject: " + body + "\nX-Peer: 127.0.0.1\n\n" + body + "\n";
+    options_end = "', 'SMTPUTF8', 'BODY=8BITMIME']\n";
   }
+  auto srv = start_smtpd(flags);
+  auto r = smtplib_send(python, srv.port(), mail_options, sender, message);
+  INFO(r.describe());
+  CHECK(r.ok());
+  CHECK(srv.wait_stdout(kEnd));
+  const std::string& out = srv.stdout_text();
+  auto options = split_options(out).second;
+  CHECK(starts_with(options, "mail options: ['SIZE="));
+  CHECK(options.find(options_end) != std::string::npos);
+  CHECK(out.find(printed_part) != std::string::npos);
 }
 
 TEST_CASE("curl uploads a message that smtpd prints") {
   std::string curl = require_tool("curl", "curl");
-  auto srv = start();
+  auto srv = start_smtpd();
   std::vector<std::string> extra;
   std::string file_text;
   SUBCASE("CRLF file") {
@@ -165,7 +140,7 @@ TEST_CASE("curl uploads a message that smtpd prints") {
 
 TEST_CASE("swaks sends a message that smtpd prints") {
   std::string swaks = require_tool("swaks", "swaks");
-  auto srv = start();
+  auto srv = start_smtpd();
   auto r = run_command({swaks, "--server", "127.0.0.1", "--port", std::to_string(srv.port()),
                         "--to", "b@example.com", "--from", "a@example.com", "--helo",
                         "swaks.example", "--header", "Subject: from swaks", "--body",
@@ -182,7 +157,7 @@ TEST_CASE("swaks sends a message that smtpd prints") {
 
 TEST_CASE("swaks sending a large body to smtpd -s 100 is refused with 552") {
   std::string swaks = require_tool("swaks", "swaks");
-  auto srv = start({"-s", "100"});
+  auto srv = start_smtpd({"-s", "100"});
   std::string body;
   for (int i = 0; i < 10; ++i) body += "This line makes the message larger than 100 bytes.\n";
   auto r =

@@ -1,5 +1,6 @@
 // test_loop.cpp - the reactor under the server: deferred tasks, timers, released sockets and
 // a failing poll, driven directly over socket pairs (no server process).
+#include <doctest/doctest.h>
 
 namespace loop_test {
 

@@ -22,11 +22,6 @@ namespace mailman {
 
 TEST_SUITE_BEGIN("mailman");
 
-using e2e::kDataReply;
-using proxy::free_port;
-using proxy::on_the_wire;
-using proxy::SmtpSink;
-
 constexpr const char* kList = "test@example.com";
 constexpr const char* kMember = "alice@example.org";
 constexpr const char* kMailmanOk = "250 Ok";  // Mailman 3.3's LMTP runner at RCPT
@@ -160,11 +155,6 @@ inline Transaction send_message(Client& c, const std::string& from,
 inline std::string text_with_subject(const std::string& from, const std::string& subject) {
   return "From: " + from + "\nTo: " + kList + "\nSubject: " + subject + "\nMessage-ID: <" +
          subject + "@example.org>\n\n" + subject + "\n";
-}
-
-inline void greet(Client& c) {
-  REQUIRE(starts_with(c.read_reply(), "220 "));
-  REQUIRE(starts_with(c.command("EHLO client.example"), "250"));
 }
 
 TEST_CASE("MailmanProxy with a real Mailman 3: list mail to Mailman, the rest upstream") {
@@ -414,6 +404,16 @@ TEST_CASE("MailmanProxy with Mailman 2 (a stand-in wrapper): lists by lists/, th
     CHECK(wait_until([&] { return upstream.messages().size() == 1; }));
   }
   CHECK(c.command("QUIT") == "221 Bye");
+}
+
+TEST_CASE("-c MailmanProxy, smtpd.MailmanProxy and mailman start a MailmanProxy") {
+  for (const char* name : {"MailmanProxy", "smtpd.MailmanProxy", "mailman"}) {
+    CAPTURE(name);
+    auto proxy = ServerProcess::launch({"-n", "-d", "-c", name, "127.0.0.1:0", "127.0.0.1:1"});
+    CHECK(
+        proxy.wait_stderr("smtpd: MailmanProxy started; remote address 127.0.0.1:1; Mailman 3 "
+                          "LMTP at 127.0.0.1:8024\n"));
+  }
 }
 
 TEST_CASE("MailmanProxy options: both Mailmen, or either without MailmanProxy, exit 1") {

@@ -139,19 +139,19 @@ TEST_CASE("outputs run in order; the first failure answers 451 and stops the res
   Envelope e;
   e.peer = "127.0.0.1";
   e.data = "msg";
-  SUBCASE("all succeed: 250") {
+  auto one_and_two = [&](bool one_fails) {
     MessageOutputs outputs;
-    outputs.push_back(std::make_unique<FakeOutput>(log, "one", false));
+    outputs.push_back(std::make_unique<FakeOutput>(log, "one", one_fails));
     outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
-    SinkServer sink(std::move(outputs));
+    return outputs;
+  };
+  SUBCASE("all succeed: 250") {
+    SinkServer sink(one_and_two(false));
     CHECK(sink.store(e) == "");
     CHECK(log == std::vector<std::string>{"one:msg", "two:msg"});
   }
   SUBCASE("the first fails: 451 with its reason, the second is not tried") {
-    MessageOutputs outputs;
-    outputs.push_back(std::make_unique<FakeOutput>(log, "one", true));
-    outputs.push_back(std::make_unique<FakeOutput>(log, "two", false));
-    SinkServer sink(std::move(outputs));
+    SinkServer sink(one_and_two(true));
     CHECK(sink.store(e) == "451 Error: could not store the message: one is full");
     CHECK(log == std::vector<std::string>{"one:msg"});
   }
@@ -165,43 +165,29 @@ TEST_CASE("outputs run in order; the first failure answers 451 and stops the res
 }
 
 TEST_CASE("command line: --maildir, --mbox, --json, --max-messages, --idle-exit") {
-  auto parse = [](std::vector<const char*> args) {
-    args.insert(args.begin(), "smtpd");
-    return parse_command_line(static_cast<int>(args.size()), args.data());
-  };
-  Settings plain = *parse({}).settings;
+  Settings plain = *parse_args({}).settings;
   CHECK(plain.maildir == "");
   CHECK(plain.mbox == "");
   CHECK_FALSE(plain.json);
   CHECK(plain.max_messages == 0);
   CHECK(plain.idle_exit_seconds == 0);
-  Settings s = *parse({"--maildir", "/tmp/md", "--mbox", "/tmp/mb", "--json", "--max-messages", "3",
-                       "--idle-exit", "10"})
+  Settings s = *parse_args({"--maildir", "/tmp/md", "--mbox", "/tmp/mb", "--json", "--max-messages",
+                            "3", "--idle-exit", "10"})
                     .settings;
   CHECK(s.maildir == "/tmp/md");
   CHECK(s.mbox == "/tmp/mb");
   CHECK(s.json);
   CHECK(s.max_messages == 3);
   CHECK(s.idle_exit_seconds == 10);
-  CHECK_THROWS_AS(parse({"--max-messages", "-1"}), UsageError);
-  CHECK_THROWS_AS(parse({"--max-messages", "three"}), UsageError);
-  CHECK_THROWS_AS(parse({"--idle-exit", "1.5"}), UsageError);
-  CHECK_THROWS_AS(parse({"--idle-exit", "9999999999"}), UsageError);
-  CHECK_THROWS_AS(parse({"--maildir", ""}), UsageError);
-  CHECK_THROWS_AS(parse({"--mbox", ""}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--max-messages", "-1"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--max-messages", "three"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--idle-exit", "1.5"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--idle-exit", "9999999999"}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--maildir", ""}), UsageError);
+  CHECK_THROWS_AS(parse_args({"--mbox", ""}), UsageError);
 }
 
 // ==== Helpers for the end-to-end tests ====
-
-inline std::string read_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
-
-inline void write_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
 
 inline unsigned file_mode(const std::string& path) {
   struct stat info {};
@@ -219,32 +205,6 @@ inline std::string hex(const std::string& bytes) {
     out += digits[c & 15];
   }
   return out;
-}
-
-// wire_text - a message written with "\n" line ends, as SMTP sends it: CRLF line ends, and
-// one more '.' before each line that starts with '.' (RFC 5321 4.5.2).
-inline std::string wire_text(const std::string& message) {
-  std::string out;
-  for (const std::string& line : lines_of(message))
-    out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
-  return out;
-}
-
-// send_mail - one transaction on a greeted client; returns the reply to the final dot.
-inline std::string send_mail(Client& c, const std::string& message,
-                             const std::string& from = "a@example.com") {
-  REQUIRE(c.command("MAIL FROM:<" + from + ">") == "250 OK");
-  REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
-  REQUIRE(c.command("DATA") == "354 End data with <CR><LF>.<CR><LF>");
-  REQUIRE(c.send(wire_text(message)));
-  return c.command(".");
-}
-
-inline std::string require_tool(const std::string& program, const std::string& package) {
-  std::string path = find_in_path(program);
-  REQUIRE_MESSAGE(!path.empty(), program << " not found in PATH: install the Debian package "
-                                         << package << " (apt-get install " << package << ")");
-  return path;
 }
 
 // The messages the readers must get back byte for byte: "From " and ">From " in bodies,
@@ -286,24 +246,16 @@ print('locked', flush=True)
 time.sleep(float(sys.argv[2]))
 )PY";
 
-inline ServerProcess start(std::vector<std::string> options) {
-  ignore_sigpipe();
-  options.insert(options.begin(), "-n");
-  options.push_back("127.0.0.1:0");
-  return ServerProcess::launch(options);
-}
-
 // ==== Maildir ====
 
 TEST_CASE("--maildir: Python's mailbox.Maildir reads every message back byte for byte") {
   std::string python = require_tool("python3", "python3");
   TempDir tmp;
   std::string maildir = tmp / "deep/er/mail";  // parents are made too
-  auto srv = start({"-c", "sink", "--maildir", maildir});
+  auto srv = start_smtpd({"-c", "sink", "--maildir", maildir});
   // The empty Maildir is there before any message.
   CHECK(list_dir(maildir) == std::vector<std::string>{"cur", "new", "tmp"});
-  auto c = srv.connect();
-  e2e::greet(c);
+  Client c = greeted_client(srv);
   std::vector<std::string> sent = tricky_messages();
   for (const auto& m : sent) CHECK(send_mail(c, m) == "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
@@ -335,11 +287,10 @@ TEST_CASE("--maildir: Python's mailbox.Maildir reads every message back byte for
 TEST_CASE("--maildir: no file name comes from the message") {
   TempDir tmp;
   std::string maildir = tmp / "mail";
-  auto srv = start({"-c", "sink", "--maildir", maildir});
-  auto c = srv.connect();
-  e2e::greet(c);
+  auto srv = start_smtpd({"-c", "sink", "--maildir", maildir});
+  Client c = greeted_client(srv);
   CHECK(send_mail(c, "Subject: ../../escape\nMessage-ID: <../x/y@z>\n\nbody\n",
-                  "../../../tmp/x@example.com") == "250 OK");
+                  "<../../../tmp/x@example.com>") == "250 OK");
   CHECK(list_dir(tmp.path()) == std::vector<std::string>{"mail"});
   CHECK(list_dir(maildir) == std::vector<std::string>{"cur", "new", "tmp"});
   auto names = list_dir(maildir + "/new");
@@ -355,13 +306,12 @@ TEST_CASE("--mbox: Python's mailbox.mbox reads every message back byte for byte"
   std::string python = require_tool("python3", "python3");
   TempDir tmp;
   std::string mbox = tmp / "mail.mbox";
-  auto srv = start({"-c", "sink", "--mbox", mbox});
-  auto c = srv.connect();
-  e2e::greet(c);
+  auto srv = start_smtpd({"-c", "sink", "--mbox", mbox});
+  Client c = greeted_client(srv);
   std::vector<std::string> sent = tricky_messages();
   std::vector<std::string> senders = {"a@example.com", "", "c@example.com"};  // "" is <>
   for (std::size_t i = 0; i < sent.size(); ++i)
-    CHECK(send_mail(c, sent[i], senders[i]) == "250 OK");
+    CHECK(send_mail(c, sent[i], "<" + senders[i] + ">") == "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
   CHECK(file_mode(mbox) == 0600);
 
@@ -391,11 +341,10 @@ TEST_CASE("--mbox waits for another program's lock before appending") {
   std::string python = require_tool("python3", "python3");
   TempDir tmp;
   std::string mbox = tmp / "locked.mbox";
-  auto srv = start({"-c", "sink", "--mbox", mbox});
+  auto srv = start_smtpd({"-c", "sink", "--mbox", mbox});
   Child holder = Child::spawn({python, "-c", kHoldLock, mbox, "1"});
   REQUIRE(holder.wait_output(holder.out, [](const std::string& t) { return t == "locked\n"; }));
-  auto c = srv.connect();
-  e2e::greet(c);
+  Client c = greeted_client(srv);
   auto before = Clock::now();
   CHECK(send_mail(c, "Subject: waited\n\nbody\n") == "250 OK");
   auto waited = std::chrono::duration_cast<milliseconds>(Clock::now() - before).count();
@@ -424,9 +373,8 @@ TEST_CASE("--json: jq parses every line; text is UTF-8, other data base64") {
   SUBCASE("SMTPServer") { mode = "SMTPServer"; }
   SUBCASE("DebuggingServer") { mode = "DebuggingServer"; }
   CAPTURE(mode);
-  auto srv = start({"-c", mode, "--json"});
-  auto c = srv.connect();
-  e2e::greet(c);
+  auto srv = start_smtpd({"-c", mode, "--json"});
+  Client c = greeted_client(srv);
   const std::string text = std::string("Subject: \"quoted\" \\ back\n\ntab\there, ") +
                            "bell\x07, escape\x1b, caf\xc3\xa9 \xe2\x9c\x93\n..x\nFrom y\n";
   const std::string binary = "Subject: latin-1\n\ncaf\xe9 cr\xe8me \xff\xfe\n";
@@ -435,7 +383,7 @@ TEST_CASE("--json: jq parses every line; text is UTF-8, other data base64") {
   REQUIRE(c.command("RCPT TO:<x@example.com>") == "250 OK");
   REQUIRE(c.command("RCPT TO:<y@example.com>") == "250 OK");
   REQUIRE(c.command("DATA") == "354 End data with <CR><LF>.<CR><LF>");
-  REQUIRE(c.send(wire_text(binary)));
+  REQUIRE(c.send(on_the_wire(binary)));
   CHECK(c.command(".") == "250 OK");
   CHECK(c.command("QUIT") == "221 Bye");
 
@@ -470,12 +418,11 @@ TEST_CASE("--json: jq parses every line; text is UTF-8, other data base64") {
 
 TEST_CASE("-c DebuggingServer --maildir --mbox prints and stores each message") {
   TempDir tmp;
-  auto srv = start({"-c", "DebuggingServer", "--maildir", tmp / "md", "--mbox", tmp / "mb"});
-  auto c = srv.connect();
-  e2e::greet(c);
+  auto srv = start_smtpd({"-c", "DebuggingServer", "--maildir", tmp / "md", "--mbox", tmp / "mb"});
+  Client c = greeted_client(srv);
   CHECK(send_mail(c, "Subject: everywhere\n\nbody\n") == "250 OK");
   srv.child.pump();
-  CHECK(srv.child.out.text() == e2e::printed("Subject: everywhere\n", "body\n"));
+  CHECK(srv.child.out.text() == printed("Subject: everywhere\n", "body\n"));
   auto names = list_dir(tmp / "md/new");
   REQUIRE(names.size() == 1);
   CHECK(read_file(tmp / "md/new/" + names[0]) == "Subject: everywhere\n\nbody\n");
@@ -503,17 +450,15 @@ TEST_CASE("an output that fails gives 451, nothing is printed, and the server go
     reason = "cannot open " + tmp.path() + ": Is a directory";
   }
   options.insert(options.end(), {"-c", "DebuggingServer", "--max-messages", "1"});
-  auto srv = start(options);
-  auto c = srv.connect();
-  e2e::greet(c);
+  auto srv = start_smtpd(options);
+  Client c = greeted_client(srv);
   const std::string reply = "451 Error: could not store the message: " + reason;
   CHECK(send_mail(c, "Subject: lost\n\nbody\n") == reply);
   CHECK(c.command("NOOP") == "250 OK");
   CHECK(send_mail(c, "Subject: lost again\n\nbody\n") == reply);
   CHECK(c.command("QUIT") == "221 Bye");
   // A 451 does not count towards --max-messages: new clients are still served.
-  auto other = srv.connect();
-  e2e::greet(other);
+  Client other = greeted_client(srv);
   CHECK(other.command("QUIT") == "221 Bye");
   CHECK(srv.child.running());
   CHECK(srv.wait_stderr("smtpd: could not store a message from 127.0.0.1: " + reason + "\n"));
@@ -526,18 +471,16 @@ TEST_CASE("an output that fails gives 451, nothing is printed, and the server go
 
 TEST_CASE("--max-messages 3 exits 0 by itself once the clients are done") {
   TempDir tmp;
-  auto srv = start({"-c", "sink", "--maildir", tmp / "md", "--max-messages", "3"});
+  auto srv = start_smtpd({"-c", "sink", "--maildir", tmp / "md", "--max-messages", "3"});
   SUBCASE("three clients, one message each") {
     for (int i = 0; i < 3; ++i) {
-      auto c = srv.connect();
-      e2e::greet(c);
+      Client c = greeted_client(srv);
       CHECK(send_mail(c, "Subject: " + std::to_string(i) + "\n\nbody\n") == "250 OK");
       CHECK(c.command("QUIT") == "221 Bye");
     }
   }
   SUBCASE("one client, three messages; a new client is refused after the third") {
-    auto c = srv.connect();
-    e2e::greet(c);
+    Client c = greeted_client(srv);
     for (int i = 0; i < 3; ++i)
       CHECK(send_mail(c, "Subject: " + std::to_string(i) + "\n\nbody\n") == "250 OK");
     CHECK_THROWS(srv.connect(milliseconds(1000)));  // the listener is closed
@@ -552,11 +495,11 @@ TEST_CASE("--max-messages 3 exits 0 by itself once the clients are done") {
 }
 
 TEST_CASE("--max-messages: a session still open after the limit waits for its QUIT") {
-  auto srv = start({"-c", "sink", "--max-messages", "1"});
+  auto srv = start_smtpd({"-c", "sink", "--max-messages", "1"});
   auto early = srv.connect();  // connected before the limit, idle
-  std::string fqdn = e2e::greet(early);
-  auto sender = srv.connect();
-  e2e::greet(sender);
+  std::string fqdn = read_greeting(early);
+  REQUIRE(starts_with(early.command("EHLO early.example"), "250"));
+  Client sender = greeted_client(srv);
   CHECK(send_mail(sender, "Subject: the one\n\nbody\n") == "250 OK");
   CHECK(sender.command("QUIT") == "221 Bye");
   CHECK(sender.wait_closed());
@@ -585,7 +528,7 @@ TEST_CASE("--max-messages: a session still open after the limit waits for its QU
 TEST_CASE("--idle-exit 1 exits 0 by itself when no client is connected for a second") {
   SUBCASE("no client at all") {
     auto before = Clock::now();
-    auto srv = start({"-c", "sink", "--idle-exit", "1"});
+    auto srv = start_smtpd({"-c", "sink", "--idle-exit", "1"});
     auto st = srv.child.wait_exit(milliseconds(4000));
     auto took = std::chrono::duration_cast<milliseconds>(Clock::now() - before).count();
     INFO(st.describe() << " after " << took << " ms");
@@ -596,9 +539,8 @@ TEST_CASE("--idle-exit 1 exits 0 by itself when no client is connected for a sec
     CHECK(took < 3000);
   }
   SUBCASE("a connected client keeps it running; the clock starts when it leaves") {
-    auto srv = start({"-c", "sink", "--idle-exit", "1"});
-    auto c = srv.connect();
-    e2e::greet(c);
+    auto srv = start_smtpd({"-c", "sink", "--idle-exit", "1"});
+    Client c = greeted_client(srv);
     std::this_thread::sleep_for(milliseconds(1500));
     CHECK(srv.child.running());
     CHECK(c.command("QUIT") == "221 Bye");

@@ -6,9 +6,9 @@
 // and what the upstream got: a message the client got 250 for must be at the upstream byte for
 // byte, and the upstream must have accepted nothing the client was not told about.
 //
-//   Fixtures: SmtpSink, ScriptedUpstream, IdlePort, FullBacklogPort,
-//             start_proxy, start_debugging
-//   Helpers:  on_the_wire, as_relayed, try_message
+//   Fixtures: ScriptedUpstream, start_debugging (and from test_support.hpp
+//             SmtpSink, IdlePort, start_proxy)
+//   Helpers:  as_relayed, try_message
 #include <dirent.h>
 #include <doctest/doctest.h>
 #include <pwd.h>
@@ -26,10 +26,6 @@ namespace proxy {
 
 TEST_SUITE_BEGIN("proxy");
 
-using e2e::kDataReply;
-using e2e::kEnd;
-using e2e::kFollows;
-
 // Replies smtp-sink gives (Postfix 3.x); the proxy must hand them on unchanged.
 constexpr const char* kSinkMailOk = "250 2.1.0 Ok";
 constexpr const char* kSinkRcptOk = "250 2.1.5 Ok";
@@ -39,149 +35,16 @@ constexpr const char* kSinkHard = "500 5.3.0 Error: command failed";  // -f
 constexpr const char* kNo8Bit = "554 5.6.3 Error: the upstream server does not accept 8-bit mail";
 constexpr const char* kNoUtf8 = "553 5.6.7 Error: the upstream server does not support SMTPUTF8";
 
-// seconds_since - seconds from start until now, as a double.
-inline double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
+// each_sink_refusal - in two subcases, smtp-sink's switch for a soft (-r) and for a hard (-f)
+// refusal, and the reply it then gives, which the client must hear.
+inline std::pair<std::string, std::string> each_sink_refusal() {
+  std::pair<std::string, std::string> refusal;
+  SUBCASE("soft (smtp-sink -r): 4xx") { refusal = {"-r", kSinkSoft}; }
+  SUBCASE("hard (smtp-sink -f): 5xx") { refusal = {"-f", kSinkHard}; }
+  return refusal;
 }
 
 // ==== Fixtures ====
-
-// free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
-// be told to pick their own, as smtp-sink cannot).
-inline int free_port() {
-  int fd = -1;
-  int port = loopback_socket(fd);
-  ::close(fd);
-  return port;
-}
-
-// FullBacklogPort - a listener that never accepts, with its accept queue already full (one
-// connection made here fills a backlog of 0): Linux then drops further SYNs, so a connect to
-// it neither succeeds nor fails until the connecting side gives up.
-class FullBacklogPort {
- public:
-  FullBacklogPort() {
-    port_ = loopback_socket(fd_);
-    if (::listen(fd_, 0) != 0) throw std::runtime_error("listen failed");
-    filler_ = Client::connect("127.0.0.1", port_);
-  }
-  FullBacklogPort(const FullBacklogPort&) = delete;
-  FullBacklogPort& operator=(const FullBacklogPort&) = delete;
-  ~FullBacklogPort() {
-    filler_.close();
-    ::close(fd_);
-  }
-  int port() const { return port_; }
-
- private:
-  int fd_ = -1;
-  int port_ = 0;
-  Client filler_;
-};
-
-// smtp_sink_path - /usr/sbin/smtp-sink (or one on PATH); fails the test naming the package.
-inline std::string smtp_sink_path() {
-  std::string path = "/usr/sbin/smtp-sink";
-  if (::access(path.c_str(), X_OK) != 0) path = find_in_path("smtp-sink");
-  REQUIRE_MESSAGE(!path.empty(),
-                  "smtp-sink not found in /usr/sbin or PATH: install the Debian "
-                  "package postfix (see tests/ensure-tools.sh)");
-  return path;
-}
-
-// SmtpSink - Postfix's smtp-sink on 127.0.0.1:<free port> with the given switches, writing
-// each transaction to its own file in a temporary directory (-d). The file starts at MAIL
-// with smtp-sink's own X-... and Received: lines, gets the message text as it arrives (CRs
-// and the stuffed dots taken out), ends with an empty line when "." arrives, and is deleted
-// if the transaction is abandoned (RSET, QUIT or a disconnect before ".").
-//
-// As root smtp-sink insists on -u USER. We pass the user we already are (root): switching to
-// nobody would change the effective uid, and the kernel then drops the parent-death signal
-// test_support.hpp sets, so a crashed test run would leave smtp-sink listening forever.
-class SmtpSink {
- public:
-  explicit SmtpSink(std::vector<std::string> switches = {}) {
-    std::string program = smtp_sink_path();
-    std::string last_error;
-    for (int attempt = 0; attempt < 5; ++attempt) {  // the free port may be taken meanwhile
-      port_ = free_port();
-      std::vector<std::string> argv{program};
-      if (::geteuid() == 0) {
-        const passwd* pw = ::getpwuid(0);
-        argv.insert(argv.end(), {"-u", pw ? pw->pw_name : "root"});
-      }
-      argv.insert(argv.end(), {"-d", dir_.path() + "/msg."});
-      argv.insert(argv.end(), switches.begin(), switches.end());
-      argv.insert(argv.end(), {"127.0.0.1:" + std::to_string(port_), "64"});
-      child = Child::spawn(argv);
-      if (wait_ready()) return;
-      child.pump();
-      last_error = child.err.text();
-      child = Child();
-    }
-    throw std::runtime_error("smtp-sink did not start: " + last_error);
-  }
-
-  int port() const { return port_; }
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
-
-  // dump_count - how many transactions smtp-sink has on file right now.
-  std::size_t dump_count() const { return dir_.files().size(); }
-
-  // dumps - the contents of the dump files, in name order (names are random).
-  std::vector<std::string> dumps() const {
-    std::vector<std::string> out;
-    for (const std::string& f : dir_.files()) {
-      std::ifstream in(dir_.path() + "/" + f, std::ios::binary);
-      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    }
-    return out;
-  }
-
-  // messages - the message part of each dump: everything after smtp-sink's three-line
-  // Received: header ("Received: ...", "\tby ...", "\t<date>").
-  std::vector<std::string> messages() const {
-    std::vector<std::string> out;
-    for (const std::string& d : dumps()) {
-      auto by = d.find("\n\tby ");
-      auto by_end = by == std::string::npos ? by : d.find('\n', by + 1);
-      auto date_end = by_end == std::string::npos ? by_end : d.find('\n', by_end + 1);
-      out.push_back(date_end == std::string::npos ? "<no Received header in:>" + d
-                                                  : d.substr(date_end + 1));
-    }
-    return out;
-  }
-
-  // header - the value of smtp-sink's X-... line named name in dump d ("" if none).
-  static std::string header(const std::string& d, const std::string& name) {
-    for (const std::string& line : lines_of(d))
-      if (starts_with(line, name + ": ")) return line.substr(name.size() + 2);
-    return "";
-  }
-
-  Child child;
-
- private:
-  // wait_ready - true once smtp-sink greets a connection; false if it exited (port taken).
-  bool wait_ready() {
-    Deadline deadline(kWait);
-    while (!deadline.expired()) {
-      child.pump();
-      if (!child.running()) return false;
-      try {
-        Client probe = Client::connect("127.0.0.1", port_, nullptr, milliseconds(500));
-        if (starts_with(probe.read_reply(milliseconds(1000)), "220 smtp-sink")) return true;
-      } catch (const std::exception&) {
-        // not listening yet
-      }
-      std::this_thread::sleep_for(milliseconds(10));
-    }
-    return false;
-  }
-
-  TempDir dir_;
-  int port_ = 0;
-};
 
 // ScriptedUpstream - a minimal SMTP server in a thread of this process, on 127.0.0.1. It
 // answers as a sink does (220, EHLO with 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after
@@ -303,22 +166,10 @@ class ScriptedUpstream {
   std::vector<Conn> conns_;  // touched by the thread only
 };
 
-// start_proxy - ./smtpd -n -c PureProxy [options] 127.0.0.1:0 UPSTREAM, listening.
-inline ServerProcess start_proxy(const std::string& upstream,
-                                 std::vector<std::string> options = {}) {
-  ignore_sigpipe();
-  std::vector<std::string> args{"-n", "-c", "PureProxy"};
-  args.insert(args.end(), options.begin(), options.end());
-  args.insert(args.end(), {"127.0.0.1:0", upstream});
-  return ServerProcess::launch(args);
-}
-
 // start_debugging - our DebuggingServer on 127.0.0.1:0, the proxy's upstream in a chain.
 inline ServerProcess start_debugging(std::vector<std::string> options = {}) {
-  ignore_sigpipe();
-  options.insert(options.begin(), {"-n", "-c", "DebuggingServer"});
-  options.push_back("127.0.0.1:0");
-  return ServerProcess::launch(options);
+  options.insert(options.begin(), {"-c", "DebuggingServer"});
+  return start_smtpd(options);
 }
 
 inline std::string address_of(const ServerProcess& s) {
@@ -326,15 +177,6 @@ inline std::string address_of(const ServerProcess& s) {
 }
 
 // ==== Helpers ====
-
-// on_the_wire - a message written with "\n" line ends as the client sends it after DATA:
-// CRLF line ends, and a dot doubled at the start of a line (RFC 5321 4.5.2).
-inline std::string on_the_wire(const std::string& text) {
-  std::string out;
-  for (const std::string& line : lines_of(text))
-    out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
-  return out;
-}
 
 // as_relayed - the same message as the proxy must hand it on, "\n" line ends, unstuffed:
 // "X-Peer: <peer>" before the first empty line, or as the last line when there is none.
@@ -352,35 +194,13 @@ inline std::string as_relayed(const std::string& text, const std::string& peer =
   return out;
 }
 
-// Outcome - the replies of one transaction; a step not reached stays "".
-struct Outcome {
-  std::string mail, rcpt, data, end;
-  bool accepted() const { return starts_with(end, "250"); }
-};
-
-// try_message - MAIL (with params), RCPT, DATA, the text (on_the_wire) and "."; stops at
-// the first step that is not answered 250 (354 for DATA).
+// try_message - try_wire with a message written with "\n" line ends, MAIL parameters,
+// sender and recipient.
 inline Outcome try_message(Client& c, const std::string& text, const std::string& mail_params = "",
                            const std::string& from = "a@example.com",
                            const std::string& to = "b@example.com") {
-  Outcome o;
-  o.mail = c.command("MAIL FROM:<" + from + ">" + (mail_params.empty() ? "" : " " + mail_params));
-  if (!starts_with(o.mail, "250")) return o;
-  o.rcpt = c.command("RCPT TO:<" + to + ">");
-  if (!starts_with(o.rcpt, "250")) return o;
-  o.data = c.command("DATA");
-  if (o.data != kDataReply) return o;
-  if (!c.send(on_the_wire(text))) return o;
-  o.end = c.command(".");
-  return o;
-}
-
-// greet_proxy - read the proxy's greeting and say EHLO; REQUIREs both.
-inline std::string greet_proxy(Client& c) {
-  REQUIRE(starts_with(c.read_reply(), "220 "));
-  std::string ehlo = c.command("EHLO client.example");
-  REQUIRE(starts_with(ehlo, "250"));
-  return ehlo;
+  std::string mail = "<" + from + ">" + (mail_params.empty() ? "" : " " + mail_params);
+  return try_wire(c, on_the_wire(text), mail, {to});
 }
 
 // The message the byte-for-byte tests send: headers, dot lines (stuffed on the wire),
@@ -405,8 +225,7 @@ constexpr const char* kEightBitMessage =
 TEST_CASE("a relayed message arrives at smtp-sink byte for byte, with X-Peer added") {
   SmtpSink sink;
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
 
   SUBCASE("8BITMIME body with dot lines; SIZE dropped, as smtp-sink does not offer it") {
     Outcome o = try_message(c, kEightBitMessage, "BODY=8BITMIME SIZE=400");
@@ -456,7 +275,7 @@ TEST_CASE("five clients at once through one proxy: every 250 is a message at smt
   std::vector<Client> clients;
   for (int i = 0; i < kClients; ++i) {
     clients.push_back(proxy.connect());
-    greet_proxy(clients.back());
+    greet(clients.back());
   }
   // Every session's MAIL opens its own upstream session; all are open at once.
   for (auto& c : clients) REQUIRE(c.command("MAIL FROM:<a@example.com>") == kSinkMailOk);
@@ -478,19 +297,10 @@ TEST_CASE("five clients at once through one proxy: every 250 is a message at smt
 }
 
 TEST_CASE("a refused RCPT is refused to the client right then, with the upstream's reply") {
-  std::string fault, want;
-  SUBCASE("soft (smtp-sink -r rcpt): 4xx") {
-    fault = "-r";
-    want = kSinkSoft;
-  }
-  SUBCASE("hard (smtp-sink -f rcpt): 5xx") {
-    fault = "-f";
-    want = kSinkHard;
-  }
+  auto [fault, want] = each_sink_refusal();
   SmtpSink sink({fault, "rcpt"});
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   Outcome o = try_message(c, "Subject: refused\n\nbody\n");
   CHECK(o.mail == kSinkMailOk);
   CHECK(o.rcpt == want);
@@ -506,19 +316,10 @@ TEST_CASE("a refused RCPT is refused to the client right then, with the upstream
 }
 
 TEST_CASE("a refused end of DATA is the client's final reply, never a 250") {
-  std::string fault, want;
-  SUBCASE("soft (smtp-sink -r .)") {
-    fault = "-r";
-    want = kSinkSoft;
-  }
-  SUBCASE("hard (smtp-sink -f .)") {
-    fault = "-f";
-    want = kSinkHard;
-  }
+  auto [fault, want] = each_sink_refusal();
   SmtpSink sink({fault, "."});
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   int accepted = 0;
   for (int i = 0; i < 2; ++i) {
     Outcome o = try_message(c, "Subject: refused at the end\n\nbody\n");
@@ -535,41 +336,28 @@ TEST_CASE("a refused end of DATA is the client's final reply, never a 250") {
 }
 
 TEST_CASE("an upstream that drops the connection gives the client 4xx, never 250") {
-  std::vector<std::string> switches;
-  std::string at;           // where the client hears about it
-  std::size_t reached = 0;  // messages whose text reached smtp-sink
-  SUBCASE("disconnect at RCPT (-q rcpt)") {
-    switches = {"-q", "rcpt"};
-    at = "rcpt";
-  }
-  SUBCASE("421 at RCPT (-Q rcpt)") {
-    switches = {"-Q", "rcpt"};
-    at = "rcpt";
-  }
-  SUBCASE("disconnect at DATA (-q data)") {
-    switches = {"-q", "data"};
-    at = "end";
-  }
-  SUBCASE("421 at DATA (-Q data)") {
-    switches = {"-Q", "data"};
-    at = "end";
-  }
-  SUBCASE("disconnect after the text, at . (-q .)") {
-    switches = {"-q", "."};
-    at = "end";
-    reached = 2;
-  }
+  struct Drop {
+    std::vector<std::string> switches;
+    std::string at;       // where the client hears about it
+    std::size_t reached;  // messages whose text reached smtp-sink
+  } drop{};
+  SUBCASE("disconnect at RCPT (-q rcpt)") { drop = {{"-q", "rcpt"}, "rcpt", 0}; }
+  SUBCASE("421 at RCPT (-Q rcpt)") { drop = {{"-Q", "rcpt"}, "rcpt", 0}; }
+  SUBCASE("disconnect at DATA (-q data)") { drop = {{"-q", "data"}, "end", 0}; }
+  SUBCASE("421 at DATA (-Q data)") { drop = {{"-Q", "data"}, "end", 0}; }
+  SUBCASE("disconnect after the text, at . (-q .)") { drop = {{"-q", "."}, "end", 2}; }
+  const std::vector<std::string>& switches = drop.switches;
+  const std::string& at = drop.at;
   SmtpSink sink(switches);
   auto proxy = start_proxy(sink.address());
-  auto first = proxy.connect();
-  greet_proxy(first);
+  Client first = greeted_client(proxy);
   Client second;  // after a 421, a new client (see the 421 test case below)
   int accepted = 0;
   for (int i = 0; i < 2; ++i) {  // the second transaction needs a new upstream session
     CAPTURE(i);
     if (i == 1 && switches[0] == "-Q") {
       second = proxy.connect();
-      greet_proxy(second);
+      greet(second);
     }
     Client& c = second.is_open() ? second : first;
     Outcome o = try_message(c, "Subject: dropped\n\nbody\n");
@@ -586,7 +374,7 @@ TEST_CASE("an upstream that drops the connection gives the client 4xx, never 250
   CHECK(first.command("QUIT") == "221 Bye");
   if (second.is_open()) CHECK(second.command("QUIT") == "221 Bye");
   CHECK(accepted == 0);
-  CHECK(wait_until([&] { return sink.dump_count() == reached; }));
+  CHECK(wait_until([&] { return sink.dump_count() == drop.reached; }));
 }
 
 // An upstream 421 ends that upstream session only: the client hears 451 (it keeps its mail
@@ -594,8 +382,7 @@ TEST_CASE("an upstream that drops the connection gives the client 4xx, never 250
 TEST_CASE("after an upstream 421 the client gets 451 and its next MAIL a new upstream session") {
   SmtpSink sink({"-Q", "rcpt"});
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   // Pipelined, so the proxy has the next MAIL in hand as soon as the 421 arrives.
   REQUIRE(
       c.send("MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nRSET\r\n"
@@ -612,8 +399,7 @@ TEST_CASE("after an upstream 421 the client gets 451 and its next MAIL a new ups
 TEST_CASE("an upstream without ESMTP (smtp-sink -e) is greeted with HELO; 8-bit mail gets 554") {
   SmtpSink sink({"-e"});
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   CHECK(c.command("MAIL FROM:<a@example.com> BODY=8BITMIME") == kNo8Bit);
   const std::string text = "Subject: plain old SMTP\n\n.dot\n";
   Outcome o = try_message(c, text);
@@ -629,7 +415,7 @@ TEST_CASE("a whole pipelined session in one write is relayed in order") {
   SmtpSink sink;
   auto proxy = start_proxy(sink.address());
   auto c = proxy.connect();
-  REQUIRE(starts_with(c.read_reply(), "220 "));
+  read_greeting(c);
   REQUIRE(
       c.send("EHLO pipe.example\r\n"
              "MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" +
@@ -661,22 +447,19 @@ TEST_CASE("a client that hangs up while its upstream is slow does not disturb th
   std::string upstream = "127.0.0.1:" + std::to_string(silent.port());
   auto proxy = start_proxy(upstream, {"--reply-timeout", "1"});
   {
-    auto quitter = proxy.connect();
-    greet_proxy(quitter);
+    Client quitter = greeted_client(proxy);
     REQUIRE(quitter.send("MAIL FROM:<a@example.com>\r\n"));
     quitter.reset();
   }
   {
-    auto closer = proxy.connect();
-    greet_proxy(closer);
+    Client closer = greeted_client(proxy);
     REQUIRE(closer.send("MAIL FROM:<a@example.com>\r\nQUIT\r\n"));
     ::shutdown(closer.fd(), SHUT_WR);  // half-close: the replies are still owed
     CHECK(starts_with(closer.read_reply(milliseconds(8000)), "451 Error: upstream server "));
     CHECK(closer.read_reply() == "221 Bye");
     CHECK(closer.wait_closed());
   }
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   CHECK(c.command("MAIL FROM:<a@example.com>", milliseconds(8000)) ==
         "451 Error: upstream server " + upstream +
             " sent no greeting within the reply timeout; try again later");
@@ -690,8 +473,7 @@ TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy 
   IdlePort dead(IdlePort::Closed);
   std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
   auto proxy = start_proxy(upstream);
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   for (int i = 0; i < 2; ++i) {  // each MAIL tries again
     std::string reply = c.command("MAIL FROM:<a@example.com>");
     CHECK(starts_with(reply, "451 Error: upstream server " + upstream + " cannot connect: "));
@@ -706,8 +488,7 @@ TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy 
 
 TEST_CASE("an upstream that does not answer in time gives 451 after the timeout") {
   std::unique_ptr<SmtpSink> sink;
-  std::unique_ptr<IdlePort> silent;
-  std::unique_ptr<FullBacklogPort> full;
+  std::unique_ptr<IdlePort> idle;
   std::string upstream, option, why;
   SUBCASE("smtp-sink -W mail:4 with --reply-timeout 1: MAIL") {
     sink = std::make_unique<SmtpSink>(std::vector<std::string>{"-W", "mail:4"});
@@ -716,20 +497,19 @@ TEST_CASE("an upstream that does not answer in time gives 451 after the timeout"
     why = "did not reply within the reply timeout";
   }
   SUBCASE("a listener that never accepts, --reply-timeout 1: no greeting") {
-    silent = std::make_unique<IdlePort>(IdlePort::Silent);
-    upstream = "127.0.0.1:" + std::to_string(silent->port());
+    idle = std::make_unique<IdlePort>(IdlePort::Silent);
+    upstream = "127.0.0.1:" + std::to_string(idle->port());
     option = "--reply-timeout";
     why = "sent no greeting within the reply timeout";
   }
   SUBCASE("a listener whose backlog is full, --connect-timeout 1: no connection") {
-    full = std::make_unique<FullBacklogPort>();
-    upstream = "127.0.0.1:" + std::to_string(full->port());
+    idle = std::make_unique<IdlePort>(IdlePort::Full);
+    upstream = "127.0.0.1:" + std::to_string(idle->port());
     option = "--connect-timeout";
     why = "cannot connect: timed out";
   }
   auto proxy = start_proxy(upstream, {option, "1"});
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   auto start = Clock::now();
   std::string reply = c.command("MAIL FROM:<a@example.com>", milliseconds(8000));
   double took = seconds_since(start);
@@ -745,15 +525,13 @@ TEST_CASE("a stalled upstream session slows only its own client") {
   // and A then hears 451 when its --reply-timeout (3 s) runs out.
   ScriptedUpstream upstream;
   auto proxy = start_proxy(upstream.address(), {"--reply-timeout", "3"});
-  auto a = proxy.connect();
-  greet_proxy(a);
+  Client a = greeted_client(proxy);
   auto a_start = Clock::now();
   REQUIRE(a.send("MAIL FROM:<a@example.com>\r\n"));
   REQUIRE(wait_until([&] { return upstream.stalled_mails() == 1; }));
 
   auto b_start = Clock::now();
-  auto b = proxy.connect();
-  greet_proxy(b);
+  Client b = greeted_client(proxy);
   Outcome o = try_message(b, "Subject: from B\n\nbody\n");
   double b_took = seconds_since(b_start);
   CHECK(o.mail == "250 2.0.0 Ok");
@@ -776,8 +554,7 @@ TEST_CASE("a stalled upstream session slows only its own client") {
 TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the one sent") {
   auto downstream = start_debugging();
   auto proxy = start_proxy(address_of(downstream));
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   const std::string text = "From: a@example.com\nSubject: chained\n\nfirst\n.dot\n.\n..two\nlast\n";
   // The proxy's X-Peer goes before the first empty line; DebuggingServer adds its own there.
   const std::string headers = "From: a@example.com\nSubject: chained\nX-Peer: 127.0.0.1\n";
@@ -813,8 +590,7 @@ TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the o
 TEST_CASE("BODY=8BITMIME to an upstream without 8BITMIME (smtp-sink -8) gets 554") {
   SmtpSink sink({"-8"});
   auto proxy = start_proxy(sink.address());
-  auto c = proxy.connect();
-  greet_proxy(c);
+  Client c = greeted_client(proxy);
   CHECK(c.command("MAIL FROM:<a@example.com> BODY=8BITMIME") == kNo8Bit);
   CHECK(c.command("RCPT TO:<b@example.com>") == "503 Error: need MAIL command");
   // A 7-bit message still goes through.
@@ -836,7 +612,7 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
     auto downstream = start_debugging({"-u"});
     auto proxy = start_proxy(address_of(downstream), {"-u"});
     auto c = proxy.connect();
-    CHECK(greet_proxy(c).find("\n250-SMTPUTF8\n") != std::string::npos);
+    CHECK(greet(c).find("\n250-SMTPUTF8\n") != std::string::npos);
     Outcome o = try_message(c, text, "SMTPUTF8", from, to);
     CHECK(o.mail == "250 OK");
     CHECK(o.rcpt == "250 OK");
@@ -852,8 +628,8 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
   SUBCASE("upstream: DebuggingServer without -u") {
     auto downstream = start_debugging();
     auto proxy = start_proxy(address_of(downstream), {"-u"});
-    auto c = proxy.connect();
-    std::string ehlo = greet_proxy(c);
+    Client c = greeted_client(proxy);
+    std::string ehlo = c.command("EHLO client.example");
     // Before the proxy has learned what the upstream offers its EHLO offers SMTPUTF8 (-u), and
     // the upstream's refusal is the reply; afterwards SMTPUTF8 is not offered, and not taken.
     bool is_offered = ehlo.find("\n250-SMTPUTF8\n") != std::string::npos;
@@ -873,7 +649,7 @@ inline std::string ehlo_once_learned(ServerProcess& proxy, const std::string& be
   while (ehlo == before && !deadline.expired()) {
     std::this_thread::sleep_for(milliseconds(50));
     auto c = proxy.connect();
-    ehlo = greet_proxy(c);
+    ehlo = greet(c);
   }
   return ehlo;
 }
@@ -883,7 +659,7 @@ TEST_CASE("the proxy's EHLO offers 8BITMIME, SMTPUTF8 and SIZE only as far as it
     SmtpSink sink({"-8"});
     auto proxy = start_proxy(sink.address(), {"-u"});
     auto c = proxy.connect();
-    std::string first = greet_proxy(c);
+    std::string first = greet(c);
     std::string ehlo =
         ehlo_once_learned(proxy, first.find("8BITMIME") == std::string::npos ? "" : first);
     CHECK(ehlo.find("8BITMIME") == std::string::npos);
@@ -894,7 +670,7 @@ TEST_CASE("the proxy's EHLO offers 8BITMIME, SMTPUTF8 and SIZE only as far as it
     auto downstream = start_debugging({"-u", "-s", "1000"});
     auto proxy = start_proxy(address_of(downstream), {"-u"});
     auto c = proxy.connect();
-    std::string first = greet_proxy(c);
+    std::string first = greet(c);
     std::string ehlo =
         ehlo_once_learned(proxy, first.find("SIZE 1000\n") == std::string::npos ? first : "");
     CHECK(ehlo.find("\n250-SIZE 1000\n250-8BITMIME\n250-SMTPUTF8\n") != std::string::npos);
@@ -908,7 +684,7 @@ TEST_CASE("-d traces the upstream's QUIT and its reply") {
   auto proxy = start_proxy(sink.address(), {"-d"});
   {
     auto c = proxy.connect();
-    greet_proxy(c);
+    greet(c);
     CHECK(c.command("MAIL FROM:<a@example.com>") == kSinkMailOk);
     CHECK(c.command("QUIT") == "221 Bye");
   }
@@ -931,8 +707,7 @@ TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.
   }
   SUBCASE("127.0.0.1:0") {
     auto proxy = start_proxy(upstream);
-    auto c = proxy.connect();
-    greet_proxy(c);
+    Client c = greeted_client(proxy);
     CHECK(c.command("QUIT") == "221 Bye");
     CHECK(proxy.stop().code == 0);
     CHECK(proxy.child.err.text() == proxy.listening_line() + "\n");
@@ -951,21 +726,21 @@ TEST_CASE("bad --reply-timeout and --connect-timeout values exit 1 with one line
   SUBCASE("--connect-timeout 0") { option = "--connect-timeout", value = "0"; }
   SUBCASE("--connect-timeout x") { option = "--connect-timeout", value = "x"; }
   INFO("smtpd -n -c PureProxy " << option << " '" << value << "'");
-  auto r = e2e::run_smtpd({"-n", "-c", "PureProxy", option, value, "127.0.0.1:0", "127.0.0.1:25"});
-  e2e::check_one_error_line(r, 1);
+  auto r = run_smtpd({"-n", "-c", "PureProxy", option, value, "127.0.0.1:0", "127.0.0.1:25"});
+  check_one_error_line(r, 1);
   CHECK(r.err.find(option) != std::string::npos);
 }
 
 TEST_CASE("an upstream host that does not resolve exits 2 with one line") {
   // A resolver with no network may take a while to give up; still bounded.
-  auto r = e2e::run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0", "no-such-host.invalid:25"},
-                          milliseconds(30000));
-  e2e::check_one_error_line(r, 2);
+  auto r = run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0", "no-such-host.invalid:25"},
+                     milliseconds(30000));
+  check_one_error_line(r, 2);
   CHECK(r.err.find("no-such-host.invalid") != std::string::npos);
 }
 
 TEST_CASE("--help shows the two PureProxy timeouts with their defaults") {
-  auto r = e2e::run_smtpd({"--help"});
+  auto r = run_smtpd({"--help"});
   INFO(r.describe());
   CHECK(r.ok());
   std::string help;  // with each run of blanks and newlines as one space: cxxopts wraps lines

@@ -1,36 +1,38 @@
-// test_support.hpp - POSIX helpers for the end-to-end and interop tests.
+// test_support.hpp - the one set of helpers for the tests.
 //
-// These tests talk to the built binary only (env SMTPD_BIN, default ./smtpd), never to
-// smtpd.cpp's internals. Everything here is bounded in time and owned by RAII objects:
-// a ServerProcess or a Client going out of scope (also when an assertion throws) kills
-// its child or closes its socket. Children also get SIGKILL from the kernel if the test
+// Every test file includes what it needs and compiles right after smtpd.cpp, in any order.
+// test_e2e.cpp, test_interop.cpp and test_proxy.cpp talk to the built binary only (env
+// SMTPD_BIN, default ./smtpd). Three files also call smtpd.cpp's internals directly:
+// test_channel.cpp (the Channel; no sockets, so Windows builds it too, with section 1 only),
+// test_outputs.cpp (the output formatters, SinkServer, parse_command_line) and test_exec.cpp
+// (CommandRun, parse_command_line). Everything here is bounded in time and owned by RAII
+// objects: a ServerProcess or a Client going out of scope (also when an assertion throws)
+// kills its child or closes its socket. Children also get SIGKILL from the kernel if the test
 // process dies (Linux PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind.
 //
 // Contents:
-//   1. Time and text - Deadline, wait_until, count, lines_of, starts_with
-//   2. Processes     - ExitStatus, OutputPipe, Child (spawn, pump, wait_exit), run_command
-//   3. Environment   - smtpd_bin, find_in_path
+//   1. Time and text - Deadline, wait_until, seconds_since, count, lines_of, starts_with,
+//                      crlf, on_the_wire; the channel: parse_args, test_config, Session
+//                      (portable: the Windows build of test_channel.cpp uses this section)
+//   2. Processes     - ExitStatus, OwnedFd, OutputPipe, Child (spawn, pump, wait_exit),
+//                      run_command
+//   3. Environment   - smtpd_bin, find_in_path, require_tool
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, stop)
-//   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe
+//   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
+//                      list_dir, TempDir, read_file, write_file, shell_quote, Script
+//   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
+//                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
+//                      send_mail, printed (what DebuggingServer prints for a message),
+//                      start_proxy
+//   7. Upstreams     - free_port, smtp_sink_path, SmtpSink (Postfix's smtp-sink)
 //
-// Only loopback addresses are used (127.0.0.1, ::1). POSIX only.
+// Like the test files, this header compiles right after smtpd.cpp. Only loopback addresses are
+// used (127.0.0.1, ::1). Sections 2 to 7 are POSIX only.
 #ifndef SMTPD_TEST_SUPPORT_HPP
 #define SMTPD_TEST_SUPPORT_HPP
 
-#include <arpa/inet.h>
-#include <dirent.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <sys/resource.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include <doctest/doctest.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -38,6 +40,8 @@
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <iterator>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -45,9 +49,6 @@
 #include <thread>
 #include <utility>
 #include <vector>
-#ifdef __linux__
-#include <sys/prctl.h>
-#endif
 
 namespace smtpd_test {
 
@@ -86,6 +87,11 @@ bool wait_until(Pred pred, milliseconds timeout = kWait) {
   return true;
 }
 
+// seconds_since - seconds from start until now.
+inline double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
 // count - number of non-overlapping occurrences of needle in hay.
 inline std::size_t count(const std::string& hay, const std::string& needle) {
   std::size_t n = 0;
@@ -114,6 +120,88 @@ inline std::vector<std::string> lines_of(const std::string& text) {
 inline bool starts_with(const std::string& s, const std::string& prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
 }
+
+// crlf - turn the "\n" line ends of a readable literal into the "\r\n" SMTP wants.
+inline std::string crlf(const std::string& text) {
+  std::string out;
+  for (char ch : text) out += ch == '\n' ? std::string("\r\n") : std::string(1, ch);
+  return out;
+}
+
+// on_the_wire - a message written with "\n" line ends as a client sends it after DATA: CRLF
+// line ends, and a dot doubled at the start of a line (RFC 5321 4.5.2); no final dot.
+inline std::string on_the_wire(const std::string& text) {
+  std::string out;
+  for (const std::string& line : lines_of(text))
+    out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
+  return out;
+}
+
+// parse_args - smtpd.cpp's parse_command_line on these arguments (argv[0] added).
+inline CommandLine parse_args(std::vector<const char*> args) {
+  args.insert(args.begin(), "smtpd");
+  return parse_command_line(static_cast<int>(args.size()), args.data());
+}
+
+// test_config - the ChannelConfig of the channel tests: host test.example, no size limit.
+inline ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
+  ChannelConfig config;
+  config.fqdn = "test.example";
+  config.data_size_limit = size;
+  config.enable_smtputf8 = utf8;
+  return config;
+}
+
+// Session - a channel with its greeting already read; send() returns the replies to one write
+struct Session {
+  explicit Session(ChannelConfig config = test_config()) : channel(std::move(config), "192.0.2.7") {
+    greeting = take();
+  }
+  std::string take() {
+    std::string out = channel.output();
+    channel.consume_output(out.size());
+    return out;
+  }
+  std::string send(std::string_view bytes) {
+    channel.feed(bytes);
+    return take();
+  }
+  // deliver - play the mode: take the finished message and answer with `reply`
+  Envelope deliver(const std::string& reply = "") {
+    REQUIRE(channel.has_message());
+    Envelope e = channel.take_message();
+    channel.answer(reply);
+    return e;
+  }
+  Channel channel;
+  std::string greeting;
+};
+
+}  // namespace smtpd_test
+
+// Sections 2 to 7 start processes and sockets: POSIX only.
+#ifndef _WIN32
+
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <doctest/doctest.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pwd.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
+namespace smtpd_test {
 
 // ==== 2. Processes ====
 
@@ -149,36 +237,44 @@ inline ExitStatus decode_status(int raw) {
   return st;
 }
 
+// OwnedFd - a file descriptor, closed when its owner goes; moving hands it over.
+class OwnedFd {
+ public:
+  OwnedFd() = default;
+  explicit OwnedFd(int fd) : fd_(fd) {}
+  OwnedFd(OwnedFd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  OwnedFd& operator=(OwnedFd&& o) noexcept {
+    if (this != &o) reset(std::exchange(o.fd_, -1));
+    return *this;
+  }
+  ~OwnedFd() { reset(); }
+  int get() const { return fd_; }
+  void reset(int fd = -1) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = fd;
+  }
+
+ private:
+  int fd_ = -1;
+};
+
 // OutputPipe - the read end of a child's stdout or stderr, drained without blocking
 // into text(). Owned: closes its fd.
 class OutputPipe {
  public:
   OutputPipe() = default;
-  explicit OutputPipe(int fd) : fd_(fd) { fcntl(fd_, F_SETFL, fcntl(fd_, F_GETFL) | O_NONBLOCK); }
-  OutputPipe(const OutputPipe&) = delete;
-  OutputPipe& operator=(const OutputPipe&) = delete;
-  OutputPipe(OutputPipe&& o) noexcept { *this = std::move(o); }
-  OutputPipe& operator=(OutputPipe&& o) noexcept {
-    if (this != &o) {
-      close_fd();
-      fd_ = std::exchange(o.fd_, -1);
-      text_ = std::move(o.text_);
-      eof_ = o.eof_;
-    }
-    return *this;
-  }
-  ~OutputPipe() { close_fd(); }
+  explicit OutputPipe(int fd) : fd_(fd) { fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK); }
 
-  int fd() const { return eof_ ? -1 : fd_; }
+  int fd() const { return eof_ ? -1 : fd_.get(); }
   bool eof() const { return eof_; }
   const std::string& text() const { return text_; }
 
   // drain - read whatever is available now; never blocks.
   void drain() {
-    if (fd_ < 0 || eof_) return;
+    if (fd_.get() < 0 || eof_) return;
     char buf[65536];
     for (;;) {
-      ssize_t n = ::read(fd_, buf, sizeof buf);
+      ssize_t n = ::read(fd_.get(), buf, sizeof buf);
       if (n > 0) {
         text_.append(buf, static_cast<std::size_t>(n));
       } else if (n == 0) {
@@ -194,11 +290,7 @@ class OutputPipe {
   }
 
  private:
-  void close_fd() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-  int fd_ = -1;
+  OwnedFd fd_;
   std::string text_;
   bool eof_ = false;
 };
@@ -438,6 +530,14 @@ inline std::string find_in_path(const std::string& name) {
   return "";
 }
 
+// require_tool - full path of program; fails the test naming the Debian package if absent.
+inline std::string require_tool(const std::string& program, const std::string& package) {
+  std::string path = find_in_path(program);
+  REQUIRE_MESSAGE(!path.empty(), program << " not found in PATH: install the Debian package "
+                                         << package << " (apt-get install " << package << ")");
+  return path;
+}
+
 // ==== 4. Sockets ====
 
 class ServerProcess;
@@ -447,40 +547,21 @@ class ServerProcess;
 // server) so a server blocked on a full pipe cannot deadlock the test.
 class Client {
  public:
-  Client() = default;
-  Client(const Client&) = delete;
-  Client& operator=(const Client&) = delete;
-  Client(Client&& o) noexcept { *this = std::move(o); }
-  Client& operator=(Client&& o) noexcept {
-    if (this != &o) {
-      close();
-      fd_ = std::exchange(o.fd_, -1);
-      buf_ = std::move(o.buf_);
-      eof_ = o.eof_;
-      server_ = o.server_;
-    }
-    return *this;
-  }
-  ~Client() { close(); }
-
   // connect - to host (a numeric loopback address) and port; throws on failure/timeout.
   // rcvbuf_bytes > 0 shrinks the receive buffer (SO_RCVBUF), so replies back up sooner.
   static Client connect(const std::string& host, int port, ServerProcess* server = nullptr,
                         milliseconds timeout = kWait, int rcvbuf_bytes = 0);
 
-  bool is_open() const { return fd_ >= 0; }
-  int fd() const { return fd_; }
+  bool is_open() const { return fd_.get() >= 0; }
+  int fd() const { return fd_.get(); }
 
-  void close() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
+  void close() { fd_.reset(); }
 
   // reset - close abruptly: SO_LINGER 0 makes the kernel send RST instead of FIN.
   void reset() {
-    if (fd_ < 0) return;
+    if (fd_.get() < 0) return;
     linger lg{1, 0};
-    ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    ::setsockopt(fd_.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     close();
   }
 
@@ -489,7 +570,7 @@ class Client {
     Deadline deadline(timeout);
     std::size_t off = 0;
     while (off < data.size()) {
-      ssize_t n = ::send(fd_, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+      ssize_t n = ::send(fd_.get(), data.data() + off, data.size() - off, MSG_NOSIGNAL);
       if (n > 0) {
         off += static_cast<std::size_t>(n);
         continue;
@@ -562,14 +643,14 @@ class Client {
  private:
   void wait_fd(short events, int timeout_ms);
   void fill(int timeout_ms) {
-    if (fd_ < 0) {
+    if (fd_.get() < 0) {
       eof_ = true;
       return;
     }
     wait_fd(POLLIN, timeout_ms);
     char tmp[65536];
     for (;;) {
-      ssize_t n = ::recv(fd_, tmp, sizeof tmp, 0);
+      ssize_t n = ::recv(fd_.get(), tmp, sizeof tmp, 0);
       if (n > 0) {
         buf_.append(tmp, static_cast<std::size_t>(n));
         continue;
@@ -584,7 +665,7 @@ class Client {
     }
   }
 
-  int fd_ = -1;
+  OwnedFd fd_;
   std::string buf_;
   bool eof_ = false;
   ServerProcess* server_ = nullptr;
@@ -704,7 +785,7 @@ inline void Client::wait_fd(short events, int timeout_ms) {
     // Wake up for either the socket or the server's pipes, whichever comes first.
     Deadline deadline{milliseconds(timeout_ms)};
     for (;;) {
-      std::vector<pollfd> fds{{fd_, events, 0}};
+      std::vector<pollfd> fds{{fd_.get(), events, 0}};
       if (server_->child.out.fd() >= 0) fds.push_back({server_->child.out.fd(), POLLIN, 0});
       if (server_->child.err.fd() >= 0) fds.push_back({server_->child.err.fd(), POLLIN, 0});
       int rc = ::poll(fds.data(), fds.size(), deadline.remaining_ms());
@@ -712,50 +793,42 @@ inline void Client::wait_fd(short events, int timeout_ms) {
       if (rc <= 0 || fds[0].revents != 0 || deadline.expired()) return;
     }
   }
-  pollfd p{fd_, events, 0};
+  pollfd p{fd_.get(), events, 0};
   ::poll(&p, 1, timeout_ms);
 }
 
 inline Client Client::connect(const std::string& host, int port, ServerProcess* server,
                               milliseconds timeout, int rcvbuf_bytes) {
+  // A numeric address only (AI_NUMERICHOST): no name lookup, so nothing leaves loopback.
+  addrinfo hints{};
+  hints.ai_flags = AI_NUMERICHOST | AI_NUMERICSERV;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &found) != 0)
+    throw std::runtime_error("not a numeric IP address: " + host);
   sockaddr_storage ss{};
-  socklen_t len = 0;
-  int family;
-  if (host.find(':') != std::string::npos) {
-    auto* a6 = reinterpret_cast<sockaddr_in6*>(&ss);
-    a6->sin6_family = AF_INET6;
-    a6->sin6_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET6, host.c_str(), &a6->sin6_addr) != 1)
-      throw std::runtime_error("not a numeric IPv6 address: " + host);
-    len = sizeof *a6;
-    family = AF_INET6;
-  } else {
-    auto* a4 = reinterpret_cast<sockaddr_in*>(&ss);
-    a4->sin_family = AF_INET;
-    a4->sin_port = htons(static_cast<uint16_t>(port));
-    if (::inet_pton(AF_INET, host.c_str(), &a4->sin_addr) != 1)
-      throw std::runtime_error("not a numeric IPv4 address: " + host);
-    len = sizeof *a4;
-    family = AF_INET;
-  }
+  std::memcpy(&ss, found->ai_addr, found->ai_addrlen);
+  socklen_t len = found->ai_addrlen;
+  int family = found->ai_family;
+  ::freeaddrinfo(found);
   Client c;
   c.server_ = server;
-  c.fd_ = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (c.fd_ < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
+  c.fd_.reset(::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (c.fd_.get() < 0) throw std::runtime_error(std::string("socket: ") + std::strerror(errno));
   int one = 1;
-  ::setsockopt(c.fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  ::setsockopt(c.fd_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   if (rcvbuf_bytes > 0)
-    ::setsockopt(c.fd_, SOL_SOCKET, SO_RCVBUF, &rcvbuf_bytes, sizeof rcvbuf_bytes);
-  if (::connect(c.fd_, reinterpret_cast<sockaddr*>(&ss), len) != 0) {
+    ::setsockopt(c.fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf_bytes, sizeof rcvbuf_bytes);
+  if (::connect(c.fd_.get(), reinterpret_cast<sockaddr*>(&ss), len) != 0) {
     if (errno != EINPROGRESS)
       throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": " +
                                std::strerror(errno));
-    pollfd p{c.fd_, POLLOUT, 0};
+    pollfd p{c.fd_.get(), POLLOUT, 0};
     if (::poll(&p, 1, static_cast<int>(timeout.count())) != 1)
       throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": timeout");
     int err = 0;
     socklen_t elen = sizeof err;
-    ::getsockopt(c.fd_, SOL_SOCKET, SO_ERROR, &err, &elen);
+    ::getsockopt(c.fd_.get(), SOL_SOCKET, SO_ERROR, &err, &elen);
     if (err != 0)
       throw std::runtime_error("connect " + host + ":" + std::to_string(port) + ": " +
                                std::strerror(err));
@@ -794,25 +867,29 @@ inline int loopback_socket(int& fd) {
   return ntohs(a.sin_port);
 }
 
-// IdlePort - a port on 127.0.0.1 that never answers. Closed: bound but not listening, so a
-// connection is refused for as long as this object lives (nobody else can take the port).
-// Silent: listening but never accepting, so connections complete (the kernel queues up to 64)
-// and never hear a greeting.
+// IdlePort - a port on 127.0.0.1 that never answers, for as long as this object lives
+// (nobody else can take the port). Closed: bound but not listening, so a connection is
+// refused. Silent: listening but never accepting, so connections complete (the kernel queues
+// up to 64) and never hear a greeting. Full: listening with its accept queue already full
+// (one connection made here fills a backlog of 0): Linux then drops further SYNs, so a
+// connect neither succeeds nor fails until the connecting side gives up.
 class IdlePort {
  public:
-  enum Kind { Closed, Silent };
+  enum Kind { Closed, Silent, Full };
   explicit IdlePort(Kind kind) {
-    port_ = loopback_socket(fd_);
-    if (kind == Silent && ::listen(fd_, 64) != 0) throw std::runtime_error("listen failed");
+    int fd = -1;
+    port_ = loopback_socket(fd);
+    fd_.reset(fd);
+    if (kind != Closed && ::listen(fd, kind == Full ? 0 : 64) != 0)
+      throw std::runtime_error("listen failed");
+    if (kind == Full) filler_ = Client::connect("127.0.0.1", port_);
   }
-  IdlePort(const IdlePort&) = delete;
-  IdlePort& operator=(const IdlePort&) = delete;
-  ~IdlePort() { ::close(fd_); }
   int port() const { return port_; }
 
  private:
-  int fd_ = -1;
+  OwnedFd fd_;
   int port_ = 0;
+  Client filler_;  // closed before fd_
 };
 
 // TempFile - a file under $TMPDIR (or /tmp) with the given contents, removed at scope end.
@@ -884,6 +961,290 @@ class TempDir {
   std::string path_;
 };
 
+// read_file - the whole file as bytes; "" if it cannot be read.
+inline std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+inline void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+}
+
+// shell_quote - text as one sh word.
+inline std::string shell_quote(const std::string& text) {
+  std::string out = "'";
+  for (char ch : text) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
+  return out + "'";
+}
+
+// Script - a shell script written into a temporary directory; command() is its --exec.
+// Inside the script $D is that directory.
+class Script {
+ public:
+  explicit Script(const std::string& body) {
+    write_file(dir_ / "script.sh", "D=" + shell_quote(dir_.path()) + "\n" + body);
+  }
+  std::string command() const { return "sh " + shell_quote(dir_ / "script.sh"); }
+  std::string operator/(const std::string& name) const { return dir_ / name; }
+  const std::string& path() const { return dir_.path(); }
+
+ private:
+  TempDir dir_;
+};
+
+// ==== 6. smtpd ====
+
+constexpr const char* kDataReply = "354 End data with <CR><LF>.<CR><LF>";
+constexpr const char* kFollows = "---------- MESSAGE FOLLOWS ----------\n";
+constexpr const char* kEnd = "------------ END MESSAGE ------------\n";
+
+// start_smtpd - smtpd -n [options] ADDRESS, once it says it is listening (-n: it never
+// drops privileges, so the test can kill it). ADDRESS is the last argument: a proxy's
+// upstream, with its local address at the end of options.
+inline ServerProcess start_smtpd(std::vector<std::string> options = {},
+                                 const std::string& address = "127.0.0.1:0") {
+  ignore_sigpipe();
+  options.insert(options.begin(), "-n");
+  options.push_back(address);
+  return ServerProcess::launch(options);
+}
+
+// run_smtpd - run smtpd with args to completion (bounded), as a user on a shell would.
+inline CommandResult run_smtpd(const std::vector<std::string>& args,
+                               milliseconds timeout = milliseconds(10000)) {
+  std::vector<std::string> argv{smtpd_bin()};
+  argv.insert(argv.end(), args.begin(), args.end());
+  return run_command(argv, timeout);
+}
+
+// check_one_error_line - exit status `code`, nothing on stdout, exactly one line on stderr
+// starting "smtpd: ".
+inline void check_one_error_line(const CommandResult& r, int code) {
+  INFO(r.describe());
+  CHECK(r.status.exited);
+  CHECK(r.status.code == code);
+  CHECK(r.out == "");
+  CHECK(starts_with(r.err, "smtpd: "));
+  CHECK(count(r.err, "\n") == 1);
+  CHECK((!r.err.empty() && r.err.back() == '\n'));
+}
+
+// read_greeting - read the 220 greeting (REQUIREd); returns the host name it gives.
+inline std::string read_greeting(Client& c) {
+  std::string greeting = c.read_reply();
+  REQUIRE_MESSAGE(starts_with(greeting, "220 "), "greeting: " << greeting);
+  auto sp = greeting.find(' ', 4);
+  return greeting.substr(4, sp == std::string::npos ? std::string::npos : sp - 4);
+}
+
+// greet - read the greeting and say EHLO (or `helo`), REQUIREing 220 and 250; returns the
+// reply to EHLO.
+inline std::string greet(Client& c, const std::string& helo = "EHLO client.example") {
+  read_greeting(c);
+  std::string reply = c.command(helo);
+  REQUIRE_MESSAGE(starts_with(reply, "250"), helo << " -> " << reply);
+  return reply;
+}
+
+// greeted_client - a client of srv that has read the greeting and said EHLO (see greet).
+inline Client greeted_client(ServerProcess& srv) {
+  Client c = srv.connect();
+  greet(c);
+  return c;
+}
+
+// Outcome - the replies of one transaction; a step not reached stays "" (with several
+// recipients, rcpt is the last reply).
+struct Outcome {
+  std::string mail, rcpt, data, end;
+  bool accepted() const { return starts_with(end, "250"); }
+};
+
+// open_data - MAIL FROM:`mail` (the address in <> and any parameters), RCPT TO each of
+// rcpts, DATA; stops at the first step not answered 250 (354 for DATA).
+inline Outcome open_data(Client& c, const std::string& mail = "<a@example.com>",
+                         const std::vector<std::string>& rcpts = {"b@example.com"}) {
+  Outcome o;
+  o.mail = c.command("MAIL FROM:" + mail);
+  for (std::size_t i = 0; i < rcpts.size() && starts_with(o.mail, "250"); ++i) {
+    o.rcpt = c.command("RCPT TO:<" + rcpts[i] + ">");
+    if (!starts_with(o.rcpt, "250")) return o;
+  }
+  if (starts_with(o.rcpt, "250")) o.data = c.command("DATA");
+  return o;
+}
+
+// try_wire - open_data, then `wire` (CRLF, already dot-stuffed, without the final dot) and
+// "." once DATA is answered 354. Tolerates refusals: for upstreams and refusing modes.
+inline Outcome try_wire(Client& c, const std::string& wire,
+                        const std::string& mail = "<a@example.com>",
+                        const std::vector<std::string>& rcpts = {"b@example.com"},
+                        milliseconds timeout = kWait) {
+  Outcome o = open_data(c, mail, rcpts);
+  if (o.data == kDataReply && c.send(wire, timeout)) o.end = c.command(".", timeout);
+  return o;
+}
+
+// require_open - REQUIRE the replies our own server gives an accepted envelope.
+inline void require_open(const Outcome& o) {
+  REQUIRE(o.mail == "250 OK");
+  REQUIRE(o.rcpt == "250 OK");
+  REQUIRE(o.data == kDataReply);
+}
+
+// begin_data - open_data, REQUIREing 250 OK for each step and 354 for DATA.
+inline void begin_data(Client& c, const std::string& mail = "<a@example.com>",
+                       const std::vector<std::string>& rcpts = {"b@example.com"}) {
+  require_open(open_data(c, mail, rcpts));
+}
+
+// send_wire - try_wire on a greeted client, REQUIREing the envelope accepted; returns the
+// reply to the final dot ("" if the text could not be sent).
+inline std::string send_wire(Client& c, const std::string& wire,
+                             const std::string& mail = "<a@example.com>",
+                             const std::vector<std::string>& rcpts = {"b@example.com"},
+                             milliseconds timeout = kWait) {
+  Outcome o = try_wire(c, wire, mail, rcpts, timeout);
+  require_open(o);
+  return o.end;
+}
+
+// send_mail - send_wire with a message written with "\n" line ends (see on_the_wire).
+inline std::string send_mail(Client& c, const std::string& message,
+                             const std::string& mail = "<a@example.com>") {
+  return send_wire(c, on_the_wire(message), mail);
+}
+
+// printed - the block DebuggingServer prints for a message with these header lines and
+// body lines (each given with "\n" ends) from peer.
+inline std::string printed(const std::string& headers, const std::string& body,
+                           const std::string& peer = "127.0.0.1") {
+  return std::string(kFollows) + headers + "X-Peer: " + peer + "\n\n" + body + kEnd;
+}
+
+// start_proxy - ./smtpd -n -c PureProxy [options] 127.0.0.1:0 UPSTREAM, listening.
+inline ServerProcess start_proxy(const std::string& upstream,
+                                 std::vector<std::string> options = {}) {
+  options.insert(options.begin(), {"-c", "PureProxy"});
+  options.push_back("127.0.0.1:0");
+  return start_smtpd(options, upstream);
+}
+
+// ==== 7. Upstreams ====
+
+// free_port - a TCP port on 127.0.0.1 that was free a moment ago (for programs that cannot
+// be told to pick their own, as smtp-sink cannot).
+inline int free_port() {
+  int fd = -1;
+  int port = loopback_socket(fd);
+  ::close(fd);
+  return port;
+}
+
+// smtp_sink_path - /usr/sbin/smtp-sink (not on every PATH), or one on PATH; fails the test
+// naming the package.
+inline std::string smtp_sink_path() {
+  const std::string path = "/usr/sbin/smtp-sink";
+  return ::access(path.c_str(), X_OK) == 0 ? path : require_tool("smtp-sink", "postfix");
+}
+
+// SmtpSink - Postfix's smtp-sink on 127.0.0.1:<free port> with the given switches, writing
+// each transaction to its own file in a temporary directory (-d). The file starts at MAIL
+// with smtp-sink's own X-... and Received: lines, gets the message text as it arrives (CRs
+// and the stuffed dots taken out), ends with an empty line when "." arrives, and is deleted
+// if the transaction is abandoned (RSET, QUIT or a disconnect before ".").
+//
+// As root smtp-sink insists on -u USER. We pass the user we already are (root): switching to
+// nobody would change the effective uid, and the kernel then drops the parent-death signal
+// test_support.hpp sets, so a crashed test run would leave smtp-sink listening forever.
+class SmtpSink {
+ public:
+  explicit SmtpSink(std::vector<std::string> switches = {}) {
+    std::string program = smtp_sink_path();
+    std::string last_error;
+    for (int attempt = 0; attempt < 5; ++attempt) {  // the free port may be taken meanwhile
+      port_ = free_port();
+      std::vector<std::string> argv{program};
+      if (::geteuid() == 0) {
+        const passwd* pw = ::getpwuid(0);
+        argv.insert(argv.end(), {"-u", pw ? pw->pw_name : "root"});
+      }
+      argv.insert(argv.end(), {"-d", dir_.path() + "/msg."});
+      argv.insert(argv.end(), switches.begin(), switches.end());
+      argv.insert(argv.end(), {"127.0.0.1:" + std::to_string(port_), "64"});
+      child = Child::spawn(argv);
+      if (wait_ready()) return;
+      child.pump();
+      last_error = child.err.text();
+      child = Child();
+    }
+    throw std::runtime_error("smtp-sink did not start: " + last_error);
+  }
+
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+  // dump_count - how many transactions smtp-sink has on file right now.
+  std::size_t dump_count() const { return dir_.files().size(); }
+
+  // dumps - the contents of the dump files, in name order (names are random).
+  std::vector<std::string> dumps() const {
+    std::vector<std::string> out;
+    for (const std::string& f : dir_.files()) {
+      std::ifstream in(dir_.path() + "/" + f, std::ios::binary);
+      out.emplace_back(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    }
+    return out;
+  }
+
+  // messages - the message part of each dump: everything after smtp-sink's three-line
+  // Received: header ("Received: ...", "\tby ...", "\t<date>").
+  std::vector<std::string> messages() const {
+    std::vector<std::string> out;
+    for (const std::string& d : dumps()) {
+      auto by = d.find("\n\tby ");
+      auto by_end = by == std::string::npos ? by : d.find('\n', by + 1);
+      auto date_end = by_end == std::string::npos ? by_end : d.find('\n', by_end + 1);
+      out.push_back(date_end == std::string::npos ? "<no Received header in:>" + d
+                                                  : d.substr(date_end + 1));
+    }
+    return out;
+  }
+
+  // header - the value of smtp-sink's X-... line named name in dump d ("" if none).
+  static std::string header(const std::string& d, const std::string& name) {
+    for (const std::string& line : lines_of(d))
+      if (starts_with(line, name + ": ")) return line.substr(name.size() + 2);
+    return "";
+  }
+
+  Child child;
+
+ private:
+  // wait_ready - true once smtp-sink greets a connection; false if it exited (port taken).
+  bool wait_ready() {
+    Deadline deadline(kWait);
+    while (!deadline.expired()) {
+      child.pump();
+      if (!child.running()) return false;
+      try {
+        Client probe = Client::connect("127.0.0.1", port_, nullptr, milliseconds(500));
+        if (starts_with(probe.read_reply(milliseconds(1000)), "220 smtp-sink")) return true;
+      } catch (const std::exception&) {
+        // not listening yet
+      }
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+
+  TempDir dir_;
+  int port_ = 0;
+};
+
 }  // namespace smtpd_test
 
+#endif  // _WIN32
 #endif  // SMTPD_TEST_SUPPORT_HPP
