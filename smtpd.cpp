@@ -4349,11 +4349,11 @@ struct Settings {
   std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
   std::string exec_command;                              // --exec: empty for none
   long long exec_timeout_ms = kExecTimeoutMs;
-  Endpoint mailman_lmtp;     // --mailman-lmtp: Mailman 3's LMTP runner
-  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
-  bool pipelining = false;                      // --pipelining
-  bool auth = false;                            // --auth, --auth-file or --auth-required
-  bool auth_required = false;                   // --auth-required
+  Endpoint mailman_lmtp;       // --mailman-lmtp: Mailman 3's LMTP runner
+  std::string mailman_home;    // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  bool pipelining = false;     // --pipelining
+  bool auth = false;           // --auth, --auth-file or --auth-required
+  bool auth_required = false;  // --auth-required
   std::shared_ptr<const AuthUsers> auth_users;  // --auth-file: null for anyone
   std::vector<Refusals::Rule> refusals;         // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;     // --reject-seed
@@ -4623,15 +4623,15 @@ inline cxxopts::Options build_options() {
       "reject-seed",
       "Seed for the N% rules of --reject, so a run refuses the same commands again "
       "(default: a new seed at each start).",
-      cxxopts::value<std::string>(), "N")(
-      "mailman-lmtp",
-      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
-      "address is a list's (default 127.0.0.1:8024).",
       cxxopts::value<std::string>(),
-      "HOST:PORT")("mailman-home",
-                   "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-                   "mail/mailman wrapper).",
-                   cxxopts::value<std::string>(), "DIR")("h,help", "Print this help and exit.")(
+      "N")("mailman-lmtp",
+           "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+           "address is a list's (default 127.0.0.1:8024).",
+           cxxopts::value<std::string>(), "HOST:PORT")(
+      "mailman-home",
+      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+      "mail/mailman wrapper).",
+      cxxopts::value<std::string>(), "DIR")("h,help", "Print this help and exit.")(
       "addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
