@@ -115,8 +115,14 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
 constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+constexpr std::size_t kUpstreamReadChunk = 16 * 1024;   // bytes read from the upstream at once
+constexpr std::size_t kUpstreamSendChunk = 1 << 20;     // bytes handed to one send() upstream
+constexpr std::size_t kQuotedReplyLimit = 200;   // bytes of an upstream reply quoted in our 451
+constexpr std::size_t kQuotedLineLimit = 80;     // bytes of a bad upstream line quoted in a log
+constexpr std::size_t kTraceLineLimit = 200;     // bytes of a client's command line shown by -d
 constexpr long long kExecTimeoutMs = 30 * 1000;  // --exec-timeout: one run of the --exec command
 constexpr std::size_t kExecOutputLimit = 4096;   // bytes of its output kept (the reply is line 1)
+constexpr std::size_t kExecPipeChunk = 1 << 16;  // bytes moved through its pipes at once
 constexpr std::size_t kReplyLineLimit = 510;     // RFC 5321 4.5.3.1.5: 512 with the CRLF
 constexpr int kExecReapPollMs = 10;              // how often to look for its exit status
 constexpr int kKillWaitRounds = 100;             // after a kill, looked for this often (1 s)
@@ -304,7 +310,8 @@ inline bool drop_privileges(std::string& error) {
 // Child processes for --exec: /bin/sh -c COMMAND in its own process group, with pipes for its
 // standard input and output that the loop polls like sockets. POSIX only for now: on Windows
 // CreateProcess with overlapped pipes does not fit WSAPoll, which polls sockets only.
-//   ChildProcess, spawn_shell, kill_child, reap_child, close_pipe, kCanRunCommands
+//   ChildProcess, spawn_shell, kill_child, reap_child, PipeResult, read_pipe, write_pipe,
+//   close_pipe, kCanRunCommands
 #ifdef _WIN32
 using process_t = int;
 #else
@@ -314,6 +321,13 @@ struct ChildProcess {
   process_t pid = -1;
   socket_t to_child = kInvalidSocket;    // its standard input
   socket_t from_child = kInvalidSocket;  // its standard output
+};
+
+// PipeResult - one non-blocking read or write on a pipe: bytes moved, nothing yet (it would
+// block), or the end (end of output, or a command that stopped reading: EPIPE)
+struct PipeResult {
+  enum class Status { Ok, WouldBlock, End } status;
+  std::size_t bytes;
 };
 
 #ifdef _WIN32
@@ -327,6 +341,10 @@ inline void kill_child(const ChildProcess&) {}
 inline bool reap_child(const ChildProcess&, int& exit_code) {
   exit_code = -1;
   return true;
+}
+inline PipeResult read_pipe(socket_t, char*, std::size_t) { return {PipeResult::Status::End, 0}; }
+inline PipeResult write_pipe(socket_t, const char*, std::size_t) {
+  return {PipeResult::Status::End, 0};
 }
 inline void close_pipe(socket_t) {}
 #else
@@ -392,6 +410,19 @@ inline bool reap_child(const ChildProcess& child, int& exit_code) {
   if (done < 0) return exit_code = -1, true;
   exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   return true;
+}
+
+// pipe_result - what read() or write() on a non-blocking pipe returned, as a PipeResult
+inline PipeResult pipe_result(ssize_t n) {
+  if (n > 0) return {PipeResult::Status::Ok, static_cast<std::size_t>(n)};
+  if (n < 0 && would_block(errno)) return {PipeResult::Status::WouldBlock, 0};
+  return {PipeResult::Status::End, 0};
+}
+inline PipeResult read_pipe(socket_t fd, char* buffer, std::size_t size) {
+  return pipe_result(::read(fd, buffer, size));
+}
+inline PipeResult write_pipe(socket_t fd, const char* data, std::size_t size) {
+  return pipe_result(::write(fd, data, size));
 }
 
 inline void close_pipe(socket_t fd) {
@@ -700,7 +731,8 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
 // check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, and host-name lookup.
+// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), and
+// our name (getfqdn).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -1068,11 +1100,18 @@ inline std::int64_t unix_time_us() {
   return duration_cast<microseconds>(system_clock::now().time_since_epoch()).count();
 }
 
-// host_name - gethostname(), "localhost" if it fails: the name in the greeting, in EHLO and
-// in Maildir file names
+// seconds_text - a duration given in milliseconds, in seconds as people write them ("30", "0.5")
+inline std::string seconds_text(long long ms) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", static_cast<double>(ms) / 1000);
+  return text;
+}
+
+// getfqdn - our name, as smtpd.py's socket.getfqdn(): in the greeting, in EHLO and HELO to an
+// upstream, in Maildir file names. gethostname(), "localhost" if it fails.
 // differs from smtpd.py: socket.getfqdn() asks the resolver, which can stall start-up for
 // seconds on a host whose name is not in /etc/hosts; the name the system gives is used as is.
-inline std::string host_name() {
+inline std::string getfqdn() {
   char name[256] = {0};
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
   return name;
@@ -1404,8 +1443,11 @@ inline std::optional<std::vector<std::pair<std::string, std::optional<std::strin
 }
 
 // ==== 6. Replies ====
-// Every reply the channel sends, as smtpd.py words it, so code and tests share one spelling.
-// Replies that carry a value are built where they are sent.
+// Every reply we send, as smtpd.py words it, so code and tests share one spelling: constants,
+// and for replies that carry a value, the small functions that build them. A verb's syntax
+// text lives in the channel's verb table (kCommands) and is quoted from there.
+//   the kReply* constants; is_accepting; reply_greeting, reply_unknown_command,
+//   reply_cannot_vrfy; reply_closing; reply_exec_*; reply_upstream_*
 
 constexpr const char* kReplyOk = "250 OK";
 constexpr const char* kReplyBye = "221 Bye";
@@ -1429,6 +1471,10 @@ constexpr const char* kReplyVrfyCannot =
     "252 Cannot VRFY user, but will accept message and attempt delivery";
 constexpr const char* kReplyExpn = "502 EXPN not implemented";
 constexpr const char* kMailParamsSyntax = " [SP <mail-parameters>]";
+constexpr const char* kReplySyntax = "501 Syntax: ";                   // + the verb's syntax
+constexpr const char* kReplyHelpSyntax = "250 Syntax: ";               // + the verb's syntax
+constexpr const char* kReplyHelpList = "250 Supported commands: ";     // + the verbs
+constexpr const char* kReplyHelpUnknown = "501 Supported commands: ";  // + the verbs
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
 constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
@@ -1454,6 +1500,72 @@ constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
 constexpr const char* kReplyTlsReady = "220 2.0.0 Ready to start TLS";
 constexpr const char* kReplyTlsActive = "503 5.5.1 Error: TLS already active";
 constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS command first";
+
+// is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
+inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
+
+inline std::string reply_greeting(const std::string& fqdn) {
+  return "220 " + fqdn + " " + kVersion;
+}
+inline std::string reply_unknown_command(const std::string& verb) {
+  return "500 Error: command \"" + verb + "\" not recognized";
+}
+inline std::string reply_cannot_vrfy(const std::string& argument) {
+  return "502 Could not VRFY " + argument;
+}
+// reply_closing - the 421 to sessions still open when the message limit ends the server
+inline std::string reply_closing(const std::string& fqdn) {
+  return "421 " + fqdn + " " + kClosingLimitReached;
+}
+
+// --exec (CommandRun): a command that cannot decide gets the client a 451, so it retries
+inline std::string reply_exec_cannot_run(const std::string& why) {
+  return "451 Error: cannot run the --exec command: " + why;
+}
+inline std::string reply_exec_failed(int exit_code) {
+  return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
+         "); try again later";
+}
+inline std::string reply_exec_not_final(const std::string& code) {
+  return "451 Error: the --exec command replied " + code +
+         ", which does not end a message; try again later";
+}
+inline std::string reply_exec_timed_out(long long timeout_ms) {
+  return "451 Error: the --exec command ran longer than " + seconds_text(timeout_ms) +
+         " s and was stopped; try again later";
+}
+
+// Relaying (UpstreamSession): `role` is what the upstream is to us ("upstream server"), `name`
+// its host:port, `text` its reply, quoted printable and cut at kQuotedReplyLimit
+inline std::string quoted(const std::string& text) {
+  return printable(text.substr(0, kQuotedReplyLimit));
+}
+inline std::string reply_upstream_no_8bit(const std::string& role) {
+  return "554 5.6.3 Error: the " + role + " does not accept 8-bit mail";
+}
+inline std::string reply_upstream_no_smtputf8(const std::string& role) {
+  return "553 5.6.7 Error: the " + role + " does not support SMTPUTF8";
+}
+inline std::string reply_upstream_closed(const std::string& role, const std::string& name,
+                                         const std::string& text) {
+  return "451 Error: " + role + " " + name + " closed the session (" + quoted(text) +
+         "); try again later";
+}
+inline std::string reply_upstream_unexpected(const std::string& role, const std::string& step,
+                                             const std::string& text) {
+  return "451 Error: unexpected reply from the " + role + " to " + step + ": " + quoted(text);
+}
+inline std::string reply_upstream_failed(const std::string& role, const std::string& name,
+                                         const std::string& why) {
+  return "451 Error: " + role + " " + name + " " + why + "; try again later";
+}
+inline std::string reply_upstream_refused(const std::string& role, const std::string& name,
+                                          const std::string& text) {
+  return "451 Error: " + role + " " + name + " refused the session: " + quoted(text);
+}
+inline std::string reply_upstream_lost(const std::string& role, const std::string& name) {
+  return "451 Error: the connection to " + role + " " + name + " was lost; try again later";
+}
 
 // ==== 7. SMTP channel ====
 // The protocol of one client connection as a pure state machine: feed() takes the bytes the
@@ -1541,7 +1653,9 @@ class Channel {
   enum class State { Command, Data, Waiting, Closing };
   enum class Question { None, Mail, Rcpt, Message, StartTls };
 
-  Channel(ChannelConfig config, std::string peer);
+  Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
+  Channel(ChannelConfig config, std::string peer)  // a config of its own (tests, fuzzing)
+      : Channel(std::make_shared<const ChannelConfig>(std::move(config)), std::move(peer)) {}
 
   void feed(std::string_view bytes);
   const std::string& output() const { return output_; }
@@ -1569,7 +1683,7 @@ class Channel {
   std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
-  const std::string fqdn;
+  const std::string& fqdn;     // config's: the greeting host
   const std::string peer;
 
   static const char* to_string(State state);
@@ -1598,7 +1712,8 @@ class Channel {
   void handle_command_line(std::string_view line, std::size_t size);
   void refuse_non_smtp();
   std::size_t command_size_limit(const std::string& verb) const;
-  std::string syntax_error(const char* verb_syntax) const;
+  std::string syntax_of(const char* verb) const;
+  std::string syntax_reply(const char* verb) const;
   std::optional<ParsedAddress> address_argument(const Arg& arg, const char* keyword,
                                                 const std::string& syntax);
   bool check_mail_params(const std::string& syntax);
@@ -1625,7 +1740,7 @@ class Channel {
   bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
-  ChannelConfig config_;
+  std::shared_ptr<const ChannelConfig> config_;  // shared by every connection of a server
   Question question_ = Question::None;
   std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
@@ -1655,14 +1770,14 @@ const Channel::Command Channel::kCommands[] = {
     {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
 };
 
-Channel::Channel(ChannelConfig config, std::string peer_address)
-    : fqdn(config.fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
+Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
+    : fqdn(config->fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
   if (is_refused(Refusals::Stage::Connect, {peer}))
     enter_state(State::Closing);
   else
-    push("220 " + fqdn + " " + kVersion);
+    push(reply_greeting(fqdn));
 }
 
 const char* Channel::to_string(State state) {
@@ -1677,15 +1792,15 @@ const char* Channel::to_string(State state) {
 
 // push - queue one reply line
 void Channel::push(const std::string& reply) {
-  if (config_.trace) config_.trace(peer + " -> " + printable(reply));
+  if (config_->trace) config_->trace(peer + " -> " + printable(reply));
   output_ += reply;
   output_ += "\r\n";
 }
 
 // enter_state - every state change goes through here, so -d can explain a session
 void Channel::enter_state(State to) {
-  if (config_.trace && to != smtp_state)
-    config_.trace(peer + " state " + to_string(smtp_state) + " -> " + to_string(to));
+  if (config_->trace && to != smtp_state)
+    config_->trace(peer + " state " + to_string(smtp_state) + " -> " + to_string(to));
   smtp_state = to;
 }
 
@@ -1791,7 +1906,7 @@ bool Channel::process_data_bytes() {
 // append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
 void Channel::append_data(std::string_view bytes) {
   data_bytes_ += bytes.size();
-  std::uint64_t limit = config_.data_size_limit;
+  std::uint64_t limit = config_->data_size_limit;
   // The CRLF before the final dot is not message data, so the count may run 2 over.
   if (limit != 0 && data_bytes_ > limit + 2 && !data_too_big_) {
     data_too_big_ = true;
@@ -1809,7 +1924,7 @@ void Channel::append_data(std::string_view bytes) {
 void Channel::end_of_data() {
   std::uint64_t size = data_bytes_ >= 2 ? data_bytes_ - 2 : 0;
   if (!received_data.empty()) received_data.pop_back();  // the "\n" of the last CRLF
-  if (config_.data_size_limit != 0 && size > config_.data_size_limit) {
+  if (config_->data_size_limit != 0 && size > config_->data_size_limit) {
     push(kReplyTooMuchData);
     // differs from smtpd.py: Python stays in DATA state here and reads the next commands
     // as message text; RFC 5321 4.1.1.4 returns the session to command state.
@@ -1836,8 +1951,8 @@ Envelope Channel::take_message() {
   envelope.rcpt_options = rcpt_options;
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
-  if (config_.offer_auth) envelope.auth_user = auth_user;
-  if (config_.records_tls) envelope.tls = tls;
+  if (config_->offer_auth) envelope.auth_user = auth_user;
+  if (config_->records_tls) envelope.tls = tls;
   received_data.clear();
   return envelope;
 }
@@ -1847,7 +1962,7 @@ Envelope Channel::take_message() {
 void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
-  bool accepted = reply.empty() || reply[0] == '2';
+  bool accepted = is_accepting(reply);
   if (question == Question::Message) {
     set_post_data_state();
   } else {
@@ -1891,8 +2006,8 @@ inline bool has_control_character(std::string_view text, bool allow_tab = false)
 std::size_t Channel::command_size_limit(const std::string& verb) const {
   if (!extended_smtp || verb != "MAIL") return kCommandSizeLimit;
   std::size_t limit = kCommandSizeLimit;
-  if (config_.data_size_limit != 0) limit += kSizeParamExtra;
-  if (config_.enable_smtputf8) limit += kSmtpUtf8Extra;
+  if (config_->data_size_limit != 0) limit += kSizeParamExtra;
+  if (config_->enable_smtputf8) limit += kSmtpUtf8Extra;
   return limit;
 }
 
@@ -1900,9 +2015,9 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (auth_step_ != AuthStep::None) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
-  std::string_view shown = line.substr(0, 200);
+  std::string_view shown = line.substr(0, kTraceLineLimit);
   if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
-  if (config_.trace) config_.trace(peer + " <- " + printable(shown));
+  if (config_->trace) config_->trace(peer + " <- " + printable(shown));
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
@@ -1915,18 +2030,18 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   for (const Command& command : kCommands) {
     if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
   }
-  push("500 Error: command \"" + verb + "\" not recognized");
+  push(reply_unknown_command(verb));
 }
 
 // is_offered - false for an extension's verb when its option is off: then it is unknown
 bool Channel::is_offered(const Command& command) const {
-  return command.offered == nullptr || config_.*command.offered;
+  return command.offered == nullptr || (*config_).*command.offered;
 }
 
 // is_refused - a --reject rule for this stage takes one of the subjects: its reply is sent
 bool Channel::is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects) {
-  if (!config_.refusals) return false;
-  std::string reply = config_.refusals->reply_for(stage, subjects);
+  if (!config_->refusals) return false;
+  std::string reply = config_->refusals->reply_for(stage, subjects);
   if (reply.empty()) return false;
   push(reply);
   return true;
@@ -1949,25 +2064,25 @@ void Channel::cmd_ehlo(const Arg& arg) { greet(arg, true); }
 // differs from smtpd.py: a second HELO/EHLO resets the transaction like RSET and is answered
 // again (RFC 5321 4.1.4), where Python answers "503 Duplicate HELO/EHLO".
 void Channel::greet(const Arg& arg, bool extended) {
-  if (!has_text(arg))
-    return push(extended ? "501 Syntax: EHLO hostname" : "501 Syntax: HELO hostname");
+  if (!has_text(arg)) return push(syntax_reply(extended ? "EHLO" : "HELO"));
   if (is_refused(Refusals::Stage::Helo, {*arg})) return;
   set_rset_state();
   seen_greeting = *arg;
   extended_smtp = extended;
   if (!extended) return push("250 " + fqdn);
   push("250-" + fqdn);
-  if (config_.data_size_limit != 0) push("250-SIZE " + std::to_string(config_.data_size_limit));
+  if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
   push("250-8BITMIME");
-  if (config_.enable_smtputf8) push("250-SMTPUTF8");
-  if (config_.offer_pipelining) push("250-PIPELINING");
+  if (config_->enable_smtputf8) push("250-SMTPUTF8");
+  if (config_->offer_pipelining) push("250-PIPELINING");
   bool is_plain_text = tls.empty();
-  if (config_.offer_auth && !(config_.tls_required && is_plain_text)) push("250-AUTH PLAIN LOGIN");
-  if (config_.offer_starttls && is_plain_text) push("250-STARTTLS");
+  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
+    push("250-AUTH PLAIN LOGIN");
+  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
   push("250 HELP");
 }
 
-void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? "501 Syntax: NOOP" : kReplyOk); }
+void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? syntax_reply("NOOP") : kReplyOk); }
 
 void Channel::cmd_quit(const Arg&) {  // the argument is ignored, as in smtpd.py
   push(kReplyBye);
@@ -1982,31 +2097,37 @@ void Channel::cmd_help(const Arg& arg) {
     list += list.empty() ? "" : " ";
     list += command.verb;
   }
-  if (!has_text(arg)) return push("250 Supported commands: " + list);
+  if (!has_text(arg)) return push(kReplyHelpList + list);
   std::string verb = ascii_upper(*arg);
   for (const Command& command : kCommands) {
     if (command.syntax == nullptr || !is_offered(command) || verb != command.verb) continue;
-    std::string text = std::string("250 Syntax: ") + command.syntax;
-    if (extended_smtp && (verb == "MAIL" || verb == "RCPT")) text += kMailParamsSyntax;
-    return push(text);
+    return push(kReplyHelpSyntax + syntax_of(command.verb));
   }
-  push("501 Supported commands: " + list);
+  push(kReplyHelpUnknown + list);
 }
 
 void Channel::cmd_vrfy(const Arg& arg) {
-  if (!has_text(arg)) return push("501 Syntax: VRFY <address>");
+  if (!has_text(arg)) return push(syntax_reply("VRFY"));
   std::optional<ParsedAddress> parsed = parse_address(*arg);
   if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
     return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
-  push("502 Could not VRFY " + *arg);
+  push(reply_cannot_vrfy(*arg));
 }
 
-// syntax_error - "501 Syntax: MAIL FROM: <address>", with the parameters part after EHLO
-std::string Channel::syntax_error(const char* verb_syntax) const {
-  std::string text = std::string("501 Syntax: ") + verb_syntax;
-  return extended_smtp ? text + kMailParamsSyntax : text;
+// syntax_of - a verb's syntax from kCommands; after EHLO, MAIL and RCPT take parameters too
+std::string Channel::syntax_of(const char* verb) const {
+  for (const Command& command : kCommands) {
+    if (std::strcmp(command.verb, verb) != 0 || command.syntax == nullptr) continue;
+    bool has_params =
+        extended_smtp && (std::strcmp(verb, "MAIL") == 0 || std::strcmp(verb, "RCPT") == 0);
+    return std::string(command.syntax) + (has_params ? kMailParamsSyntax : "");
+  }
+  return verb;
 }
+
+// syntax_reply - "501 Syntax: MAIL FROM: <address>" and the like, for the verb's misuse
+std::string Channel::syntax_reply(const char* verb) const { return kReplySyntax + syntax_of(verb); }
 
 // address_argument - "FROM:<addr> params" -> address and rest; replies and gives nothing on error
 std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const char* keyword,
@@ -2036,9 +2157,9 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_.tls_required && tls.empty()) return push(kReplyTlsRequired);
-  if (config_.auth_required && auth_user.empty()) return push(kReplyAuthRequired);
-  std::string syntax = syntax_error("MAIL FROM: <address>");
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
+  std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
   if (!parsed) return;
   if (!mailfrom.empty()) return push(kReplyNestedMail);
@@ -2048,7 +2169,7 @@ void Channel::cmd_mail(const Arg& arg) {
     require_smtputf8 = false;
     return;
   }
-  if (config_.ask_envelope) return ask(Question::Mail, parsed->address);
+  if (config_->ask_envelope) return ask(Question::Mail, parsed->address);
   mailfrom = parsed->address;
   push(kReplyOk);
 }
@@ -2072,7 +2193,7 @@ bool Channel::check_mail_params(const std::string& syntax) {
   auto body = take("BODY");
   if (body && (!*body || (**body != "7BIT" && **body != "8BITMIME")))
     return push(kReplyBadBody), false;
-  if (config_.enable_smtputf8) {
+  if (config_->enable_smtputf8) {
     auto smtputf8 = take("SMTPUTF8");
     if (smtputf8 && *smtputf8) return push(kReplySmtpUtf8Arg), false;
     if (smtputf8) require_smtputf8 = true;
@@ -2081,7 +2202,7 @@ bool Channel::check_mail_params(const std::string& syntax) {
   if (size) {
     // differs from smtpd.py: a bare SIZE with no value crashes Python; here it is a syntax error
     if (!*size || !is_decimal(**size)) return push(syntax), false;
-    std::uint64_t limit = config_.data_size_limit;
+    std::uint64_t limit = config_->data_size_limit;
     bool too_big = (*size)->size() > 19 || std::stoull(**size) > limit;
     if (limit != 0 && too_big) return push(kReplySizeExceeded), false;
   }
@@ -2092,9 +2213,9 @@ bool Channel::check_mail_params(const std::string& syntax) {
 void Channel::cmd_rcpt(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (mailfrom.empty()) return push(kReplyNeedMail);
-  std::size_t max = config_.max_recipients;
+  std::size_t max = config_->max_recipients;
   if (max != 0 && rcpttos.size() >= max) return push(kReplyTooManyRecipients);
-  std::string syntax = syntax_error("RCPT TO: <address>");
+  std::string syntax = syntax_reply("RCPT");
   std::optional<ParsedAddress> parsed = address_argument(arg, "TO:", syntax);
   if (!parsed) return;
   std::vector<std::string> options = python_split(ascii_upper(parsed->rest));
@@ -2102,13 +2223,13 @@ void Channel::cmd_rcpt(const Arg& arg) {
   if (!params) return push(syntax);
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
   if (is_refused(Refusals::Stage::Rcpt, {parsed->address})) return;
-  if (config_.ask_envelope) return ask(Question::Rcpt, parsed->address);
+  if (config_->ask_envelope) return ask(Question::Rcpt, parsed->address);
   rcpttos.push_back(parsed->address);
   push(kReplyOk);
 }
 
 void Channel::cmd_rset(const Arg& arg) {
-  if (has_text(arg)) return push("501 Syntax: RSET");
+  if (has_text(arg)) return push(syntax_reply("RSET"));
   set_rset_state();
   push(kReplyOk);
 }
@@ -2116,7 +2237,7 @@ void Channel::cmd_rset(const Arg& arg) {
 void Channel::cmd_data(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (rcpttos.empty()) return push(kReplyNeedRcpt);
-  if (has_text(arg)) return push("501 Syntax: DATA");
+  if (has_text(arg)) return push(syntax_reply("DATA"));
   received_data.clear();
   data_bytes_ = 0;
   data_too_big_ = false;
@@ -2158,11 +2279,11 @@ void Channel::restart_in_tls() {
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_.tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
-  if (words.empty() || words.size() > 2) return push(std::string("501 Syntax: ") + kAuthSyntax);
+  if (words.empty() || words.size() > 2) return push(syntax_reply("AUTH"));
   std::string mechanism = ascii_upper(words[0]);
   bool has_initial = words.size() == 2;
   if (mechanism == "PLAIN" && has_initial) return auth_plain(words[1]);
@@ -2175,7 +2296,7 @@ void Channel::cmd_auth(const Arg& arg) {
 // auth_response - a line answering our 334 challenge; "*" cancels (RFC 4954 4). Never
 // traced: it holds a password.
 void Channel::auth_response(std::string_view line, std::size_t size) {
-  if (config_.trace) config_.trace(peer + " <- (AUTH response, not shown)");
+  if (config_->trace) config_->trace(peer + " <- (AUTH response, not shown)");
   AuthStep step = std::exchange(auth_step_, AuthStep::None);
   if (size > line.size()) return push(kReplyLineTooLong);
   if (line == "*") return push(kReplyAuthCancelled);
@@ -2219,9 +2340,9 @@ void Channel::log_in(const std::string& user, const std::string& password) {
         return static_cast<unsigned char>(c) < 0x20 || c == 0x7F;
       });
   bool is_known = true;
-  if (config_.auth_users) {
-    auto it = config_.auth_users->find(user);
-    is_known = it != config_.auth_users->end() && it->second == password;
+  if (config_->auth_users) {
+    auto it = config_->auth_users->find(user);
+    is_known = it != config_->auth_users->end() && it->second == password;
   }
   if (!is_clean || !is_known) return push(kReplyAuthInvalid);
   auth_user = user;
@@ -2442,7 +2563,7 @@ inline bool make_directories(const std::string& path, std::string& error) {
 // runs comes back. No name comes from the message: only time, pid, a counter and the host.
 class MaildirStore : public MessageOutput {
  public:
-  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(host_name()) {}
+  explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(getfqdn()) {}
 
   // make_maildir - DIR and its tmp, new and cur, where missing
   static bool make_maildir(const std::string& dir, std::string& error) {
@@ -2627,18 +2748,14 @@ class CommandRun {
   // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
   // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
   static std::string reply_for(int exit_code, const std::string& output) {
-    if (exit_code != 0)
-      return "451 Error: the --exec command failed (exit status " + std::to_string(exit_code) +
-             "); try again later";
+    if (exit_code != 0) return reply_exec_failed(exit_code);
     std::string line = output.substr(0, output.find('\n'));
     if (!line.empty() && line.back() == '\r') line.pop_back();
     bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
                     (line.size() == 3 || line[3] == ' ' || line[3] == '-') && line[0] >= '1' &&
                     line[0] <= '5';
     if (!has_code) return "";
-    if (line[0] == '1' || line[0] == '3')
-      return "451 Error: the --exec command replied " + line.substr(0, 3) +
-             ", which does not end a message; try again later";
+    if (line[0] == '1' || line[0] == '3') return reply_exec_not_final(line.substr(0, 3));
     if (line.size() > 3) line[3] = ' ';
     return printable(line).substr(0, kReplyLineLimit);
   }
@@ -2646,14 +2763,11 @@ class CommandRun {
  private:
   void write_input() {
     while (written_ < input_.size()) {
-      auto n = ::write(child_.to_child, input_.data() + written_,
-                       std::min<std::size_t>(input_.size() - written_, 1 << 16));
-      if (n > 0) {
-        written_ += static_cast<std::size_t>(n);
-        continue;
-      }
-      if (n < 0 && would_block(errno)) return;
-      break;  // the command does not read all of it (EPIPE): that is its business
+      PipeResult r = write_pipe(child_.to_child, input_.data() + written_,
+                                std::min(input_.size() - written_, kExecPipeChunk));
+      if (r.status == PipeResult::Status::WouldBlock) return;
+      if (r.status == PipeResult::Status::End) break;  // it does not read it all: its business
+      written_ += r.bytes;
     }
     close_input();
   }
@@ -2666,15 +2780,12 @@ class CommandRun {
 
   // read_output - what the command printed so far; its end closes the pipe
   void read_output() {
-    char buffer[4096];
+    static char buffer[kExecPipeChunk];
     for (;;) {
-      auto n = ::read(child_.from_child, buffer, sizeof buffer);
-      if (n > 0) {
-        if (output_.size() < kExecOutputLimit) output_.append(buffer, static_cast<std::size_t>(n));
-        continue;
-      }
-      if (n < 0 && would_block(errno)) return;
-      break;  // end of its output
+      PipeResult r = read_pipe(child_.from_child, buffer, sizeof buffer);
+      if (r.status == PipeResult::Status::WouldBlock) return;
+      if (r.status == PipeResult::Status::End) break;
+      if (output_.size() < kExecOutputLimit) output_.append(buffer, r.bytes);
     }
     close_output();
   }
@@ -2704,17 +2815,14 @@ class CommandRun {
 
   static std::string cannot_run(const std::string& why) {
     log_line("cannot run the --exec command: " + why);
-    return "451 Error: cannot run the --exec command: " + why;
+    return reply_exec_cannot_run(why);
   }
 
   void on_timeout() {
     timer_ = 0;
     kill_child(child_);
     stop();
-    char seconds[32];
-    std::snprintf(seconds, sizeof seconds, "%g", static_cast<double>(timeout_ms_) / 1000);
-    finish(std::string("451 Error: the --exec command ran longer than ") + seconds +
-           " s and was stopped; try again later");
+    finish(reply_exec_timed_out(timeout_ms_));
   }
 
   // stop - no more events from this run; a command still running is killed and reaped
@@ -2803,8 +2911,7 @@ class DeliveringServer : public ServerMode {
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
-        bool is_accepted = reply.empty() || reply[0] == '2';
-        if (!is_accepted) return verdict(reply);
+        if (!is_accepting(reply)) return verdict(reply);
         std::string refusal = mode_.store(*message);
         verdict(refusal.empty() ? reply : refusal);
       });
@@ -2854,7 +2961,7 @@ struct UpstreamSettings {
   std::string tag = "upstream";          // the same in the -d trace
   std::string name;                      // "host:port", for messages
   std::vector<SocketAddress> addresses;  // tried in order, as smtplib does
-  std::string helo_name;                 // our name in EHLO/HELO/LHLO
+  std::string fqdn;                      // our name in EHLO/HELO/LHLO, as in our greeting
   long long connect_timeout_ms = kConnectTimeoutMs;
   long long reply_timeout_ms = kReplyTimeoutMs;
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
@@ -2969,7 +3076,7 @@ class UpstreamClient {
   void flush() {
     while (!out_.empty()) {
       auto n = ::send(socket_, out_.data(),
-                      static_cast<int>(std::min<std::size_t>(out_.size(), 1 << 20)), kSendFlags);
+                      static_cast<int>(std::min(out_.size(), kUpstreamSendChunk)), kSendFlags);
       if (n > 0) {
         out_.erase(0, static_cast<std::size_t>(n));
         continue;
@@ -2982,7 +3089,7 @@ class UpstreamClient {
   }
 
   void read_replies() {
-    char buffer[16 * 1024];
+    char buffer[kUpstreamReadChunk];
     for (;;) {
       auto n = recv(socket_, buffer, sizeof buffer, 0);
       if (n > 0) {
@@ -3006,7 +3113,7 @@ class UpstreamClient {
       if (!line.empty() && line.back() == '\r') line.pop_back();
       bool is_code = line.size() >= 3 && is_decimal(line.substr(0, 3));
       if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-')) {
-        fail("sent a malformed reply: " + printable(line.substr(0, 80)));
+        fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
         return false;
       }
       if (!reply_.text.empty()) reply_.text += "\r\n";
@@ -3026,7 +3133,7 @@ class UpstreamClient {
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " -> " + printable(reply.text));
     if (!waiting_) {
-      fail("said " + printable(reply.text.substr(0, 80)) + " unasked");
+      fail("said " + printable(reply.text.substr(0, kQuotedLineLimit)) + " unasked");
       return false;
     }
     got_.push_back(reply);
@@ -3179,16 +3286,15 @@ class UpstreamSession {
 
   // greet - EHLO, falling back to HELO when the upstream does not know EHLO; or LHLO
   void greet(const char* verb, std::function<void(const std::string& failure)> then) {
-    client_->send(verb + settings_.helo_name + "\r\n",
-                  [this, verb, then](const UpstreamReply& reply) {
-                    bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
-                    if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
-                    if (!reply.is_positive()) return then(unavailable(reply));
-                    bool is_helo = std::strcmp(verb, "HELO ") == 0;
-                    extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
-                    is_greeted_ = true;
-                    then("");
-                  });
+    client_->send(verb + settings_.fqdn + "\r\n", [this, verb, then](const UpstreamReply& reply) {
+      bool is_ehlo = std::strcmp(verb, "EHLO ") == 0;
+      if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
+      if (!reply.is_positive()) return then(unavailable(reply));
+      bool is_helo = std::strcmp(verb, "HELO ") == 0;
+      extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+      is_greeted_ = true;
+      then("");
+    });
   }
 
   static std::vector<std::string> ehlo_keywords(const std::string& text) {
@@ -3214,10 +3320,10 @@ class UpstreamSession {
       if (key == "SIZE" && offers("SIZE")) command += " " + option;
       if (key == "BODY" && offers("8BITMIME")) command += " " + option;
       if (option == "BODY=8BITMIME" && !offers("8BITMIME"))
-        refusal = "554 5.6.3 Error: the " + settings_.role + " does not accept 8-bit mail";
+        refusal = reply_upstream_no_8bit(settings_.role);
       if (key == "SMTPUTF8" && offers("SMTPUTF8")) command += " SMTPUTF8";
       if (key == "SMTPUTF8" && !offers("SMTPUTF8"))
-        refusal = "553 5.6.7 Error: the " + settings_.role + " does not support SMTPUTF8";
+        refusal = reply_upstream_no_smtputf8(settings_.role);
     }
     return command + "\r\n";
   }
@@ -3230,26 +3336,17 @@ class UpstreamSession {
       in_transaction_ = false;
     }
     if (reply.code == 0) return unavailable(reply);
-    if (reply.code == 421)
-      return "451 Error: " + settings_.role + " " + settings_.name + " closed the session (" +
-             printable(reply.text.substr(0, 200)) + "); try again later";
+    if (reply.code == 421) return reply_upstream_closed(settings_.role, settings_.name, reply.text);
     if (reply.code >= 200 && reply.code < 600 && reply.code / 100 != 3) return reply.text;
-    return "451 Error: unexpected reply from the " + settings_.role + " to " + std::string(step) +
-           ": " + printable(reply.text.substr(0, 200));
+    return reply_upstream_unexpected(settings_.role, step, reply.text);
   }
 
   std::string unavailable(const UpstreamReply& reply) const {
-    if (reply.code == 0)
-      return "451 Error: " + settings_.role + " " + settings_.name + " " + reply.text +
-             "; try again later";
-    return "451 Error: " + settings_.role + " " + settings_.name +
-           " refused the session: " + printable(reply.text.substr(0, 200));
+    if (reply.code == 0) return reply_upstream_failed(settings_.role, settings_.name, reply.text);
+    return reply_upstream_refused(settings_.role, settings_.name, reply.text);
   }
 
-  std::string lost() const {
-    return "451 Error: the connection to " + settings_.role + " " + settings_.name +
-           " was lost; try again later";
-  }
+  std::string lost() const { return reply_upstream_lost(settings_.role, settings_.name); }
 
   Reactor& reactor_;
   const UpstreamSettings& settings_;
@@ -3817,7 +3914,8 @@ constexpr bool kHasTls = false;  // built without TLS: the TLS options say to us
 // through Server::close, which stops its events at once and destroys it after the current
 // callbacks; a verdict that comes in between finds it closed.
 struct Connection {
-  Connection(std::unique_ptr<Transport> io, ChannelConfig config, std::string peer_ip)
+  Connection(std::unique_ptr<Transport> io, std::shared_ptr<const ChannelConfig> config,
+             std::string peer_ip)
       : transport(std::move(io)), channel(std::move(config), std::move(peer_ip)) {}
   ~Connection() { session.reset(); }  // first, while the socket number is still ours
   Connection(const Connection&) = delete;
@@ -3884,11 +3982,12 @@ class ExitPolicy {
   Reactor::TimerId drain_timer_ = 0;
 };
 
+// ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;
-  TransportWrapper wrap_in_tls;  // --tls...: how STARTTLS (or --tls-implicit) starts TLS
-  bool is_tls_implicit = false;  // --tls-implicit: TLS from the first byte (SMTPS)
-  bool debug = false;
+  ChannelConfig channel;           // fqdn, -s, -u, --max-recipients, AUTH, TLS, --reject
+  TransportWrapper wrap_in_tls;    // --tls...: how STARTTLS (or --tls-implicit) starts TLS
+  bool is_tls_implicit = false;    // --tls-implicit: TLS from the first byte (SMTPS)
+  bool debug = false;              // -d
   std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
   long long idle_exit_ms = 0;      // --idle-exit: 0 for never
 };
@@ -3900,13 +3999,14 @@ struct ServerOptions {
 // itself back.
 class Server {
  public:
-  Server(std::vector<socket_t> listeners, ServerOptions options, ServerMode& mode)
-      : options_(std::move(options)),
+  Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
+      : channel_(channel_config(options, mode)),
+        wrap_in_tls_(options.wrap_in_tls),
+        is_tls_implicit_(options.is_tls_implicit),
+        is_debug_(options.debug),
         mode_(mode),
         listeners_(std::move(listeners)),
-        exit_(reactor_, options_.max_messages, options_.idle_exit_ms) {
-    options_.channel.ask_envelope = mode.asks_envelope();
-    if (options_.debug) options_.channel.trace = [](const std::string& line) { log_line(line); };
+        exit_(reactor_, options.max_messages, options.idle_exit_ms) {
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
@@ -3931,8 +4031,18 @@ class Server {
   const std::string& error() const { return reactor_.error(); }
 
  private:
+  // channel_config - what every connection's channel shares: the options, the mode's wish
+  // to decide MAIL and RCPT, the -d trace
+  static std::shared_ptr<const ChannelConfig> channel_config(const ServerOptions& options,
+                                                             const ServerMode& mode) {
+    auto config = std::make_shared<ChannelConfig>(options.channel);
+    config->ask_envelope = mode.asks_envelope();
+    if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
+    return config;
+  }
+
   void trace(const std::string& text) const {
-    if (options_.debug) log_line(text);
+    if (is_debug_) log_line(text);
   }
 
   // -- Accepting: each listener is a watched socket --
@@ -3988,8 +4098,8 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
-    if (options_.is_tls_implicit) transport = options_.wrap_in_tls(std::move(transport));
-    Connection& c = connections_.emplace_back(std::move(transport), options_.channel, ip);
+    if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
+    Connection& c = connections_.emplace_back(std::move(transport), channel_, ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
     reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
@@ -4040,7 +4150,7 @@ class Server {
       case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
       case Channel::Question::Message: {
         Verdict counted = [this, verdict](const std::string& reply) {
-          if ((reply.empty() || reply[0] == '2') && exit_.on_delivered()) stop_listening();
+          if (is_accepting(reply) && exit_.on_delivered()) stop_listening();
           verdict(reply);
         };
         return c.session->on_message(c.channel.take_message(), counted);
@@ -4075,7 +4185,7 @@ class Server {
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
     if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
-      c.transport = options_.wrap_in_tls(std::move(c.transport));
+      c.transport = wrap_in_tls_(std::move(c.transport));
       c.channel.restart_in_tls();
       is_waiting = false;
     }
@@ -4110,7 +4220,7 @@ class Server {
 
   // close_remaining - after the message limit, a 421 to the sessions that are still open
   void close_remaining() {
-    std::string reply = "421 " + options_.channel.fqdn + " " + kClosingLimitReached;
+    std::string reply = reply_closing(channel_->fqdn);
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -4130,7 +4240,10 @@ class Server {
   }
 
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
-  ServerOptions options_;
+  std::shared_ptr<const ChannelConfig> channel_;
+  TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
+  bool is_tls_implicit_;
+  bool is_debug_;
   ServerMode& mode_;
   std::vector<socket_t> listeners_;  // empty once the message limit closed them
   ExitPolicy exit_;
@@ -4154,34 +4267,22 @@ enum ExitStatus {
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
+// Settings - everything the command line decides, each value in the struct of the part that
+// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook
 struct Settings {
   bool setuid = true;
-  bool debug = false;
-  bool enable_smtputf8 = false;
-  std::uint64_t size_limit = kDataSizeDefault;
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  long long connect_timeout_ms = kConnectTimeoutMs;
-  long long reply_timeout_ms = kReplyTimeoutMs;
-  std::string maildir;                                   // --maildir: empty for none
-  std::string mbox;                                      // --mbox: empty for none
-  bool json = false;                                     // --json
-  std::uint64_t max_messages = 0;                        // --max-messages: 0 for no limit
-  std::uint64_t idle_exit_seconds = 0;                   // --idle-exit: 0 for never
-  std::uint64_t max_recipients = kMaxRecipientsDefault;  // --max-recipients: 0 for no limit
-  std::string exec_command;                              // --exec: empty for none
-  long long exec_timeout_ms = kExecTimeoutMs;
-  bool pipelining = false;                      // --pipelining
-  bool auth = false;                            // --auth, --auth-file or --auth-required
-  bool auth_required = false;                   // --auth-required
-  std::shared_ptr<const AuthUsers> auth_users;  // --auth-file: null for anyone
-  std::vector<Refusals::Rule> refusals;         // --reject, in the order given
-  std::optional<std::uint64_t> reject_seed;     // --reject-seed
-  bool tls = false;                             // any --tls option: TLS is on
-  bool tls_implicit = false;                    // --tls-implicit
-  bool tls_required = false;                    // --tls-required
-  std::string tls_cert, tls_key;                // --tls-cert, --tls-key: empty for self-signed
+  ServerOptions server;         // -d, -s, -u, --max-recipients, --max-messages, --idle-exit
+  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout
+  DeliveringServer::Hook exec;  // --exec, --exec-timeout
+  std::string maildir;          // --maildir: empty for none
+  std::string mbox;             // --mbox: empty for none
+  bool json = false;            // --json
+  std::vector<Refusals::Rule> refusals;      // --reject, in the order given
+  std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
 };
 
 class UsageError : public std::runtime_error {
@@ -4364,13 +4465,15 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
 
 // parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
 inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+  ChannelConfig& channel = s.server.channel;
   s.tls_cert = parse_path(result, "tls-cert");
   s.tls_key = parse_path(result, "tls-key");
-  s.tls_implicit = result.count("tls-implicit") > 0;
-  s.tls_required = result.count("tls-required") > 0;
-  s.tls = s.tls_implicit || s.tls_required || result.count("tls") > 0 || !s.tls_cert.empty() ||
-          !s.tls_key.empty();
-  if (s.tls && !kHasTls)
+  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
+  channel.tls_required = result.count("tls-required") > 0;
+  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
+                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
+  channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
+  if (channel.records_tls && !kHasTls)
     throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
   if (s.tls_cert.empty() != s.tls_key.empty())
     throw UsageError("--tls-cert and --tls-key go together");
@@ -4396,16 +4499,19 @@ inline cxxopts::Options build_options() {
       cxxopts::value<std::string>(),
       "CLASS")("s,size",
                "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-               "limit (default 33554432).",
+               "limit (default " +
+                   std::to_string(kDataSizeDefault) + ").",
                cxxopts::value<std::string>(),
                "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
       "connect-timeout",
       "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default 30).",
+      "connection (default " +
+          seconds_text(kConnectTimeoutMs) + ").",
       cxxopts::value<std::string>(),
       "SECONDS")("reply-timeout",
                  "PureProxy: seconds to wait for each reply of the upstream server "
-                 "(default 120).",
+                 "(default " +
+                     seconds_text(kReplyTimeoutMs) + ").",
                  cxxopts::value<std::string>(),
                  "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
       "maildir",
@@ -4426,12 +4532,13 @@ inline cxxopts::Options build_options() {
       cxxopts::value<std::string>(),
       "COMMAND")("exec-timeout",
                  "Seconds the --exec command may run before it is killed and the client "
-                 "gets 451 (default 30).",
+                 "gets 451 (default " +
+                     seconds_text(kExecTimeoutMs) + ").",
                  cxxopts::value<std::string>(), "SECONDS")(
       "max-messages",
       "Exit with status 0 once N messages are delivered and the open "
       "sessions have ended (after at most " +
-          std::to_string(kDrainGraceMs / 1000) + " s more); 0 means no limit (the default).",
+          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
       "N")("max-recipients",
            "Most recipients in one message; further RCPT commands get 452 (default " +
@@ -4480,8 +4587,8 @@ inline cxxopts::Options build_options() {
 }
 
 inline std::string help_text(cxxopts::Options& options) {
-  return options.help() +
-         "\nDefaults: localhost:8025 to listen on, localhost:25 as the upstream.\n"
+  return options.help() + "\nDefaults: " + kDefaultLocal + " to listen on, " + kDefaultRemote +
+         " as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
@@ -4503,15 +4610,16 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   if (result.count("version")) return {std::nullopt, std::string(kVersion) + "\n"};
   Settings s;
   s.setuid = result.count("nosetuid") == 0;
-  s.debug = result.count("debug") > 0;
-  s.enable_smtputf8 = result.count("smtputf8") > 0;
-  if (result.count("size")) s.size_limit = parse_size(result["size"].as<std::string>());
+  s.server.debug = result.count("debug") > 0;
+  s.server.channel.enable_smtputf8 = result.count("smtputf8") > 0;
+  if (result.count("size"))
+    s.server.channel.data_size_limit = parse_size(result["size"].as<std::string>());
   if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
   if (result.count("connect-timeout"))
-    s.connect_timeout_ms =
+    s.upstream.connect_timeout_ms =
         parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
   if (result.count("reply-timeout"))
-    s.reply_timeout_ms =
+    s.upstream.reply_timeout_ms =
         parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
   s.maildir = parse_path(result, "maildir");
   s.mbox = parse_path(result, "mbox");
@@ -4523,22 +4631,26 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
         "DebuggingServer, not with " +
         std::string(mode_name(s.mode)));
   if (result.count("exec")) {
-    s.exec_command = result["exec"].as<std::string>();
-    if (s.exec_command.empty()) throw UsageError("--exec needs a command");
+    s.exec.command = result["exec"].as<std::string>();
+    if (s.exec.command.empty()) throw UsageError("--exec needs a command");
     if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
   }
   if (result.count("exec-timeout"))
-    s.exec_timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
+    s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
-    s.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+    s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
   if (result.count("max-recipients"))
-    s.max_recipients = parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
+    s.server.channel.max_recipients =
+        parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
   if (result.count("idle-exit"))
-    s.idle_exit_seconds = parse_count(result["idle-exit"].as<std::string>(), "--idle-exit");
-  s.pipelining = result.count("pipelining") > 0;
-  s.auth_required = result.count("auth-required") > 0;
-  s.auth = s.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
-  if (result.count("auth-file")) s.auth_users = load_auth_users(parse_path(result, "auth-file"));
+    s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(
+                                       result["idle-exit"].as<std::string>(), "--idle-exit"));
+  s.server.channel.offer_pipelining = result.count("pipelining") > 0;
+  s.server.channel.auth_required = result.count("auth-required") > 0;
+  s.server.channel.offer_auth =
+      s.server.channel.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
+  if (result.count("auth-file"))
+    s.server.channel.auth_users = load_auth_users(parse_path(result, "auth-file"));
   for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
     if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
   if (result.count("reject-seed")) {
@@ -4560,20 +4672,17 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
-// upstream_settings - the relay's upstream, resolved once at start so the loop never waits
+// resolve_upstream - the relay's upstream, resolved once at start so the loop never waits
 // for a name lookup; throws StartError when the name does not resolve
-inline UpstreamSettings upstream_settings(const Settings& s, const std::string& our_name) {
-  UpstreamSettings upstream;
+inline void resolve_upstream(Settings& s) {
+  UpstreamSettings& upstream = s.upstream;
   upstream.name = format_endpoint(s.remote.host, s.remote.port);
   std::string error;
   upstream.addresses = resolve_endpoint(s.remote, error);
   if (upstream.addresses.empty())
     throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
-  upstream.helo_name = our_name;
-  upstream.connect_timeout_ms = s.connect_timeout_ms;
-  upstream.reply_timeout_ms = s.reply_timeout_ms;
-  if (s.debug) upstream.trace = [](const std::string& line) { log_line(line); };
-  return upstream;
+  upstream.fqdn = s.server.channel.fqdn;
+  if (s.server.debug) upstream.trace = [](const std::string& line) { log_line(line); };
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -4586,9 +4695,9 @@ inline MessageOutputs make_stores(const Settings& s) {
 
 // make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
 // stores come before the printer, so a message on stdout is already in the files.
-inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::string& our_name) {
+inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
-  DeliveringServer::Hook hook{s.exec_command, s.exec_timeout_ms};
+  const DeliveringServer::Hook& hook = s.exec;
   switch (s.mode) {
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
@@ -4597,7 +4706,7 @@ inline std::unique_ptr<ServerMode> make_mode(const Settings& s, const std::strin
     }
     case ModeKind::Debugging:
       return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
-    case ModeKind::PureProxy: return std::make_unique<PureProxy>(upstream_settings(s, our_name));
+    case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: break;
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
@@ -4618,36 +4727,26 @@ inline void prepare_outputs(const Settings& s) {
     log_line(error + "; messages get 451 until it can be made");
 }
 
-// configure_extensions - the opt-in extensions of the channel: PIPELINING, AUTH, --reject.
-// Without --reject-seed the seed comes from the system's random source and the clock; -d
-// prints it, so a run worth repeating can be.
-inline void configure_extensions(const Settings& s, ChannelConfig& channel) {
-  channel.offer_pipelining = s.pipelining;
-  channel.offer_auth = s.auth;
-  channel.auth_required = s.auth_required;
-  channel.auth_users = s.auth_users;
-  channel.offer_starttls = s.tls && !s.tls_implicit;
-  channel.records_tls = s.tls;
-  channel.tls_required = s.tls_required;
+// seed_refusals - the --reject rules with their random source. Without --reject-seed the
+// seed comes from the system's random source and the clock; -d prints it, so a run worth
+// repeating can be.
+inline void seed_refusals(Settings& s) {
   if (s.refusals.empty()) return;
   std::uint64_t seed = s.reject_seed ? *s.reject_seed
                                      : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
                                            static_cast<std::uint64_t>(unix_time_us());
-  if (s.debug) log_line("--reject-seed " + std::to_string(seed));
-  channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
+  if (s.server.debug) log_line("--reject-seed " + std::to_string(seed));
+  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
 }
 
 // configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
-inline void configure_tls([[maybe_unused]] const Settings& s,
-                          [[maybe_unused]] const std::string& our_name,
-                          [[maybe_unused]] ServerOptions& options) {
+inline void configure_tls([[maybe_unused]] Settings& s) {
 #ifdef SMTPD_TLS
-  if (!s.tls) return;
+  if (!s.server.channel.records_tls) return;
   try {
-    auto context = s.tls_cert.empty() ? TlsContext::self_signed(our_name)
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
                                       : TlsContext::from_files(s.tls_cert, s.tls_key);
-    options.wrap_in_tls = tls_wrapper(std::move(context));
-    options.is_tls_implicit = s.tls_implicit;
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
   } catch (const std::runtime_error& e) {
     throw UsageError(e.what());
   }
@@ -4660,8 +4759,6 @@ inline int run_smtpd(int argc, const char* const* argv) {
   [[maybe_unused]] SocketRuntime sockets;
   Settings settings;
   std::unique_ptr<ServerMode> mode;
-  std::string our_name;
-  ServerOptions options;
   try {
     CommandLine cl = parse_command_line(argc, argv);
     if (!cl.settings) {
@@ -4669,9 +4766,9 @@ inline int run_smtpd(int argc, const char* const* argv) {
       return kExitOk;
     }
     settings = *cl.settings;
-    our_name = host_name();
-    mode = make_mode(settings, our_name);
-    configure_tls(settings, our_name, options);
+    settings.server.channel.fqdn = getfqdn();
+    mode = make_mode(settings);
+    configure_tls(settings);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
@@ -4698,14 +4795,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     }
   }
   prepare_outputs(settings);
-  options.channel.fqdn = our_name;
-  options.channel.data_size_limit = settings.size_limit;
-  options.channel.enable_smtputf8 = settings.enable_smtputf8;
-  options.channel.max_recipients = static_cast<std::size_t>(settings.max_recipients);
-  configure_extensions(settings, options.channel);
-  options.debug = settings.debug;
-  options.max_messages = settings.max_messages;
-  options.idle_exit_ms = static_cast<long long>(settings.idle_exit_seconds) * 1000;
+  seed_refusals(settings);
   // One "listening on" line, as scripts expect; the other addresses after it
   std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
@@ -4713,12 +4803,12 @@ inline int run_smtpd(int argc, const char* const* argv) {
     std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
   warn_if_open_relay(settings, bound);
-  if (settings.debug)
+  if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
              format_endpoint(settings.remote.host, settings.remote.port));
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
-  Server server(std::move(sockets_to_watch), std::move(options), *mode);
+  Server server(std::move(sockets_to_watch), settings.server, *mode);
   if (!server.run()) {
     log_line(server.error());
     return kExitLoopFailed;

@@ -303,19 +303,20 @@ TEST_CASE("appsetup: --reject STAGE:PATTERN=REPLY is parsed, in order, and check
 
 TEST_CASE("appsetup: --auth, --auth-file, --auth-required and --pipelining on the command line") {
   Settings none = parse({});
-  CHECK_FALSE(none.auth);
-  CHECK_FALSE(none.pipelining);
-  CHECK(parse({"--auth"}).auth);
-  CHECK(parse({"--pipelining"}).pipelining);
+  CHECK_FALSE(none.server.channel.offer_auth);
+  CHECK_FALSE(none.server.channel.offer_pipelining);
+  CHECK(parse({"--auth"}).server.channel.offer_auth);
+  CHECK(parse({"--pipelining"}).server.channel.offer_pipelining);
   Settings required = parse({"--auth-required"});
-  CHECK(required.auth);
-  CHECK(required.auth_required);
-  CHECK(required.auth_users == nullptr);
+  CHECK(required.server.channel.offer_auth);
+  CHECK(required.server.channel.auth_required);
+  CHECK(required.server.channel.auth_users == nullptr);
   TempFile file("# test users\nalice:pw:with:colons\r\n\nbob:\n");
   Settings from_file = parse({"--auth-file", file.path()});
-  CHECK(from_file.auth);
-  REQUIRE(from_file.auth_users != nullptr);
-  CHECK(*from_file.auth_users == AuthUsers{{"alice", "pw:with:colons"}, {"bob", ""}});
+  CHECK(from_file.server.channel.offer_auth);
+  REQUIRE(from_file.server.channel.auth_users != nullptr);
+  CHECK(*from_file.server.channel.auth_users ==
+        AuthUsers{{"alice", "pw:with:colons"}, {"bob", ""}});
   TempFile broken("alice:pw\nno colon here\n");
   CHECK_THROWS_WITH_AS(parse({"--auth-file", broken.path()}),
                        ("--auth-file " + broken.path() + " line 2: expected user:password").c_str(),

@@ -467,7 +467,7 @@ TEST_CASE("command line: defaults, classes and addresses") {
   CommandLine plain = parse_args({});
   REQUIRE(plain.settings);
   CHECK(plain.settings->mode == ModeKind::Debugging);
-  CHECK(plain.settings->size_limit == 33554432);
+  CHECK(plain.settings->server.channel.data_size_limit == 33554432);
   CHECK(plain.settings->local.host == "localhost");
   CHECK(plain.settings->local.port == 8025);
   CHECK(plain.settings->remote.port == 25);
@@ -476,8 +476,8 @@ TEST_CASE("command line: defaults, classes and addresses") {
       parse_args({"-n", "-c", "smtpd.SMTPServer", "-s", "0", "-u", "[::1]:0", "h:2525"});
   REQUIRE(full.settings);
   CHECK(full.settings->mode == ModeKind::Sink);
-  CHECK(full.settings->size_limit == 0);
-  CHECK(full.settings->enable_smtputf8);
+  CHECK(full.settings->server.channel.data_size_limit == 0);
+  CHECK(full.settings->server.channel.enable_smtputf8);
   CHECK(full.settings->local.host == "::1");
   CHECK(full.settings->remote.host == "h");
   CHECK(full.settings->remote.port == 2525);

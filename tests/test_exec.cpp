@@ -101,14 +101,14 @@ TEST_CASE("--exec environment_for: the envelope in five SMTPD_* variables") {
 
 TEST_CASE("--exec and --exec-timeout on the command line") {
   Settings plain = *parse_args({}).settings;
-  CHECK(plain.exec_command == "");
-  CHECK(plain.exec_timeout_ms == 30000);
+  CHECK(plain.exec.command == "");
+  CHECK(plain.exec.timeout_ms == 30000);
   Settings s =
       *parse_args({"-c", "SMTPServer", "--exec", "cat >/dev/null", "--exec-timeout", "2"}).settings;
-  CHECK(s.exec_command == "cat >/dev/null");
-  CHECK(s.exec_timeout_ms == 2000);
-  CHECK(parse_args({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec_timeout_ms == 500);
-  CHECK(parse_args({"-c", "DebuggingServer", "--exec", "true"}).settings->exec_command == "true");
+  CHECK(s.exec.command == "cat >/dev/null");
+  CHECK(s.exec.timeout_ms == 2000);
+  CHECK(parse_args({"--exec", "true", "--exec-timeout", "0.5"}).settings->exec.timeout_ms == 500);
+  CHECK(parse_args({"-c", "DebuggingServer", "--exec", "true"}).settings->exec.command == "true");
   CHECK_THROWS_AS(parse_args({"--exec", ""}), UsageError);
   CHECK_THROWS_AS(parse_args({"-c", "PureProxy", "--exec", "true"}), UsageError);
   CHECK_THROWS_AS(parse_args({"--exec-timeout", "0"}), UsageError);

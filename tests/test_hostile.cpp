@@ -160,8 +160,8 @@ TEST_CASE("9.8 the default recipient limit is 1000; --max-recipients 0 lifts it"
 }
 
 TEST_CASE("9.8 --max-recipients takes a whole number") {
-  CHECK(parse_args({"--max-recipients", "5"}).settings->max_recipients == 5);
-  CHECK(parse_args({}).settings->max_recipients == 1000);
+  CHECK(parse_args({"--max-recipients", "5"}).settings->server.channel.max_recipients == 5);
+  CHECK(parse_args({}).settings->server.channel.max_recipients == 1000);
   CHECK_THROWS_AS(parse_args({"--max-recipients", "-1"}), UsageError);
 }
 

@@ -118,3 +118,15 @@ TEST_CASE("reactor: a poll that fails ends the turn with the reason") {
   CHECK_FALSE(ok);
   CHECK(reactor.error() == "poll failed: " + socket_error_text(EINVAL));
 }
+
+TEST_CASE("the channels of one server share one read-only config; the greeting host is its fqdn") {
+  ChannelConfig options;
+  options.fqdn = "shared.example";
+  auto config = std::make_shared<const ChannelConfig>(options);
+  Channel first(config, "192.0.2.1");
+  Channel second(config, "192.0.2.2");
+  CHECK(&first.fqdn == &config->fqdn);
+  CHECK(&second.fqdn == &config->fqdn);
+  CHECK(config.use_count() == 3);
+  CHECK(first.output() == "220 shared.example " + std::string(kVersion) + "\r\n");
+}

@@ -169,16 +169,16 @@ TEST_CASE("command line: --maildir, --mbox, --json, --max-messages, --idle-exit"
   CHECK(plain.maildir == "");
   CHECK(plain.mbox == "");
   CHECK_FALSE(plain.json);
-  CHECK(plain.max_messages == 0);
-  CHECK(plain.idle_exit_seconds == 0);
+  CHECK(plain.server.max_messages == 0);
+  CHECK(plain.server.idle_exit_ms == 0);
   Settings s = *parse_args({"--maildir", "/tmp/md", "--mbox", "/tmp/mb", "--json", "--max-messages",
                             "3", "--idle-exit", "10"})
                     .settings;
   CHECK(s.maildir == "/tmp/md");
   CHECK(s.mbox == "/tmp/mb");
   CHECK(s.json);
-  CHECK(s.max_messages == 3);
-  CHECK(s.idle_exit_seconds == 10);
+  CHECK(s.server.max_messages == 3);
+  CHECK(s.server.idle_exit_ms == 10000);
   CHECK_THROWS_AS(parse_args({"--max-messages", "-1"}), UsageError);
   CHECK_THROWS_AS(parse_args({"--max-messages", "three"}), UsageError);
   CHECK_THROWS_AS(parse_args({"--idle-exit", "1.5"}), UsageError);
