@@ -102,13 +102,13 @@ constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default u
 constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
 constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
 constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
-constexpr int kListenBacklog = 128;   // smtpd.py uses 5; a burst of test clients needs more
-constexpr long kSelfSignedDays = 30;  // --tls: how long the throwaway certificate is valid
-constexpr int kPortAttempts = 16;     // port 0 on several addresses: ports tried until one is
-                                      // free on all of them
-constexpr int kAcceptBurst = 64;      // connections accepted per loop turn, so reads still run
-constexpr int kPollWakeMs = 1000;     // longest poll() sleep; signals usually wake it sooner
-constexpr int kAcceptPauseMs = 250;   // out of file descriptors: wait this long before accepting
+constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+[[maybe_unused]] constexpr long kSelfSignedDays = 30;  // --tls: the throwaway certificate's days
+constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
+                                     // free on all of them
+constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
+constexpr int kPollWakeMs = 1000;    // longest poll() sleep; signals usually wake it sooner
+constexpr int kAcceptPauseMs = 250;  // out of file descriptors: wait this long before accepting
 constexpr unsigned long kMaxDescriptors = 1UL << 20;  // the soft limit is raised up to this
 constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reaching the upstream
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
