@@ -522,9 +522,21 @@ inline int connect_error(socket_t s) {
   return err;
 }
 
-// is_loopback_host - 127.0.0.0/8, ::1 or "localhost": where a relay is not an open relay
+// is_loopback_host - "localhost", ::1 or a dotted quad in 127.0.0.0/8: where a relay is not
+// an open relay. A name that merely starts with "127." (127.example.net) is not loopback.
 inline bool is_loopback_host(const std::string& host) {
-  return host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+  if (host == "localhost" || host == "::1") return true;
+  int parts = 0;
+  for (std::size_t start = 0; start != std::string::npos; ++parts) {
+    std::size_t dot = host.find('.', start);
+    std::string part = host.substr(start, dot == std::string::npos ? dot : dot - start);
+    bool number = !part.empty() && part.size() <= 3 &&
+                  part.find_first_not_of("0123456789") == std::string::npos &&
+                  std::stoi(part) <= 255;
+    if (!number || (parts == 0 && part != "127")) return false;
+    start = dot == std::string::npos ? dot : dot + 1;
+  }
+  return parts == 4;
 }
 
 // Files, for the Maildir and mbox outputs: a message counts as kept only once it is on disk,
@@ -893,12 +905,14 @@ inline std::string python_list_repr(const std::vector<std::string>& items) {
   return out + "]";
 }
 
-// printable - bytes made safe for a one-line log or error message
-inline std::string printable(std::string_view s) {
+// printable - bytes made safe for a one-line log or error message: control characters as
+// \xNN, and with keep_non_ascii false the bytes above 0x7F too: a reply that echoes part of a
+// command is ASCII unless the transaction is SMTPUTF8, as smtpd.py encodes its replies
+inline std::string printable(std::string_view s, bool keep_non_ascii = true) {
   std::string out;
   for (char ch : s) {
     unsigned char c = static_cast<unsigned char>(ch);
-    if (c < 0x20 || c == 0x7F) {
+    if (c < 0x20 || c == 0x7F || (c > 0x7F && !keep_non_ascii)) {
       char buf[8];
       std::snprintf(buf, sizeof buf, "\\x%02x", c);
       out += buf;
@@ -1142,7 +1156,7 @@ class AddressParser {
  public:
   explicit AddressParser(std::string_view text) : s_(text) {}
 
-  // parse_angle_or_spec - smtpd.py _getaddr on a non-empty argument
+  // parse - smtpd.py _getaddr on a non-empty argument
   std::optional<ParsedAddress> parse() {
     try {
       std::string address = (python_lstrip(s_).substr(0, 1) == "<") ? angle_addr() : addr_spec();
@@ -2030,7 +2044,9 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   for (const Command& command : kCommands) {
     if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
   }
-  push(reply_unknown_command(verb));
+  // differs from smtpd.py: Python echoes the verb as it came, and a non-ASCII one makes its
+  // reply fail to encode, which drops the connection.
+  push(reply_unknown_command(printable(verb, require_smtputf8)));
 }
 
 // is_offered - false for an extension's verb when its option is off: then it is unknown
@@ -2112,7 +2128,7 @@ void Channel::cmd_vrfy(const Arg& arg) {
   if (has_control_character(*arg, true) || (parsed && has_control_character(parsed->address)))
     return push(kReplyControlInAddress);
   if (parsed && !parsed->address.empty()) return push(kReplyVrfyCannot);
-  push(reply_cannot_vrfy(*arg));
+  push(reply_cannot_vrfy(printable(*arg, require_smtputf8)));
 }
 
 // syntax_of - a verb's syntax from kCommands; after EHLO, MAIL and RCPT take parameters too
@@ -2221,6 +2237,8 @@ void Channel::cmd_rcpt(const Arg& arg) {
   std::vector<std::string> options = python_split(ascii_upper(parsed->rest));
   auto params = parse_params(options);
   if (!params) return push(syntax);
+  // differs from smtpd.py: Python has already stored the parameters as the message's
+  // rcpt_options, so the refused ones of the last RCPT reach the message; here they do not.
   if (!params->empty()) return push(kReplyRcptParams);  // no RCPT parameter is known
   if (is_refused(Refusals::Stage::Rcpt, {parsed->address})) return;
   if (config_->ask_envelope) return ask(Question::Rcpt, parsed->address);

@@ -1,6 +1,7 @@
 // fuzz_channel.cpp - libFuzzer target for the SMTP channel: arbitrary bytes, split into
 // arbitrary reads, with the mode answering every question, must never crash the channel,
-// break its invariants, or let its buffers grow past their bounds.
+// break its invariants (replies are whole CRLF lines, ASCII unless SMTPUTF8 is on), or let
+// its buffers grow past their bounds.
 //
 //   make fuzz                 (clang++ -fsanitize=fuzzer,address,undefined; runs 60 s)
 #define SMTPD_NO_MAIN
@@ -29,6 +30,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     }
     const std::string& out = channel.output();
     if (!out.empty() && out.compare(out.size() - 2, 2, "\r\n") != 0) __builtin_trap();
+    // Replies are ASCII unless SMTPUTF8 is on, and every CR and LF is part of a line end.
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      unsigned char c = static_cast<unsigned char>(out[i]);
+      if (c >= 0x80 && !config.enable_smtputf8) __builtin_trap();
+      if (c == '\r' && (i + 1 == out.size() || out[i + 1] != '\n')) __builtin_trap();
+      if (c == '\n' && (i == 0 || out[i - 1] != '\r')) __builtin_trap();
+    }
     if (channel.received_lines.size() > kLongestCommand + 2 + chunk &&
         channel.smtp_state == Channel::State::Command)
       __builtin_trap();

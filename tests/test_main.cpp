@@ -11,6 +11,7 @@
 #include "../smtpd.cpp"
 #include "test_appsetup.cpp"
 #include "test_channel.cpp"
+#include "test_compat.cpp"
 #include "test_e2e.cpp"
 #include "test_exec.cpp"
 #include "test_hostile.cpp"
