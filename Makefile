@@ -8,6 +8,7 @@
 #                       the last line is "N passed, M failed".  Doctest options go in TEST_ARGS:
 #                       make test TEST_ARGS='-tc="*EHLO*" -s'
 #   make test-asan      the same suite under AddressSanitizer + UBSan (smtpd-asan, run_tests_asan)
+#   make fuzz           each fuzz/fuzz_*.cpp target under libFuzzer, FUZZ_SECONDS (60) each
 #   make install        PREFIX=/usr/local, DESTDIR= : bin/smtpd, share/man/man1/smtpd.1
 #   make uninstall
 #   make deps           check for everything the build and tests need; on Debian, as root,
@@ -147,20 +148,24 @@ windows: build-win/smtpd.exe build-win/run_tests.exe
 	$(WINE_ENV) timeout 300 python3 tests/windows-smoke.py wine build-win/smtpd.exe
 	$(WINE_ENV) wineserver -k 2>/dev/null || true
 
-# fuzz: the channel under libFuzzer (clang, libclang-rt-14-dev on Debian) for FUZZ_SECONDS,
-# from a seed dialogue made here; a crash or broken invariant stops it with a non-zero status.
+# fuzz: every fuzz/fuzz_*.cpp target under libFuzzer (clang, libclang-rt-14-dev on Debian),
+# FUZZ_SECONDS each (FUZZ_SECONDS=600 for a long run), from the seeds in fuzz/seeds/TARGET;
+# the channel, the address parser and the proxy's client side (the upstream's replies).
+# A crash or broken invariant stops a target with a non-zero status, and make fuzz fails.
 FUZZ_SECONDS ?= 60
 FUZZ_CXX ?= clang++
-fuzz/fuzz_channel: fuzz/fuzz_channel.cpp smtpd.cpp | deps
+FUZZ_TARGETS := $(patsubst %.cpp,%,$(wildcard fuzz/fuzz_*.cpp))
+fuzz/fuzz_%: fuzz/fuzz_%.cpp smtpd.cpp | deps
 	$(FUZZ_CXX) $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) $< -o $@
 
-fuzz: fuzz/fuzz_channel
-	@corpus=$$(mktemp -d) && \
-	printf '\005\007EHLO a\r\nMAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n..y\r\n.\r\nQUIT\r\n' \
-	    > "$$corpus/seed" && \
-	./fuzz/fuzz_channel -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
-	    "$$corpus" > "$$corpus.log" 2>&1; status=$$?; tail -n 12 "$$corpus.log"; \
-	rm -rf "$$corpus" "$$corpus.log"; exit $$status
+fuzz: $(FUZZ_TARGETS)
+	@status=0; for target in $(FUZZ_TARGETS); do \
+	    corpus=$$(mktemp -d) && cp fuzz/seeds/$$(basename $$target)/* "$$corpus"/ && \
+	    echo "== $$target ($(FUZZ_SECONDS) s)" && \
+	    ./$$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
+	        "$$corpus" > "$$corpus.log" 2>&1 || status=1; \
+	    tail -n 12 "$$corpus.log"; rm -rf "$$corpus" "$$corpus.log"; \
+	done; exit $$status
 
 # format-check: the layout .clang-format describes, checked rather than applied
 FORMAT_SOURCES := smtpd.cpp $(wildcard tests/*.cpp tests/*.hpp fuzz/*.cpp)
@@ -169,5 +174,5 @@ format-check:
 	clang-format --dry-run --Werror $(FORMAT_SOURCES)
 
 clean:
-	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags fuzz/fuzz_channel
+	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags $(FUZZ_TARGETS)
 	rm -rf build build-win

@@ -34,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <list>
 #include <map>
@@ -132,7 +133,19 @@ constexpr int kKillWaitRounds = 100;             // after a kill, looked for thi
 constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
 constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
-constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
+// --timeout: RFC 5321 4.5.3.2 gives a server at least 5 minutes for each command; a client
+// that trickles bytes cannot stretch one command past it (issue 9.7). In DATA the time runs
+// between reads, and the whole message gets kDataDeadlineFactor times as long.
+constexpr long long kCommandTimeoutMs = 300 * 1000;
+constexpr long long kDataDeadlineFactor = 10;
+constexpr int kDrainGraceMs = 5000;
+// SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
+// finish before they hear 421; idle ones hear it at once (issue 9.9)
+constexpr int kShutdownGraceMs = 5000;
+// stdout and stderr on a pipe nobody reads (issue 9.6): trace lines queue up to this much,
+// then are dropped and counted; at exit, what is queued gets this long to leave
+constexpr std::size_t kTraceBacklog = 256 * 1024;
+constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
@@ -202,7 +215,7 @@ struct SocketRuntime {
 
 std::atomic<bool> g_stop_requested{false};
 inline BOOL WINAPI on_console_event(DWORD) {
-  g_stop_requested = true;
+  if (g_stop_requested.exchange(true)) std::_Exit(130);  // the second one: at once
   return TRUE;
 }
 // install_stop_handlers - Ctrl-C and console close end the loop cleanly
@@ -213,6 +226,10 @@ inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
 inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
 inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
+inline bool set_output_nonblocking(int) { return false; }  // WSAPoll takes sockets only
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return _write(fd, data, static_cast<unsigned>(std::min<std::size_t>(size, 1 << 30)));
+}
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -255,7 +272,10 @@ inline bool connect_in_progress(int err) { return err == EINPROGRESS || err == E
 struct SocketRuntime {};
 
 std::atomic<bool> g_stop_requested{false};
-extern "C" inline void on_stop_signal(int) { g_stop_requested = true; }
+// on_stop_signal - the first SIGINT/SIGTERM asks for a graceful stop; a second ends us at once
+extern "C" inline void on_stop_signal(int sig) {
+  if (g_stop_requested.exchange(true)) _exit(128 + sig);
+}
 
 // install_stop_handlers - SIGINT/SIGTERM end the loop; no SA_RESTART so poll() wakes at once
 inline void install_stop_handlers() {
@@ -269,6 +289,19 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// set_output_nonblocking - stdout or stderr on a pipe or socket could wait forever for its
+// reader: its writes fail with EAGAIN instead (issue 9.6). Files and terminals stay blocking
+// (O_NONBLOCK on a terminal would reach the shell that shares it).
+inline bool set_output_nonblocking(int fd) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return false;
+  int flags = fcntl(fd, F_GETFL);
+  return flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0;
+}
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return static_cast<long>(::write(fd, data, size));
+}
 
 // open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
 // Started with them closed (smtpd <&- >&-), the listener and the first clients would take
@@ -743,8 +776,9 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
 // check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), and
-// our name (getfqdn).
+// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), our
+// name (getfqdn), and stdout and stderr as queues the loop never waits on (OutputQueue,
+// log_line).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -1132,10 +1166,117 @@ inline std::string getfqdn() {
 }
 
 // log_line - one line on stderr, prefixed with the program name
-inline void log_line(const std::string& text) {
-  std::fprintf(stderr, "smtpd: %s\n", text.c_str());
-  std::fflush(stderr);
+// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
+// pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
+// dropped and counted; a print-out of a message whole, and whoever waits on it is told once it
+// is written. The loop polls the stream while text waits (section 9); on a file or terminal
+// every write completes at once, as before.
+class OutputQueue {
+ public:
+  using Written = std::function<void(const std::string& error)>;  // "" when written
+  explicit OutputQueue(int fd) : fd_(fd) {}
+
+  void make_nonblocking() { is_nonblocking_ = set_output_nonblocking(fd_); }
+  bool is_nonblocking() const { return is_nonblocking_; }
+  bool has_pending() const { return !chunks_.empty(); }
+  int fd() const { return fd_; }
+  std::uint64_t dropped() const { return dropped_; }
+
+  // trace - a line that may be lost rather than waited for
+  void trace(std::string text) {
+    if (queued_ + text.size() > kTraceBacklog) {
+      ++dropped_;
+      ++dropped_unsaid_;
+      return;
+    }
+    push(std::move(text), nullptr);
+  }
+
+  // print - text that must be written whole; `written` is called from a later flush (or now)
+  std::uint64_t print(std::string text, Written written) {
+    return push(std::move(text), std::move(written));
+  }
+
+  // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
+  void forget(std::uint64_t id) {
+    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
+      if (it->id != id) continue;
+      it->written_to = nullptr;
+      if (it->done != 0) return;
+      queued_ -= it->text.size();
+      chunks_.erase(it);
+      return;
+    }
+  }
+
+  // flush - write what the stream takes now, never waiting
+  void flush() {
+    while (!chunks_.empty()) {
+      Chunk& c = chunks_.front();
+      long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
+      if (n < 0 && would_block(errno)) return;
+      std::string error;
+      if (n < 0)
+        error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
+                std::strerror(errno);
+      if (n >= 0) c.done += static_cast<std::size_t>(n);
+      if (error.empty() && c.done < c.text.size()) continue;
+      Written written = std::move(c.written_to);
+      queued_ -= c.text.size();
+      chunks_.pop_front();
+      if (written) written(error);
+    }
+    if (dropped_unsaid_ != 0) {
+      std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
+                         " trace lines dropped: standard error was not read\n";
+      push(std::move(note), nullptr);
+    }
+  }
+
+  // drain - at exit: wait (at most max_ms) for what is queued to leave
+  void drain(int max_ms) {
+    for (int waited = 0; waited < max_ms && has_pending(); waited += 10) {
+      flush();
+      if (has_pending()) sleep_ms(10);
+    }
+  }
+
+ private:
+  struct Chunk {
+    std::string text;
+    std::size_t done = 0;  // bytes of text already written
+    std::uint64_t id = 0;
+    Written written_to;
+  };
+
+  std::uint64_t push(std::string text, Written written) {
+    queued_ += text.size();
+    chunks_.push_back(Chunk{std::move(text), 0, ++last_id_, std::move(written)});
+    std::uint64_t id = last_id_;
+    flush();
+    return id;
+  }
+
+  int fd_;
+  bool is_nonblocking_ = false;
+  std::deque<Chunk> chunks_;
+  std::size_t queued_ = 0;  // bytes in chunks_
+  std::uint64_t last_id_ = 0;
+  std::uint64_t dropped_ = 0;         // trace lines dropped so far
+  std::uint64_t dropped_unsaid_ = 0;  // ... and not yet reported
+};
+
+inline OutputQueue& standard_output() {
+  static OutputQueue queue(1);
+  return queue;
 }
+inline OutputQueue& standard_error() {
+  static OutputQueue queue(2);
+  return queue;
+}
+
+// log_line - "smtpd: text" on stderr; dropped (and counted) rather than waited for
+inline void log_line(const std::string& text) { standard_error().trace("smtpd: " + text + "\n"); }
 
 // ==== 5. Addresses ====
 // smtpd.py reads the address of MAIL, RCPT and VRFY with get_angle_addr/get_addr_spec from
@@ -1254,6 +1395,10 @@ class AddressParser {
     if (at_end()) throw Refused{};
     std::vector<Piece> pieces;
     std::size_t start = pos_;
+    // Python raises when only CFWS comes before a phrase end: "(c)@x" (found by fuzz_address)
+    skip_cfws();
+    if (at_end() || (peek() != '\\' && is_phrase_end(peek()))) throw Refused{};
+    pos_ = start;
     while (!at_end() && (peek() == '\\' || !is_phrase_end(peek()))) {
       if (peek() == '.') {
         pieces.push_back({Piece::Dot, "."});
@@ -1496,6 +1641,9 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
+constexpr const char* kClosingTimeout = "Error: timeout exceeded";  // as Postfix says it
+constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
+constexpr const char* kClosingTooMany = "Error: too many connections; try again later";
 // AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
 // of LOGIN are "Username:" and "Password:" in base64, as every client expects.
 constexpr const char* kReplyAuthOk = "235 2.7.0 Authentication successful";
@@ -1527,9 +1675,10 @@ inline std::string reply_unknown_command(const std::string& verb) {
 inline std::string reply_cannot_vrfy(const std::string& argument) {
   return "502 Could not VRFY " + argument;
 }
-// reply_closing - the 421 to sessions still open when the message limit ends the server
-inline std::string reply_closing(const std::string& fqdn) {
-  return "421 " + fqdn + " " + kClosingLimitReached;
+// reply_closing - "421 <fqdn> <why>": the server closes the session (the message limit, a
+// timeout, shutdown, too many clients)
+inline std::string reply_closing(const std::string& fqdn, const char* why = kClosingLimitReached) {
+  return "421 " + fqdn + " " + why;
 }
 
 // --exec (CommandRun): a command that cannot decide gets the client a 451, so it retries
@@ -1636,15 +1785,16 @@ struct ChannelConfig {
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
-  bool offer_pipelining = false;                       // --pipelining: announce PIPELINING
-  bool offer_starttls = false;                         // --tls...: announce and accept STARTTLS
-  bool records_tls = false;                            // TLS is on: messages say if they used it
-  bool tls_required = false;                           // --tls-required: no MAIL, AUTH before TLS
-  bool offer_auth = false;                             // --auth...: announce and accept AUTH
-  bool auth_required = false;                          // --auth-required: no MAIL before AUTH
-  std::shared_ptr<const AuthUsers> auth_users;         // --auth-file; null: anyone logs in
-  std::shared_ptr<Refusals> refusals;                  // --reject; null: none
-  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
+  bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
+  bool offer_pipelining = false;  // --pipelining: announce PIPELINING
+  bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
+  bool records_tls = false;       // TLS is on: messages say whether they came through it
+  bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
+  bool offer_auth = false;        // --auth...: announce and accept AUTH
+  bool auth_required = false;     // --auth-required: no MAIL before AUTH
+  std::shared_ptr<const AuthUsers> auth_users;    // --auth-file; null: anyone logs in
+  std::shared_ptr<Refusals> refusals;             // --reject; null: none
+  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1681,6 +1831,7 @@ class Channel {
   void answer(const std::string& reply);
   void close_with(const std::string& reply);
   bool wants_input() const;
+  std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
   void restart_in_tls();
 
@@ -1763,6 +1914,7 @@ class Channel {
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
   bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
   AuthStep auth_step_ = AuthStep::None;
   std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
@@ -1919,6 +2071,7 @@ bool Channel::process_data_bytes() {
 
 // append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
 void Channel::append_data(std::string_view bytes) {
+  ++progress_;
   data_bytes_ += bytes.size();
   std::uint64_t limit = config_->data_size_limit;
   // The CRLF before the final dot is not message data, so the count may run 2 over.
@@ -1927,7 +2080,7 @@ void Channel::append_data(std::string_view bytes) {
     received_data.clear();
     received_data.shrink_to_fit();
   }
-  if (data_too_big_) return;
+  if (data_too_big_ || !config_->keep_data) return;  // counted, not kept (issue 9.8)
   if (bytes == "\r\n")
     received_data += '\n';
   else
@@ -1976,6 +2129,7 @@ Envelope Channel::take_message() {
 void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
+  ++progress_;
   bool accepted = is_accepting(reply);
   if (question == Question::Message) {
     set_post_data_state();
@@ -2027,6 +2181,7 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
+  ++progress_;
   if (auth_step_ != AuthStep::None) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
   std::string_view shown = line.substr(0, kTraceLineLimit);
@@ -2378,7 +2533,7 @@ void Channel::log_in(const std::string& user, const std::string& password) {
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
 //   MessageOutput, StreamPrinter, MaildirStore, MboxStore, format_debug_message,
 //   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
-//   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
+//   RecipientsFile, CommandRun (one run of the --exec command), DeliveringServer, SinkServer,
 //   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
 // Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
 // timer, and run a task after the current callbacks. That last one is the only guard against
@@ -2432,6 +2587,7 @@ class ServerMode {
  public:
   virtual ~ServerMode() = default;
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
+  virtual bool keeps_data() const { return true; }      // false: message text is not needed
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
 };
 
@@ -2473,24 +2629,30 @@ inline std::string session_header_lines(const Envelope& envelope) {
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
 // (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
-inline std::string format_debug_message(const Envelope& envelope) {
-  std::string out = "---------- MESSAGE FOLLOWS ----------\n";
+// It works on the message text in place (it is usually the last use of it), so printing a
+// message costs little more memory than the message itself (issue 9.8).
+inline std::string format_debug_message(Envelope envelope) {
+  std::string head = "---------- MESSAGE FOLLOWS ----------\n";
   if (!envelope.mail_options.empty())
-    out += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
+    head += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
   if (!envelope.rcpt_options.empty())
-    out += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
-  bool in_headers = true;
-  for (std::string_view line : split_python_lines(envelope.data)) {
-    if (in_headers && line.empty()) {
-      out += "X-Peer: " + envelope.peer + "\n";  // none if the message has no empty line
-      out += session_header_lines(envelope);
-      in_headers = false;
-    }
-    out.append(line.data(), line.size());
-    out += '\n';
+    head += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
+  std::string& text = envelope.data;
+  std::size_t to = 0;  // line ends as bytes.splitlines() finds them ("\r\n", "\r", "\n") -> "\n"
+  for (std::size_t from = 0; from < text.size(); ++from, ++to) {
+    bool is_crlf = text[from] == '\r' && from + 1 < text.size() && text[from + 1] == '\n';
+    text[to] = text[from] == '\r' ? '\n' : text[from];
+    if (is_crlf) ++from;
   }
-  out += "------------ END MESSAGE ------------\n";
-  return out;
+  text.resize(to);
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  std::size_t blank = text.empty() ? std::string::npos : text[0] == '\n' ? 0 : text.find("\n\n");
+  if (blank != std::string::npos && blank != 0) ++blank;  // the empty line after that "\n"
+  if (blank != std::string::npos)                         // none if the message has no empty line
+    text.insert(blank, "X-Peer: " + envelope.peer + "\n" + session_header_lines(envelope));
+  text.insert(0, head);
+  text += "------------ END MESSAGE ------------\n";
+  return std::move(text);
 }
 
 // session_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not log
@@ -2507,7 +2669,7 @@ inline std::string session_json(const Envelope& envelope) {
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
 // text when it is UTF-8, else as base64, and data_encoding says which
-inline std::string format_json_message(const Envelope& envelope) {
+inline std::string format_json_message(Envelope envelope) {
   bool is_text = is_valid_utf8(envelope.data);
   return "{\"peer\": " + json_string(envelope.peer) +
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
@@ -2519,25 +2681,61 @@ inline std::string format_json_message(const Envelope& envelope) {
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
 }
 
-// StreamPrinter - each message, formatted, on a stream (stdout); flushed before the 250
-class StreamPrinter : public MessageOutput {
+// StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
+// 250 waits until it is written. A reader that does not read for timeout_ms (--timeout) gets
+// the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
+class StreamPrinter {
  public:
-  using Format = std::string (*)(const Envelope&);
-  StreamPrinter(std::FILE* out, Format format) : out_(out), format_(format) {}
-  bool deliver(const Envelope& envelope, std::string& error) override {
-    std::string text = format_(envelope);
-    errno = 0;
-    bool is_written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
-    if (std::fflush(out_) == 0 && is_written) return true;
-    error = std::string("cannot write to standard output: ") +
-            (errno != 0 ? std::strerror(errno) : "write error");
-    std::clearerr(out_);
-    return false;
+  using Format = std::string (*)(Envelope);                    // may take the text over
+  using Done = std::function<void(const std::string& error)>;  // "" once printed
+  StreamPrinter(OutputQueue& out, Format format, long long timeout_ms)
+      : out_(out), format_(format), timeout_ms_(timeout_ms) {}
+
+  // Job - one print-out on its way; destroyed, it no longer calls back
+  class Job {
+   public:
+    Job(Reactor& reactor, OutputQueue& out) : reactor_(reactor), out_(out) {}
+    ~Job() {
+      reactor_.cancel_timer(timer_);
+      if (id_ != 0) out_.forget(id_);
+    }
+    Job(const Job&) = delete;
+    Job& operator=(const Job&) = delete;
+
+   private:
+    friend class StreamPrinter;
+    void end(const std::string& error) {
+      reactor_.cancel_timer(std::exchange(timer_, 0));
+      if (done_) std::exchange(done_, nullptr)(error);
+    }
+    Reactor& reactor_;
+    OutputQueue& out_;
+    std::uint64_t id_ = 0;
+    Reactor::TimerId timer_ = 0;
+    Done done_;
+  };
+
+  std::unique_ptr<Job> print(Reactor& reactor, Envelope envelope, Done done) {
+    auto job = std::make_unique<Job>(reactor, out_);
+    job->done_ = std::move(done);
+    Job* self = job.get();
+    job->timer_ = reactor.start_timer(timeout_ms_, [self] {
+      self->timer_ = 0;
+      self->out_.forget(std::exchange(self->id_, 0));
+      self->end("standard output is not being read");
+    });
+    std::uint64_t id = out_.print(format_(std::move(envelope)), [self](const std::string& error) {
+      self->id_ = 0;
+      self->end(error);
+    });
+    if (self->done_) self->id_ = id;  // else it was written at once, and `done` has run
+    return job;
   }
 
  private:
-  std::FILE* out_;
+  OutputQueue& out_;
   Format format_;
+  long long timeout_ms_;
 };
 
 // message_file_text - the message as a file holds it: the session's header lines first, then
@@ -2597,7 +2795,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, message_file_text(envelope), error)) return false;
+    if (!write_synced(tmp, session_header_lines(envelope), envelope.data, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2608,11 +2806,15 @@ class MaildirStore : public MessageOutput {
   }
 
  private:
-  // write_synced - a new file with these bytes, on disk when this returns true
-  static bool write_synced(const std::string& path, std::string_view text, std::string& error) {
+  // write_synced - a new file with the message (message_file_text, written without a copy),
+  // on disk when this returns true
+  static bool write_synced(const std::string& path, std::string_view head, std::string_view data,
+                           std::string& error) {
     File file;
     if (!file.create_new(path, error)) return false;
-    if (file.write_all(text, error) && file.sync(error) && file.close(error)) return true;
+    if (file.write_all(head, error) && file.write_all(data, error) && file.write_all("\n", error) &&
+        file.sync(error) && file.close(error))
+      return true;
     remove_file(path);
     return false;
   }
@@ -2896,11 +3098,15 @@ class DeliveringServer : public ServerMode {
     long long timeout_ms = kExecTimeoutMs;
   };
 
-  DeliveringServer(MessageOutputs outputs, Hook hook)
-      : outputs_(std::move(outputs)), hook_(std::move(hook)) {}
+  DeliveringServer(MessageOutputs outputs, Hook hook, std::unique_ptr<StreamPrinter> printer = {})
+      : outputs_(std::move(outputs)), hook_(std::move(hook)), printer_(std::move(printer)) {}
 
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
     return std::make_unique<Session>(*this, reactor);
+  }
+  // keeps_data - a sink with no output and no command throws the text away: never store it
+  bool keeps_data() const override {
+    return !outputs_.empty() || !hook_.command.empty() || printer_ != nullptr;
   }
 
   // store - the message to every output; "" once all have it, else the 451 to send
@@ -2915,34 +3121,45 @@ class DeliveringServer : public ServerMode {
     return "";
   }
 
- protected:
-  void add_output(std::unique_ptr<MessageOutput> output) { outputs_.push_back(std::move(output)); }
-
  private:
   class Session : public ModeSession {
    public:
     Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
+      if (mode_.hook_.command.empty()) return keep(envelope, "", verdict);
       auto message = std::make_shared<Envelope>(std::move(envelope));
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         if (!is_accepting(reply)) return verdict(reply);
-        std::string refusal = mode_.store(*message);
-        verdict(refusal.empty() ? reply : refusal);
+        keep(*message, reply, verdict);
       });
     }
 
    private:
+    // keep - the stores, then the print-out; the verdict is `reply` once all have it
+    void keep(Envelope& envelope, const std::string& reply, const Verdict& verdict) {
+      std::string refusal = mode_.store(envelope);
+      if (!refusal.empty() || !mode_.printer_) return verdict(refusal.empty() ? reply : refusal);
+      reactor_.dispose(std::move(printing_));  // a finished job: its verdict may have led here
+      printing_ = mode_.printer_->print(reactor_, std::move(envelope),
+                                        [reply, verdict](const std::string& error) {
+                                          if (error.empty()) return verdict(reply);
+                                          log_line("could not print a message: " + error);
+                                          verdict(not_stored_reply(error));
+                                        });
+    }
+
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<StreamPrinter::Job> printing_;
   };
 
   MessageOutputs outputs_;
   Hook hook_;
+  std::unique_ptr<StreamPrinter> printer_;  // stdout: DebuggingServer, or SMTPServer --json
 };
 
 // SinkServer - SMTPServer: accepts every message; keeps it only where outputs say (--maildir,
@@ -2951,19 +3168,18 @@ class DeliveringServer : public ServerMode {
 // the connection; on the command line "override process_message" is --exec.
 class SinkServer : public DeliveringServer {
  public:
-  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {}
+  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {},
+                      std::unique_ptr<StreamPrinter> printer = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
-// DebuggingServer - prints each message on a stream, after the other outputs (so a printed
-// message is already stored), flushed before the client hears 250; --json changes the format
+// DebuggingServer - prints each message on stdout, after the other outputs (so a printed
+// message is already stored), written before the client hears 250; --json changes the format
 class DebuggingServer : public DeliveringServer {
  public:
-  explicit DebuggingServer(std::FILE* out, MessageOutputs outputs = {},
-                           StreamPrinter::Format format = format_debug_message, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {
-    add_output(std::make_unique<StreamPrinter>(out, format));
-  }
+  explicit DebuggingServer(std::unique_ptr<StreamPrinter> printer, MessageOutputs outputs = {},
+                           Hook hook = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
@@ -3129,8 +3345,13 @@ class UpstreamClient {
       std::string line = in_.substr(0, end);
       in_.erase(0, end + 1);
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      bool is_code = line.size() >= 3 && is_decimal(line.substr(0, 3));
-      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-')) {
+      // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
+      bool is_code =
+          line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
+      // A CR or other control character inside a line would reach our client in the relayed
+      // reply (found by fuzz_upstream): that is as malformed as a missing code.
+      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
+          has_control_character(line, true)) {
         fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
         return false;
       }
@@ -3945,6 +4166,9 @@ struct Connection {
   std::list<Connection>::iterator self;  // its place in Server::connections_
   bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
   bool is_closed = false;                // no more events; destroyed after the current callbacks
+  Reactor::TimerId command_timer = 0;    // --timeout for the command (or DATA read) awaited
+  Reactor::TimerId data_timer = 0;       // --timeout times kDataDeadlineFactor for all of DATA
+  std::uint64_t progress_seen = 0;       // channel.progress() when command_timer last started
 };
 
 // ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
@@ -4002,12 +4226,14 @@ class ExitPolicy {
 
 // ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;           // fqdn, -s, -u, --max-recipients, AUTH, TLS, --reject
-  TransportWrapper wrap_in_tls;    // --tls...: how STARTTLS (or --tls-implicit) starts TLS
-  bool is_tls_implicit = false;    // --tls-implicit: TLS from the first byte (SMTPS)
-  bool debug = false;              // -d
-  std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
-  long long idle_exit_ms = 0;      // --idle-exit: 0 for never
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
+  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
+  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
+  bool debug = false;                                // -d
+  std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
+  long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
+  long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
+  std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
 // Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
@@ -4024,7 +4250,9 @@ class Server {
         is_debug_(options.debug),
         mode_(mode),
         listeners_(std::move(listeners)),
-        exit_(reactor_, options.max_messages, options.idle_exit_ms) {
+        exit_(reactor_, options.max_messages, options.idle_exit_ms),
+        command_timeout_ms_(options.command_timeout_ms),
+        max_clients_(options.max_clients) {
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
@@ -4039,9 +4267,12 @@ class Server {
   // run - serve until a stop is requested or the exit policy says so, then give queued
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
-    while (!g_stop_requested && !exit_.is_due())
+    while (!exit_.is_due() && !is_shutdown_over()) {
+      if (g_stop_requested && shutdown_deadline_ms_ == 0) begin_shutdown();
+      watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
-    if (exit_.is_draining()) close_remaining();
+    }
+    if (exit_.is_draining() || shutdown_deadline_ms_ != 0) close_remaining();
     flush_before_exit();
     return true;
   }
@@ -4055,6 +4286,7 @@ class Server {
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
     config->ask_envelope = mode.asks_envelope();
+    config->keep_data = mode.keeps_data();
     if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
     return config;
   }
@@ -4081,8 +4313,22 @@ class Server {
       setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
       auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
       trace("connection from " + format_endpoint(ip, port));
+      if (is_full()) {
+        turn_away(s, format_endpoint(ip, port));
+        continue;
+      }
       add_client(std::make_unique<SocketTransport>(s), ip);
     }
+  }
+
+  // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
+  // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
+  bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
+  void turn_away(socket_t s, const std::string& who) {
+    trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
+    std::string reply = reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n";
+    (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
+    close_socket(s);
   }
 
   // accept_failed - out of descriptors the listeners stay readable: pause them instead of
@@ -4109,6 +4355,10 @@ class Server {
   void stop_listening() {
     trace("message limit reached (" + std::to_string(exit_.delivered()) +
           "); no new clients, exiting when the open sessions end");
+    close_listeners();
+  }
+
+  void close_listeners() {
     reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
     for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
     listeners_.clear();
@@ -4209,10 +4459,42 @@ class Server {
     }
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
+    if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
+    watch_time(c);
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
     reactor_.set_events(c.transport->socket(), c.transport->poll_events(events));
+  }
+
+  // watch_time - --timeout: the client has that long for each command line (bytes alone do not
+  // count, so trickling does not help) and, in DATA, between two reads; the whole of DATA has
+  // kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
+  void watch_time(Connection& c) {
+    long long ms = command_timeout_ms_;
+    bool is_in_data = c.channel.smtp_state == Channel::State::Data;
+    if (!is_in_data) reactor_.cancel_timer(std::exchange(c.data_timer, 0));
+    if (is_in_data && c.data_timer == 0)
+      c.data_timer = reactor_.start_timer(ms * kDataDeadlineFactor, [this, conn = &c] {
+        conn->data_timer = 0;
+        say_and_close(*conn, kClosingTimeout, "took too long over DATA");
+      });
+    if (c.command_timer != 0 && c.progress_seen == c.channel.progress()) return;
+    c.progress_seen = c.channel.progress();
+    reactor_.cancel_timer(c.command_timer);
+    c.command_timer = reactor_.start_timer(ms, [this, conn = &c] {
+      conn->command_timer = 0;
+      if (conn->channel.question() != Channel::Question::None) return watch_time(*conn);
+      say_and_close(*conn, kClosingTimeout, "timed out");
+    });
+  }
+
+  // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
+  void say_and_close(Connection& c, const char* text, const std::string& why) {
+    if (c.is_closed) return;
+    c.channel.close_with(reply_closing(channel_->fqdn, text));
+    write_some(c);
+    if (!c.is_closed) close(c, why);
   }
 
   void write_some(Connection& c) {
@@ -4227,6 +4509,8 @@ class Server {
   void close(Connection& c, const std::string& why) {
     if (!why.empty()) trace(c.channel.peer + " " + why);
     c.is_closed = true;
+    reactor_.cancel_timer(std::exchange(c.command_timer, 0));
+    reactor_.cancel_timer(std::exchange(c.data_timer, 0));
     reactor_.unwatch(c.transport->socket());
     reactor_.defer([this, place = c.self] {
       connections_.erase(place);
@@ -4234,11 +4518,49 @@ class Server {
     });
   }
 
+  // watch_outputs - stdout and stderr are polled while text waits for their reader
+  void watch_outputs() {
+    for (OutputQueue* out : {&standard_output(), &standard_error()}) {
+      if (!out->is_nonblocking()) continue;
+      if (out->has_pending())
+        reactor_.watch(out->fd(), POLLOUT, [out](short) { out->flush(); });
+      else
+        reactor_.unwatch(out->fd());
+    }
+  }
+
   // -- Ending --
 
-  // close_remaining - after the message limit, a 421 to the sessions that are still open
+  // begin_shutdown - SIGTERM/SIGINT: no new clients; idle sessions hear 421 now, those in
+  // DATA or waiting for its verdict when they are done (settle), or when the grace is over
+  void begin_shutdown() {
+    trace("stopping: no new clients; open transactions get " +
+          std::to_string(kShutdownGraceMs / 1000) + " s to finish");
+    close_listeners();
+    shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
+    reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
+    for (Connection& c : connections_)
+      if (!c.is_closed) settle(c);
+  }
+
+  // is_idle - between transactions' commands: nothing of a message would be lost by closing
+  static bool is_idle(const Connection& c) {
+    return c.channel.smtp_state == Channel::State::Command &&
+           c.channel.question() == Channel::Question::None;
+  }
+
+  bool is_shutdown_over() const {
+    if (shutdown_deadline_ms_ == 0) return false;
+    bool is_open = std::any_of(connections_.begin(), connections_.end(),
+                               [](const Connection& c) { return !c.is_closed; });
+    return !is_open || PollReactor::now_ms() >= shutdown_deadline_ms_;
+  }
+
+  // close_remaining - after the message limit or the shutdown grace, a 421 to the sessions
+  // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
-    std::string reply = reply_closing(channel_->fqdn);
+    const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
+    std::string reply = reply_closing(channel_->fqdn, why);
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -4268,6 +4590,9 @@ class Server {
   std::list<Connection> connections_;
   Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
   bool is_accept_failing_ = false;
+  long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
+  long long command_timeout_ms_;        // --timeout
+  std::size_t max_clients_;             // --max-clients: 0 for no limit
 };
 
 // ==== 10. Command line ====
@@ -4292,12 +4617,13 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  ServerOptions server;         // -d, -s, -u, --max-recipients, --max-messages, --idle-exit
-  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout
-  DeliveringServer::Hook exec;  // --exec, --exec-timeout
-  std::string maildir;          // --maildir: empty for none
-  std::string mbox;             // --mbox: empty for none
-  bool json = false;            // --json
+  ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
+                         // --max-clients
+  UpstreamSettings upstream;                 // --connect-timeout, --reply-timeout
+  DeliveringServer::Hook exec;               // --exec, --exec-timeout
+  std::string maildir;                       // --maildir: empty for none
+  std::string mbox;                          // --mbox: empty for none
+  bool json = false;                         // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
@@ -4386,7 +4712,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// parse_count - a whole number for --max-messages, --max-recipients, --max-clients or
+// --idle-exit; nine
 // digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
@@ -4558,14 +4885,25 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("max-recipients",
-           "Most recipients in one message; further RCPT commands get 452 (default " +
-               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      "N")("max-clients",
+           "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+           "limit (the default).",
            cxxopts::value<std::string>(),
-           "N")("idle-exit",
-                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-                "never (the default).",
+           "N")("timeout",
+                "Seconds a client has for each command, and "
+                "in DATA between two reads, before it hears "
+                "421 and is closed (default " +
+                    std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+                    std::to_string(kDataDeadlineFactor) + " times as long.",
                 cxxopts::value<std::string>(), "SECONDS")(
+      "max-recipients",
+      "Most recipients in one message; further RCPT commands get 452 (default " +
+          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      cxxopts::value<std::string>(),
+      "N")("idle-exit",
+           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+           "never (the default).",
+           cxxopts::value<std::string>(), "SECONDS")(
       "auth",
       "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
       "the user name is recorded with each message.")(
@@ -4657,6 +4995,10 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-clients"))
+    s.server.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
+  if (result.count("timeout"))
+    s.server.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
   if (result.count("max-recipients"))
     s.server.channel.max_recipients =
         parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
@@ -4715,15 +5057,17 @@ inline MessageOutputs make_stores(const Settings& s) {
 // stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
+  auto printer =
+      std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
   const DeliveringServer::Hook& hook = s.exec;
   switch (s.mode) {
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
-      if (s.json) outputs.push_back(std::make_unique<StreamPrinter>(stdout, format));
-      return std::make_unique<SinkServer>(std::move(outputs), hook);
+      if (!s.json) printer.reset();
+      return std::make_unique<SinkServer>(std::move(outputs), hook, std::move(printer));
     }
     case ModeKind::Debugging:
-      return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
+      return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
     case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: break;
   }
@@ -4820,6 +5164,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
   for (std::size_t i = 1; i < listeners.size(); ++i)
     std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
+  standard_output().make_nonblocking();  // from here on the loop never waits for a reader
+  standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);
   if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
@@ -4827,12 +5173,11 @@ inline int run_smtpd(int argc, const char* const* argv) {
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
   Server server(std::move(sockets_to_watch), settings.server, *mode);
-  if (!server.run()) {
-    log_line(server.error());
-    return kExitLoopFailed;
-  }
-  std::fflush(stdout);
-  return kExitOk;
+  bool is_ok = server.run();
+  if (!is_ok) log_line(server.error());
+  standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
+  standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
+  return is_ok ? kExitOk : kExitLoopFailed;
 }
 
 // ==== 11. main ====
