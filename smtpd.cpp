@@ -4597,8 +4597,11 @@ class Server {
 
 // ==== 10. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value. Errors are one line and exit status 1 (kExitUsage).
-//   parse_endpoint, parse_mode, parse_command_line
+// one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
+// every status the program ends with.
+//   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
+//   parse_path, load_auth_users, parse_refusal, build_options, help_text, parse_command_line;
+//   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
 
 enum ExitStatus {
   kExitOk = 0,
