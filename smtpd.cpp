@@ -79,6 +79,12 @@
 
 #include <cxxopts.hpp>
 
+#ifdef SMTPD_TLS  // make TLS=1: OpenSSL 1.1.1 or later
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
+
 // ==== 2. Limits and defaults ====
 // Every tunable, with its unit and where the number comes from. Runtime options take their
 // defaults from here, and their help texts name these values.
@@ -99,6 +105,7 @@ constexpr std::size_t kReadChunk = 64 * 1024;                  // bytes read fro
 constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
 constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+[[maybe_unused]] constexpr long kSelfSignedDays = 30;  // --tls: the throwaway certificate's days
 constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
                                      // free on all of them
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
@@ -1668,6 +1675,10 @@ constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
+// STARTTLS (RFC 3207), offered with --tls, --tls-cert and --tls-key, or --tls-required.
+constexpr const char* kReplyTlsReady = "220 2.0.0 Ready to start TLS";
+constexpr const char* kReplyTlsActive = "503 5.5.1 Error: TLS already active";
+constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS command first";
 
 // is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
 inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
@@ -1794,6 +1805,9 @@ struct ChannelConfig {
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
   bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
   bool offer_pipelining = false;  // --pipelining: announce PIPELINING
+  bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
+  bool records_tls = false;       // TLS is on: messages say whether they came through it
+  bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
   bool offer_auth = false;        // --auth...: announce and accept AUTH
   bool auth_required = false;     // --auth-required: no MAIL before AUTH
   std::shared_ptr<const AuthUsers> auth_users;    // --auth-file; null: anyone logs in
@@ -1811,6 +1825,7 @@ struct Envelope {
   std::string data;                       // dot-unstuffed, lines joined with "\n"
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
   std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
+  std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
 class Channel {
@@ -1818,7 +1833,7 @@ class Channel {
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
   // decides (question() says on what), Closing after QUIT once the reply is queued.
   enum class State { Command, Data, Waiting, Closing };
-  enum class Question { None, Mail, Rcpt, Message };
+  enum class Question { None, Mail, Rcpt, Message, StartTls };
 
   Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
   Channel(ChannelConfig config, std::string peer)  // a config of its own (tests, fuzzing)
@@ -1836,6 +1851,7 @@ class Channel {
   bool wants_input() const;
   std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
+  void restart_in_tls();
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
@@ -1847,6 +1863,7 @@ class Channel {
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
   std::string auth_user;       // the user name AUTH accepted; empty before
+  std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string& fqdn;     // config's: the greeting host
@@ -1897,6 +1914,7 @@ class Channel {
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
   void cmd_auth(const Arg& arg);
+  void cmd_starttls(const Arg& arg);
   void auth_response(std::string_view line, std::size_t size);
   void auth_plain(std::string_view response);
   void auth_login_user(std::string_view response);
@@ -1933,6 +1951,7 @@ const Channel::Command Channel::kCommands[] = {
     {"HELP", &Channel::cmd_help, nullptr, nullptr},
     {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
+    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
 };
 
 Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
@@ -2118,6 +2137,7 @@ Envelope Channel::take_message() {
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) envelope.auth_user = auth_user;
+  if (config_->records_tls) envelope.tls = tls;
   received_data.clear();
   return envelope;
 }
@@ -2244,7 +2264,10 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (config_->offer_8bitmime) push("250-8BITMIME");
   if (config_->enable_smtputf8) push("250-SMTPUTF8");
   if (config_->offer_pipelining) push("250-PIPELINING");
-  if (config_->offer_auth) push("250-AUTH PLAIN LOGIN");
+  bool is_plain_text = tls.empty();
+  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
+    push("250-AUTH PLAIN LOGIN");
+  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
   push("250 HELP");
 }
 
@@ -2323,6 +2346,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
@@ -2417,10 +2441,36 @@ void Channel::cmd_data(const Arg& arg) {
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 
+// cmd_starttls - RFC 3207: 220, then the loop starts TLS (question StartTls) and calls
+// restart_in_tls. What the client sent after STARTTLS, before the handshake, is discarded
+// (RFC 3207 4.2: a client must not pipeline past STARTTLS, and such commands would otherwise
+// run as if they came through TLS).
+void Channel::cmd_starttls(const Arg& arg) {
+  if (has_text(arg)) return push("501 Syntax: STARTTLS");
+  if (!tls.empty()) return push(kReplyTlsActive);
+  push(kReplyTlsReady);
+  input_pos_ = received_lines.size();
+  dropped_bytes_ = 0;
+  ask(Question::StartTls, "");
+}
+
+// restart_in_tls - TLS is in place: the session starts over, as RFC 3207 4.2 asks (no
+// greeting, no login, no transaction; the client sends EHLO again)
+void Channel::restart_in_tls() {
+  if (question_ != Question::StartTls) return;
+  question_ = Question::None;
+  enter_state(State::Command);
+  set_rset_state();
+  seen_greeting.clear();
+  extended_smtp = false;
+  auth_user.clear();
+}
+
 // cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
@@ -2587,11 +2637,13 @@ inline std::vector<std::string_view> split_python_lines(std::string_view data) {
 }
 
 // session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
-// a client that logged in with AUTH (the name is one printable line: Channel::log_in)
+// a client that logged in with AUTH (the name is one printable line: Channel::log_in), and
+// "X-TLS: VERSION CIPHER" for one that came through TLS
 inline std::string session_header_lines(const Envelope& envelope) {
   std::string lines;
   if (envelope.auth_user && !envelope.auth_user->empty())
     lines += "X-Auth-User: " + *envelope.auth_user + "\n";
+  if (envelope.tls && !envelope.tls->empty()) lines += "X-TLS: " + *envelope.tls + "\n";
   return lines;
 }
 
@@ -2624,12 +2676,16 @@ inline std::string format_debug_message(Envelope envelope) {
   return std::move(text);
 }
 
-// auth_user_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not
-// log in); nothing otherwise, so the line stays as it was without --auth
-inline std::string auth_user_json(const Envelope& envelope) {
-  if (!envelope.auth_user) return "";
-  return ", \"auth_user\": " +
-         (envelope.auth_user->empty() ? std::string("null") : json_string(*envelope.auth_user));
+// session_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not log
+// in), and with TLS on, ", "tls": "VERSION CIPHER"" (null for a plain session); nothing
+// otherwise, so the line stays as it was without those options
+inline std::string session_json(const Envelope& envelope) {
+  auto key = [](const char* name, const std::optional<std::string>& value) {
+    if (!value) return std::string();
+    return ", \"" + std::string(name) +
+           "\": " + (value->empty() ? std::string("null") : json_string(*value));
+  };
+  return key("auth_user", envelope.auth_user) + key("tls", envelope.tls);
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
@@ -2640,7 +2696,7 @@ inline std::string format_json_message(Envelope envelope) {
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
          ", \"rcpttos\": " + json_list(envelope.rcpttos) +
          ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + auth_user_json(envelope) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + session_json(envelope) +
          ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
          (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
@@ -2952,6 +3008,7 @@ class CommandRun {
       environment.erase(environment.begin() + 2);
     if (e.auth_user && !e.auth_user->empty())
       environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
     return environment;
   }
 
@@ -4296,7 +4353,15 @@ class Transport {
   virtual socket_t socket() const = 0;
   virtual Result read_some(char* buffer, std::size_t size) = 0;
   virtual Result write_some(std::string_view bytes) = 0;
+  // poll_events - what to poll the socket for when the connection wants to read (POLLIN)
+  // and/or write (POLLOUT): TLS may have to read before it can write, and the reverse
+  virtual short poll_events(short wanted) const { return wanted; }
+  // security - "TLSv1.3 TLS_AES_256_GCM_SHA384" once a TLS handshake is done; "" for none
+  virtual std::string security() const { return ""; }
 };
+
+// TransportWrapper - puts TLS around a transport (the TLS layer below); empty without TLS
+using TransportWrapper = std::function<std::unique_ptr<Transport>(std::unique_ptr<Transport>)>;
 
 // SocketTransport - a connected TCP socket, closed with the transport
 class SocketTransport : public Transport {
@@ -4328,6 +4393,197 @@ class SocketTransport : public Transport {
 
   socket_t socket_;
 };
+
+#ifdef SMTPD_TLS
+// The TLS layer (make TLS=1): a TlsTransport wraps a connection's transport for STARTTLS or
+// --tls-implicit, on one server context made at start from --tls-cert and --tls-key, or from
+// a throwaway self-signed certificate (--tls). OpenSSL works the socket itself; each read or
+// write says what it waits for, and poll_events passes that on to the loop.
+//   TlsContext (from_files, self_signed), TlsTransport, tls_error_text
+constexpr bool kHasTls = true;
+
+// tls_error_text - OpenSSL's reason for the last failure, and the error queue emptied
+inline std::string tls_error_text(const char* fallback) {
+  unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return fallback;
+  char text[256];
+  ERR_error_string_n(code, text, sizeof text);
+  return text;
+}
+
+class TlsContext {
+ public:
+  ~TlsContext() { SSL_CTX_free(ctx_); }
+  TlsContext(const TlsContext&) = delete;
+  TlsContext& operator=(const TlsContext&) = delete;
+  SSL_CTX* get() const { return ctx_; }
+
+  // from_files - PEM certificate chain and key; throws std::runtime_error with the reason
+  static std::shared_ptr<TlsContext> from_files(const std::string& cert, const std::string& key) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    SSL_CTX* ctx = context->ctx_;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert.c_str()) != 1)
+      throw std::runtime_error("cannot use --tls-cert " + cert + ": " + tls_error_text("?"));
+    if (SSL_CTX_use_PrivateKey_file(ctx, key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1)
+      throw std::runtime_error("cannot use --tls-key " + key + ": " + tls_error_text("?"));
+    return context;
+  }
+
+  // self_signed - a new P-256 key and a certificate for HOST, localhost, 127.0.0.1 and ::1,
+  // valid from an hour ago for kSelfSignedDays, made in memory and never written anywhere
+  static std::shared_ptr<TlsContext> self_signed(const std::string& host) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(make_key(), EVP_PKEY_free);
+    std::unique_ptr<X509, decltype(&X509_free)> cert(X509_new(), X509_free);
+    if (!key || !cert) throw std::runtime_error("cannot make a key: " + tls_error_text("?"));
+    X509_set_version(cert.get(), 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(cert.get()),
+                     static_cast<long>(unix_time_us() & 0x7FFFFFFF));
+    X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(cert.get()), 86400L * kSelfSignedDays);
+    X509_set_pubkey(cert.get(), key.get());
+    X509_NAME* name = X509_get_subject_name(cert.get());
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                               reinterpret_cast<const unsigned char*>(host.c_str()), -1, -1, 0);
+    X509_set_issuer_name(cert.get(), name);
+    std::string names = "DNS:localhost,IP:127.0.0.1,IP:::1";
+    if (host != "localhost") names += ",DNS:" + host;
+    X509V3_CTX v3;
+    X509V3_set_ctx_nodb(&v3);
+    X509V3_set_ctx(&v3, cert.get(), cert.get(), nullptr, nullptr, 0);
+    X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, names.c_str());
+    bool is_made = san != nullptr && X509_add_ext(cert.get(), san, -1) == 1 &&
+                   X509_sign(cert.get(), key.get(), EVP_sha256()) > 0 &&
+                   SSL_CTX_use_certificate(context->ctx_, cert.get()) == 1 &&
+                   SSL_CTX_use_PrivateKey(context->ctx_, key.get()) == 1;
+    X509_EXTENSION_free(san);
+    if (!is_made)
+      throw std::runtime_error("cannot make a self-signed certificate: " + tls_error_text("?"));
+    return context;
+  }
+
+ private:
+  // TLS 1.2 and 1.3 only; a client that closes without close_notify just ends the session
+  TlsContext() : ctx_(SSL_CTX_new(TLS_server_method())) {
+    if (ctx_ == nullptr) throw std::runtime_error("cannot start TLS: " + tls_error_text("?"));
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx_, SSL_OP_NO_RENEGOTIATION | kIgnoreUnexpectedEof);
+  }
+
+  static EVP_PKEY* make_key() {
+    EVP_PKEY* key = nullptr;
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_id(EVP_PKEY_EC, nullptr);
+    if (pctx != nullptr && EVP_PKEY_keygen_init(pctx) == 1 &&
+        EVP_PKEY_CTX_set_ec_paramgen_curve_nid(pctx, NID_X9_62_prime256v1) == 1)
+      EVP_PKEY_keygen(pctx, &key);
+    EVP_PKEY_CTX_free(pctx);
+    return key;
+  }
+
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = SSL_OP_IGNORE_UNEXPECTED_EOF;
+#else
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = 0;  // OpenSSL 1.1.1 has no such error
+#endif
+  SSL_CTX* ctx_;
+};
+
+// TlsTransport - the server side of TLS over another transport's socket. The handshake runs
+// inside the first reads and writes (so the greeting of --tls-implicit waits for it).
+class TlsTransport : public Transport {
+ public:
+  TlsTransport(std::unique_ptr<Transport> inner, std::shared_ptr<TlsContext> context)
+      : inner_(std::move(inner)), context_(std::move(context)), ssl_(SSL_new(context_->get())) {
+    if (ssl_ == nullptr) return;
+    SSL_set_fd(ssl_, static_cast<int>(inner_->socket()));
+    SSL_set_accept_state(ssl_);
+    SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  }
+  ~TlsTransport() override {
+    if (ssl_ != nullptr && SSL_is_init_finished(ssl_)) SSL_shutdown(ssl_);  // one try, no wait
+    SSL_free(ssl_);
+    ERR_clear_error();
+  }
+  TlsTransport(const TlsTransport&) = delete;
+  TlsTransport& operator=(const TlsTransport&) = delete;
+
+  socket_t socket() const override { return inner_->socket(); }
+
+  // read_some - decrypted bytes, as many as fit: records already read must not wait in
+  // OpenSSL's buffer, where poll cannot see them
+  Result read_some(char* buffer, std::size_t size) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    std::size_t total = 0;
+    while (total < size) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_, buffer + total,
+                       static_cast<int>(std::min<std::size_t>(size - total, 1 << 30)));
+      if (n <= 0) {
+        Result r = outcome(n, read_waits_for_);
+        if (total == 0) return r;
+        break;  // the bytes first; an end or error comes again with the next read
+      }
+      total += static_cast<std::size_t>(n);
+    }
+    read_waits_for_ = 0;
+    return {Status::Ok, total, ""};
+  }
+
+  Result write_some(std::string_view bytes) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    ERR_clear_error();
+    int n = SSL_write(ssl_, bytes.data(),
+                      static_cast<int>(std::min<std::size_t>(bytes.size(), 1 << 30)));
+    if (n <= 0) return outcome(n, write_waits_for_);
+    write_waits_for_ = 0;
+    return {Status::Ok, static_cast<std::size_t>(n), ""};
+  }
+
+  short poll_events(short wanted) const override {
+    short events = 0;
+    if (wanted & POLLIN) events |= read_waits_for_ != 0 ? read_waits_for_ : POLLIN;
+    if (wanted & POLLOUT) events |= write_waits_for_ != 0 ? write_waits_for_ : POLLOUT;
+    return events;
+  }
+
+  std::string security() const override {
+    if (ssl_ == nullptr || !SSL_is_init_finished(ssl_)) return "";
+    return std::string(SSL_get_version(ssl_)) + " " + SSL_get_cipher_name(ssl_);
+  }
+
+ private:
+  // outcome - a read or write that gave nothing: wait for the socket, the end, or a failure
+  Result outcome(int n, short& waits_for) {
+    int err = SSL_get_error(ssl_, n);
+    waits_for = err == SSL_ERROR_WANT_READ ? POLLIN : err == SSL_ERROR_WANT_WRITE ? POLLOUT : 0;
+    if (waits_for != 0) return {Status::WouldBlock, 0, ""};
+    if (err == SSL_ERROR_ZERO_RETURN) return {Status::Closed, 0, ""};
+    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+      int sys = last_socket_error();
+      if (n == 0 || sys == 0) return {Status::Closed, 0, ""};
+      return {Status::Failed, 0, socket_error_text(sys)};
+    }
+    return {Status::Failed, 0, "TLS: " + tls_error_text("protocol error")};
+  }
+
+  std::unique_ptr<Transport> inner_;
+  std::shared_ptr<TlsContext> context_;
+  SSL* ssl_;
+  short read_waits_for_ = 0;   // what the last read waited for: POLLIN, POLLOUT, or 0
+  short write_waits_for_ = 0;  // the same for the last write
+};
+
+// tls_wrapper - the TransportWrapper for a context
+inline TransportWrapper tls_wrapper(std::shared_ptr<TlsContext> context) {
+  return [context](std::unique_ptr<Transport> inner) -> std::unique_ptr<Transport> {
+    return std::make_unique<TlsTransport>(std::move(inner), context);
+  };
+}
+#else
+constexpr bool kHasTls = false;  // built without TLS: the TLS options say to use make TLS=1
+#endif
 
 // Connection - one client: its transport, its channel, its session with the mode. It ends
 // through Server::close, which stops its events at once and destroys it after the current
@@ -4406,7 +4662,9 @@ class ExitPolicy {
 
 // ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
+  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
+  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
   bool debug = false;                                // -d
   std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
   long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
@@ -4423,6 +4681,8 @@ class Server {
  public:
   Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
       : channel_(channel_config(options, mode)),
+        wrap_in_tls_(options.wrap_in_tls),
+        is_tls_implicit_(options.is_tls_implicit),
         is_debug_(options.debug),
         mode_(mode),
         listeners_(std::move(listeners)),
@@ -4556,6 +4816,7 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
+    if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
     Connection& c = connections_.emplace_back(std::move(transport), channel_for_client(), ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
@@ -4568,7 +4829,8 @@ class Server {
 
   // serve - the connection's socket is ready
   void serve(Connection& c, short revents) {
-    if ((revents & (POLLIN | POLLHUP | POLLERR)) && read_some(c)) ask(c);
+    short read_events = c.transport->poll_events(POLLIN) | POLLHUP | POLLERR;
+    if ((revents & read_events) && read_some(c)) ask(c);
     settle(c);
   }
 
@@ -4578,7 +4840,10 @@ class Server {
     if (c.is_input_closed || !c.channel.wants_input()) return false;
     Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
     switch (r.status) {
-      case Transport::Status::Ok: c.channel.feed(std::string_view(buffer, r.bytes)); return true;
+      case Transport::Status::Ok:
+        if (c.channel.tls.empty()) c.channel.tls = c.transport->security();
+        c.channel.feed(std::string_view(buffer, r.bytes));
+        return true;
       case Transport::Status::WouldBlock: return false;
       case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
       case Transport::Status::Closed:
@@ -4608,6 +4873,7 @@ class Server {
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
+      case Channel::Question::StartTls:  // settle starts it once the 220 is out
       case Channel::Question::None: return;
     }
   }
@@ -4636,6 +4902,11 @@ class Server {
                       c.channel.output().size() < kOutputBacklog;
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
+    if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
+      c.transport = wrap_in_tls_(std::move(c.transport));
+      c.channel.restart_in_tls();
+      is_waiting = false;
+    }
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
     if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
@@ -4643,7 +4914,7 @@ class Server {
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
-    reactor_.set_events(c.transport->socket(), events);
+    reactor_.set_events(c.transport->socket(), c.transport->poll_events(events));
   }
 
   // watch_time - --timeout: the client has that long for each command line (bytes alone do not
@@ -4761,6 +5032,8 @@ class Server {
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
   std::shared_ptr<const ChannelConfig> channel_;
   std::shared_ptr<const ChannelConfig> shaped_;  // channel_ as the mode last shaped it
+  TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
+  bool is_tls_implicit_;
   bool is_debug_;
   ServerMode& mode_;
   std::vector<socket_t> listeners_;  // empty once the message limit closed them
@@ -4775,8 +5048,11 @@ class Server {
 
 // ==== 10. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value. Errors are one line and exit status 1 (kExitUsage).
-//   parse_endpoint, parse_mode, parse_command_line
+// one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
+// every status the program ends with.
+//   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
+//   parse_path, load_auth_users, parse_refusal, build_options, help_text, parse_command_line;
+//   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
 
 enum ExitStatus {
   kExitOk = 0,
@@ -4804,6 +5080,7 @@ struct Settings {
   bool json = false;                         // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
   Endpoint mailman_lmtp;                     // --mailman-lmtp: Mailman 3's LMTP runner
   std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
 };
@@ -4987,6 +5264,22 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
+// parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
+inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+  ChannelConfig& channel = s.server.channel;
+  s.tls_cert = parse_path(result, "tls-cert");
+  s.tls_key = parse_path(result, "tls-key");
+  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
+  channel.tls_required = result.count("tls-required") > 0;
+  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
+                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
+  channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
+  if (channel.records_tls && !kHasTls)
+    throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
+  if (s.tls_cert.empty() != s.tls_key.empty())
+    throw UsageError("--tls-cert and --tls-key go together");
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -5092,12 +5385,23 @@ inline cxxopts::Options build_options() {
       "N")("mailman-lmtp",
            "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
            "address is a list's (default 127.0.0.1:8024).",
-           cxxopts::value<std::string>(), "HOST:PORT")(
-      "mailman-home",
-      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-      "mail/mailman wrapper).",
-      cxxopts::value<std::string>(), "DIR")("h,help", "Print this help and exit.")(
-      "addresses", "", cxxopts::value<std::vector<std::string>>());
+           cxxopts::value<std::string>(),
+           "HOST:PORT")("mailman-home",
+                        "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+                        "mail/mailman wrapper).",
+                        cxxopts::value<std::string>(), "DIR")(
+      "tls",
+      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
+      "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+      cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
+                                             cxxopts::value<std::string>(), "FILE")(
+      "tls-implicit",
+      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).")(
+      "tls-required",
+      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).")(
+      "h,help", "Print this help and exit.")("addresses", "",
+                                             cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -5199,6 +5503,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.reject_seed = std::stoull(seed);
   }
   parse_mailman_options(result, s);
+  parse_tls_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -5307,6 +5612,20 @@ inline void seed_refusals(Settings& s) {
   s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
 }
 
+// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
+inline void configure_tls([[maybe_unused]] Settings& s) {
+#ifdef SMTPD_TLS
+  if (!s.server.channel.records_tls) return;
+  try {
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
+                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
+  } catch (const std::runtime_error& e) {
+    throw UsageError(e.what());
+  }
+#endif
+}
+
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
@@ -5322,6 +5641,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     settings = *cl.settings;
     settings.server.channel.fqdn = getfqdn();
     mode = make_mode(settings);
+    configure_tls(settings);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
