@@ -1,6 +1,8 @@
 # Makefile -- build, test and install smtpd (GNU make).
 #
 #   make                build ./smtpd            (make CXX=clang++, make STATIC=1 for -static)
+#   make TLS=1          build with STARTTLS and SMTPS (OpenSSL, Debian libssl-dev); with
+#                       STATIC=1 OpenSSL is linked in too. make TLS=1 test adds the TLS tests.
 #   make run            build, then run a DebuggingServer on localhost:8025
 #   make test           build ./smtpd and tests/run_tests, run the suite and the man-page check;
 #                       the last line is "N passed, M failed".  Doctest options go in TEST_ARGS:
@@ -31,6 +33,10 @@ SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fram
 GCC_ASAN_QUIRK = $(if $(shell $(CXX) -dM -E -x c++ /dev/null 2>/dev/null | grep __clang__),,\
                    -Wno-maybe-uninitialized)
 STATIC_LDFLAGS := $(if $(filter 1 yes on true,$(STATIC)),-static)
+# TLS=1: OpenSSL, asked for (and installed by deps) only in this build
+TLS_ON       := $(filter 1 yes on true,$(TLS))
+TLS_CPPFLAGS := $(if $(TLS_ON),-DSMTPD_TLS)
+TLS_LDLIBS   := $(if $(TLS_ON),-lssl -lcrypto)
 
 SMTPD_CXXFLAGS := $(STD) -O2 $(WARNINGS) -pthread
 TEST_CXXFLAGS  := $(STD) -g -O1 $(WARNINGS) -pthread
@@ -40,12 +46,18 @@ TEST_SOURCES := $(wildcard tests/*.cpp tests/*.hpp)
 # What the build needs, and what the tests need on top (KIND:NAME:DEBIAN_PACKAGE[:OTHER_NAME]).
 # man --warnings formats with groff-base's troff (man-db depends on it). smtp-sink, the
 # PureProxy tests' upstream, comes with postfix (in /usr/sbin; ensure-tools.sh installs it
-# without starting the Postfix daemon).
+# without starting the Postfix daemon). The MailmanProxy tests start a throwaway Mailman 3
+# (Debian's mailman3, installed the same way, its own daemon not started).
 BUILD_NEEDS := header:cxxopts.hpp:libcxxopts-dev:cxxopts
 TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
                cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
-               cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix
+               cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix \
+               file:/usr/lib/mailman3/bin/master:mailman3
+ifneq ($(TLS_ON),)
+BUILD_NEEDS += header:openssl/ssl.h:libssl-dev:openssl
+TEST_NEEDS  += cmd:openssl:openssl perl:Net-SSLeay:libnet-ssleay-perl
+endif
 NEEDS := $(BUILD_NEEDS)
 ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)
@@ -61,26 +73,26 @@ deps:
 	@CXX='$(CXX)' CPPFLAGS='$(CPPFLAGS)' sh tests/ensure-tools.sh $(NEEDS)
 
 # Rebuild when the compiler or flags change, not only when sources do.
-BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(CPPFLAGS) | $(CXXFLAGS) | $(LDFLAGS) | $(LDLIBS)
+BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(TLS_CPPFLAGS) | $(CPPFLAGS) | $(CXXFLAGS) | $(LDFLAGS) | $(LDLIBS)
 .build-flags: FORCE | deps
 	@echo '$(BUILD_ID)' | cmp -s - $@ || echo '$(BUILD_ID)' > $@
 
 smtpd: smtpd.cpp .build-flags | deps
-	$(CXX) $(SMTPD_CXXFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(STATIC_LDFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(LDLIBS)
+	$(CXX) $(SMTPD_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(STATIC_LDFLAGS) $(LDFLAGS) \
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 smtpd-asan: smtpd.cpp .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 # One translation unit: tests/test_main.cpp includes ../smtpd.cpp and the test files.
 tests/run_tests: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 tests/run_tests_asan: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 run: smtpd
 	./smtpd -n -c DebuggingServer localhost:8025

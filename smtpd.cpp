@@ -79,6 +79,12 @@
 
 #include <cxxopts.hpp>
 
+#ifdef SMTPD_TLS  // make TLS=1: OpenSSL 1.1.1 or later
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
+
 // ==== 2. Limits and defaults ====
 // Every tunable, with its unit and where the number comes from. Runtime options take their
 // defaults from here, and their help texts name these values.
@@ -92,12 +98,14 @@ constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFA
 // --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
 // cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
 constexpr std::size_t kMaxRecipientsDefault = 1000;
-constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
-constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
-constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
-constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
-constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
+constexpr const char* kDefaultLocal = "localhost:8025";        // smtpd.py's default local address
+constexpr const char* kDefaultRemote = "localhost:25";         // smtpd.py's default upstream
+constexpr const char* kDefaultMailmanLmtp = "127.0.0.1:8024";  // Mailman 3's lmtp_host/port
+constexpr std::size_t kReadChunk = 64 * 1024;                  // bytes read from a socket at once
+constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
+constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+[[maybe_unused]] constexpr long kSelfSignedDays = 30;  // --tls: the throwaway certificate's days
 constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
                                      // free on all of them
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
@@ -108,7 +116,10 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
-constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+// One upstream reply, all its lines: an EHLO reply has about 15 lines and 300 bytes, so these
+// only stop an upstream that never ends its reply (issue 9: 2.1 GB seen before the cap).
+constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes
+constexpr std::size_t kUpstreamReplyLines = 200;        // lines
 constexpr std::size_t kUpstreamReadChunk = 16 * 1024;   // bytes read from the upstream at once
 constexpr std::size_t kUpstreamSendChunk = 1 << 20;     // bytes handed to one send() upstream
 constexpr std::size_t kQuotedReplyLimit = 200;   // bytes of an upstream reply quoted in our 451
@@ -456,6 +467,13 @@ inline void close_pipe(socket_t fd) {
 }
 #endif
 
+// shell_quote - one word for sh -c, quoted so the shell takes it literally
+inline std::string shell_quote(const std::string& word) {
+  std::string out = "'";
+  for (char c : word) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
 // Socket addresses, the same on both systems once the headers above are in.
 //   Endpoint, format_endpoint, numeric_address, resolve_endpoint, start_connect, connect_error
 
@@ -758,6 +776,12 @@ inline bool sync_directory(const std::string& path, std::string& error) {
 }
 inline long process_id() { return static_cast<long>(::getpid()); }
 #endif
+
+// path_exists - a file or directory is there (Mailman 2's lists/NAME/config.pck)
+inline bool path_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
 
 inline bool File::create_new(const std::string& path, std::string& error) {
   return open(path, kCreateNewFlags, error);
@@ -1651,6 +1675,10 @@ constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
+// STARTTLS (RFC 3207), offered with --tls, --tls-cert and --tls-key, or --tls-required.
+constexpr const char* kReplyTlsReady = "220 2.0.0 Ready to start TLS";
+constexpr const char* kReplyTlsActive = "503 5.5.1 Error: TLS already active";
+constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS command first";
 
 // is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
 inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
@@ -1773,9 +1801,13 @@ struct ChannelConfig {
   std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
+  bool offer_8bitmime = true;                          // a relay's upstream may lack 8BITMIME
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
   bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
   bool offer_pipelining = false;  // --pipelining: announce PIPELINING
+  bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
+  bool records_tls = false;       // TLS is on: messages say whether they came through it
+  bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
   bool offer_auth = false;        // --auth...: announce and accept AUTH
   bool auth_required = false;     // --auth-required: no MAIL before AUTH
   std::shared_ptr<const AuthUsers> auth_users;    // --auth-file; null: anyone logs in
@@ -1793,6 +1825,7 @@ struct Envelope {
   std::string data;                       // dot-unstuffed, lines joined with "\n"
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
   std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
+  std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
 class Channel {
@@ -1800,7 +1833,7 @@ class Channel {
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
   // decides (question() says on what), Closing after QUIT once the reply is queued.
   enum class State { Command, Data, Waiting, Closing };
-  enum class Question { None, Mail, Rcpt, Message };
+  enum class Question { None, Mail, Rcpt, Message, StartTls };
 
   Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
   Channel(ChannelConfig config, std::string peer)  // a config of its own (tests, fuzzing)
@@ -1818,6 +1851,7 @@ class Channel {
   bool wants_input() const;
   std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
+  void restart_in_tls();
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
@@ -1829,6 +1863,7 @@ class Channel {
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
   std::string auth_user;       // the user name AUTH accepted; empty before
+  std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string& fqdn;     // config's: the greeting host
@@ -1879,6 +1914,7 @@ class Channel {
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
   void cmd_auth(const Arg& arg);
+  void cmd_starttls(const Arg& arg);
   void auth_response(std::string_view line, std::size_t size);
   void auth_plain(std::string_view response);
   void auth_login_user(std::string_view response);
@@ -1915,6 +1951,7 @@ const Channel::Command Channel::kCommands[] = {
     {"HELP", &Channel::cmd_help, nullptr, nullptr},
     {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
+    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
 };
 
 Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
@@ -2100,6 +2137,7 @@ Envelope Channel::take_message() {
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) envelope.auth_user = auth_user;
+  if (config_->records_tls) envelope.tls = tls;
   received_data.clear();
   return envelope;
 }
@@ -2223,10 +2261,13 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (!extended) return push("250 " + fqdn);
   push("250-" + fqdn);
   if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
-  push("250-8BITMIME");
+  if (config_->offer_8bitmime) push("250-8BITMIME");
   if (config_->enable_smtputf8) push("250-SMTPUTF8");
   if (config_->offer_pipelining) push("250-PIPELINING");
-  if (config_->offer_auth) push("250-AUTH PLAIN LOGIN");
+  bool is_plain_text = tls.empty();
+  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
+    push("250-AUTH PLAIN LOGIN");
+  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
   push("250 HELP");
 }
 
@@ -2305,6 +2346,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
@@ -2399,10 +2441,36 @@ void Channel::cmd_data(const Arg& arg) {
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 
+// cmd_starttls - RFC 3207: 220, then the loop starts TLS (question StartTls) and calls
+// restart_in_tls. What the client sent after STARTTLS, before the handshake, is discarded
+// (RFC 3207 4.2: a client must not pipeline past STARTTLS, and such commands would otherwise
+// run as if they came through TLS).
+void Channel::cmd_starttls(const Arg& arg) {
+  if (has_text(arg)) return push("501 Syntax: STARTTLS");
+  if (!tls.empty()) return push(kReplyTlsActive);
+  push(kReplyTlsReady);
+  input_pos_ = received_lines.size();
+  dropped_bytes_ = 0;
+  ask(Question::StartTls, "");
+}
+
+// restart_in_tls - TLS is in place: the session starts over, as RFC 3207 4.2 asks (no
+// greeting, no login, no transaction; the client sends EHLO again)
+void Channel::restart_in_tls() {
+  if (question_ != Question::StartTls) return;
+  question_ = Question::None;
+  enter_state(State::Command);
+  set_rset_state();
+  seen_greeting.clear();
+  extended_smtp = false;
+  auth_user.clear();
+}
+
 // cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
@@ -2539,6 +2607,9 @@ class ServerMode {
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
   virtual bool keeps_data() const { return true; }      // false: message text is not needed
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
+  virtual void start(Reactor&) {}              // the loop is there: a relay asks its upstream
+  virtual void stop() {}                       // the loop is going: let go of what uses it
+  virtual void shape(ChannelConfig&) const {}  // what a new client's EHLO offers
 };
 
 // MessageOutput - one place a message goes; deliver() is true only once the message is
@@ -2566,11 +2637,13 @@ inline std::vector<std::string_view> split_python_lines(std::string_view data) {
 }
 
 // session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
-// a client that logged in with AUTH (the name is one printable line: Channel::log_in)
+// a client that logged in with AUTH (the name is one printable line: Channel::log_in), and
+// "X-TLS: VERSION CIPHER" for one that came through TLS
 inline std::string session_header_lines(const Envelope& envelope) {
   std::string lines;
   if (envelope.auth_user && !envelope.auth_user->empty())
     lines += "X-Auth-User: " + *envelope.auth_user + "\n";
+  if (envelope.tls && !envelope.tls->empty()) lines += "X-TLS: " + *envelope.tls + "\n";
   return lines;
 }
 
@@ -2603,12 +2676,16 @@ inline std::string format_debug_message(Envelope envelope) {
   return std::move(text);
 }
 
-// auth_user_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not
-// log in); nothing otherwise, so the line stays as it was without --auth
-inline std::string auth_user_json(const Envelope& envelope) {
-  if (!envelope.auth_user) return "";
-  return ", \"auth_user\": " +
-         (envelope.auth_user->empty() ? std::string("null") : json_string(*envelope.auth_user));
+// session_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not log
+// in), and with TLS on, ", "tls": "VERSION CIPHER"" (null for a plain session); nothing
+// otherwise, so the line stays as it was without those options
+inline std::string session_json(const Envelope& envelope) {
+  auto key = [](const char* name, const std::optional<std::string>& value) {
+    if (!value) return std::string();
+    return ", \"" + std::string(name) +
+           "\": " + (value->empty() ? std::string("null") : json_string(*value));
+  };
+  return key("auth_user", envelope.auth_user) + key("tls", envelope.tls);
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
@@ -2619,7 +2696,7 @@ inline std::string format_json_message(Envelope envelope) {
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
          ", \"rcpttos\": " + json_list(envelope.rcpttos) +
          ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + auth_user_json(envelope) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + session_json(envelope) +
          ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
          (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
@@ -2864,6 +2941,17 @@ class RecipientsFile {
 class CommandRun {
  public:
   using Done = std::function<void(const std::string& reply)>;
+  using Environment = std::vector<std::pair<std::string, std::string>>;
+  // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
+  // exited with exit_code after printing output
+  struct Outcome {
+    bool has_started = false;
+    bool has_timed_out = false;
+    int exit_code = -1;
+    std::string output;
+    std::string error;
+  };
+  using Finished = std::function<void(const Outcome&)>;
 
   CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
@@ -2871,17 +2959,33 @@ class CommandRun {
   CommandRun(const CommandRun&) = delete;
   CommandRun& operator=(const CommandRun&) = delete;
 
-  // start - run the command for this message; `done` is called once, later or at once
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
   void start(const Envelope& envelope, Done done) {
-    done_ = std::move(done);
-    input_ = message_file_text(envelope);  // as --maildir writes it
     std::string error;
     auto environment = environment_for(envelope);
     if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return finish(cannot_run("cannot write the recipients to a file: " + error));
+      return done(cannot_run("cannot write the recipients to a file: " + error));
     environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
-    is_running_ = true;
+    long long timeout_ms = timeout_ms_;
+    run(message_file_text(envelope), environment,  // as --maildir writes it
+        [done, timeout_ms](const Outcome& outcome) {
+          if (!outcome.has_started) return done(cannot_run(outcome.error));
+          if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
+          done(reply_for(outcome.exit_code, outcome.output));
+        });
+  }
+
+  // run - the command with `input` on its standard input; `finished` is called once
+  void run(std::string input, const Environment& environment, Finished finished) {
+    finished_ = std::move(finished);
+    input_ = std::move(input);
+    std::string error;
+    if (!spawn_shell(command_, environment, child_, error)) {
+      outcome_.error = error;
+      return finish();
+    }
+    outcome_.has_started = is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
@@ -2904,6 +3008,7 @@ class CommandRun {
       environment.erase(environment.begin() + 2);
     if (e.auth_user && !e.auth_user->empty())
       environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
     return environment;
   }
 
@@ -2948,7 +3053,7 @@ class CommandRun {
       PipeResult r = read_pipe(child_.from_child, buffer, sizeof buffer);
       if (r.status == PipeResult::Status::WouldBlock) return;
       if (r.status == PipeResult::Status::End) break;
-      if (output_.size() < kExecOutputLimit) output_.append(buffer, r.bytes);
+      if (outcome_.output.size() < kExecOutputLimit) outcome_.output.append(buffer, r.bytes);
     }
     close_output();
   }
@@ -2973,7 +3078,8 @@ class CommandRun {
     is_running_ = false;
     if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
     stop();
-    finish(reply_for(exit_code, output_));
+    outcome_.exit_code = exit_code;
+    finish();
   }
 
   static std::string cannot_run(const std::string& why) {
@@ -2985,7 +3091,8 @@ class CommandRun {
     timer_ = 0;
     kill_child(child_);
     stop();
-    finish(reply_exec_timed_out(timeout_ms_));
+    outcome_.has_timed_out = true;
+    finish();
   }
 
   // stop - no more events from this run; a command still running is killed and reaped
@@ -3005,8 +3112,8 @@ class CommandRun {
     }
   }
 
-  void finish(const std::string& reply) {
-    if (done_) std::exchange(done_, nullptr)(reply);
+  void finish() {
+    if (finished_) std::exchange(finished_, nullptr)(outcome_);
   }
 
   Reactor& reactor_;
@@ -3017,10 +3124,10 @@ class CommandRun {
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
-  std::string output_;
+  Outcome outcome_;
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
-  Done done_;
+  Finished finished_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -3144,6 +3251,25 @@ struct UpstreamSettings {
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
+// UpstreamOffer - what an upstream's EHLO reply offered of the extensions a client may use,
+// learned by a relay at start and at each session, so its own EHLO offers no more (a client
+// such as Postfix can then downgrade 8-bit mail, or keep a message too big, itself)
+struct UpstreamOffer {
+  bool is_known = false;  // no EHLO reply seen yet: offer what we offer anyway
+  bool has_8bitmime = false;
+  bool has_smtputf8 = false;
+  std::uint64_t size_limit = 0;  // its SIZE; 0 for none, or no fixed limit
+
+  // shape - a client's channel offers only what the upstream takes too
+  void shape(ChannelConfig& config) const {
+    if (!is_known) return;
+    config.offer_8bitmime = has_8bitmime;
+    config.enable_smtputf8 = config.enable_smtputf8 && has_smtputf8;
+    std::uint64_t& ours = config.data_size_limit;
+    if (size_limit != 0) ours = ours == 0 ? size_limit : std::min(ours, size_limit);
+  }
+};
+
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
 // send one command (or the message text), wait for its reply or replies (LMTP answers the
 // message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
@@ -3193,11 +3319,14 @@ class UpstreamClient {
     flush();
   }
 
-  // quit - say goodbye without waiting for the answer, then close
+  // quit - say goodbye without waiting for the answer, then close; with -d the answer is
+  // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
     if (socket_ != kInvalidSocket && !is_connecting_ && out_.empty()) {
       static const char kQuit[] = "QUIT\r\n";
+      if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
+      if (settings_.trace) trace_goodbye();
     }
     close();
   }
@@ -3265,20 +3394,24 @@ class UpstreamClient {
     update_watch();
   }
 
+  // read_replies - one read per turn of the loop, so an upstream that writes without end
+  // cannot keep the loop from other clients and from the timer that ends its reply
   void read_replies() {
     char buffer[kUpstreamReadChunk];
-    for (;;) {
-      auto n = recv(socket_, buffer, sizeof buffer, 0);
-      if (n > 0) {
-        in_.append(buffer, static_cast<std::size_t>(n));
-        if (!take_replies()) return;  // a handler closed us, or the reply was bad
-        if (in_.size() > kUpstreamReplyLimit) return fail("sent an over-long reply");
-        continue;
-      }
-      int err = n < 0 ? last_socket_error() : 0;
-      if (n < 0 && would_block(err)) return;
-      return fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+    auto n = recv(socket_, buffer, sizeof buffer, 0);
+    if (n > 0) {
+      in_.append(buffer, static_cast<std::size_t>(n));
+      if (!take_replies()) return;  // a handler closed us, or the reply was bad
+      if (in_.size() + reply_.text.size() > kUpstreamReplyLimit) fail(too_long());
+      return;
     }
+    int err = n < 0 ? last_socket_error() : 0;
+    if (n < 0 && would_block(err)) return;
+    fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+  }
+
+  static std::string too_long() {
+    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
   }
 
   // take_replies - complete reply lines; false when this client should stop reading
@@ -3300,8 +3433,13 @@ class UpstreamClient {
       }
       if (!reply_.text.empty()) reply_.text += "\r\n";
       reply_.text += line;
+      if (reply_.text.size() > kUpstreamReplyLimit) return fail(too_long()), false;
+      if (++reply_lines_ > kUpstreamReplyLines)
+        return fail("sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines"),
+               false;
       if (line.size() > 3 && line[3] == '-') continue;
       reply_.code = std::stoi(line.substr(0, 3));
+      reply_lines_ = 0;
       UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
       if (!deliver(reply)) return false;
     }
@@ -3352,6 +3490,50 @@ class UpstreamClient {
     std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
+  // trace_goodbye - hand the socket to a watcher of its own that traces the reply to QUIT
+  // and closes it then, or after the reply timeout; the loop owns it, so this client can go
+  void trace_goodbye() {
+    struct Goodbye {
+      socket_t socket = kInvalidSocket;
+      std::string prefix;
+      std::function<void(const std::string&)> trace;
+      std::string in;
+      Reactor::TimerId timer = 0;
+      ~Goodbye() {
+        if (socket != kInvalidSocket) close_socket(socket);
+      }
+    };
+    auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
+    goodbye->socket = socket_;
+    goodbye->prefix = settings_.tag + " " + settings_.name;
+    goodbye->trace = settings_.trace;
+    Reactor& reactor = reactor_;
+    socket_ = kInvalidSocket;  // the watcher's now
+    auto end = [&reactor, goodbye] {
+      reactor.cancel_timer(goodbye->timer);
+      reactor.unwatch(goodbye->socket);
+    };
+    reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
+      char buffer[1024];
+      auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
+      if (n < 0 && would_block(last_socket_error())) return;
+      if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
+      std::size_t line_end;
+      while ((line_end = goodbye->in.find('\n')) != std::string::npos) {
+        std::string line = goodbye->in.substr(0, line_end);
+        goodbye->in.erase(0, line_end + 1);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        goodbye->trace(goodbye->prefix + " -> " + printable(line));
+        if (line.size() < 4 || line[3] != '-') return end();
+      }
+      if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
+    });
+    goodbye->timer = reactor.start_timer(settings_.reply_timeout_ms, [goodbye, end] {
+      goodbye->trace(goodbye->prefix + " did not answer QUIT");
+      end();
+    });
+  }
+
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
     reactor_.release(socket_, close_socket);
@@ -3364,6 +3546,8 @@ class UpstreamClient {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     out_.clear();
     in_.clear();
+    reply_ = UpstreamReply{};
+    reply_lines_ = 0;
   }
 
   Reactor& reactor_;
@@ -3374,7 +3558,8 @@ class UpstreamClient {
   Reactor::TimerId timer_ = 0;
   std::string out_;
   std::string in_;
-  UpstreamReply reply_;  // the lines of a multi-line reply so far
+  UpstreamReply reply_;          // the lines of a multi-line reply so far
+  std::size_t reply_lines_ = 0;  // and how many
   RepliesHandler waiting_;
   std::size_t expected_ = 0;        // replies waiting_ wants
   std::vector<UpstreamReply> got_;  // those of them already in
@@ -3392,8 +3577,9 @@ class UpstreamSession {
   using Done = std::function<void(const std::string& reply)>;
   using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
 
-  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
-      : reactor_(reactor), settings_(settings), greeting_(greeting) {}
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting,
+                  UpstreamOffer* learned = nullptr)
+      : reactor_(reactor), settings_(settings), greeting_(greeting), learned_(learned) {}
   ~UpstreamSession() {
     if (client_) client_->quit();
   }
@@ -3447,6 +3633,9 @@ class UpstreamSession {
 
   bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
 
+  // open - connect and greet now (a relay learns its upstream's extensions at start)
+  void open(std::function<void(const std::string& failure)> then) { with_session(std::move(then)); }
+
   bool offers(const char* keyword) const {
     return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
   }
@@ -3473,24 +3662,31 @@ class UpstreamSession {
       if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
       if (!reply.is_positive()) return then(unavailable(reply));
       bool is_helo = std::strcmp(verb, "HELO ") == 0;
-      extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+      extensions_.clear();
+      size_limit_ = 0;
+      if (!is_helo) read_extensions(reply.text);
       is_greeted_ = true;
+      if (learned_) {
+        *learned_ = UpstreamOffer{true, offers("8BITMIME"), offers("SMTPUTF8"), size_limit_};
+      }
       then("");
     });
   }
 
-  static std::vector<std::string> ehlo_keywords(const std::string& text) {
-    std::vector<std::string> keywords;
+  // read_extensions - the keywords of an EHLO or LHLO reply, and the SIZE limit (RFC 1870)
+  void read_extensions(const std::string& text) {
     std::size_t start = text.find("\r\n");  // the first line is the upstream's name
     while (start != std::string::npos) {
       start += 2;
       std::size_t end = text.find("\r\n", start);
       std::string line = text.substr(start, end == std::string::npos ? end : end - start);
       std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      if (!words.empty()) extensions_.push_back(ascii_upper(words[0]));
+      bool has_size = words.size() > 1 && extensions_.back() == "SIZE";
+      if (has_size && is_decimal(words[1]) && words[1].size() < 19)
+        size_limit_ = std::stoull(words[1]);
       start = end;
     }
-    return keywords;
   }
 
   // mail_command - MAIL FROM with the client's parameters the upstream understands;
@@ -3533,10 +3729,29 @@ class UpstreamSession {
   Reactor& reactor_;
   const UpstreamSettings& settings_;
   Greeting greeting_;
+  UpstreamOffer* learned_;  // where a relay keeps what its upstream offers; may be null
+  std::uint64_t size_limit_ = 0;
   std::unique_ptr<UpstreamClient> client_;
   bool is_greeted_ = false;
   bool in_transaction_ = false;
   std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
+};
+
+// UpstreamProbe - one session opened at start only to learn what the upstream offers; it
+// says goodbye as soon as it has (or has failed), and is let go before the loop ends
+class UpstreamProbe {
+ public:
+  void start(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer) {
+    reactor_ = &reactor;
+    session_ = std::make_unique<UpstreamSession>(reactor, settings, UpstreamSession::Greeting::Ehlo,
+                                                 &offer);
+    session_->open([this](const std::string&) { reactor_->dispose(std::move(session_)); });
+  }
+  void stop() { session_.reset(); }
+
+ private:
+  Reactor* reactor_ = nullptr;
+  std::unique_ptr<UpstreamSession> session_;
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
@@ -3584,14 +3799,17 @@ class PureProxy : public ServerMode {
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, settings_);
+    return std::make_unique<Session>(reactor, settings_, offer_);
   }
+  void start(Reactor& reactor) override { probe_.start(reactor, settings_, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings)
-        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
+    Session(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo, &offer) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
       upstream_.mail(mail, std::move(verdict));
@@ -3611,6 +3829,281 @@ class PureProxy : public ServerMode {
   };
 
   UpstreamSettings settings_;
+  UpstreamOffer offer_;
+  UpstreamProbe probe_;
+};
+
+// format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
+// asctime form above
+inline std::string format_rfc5322_date_utc(std::int64_t t) {
+  std::string a = format_asctime_utc(t);  // "Sun Nov 29 05:10:00 2026"
+  std::string day = a.substr(8, 2);
+  if (day[0] == ' ') day.erase(0, 1);
+  return a.substr(0, 3) + ", " + day + " " + a.substr(4, 3) + " " + a.substr(20) + " " +
+         a.substr(11, 8) + " +0000";
+}
+
+// with_list_headers - the message as Mailman gets it: Python's MailmanProxy added From: and
+// Date: when missing, as Mailman needs them and MTAs add them; Message-ID: too, as Mailman
+// files and threads by it. The date is RFC 5322's, where Python used ctime().
+inline std::string with_list_headers(const std::string& data, const std::string& mailfrom,
+                                     const std::string& our_name, std::int64_t unix_us) {
+  std::size_t end = data.rfind('\n', 0) == 0 ? 0 : data.find("\n\n");
+  std::string head = "\n" + ascii_upper(data.substr(0, end));
+  auto lacks = [&head](const char* name) { return head.find(name) == std::string::npos; };
+  std::string added;
+  if (lacks("\nFROM:") && mailfrom != "<>") added += "From: " + mailfrom + "\n";
+  if (lacks("\nDATE:")) added += "Date: " + format_rfc5322_date_utc(unix_us / 1000000) + "\n";
+  if (lacks("\nMESSAGE-ID:")) {
+    static std::uint64_t count = 0;
+    added += "Message-ID: <" +
+             maildir_unique_name(unix_us / 1000000, static_cast<long>(unix_us % 1000000),
+                                 process_id(), ++count, our_name) +
+             ">\n";
+  }
+  return added + data;
+}
+
+// MailmanTarget - a recipient Mailman 2 takes: its wrapper's COMMAND and LIST arguments
+struct MailmanTarget {
+  std::string command;  // post, admin, bounces, confirm, join, leave, owner, request, ...
+  std::string list;
+  bool operator==(const MailmanTarget& o) const { return command == o.command && list == o.list; }
+};
+
+// mailman2_target - whether a Mailman 2 installation in `home` takes this recipient: its local
+// part, lower-cased, is LIST or LIST-COMMAND and home/lists/LIST has a config.pck or config.db
+// (Mailman 2's Utils.list_exists; a list literally named "a-request" wins over a's -request).
+// The list name holds only Mailman's ACCEPTABLE_LISTNAME_CHARACTERS, so it never leaves lists/.
+inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
+                                                    const std::string& rcpt) {
+  static const char* const kCommands[] = {"admin", "bounces", "confirm",   "join",       "leave",
+                                          "owner", "request", "subscribe", "unsubscribe"};
+  std::string local = rcpt.substr(0, rcpt.rfind('@'));
+  for (char& c : local)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  auto is_list = [&home](const std::string& name) {
+    if (name.empty() || name == "." || name == "..") return false;
+    for (char c : name)
+      if (!is_ascii_alnum(c) && std::strchr("-+_.=", c) == nullptr) return false;
+    std::string dir = home + "/lists/" + name + "/";
+    return path_exists(dir + "config.pck") || path_exists(dir + "config.db");
+  };
+  if (is_list(local)) return MailmanTarget{"post", local};
+  std::size_t dash = local.rfind('-');
+  if (dash == std::string::npos) return std::nullopt;
+  std::string command = local.substr(dash + 1);
+  for (const char* known : kCommands)
+    if (command == known && is_list(local.substr(0, dash)))
+      return MailmanTarget{command, local.substr(0, dash)};
+  return std::nullopt;
+}
+
+// MailmanProxy - list mail to Mailman, the rest relayed as PureProxy relays it. Mailman 3 is
+// asked at each RCPT over LMTP whether the address is its own; Mailman 2 is looked up in its
+// lists/ directory. Whatever is not Mailman's goes to the upstream with the upstream's own
+// verdicts. At the final dot the upstream gets the message first and Mailman only once the
+// upstream has it, so that one permanent refusal rarely leaves the other side with a copy;
+// the client hears 250 only when every destination has the message, 4xx when any of them
+// failed for now (a retry may duplicate; nothing is lost). The man page has the whole table.
+// differs from smtpd.py: Python spoke a Mailman 2.0 API that no longer exists, took only
+// LIST, -admin, -owner, -request, -join and -leave, and answered 250 whatever happened.
+class MailmanProxy : public ServerMode {
+ public:
+  struct Options {
+    UpstreamSettings relay;  // the upstream server
+    UpstreamSettings lmtp;   // Mailman 3's LMTP runner (unused with home)
+    std::string home;        // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+    long long wrapper_timeout_ms = kExecTimeoutMs;
+    std::string our_name;  // for the Message-ID we add
+  };
+
+  explicit MailmanProxy(Options options) : options_(std::move(options)) {}
+  bool asks_envelope() const override { return true; }
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, options_, offer_);
+  }
+  void start(Reactor& reactor) override { probe_.start(reactor, options_.relay, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
+
+  // wrapper_command - Mailman 2's mail wrapper as the MTA's pipe alias runs it
+  static std::string wrapper_command(const std::string& home, const MailmanTarget& target) {
+    return shell_quote(home + "/mail/mailman") + " " + target.command + " " + target.list;
+  }
+
+  // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
+  // scripts' "list not found"), anything else, or no exit in time, a failure for now
+  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+    if (!outcome.has_started)
+      return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
+    if (outcome.has_timed_out)
+      return "451 Error: Mailman 2's " + what + " did not finish in time; try again later";
+    if (outcome.exit_code == 0) return "";
+    if (outcome.exit_code == 1)
+      return "550 5.1.1 Error: Mailman 2's " + what + " found no such list";
+    return "451 Error: Mailman 2's " + what + " failed (exit status " +
+           std::to_string(outcome.exit_code) + "); try again later";
+  }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    Session(Reactor& reactor, const Options& options, UpstreamOffer& offer)
+        : reactor_(reactor),
+          options_(options),
+          relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo, &offer),
+          lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo) {}
+
+    // on_mail - the sender is taken here and given to each destination at its first RCPT
+    void on_mail(const MailRequest& mail, Verdict verdict) override {
+      mail_ = mail;
+      has_relay_mail_ = has_lmtp_mail_ = false;
+      relay_accepted_ = lmtp_accepted_ = 0;
+      targets_.clear();
+      verdict("");
+    }
+
+    void on_rcpt(const std::string& rcpt, Verdict verdict) override {
+      if (options_.home.empty()) return ask_mailman(rcpt, std::move(verdict));
+      std::optional<MailmanTarget> target = mailman2_target(options_.home, rcpt);
+      if (!target) return relay(rcpt, std::move(verdict));
+      if (std::find(targets_.begin(), targets_.end(), *target) == targets_.end())
+        targets_.push_back(*target);
+      verdict("");
+    }
+
+    // on_message - the upstream first, then Mailman, then one reply for all
+    void on_message(Envelope envelope, Verdict verdict) override {
+      auto message = std::make_shared<Envelope>(std::move(envelope));
+      if (relay_accepted_ == 0) return to_mailman(message, "", verdict);
+      std::string payload = relay_payload(message->data, message->peer);
+      relay_.data(std::move(payload), 1,
+                  [this, message, verdict](const std::vector<std::string>& replies) {
+                    if (replies[0][0] != '2') return verdict(replies[0]);  // nobody has it
+                    to_mailman(message, replies[0], verdict);
+                  });
+    }
+
+   private:
+    // ask_mailman - Mailman 3 at RCPT: 2xx it is Mailman's, 5xx it is not (relay it), and
+    // anything else a 4xx, never a relay of what may be a list address
+    void ask_mailman(const std::string& rcpt, Verdict verdict) {
+      auto ask = [this, rcpt, verdict] {
+        lmtp_.rcpt(rcpt, [this, rcpt, verdict](const std::string& reply) {
+          if (reply[0] == '2') return ++lmtp_accepted_, verdict(reply);
+          if (reply[0] == '5') return relay(rcpt, verdict);
+          verdict(for_now(reply));
+        });
+      };
+      if (has_lmtp_mail_) return ask();
+      lmtp_.mail(mail_for_mailman(), [this, ask, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(for_now(reply));
+        has_lmtp_mail_ = true;
+        ask();
+      });
+    }
+
+    // mail_for_mailman - the sender as Mailman 3 gets it. Its LMTP runner offers no SMTPUTF8;
+    // as the final delivery agent it reads UTF-8 headers all the same, so the parameter is
+    // left out rather than refusing the mail (RFC 6531 3.4 asks of relays, not of delivery).
+    MailRequest mail_for_mailman() const {
+      MailRequest mail = mail_;
+      mail.options.erase(std::remove(mail.options.begin(), mail.options.end(), "SMTPUTF8"),
+                         mail.options.end());
+      mail.smtputf8 = false;
+      return mail;
+    }
+
+    // relay - a recipient that is not Mailman's goes upstream, the sender first if need be
+    void relay(const std::string& rcpt, Verdict verdict) {
+      auto send_rcpt = [this, rcpt, verdict] {
+        relay_.rcpt(rcpt, [this, verdict](const std::string& reply) {
+          if (reply[0] == '2') ++relay_accepted_;
+          verdict(reply);
+        });
+      };
+      if (has_relay_mail_) return send_rcpt();
+      relay_.mail(mail_, [this, send_rcpt, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(reply);  // the upstream refuses the sender
+        has_relay_mail_ = true;
+        send_rcpt();
+      });
+    }
+
+    // to_mailman - the Mailman part of the message, once the upstream (if any) has it: then
+    // upstream_reply is its 2xx
+    void to_mailman(std::shared_ptr<Envelope> message, const std::string& upstream_reply,
+                    Verdict verdict) {
+      if (lmtp_accepted_ == 0 && targets_.empty()) return verdict(upstream_reply);
+      bool upstream_has_it = !upstream_reply.empty();
+      message->data =
+          with_list_headers(message->data, message->mailfrom, options_.our_name, unix_time_us());
+      auto finish = [upstream_has_it, verdict](const std::vector<std::string>& replies) {
+        verdict(one_reply(replies, upstream_has_it));
+      };
+      if (!options_.home.empty()) return run_wrappers(message, 0, {}, finish);
+      std::string payload = relay_payload(message->data, message->peer);
+      lmtp_.data(std::move(payload), lmtp_accepted_, finish);
+    }
+
+    // run_wrappers - Mailman 2's wrapper once for each list address, one after the other
+    void run_wrappers(std::shared_ptr<Envelope> message, std::size_t next,
+                      std::vector<std::string> replies,
+                      std::function<void(const std::vector<std::string>&)> finish) {
+      if (next == targets_.size()) return finish(replies);
+      const MailmanTarget& target = targets_[next];
+      std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
+      reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
+      run_ = std::make_unique<CommandRun>(reactor_,
+                                          MailmanProxy::wrapper_command(options_.home, target),
+                                          options_.wrapper_timeout_ms);
+      run_->run(message_file_text(message->data), {},
+                [this, message, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+                  std::vector<std::string> so_far = replies;
+                  so_far.push_back(wrapper_reply(outcome, what));
+                  run_wrappers(message, next + 1, so_far, finish);
+                });
+    }
+
+    // one_reply - the client's one reply for Mailman's replies: 250 when all accepted; the
+    // first 4xx when any failed for now (the client retries); else the first refusal, said
+    // to have reached the upstream's recipients when it did
+    static std::string one_reply(const std::vector<std::string>& replies, bool upstream_has_it) {
+      for (const std::string& reply : replies)
+        if (!reply.empty() && reply[0] == '4') return reply;
+      for (const std::string& reply : replies) {
+        if (reply.empty() || reply[0] == '2') continue;
+        if (!upstream_has_it) return reply;
+        return reply.substr(0, 3) + " Error: the upstream server took the message, Mailman " +
+               "refused it: " + printable(reply).substr(0, 300);
+      }
+      return "";
+    }
+
+    // for_now - Mailman could not say whether an address is its own: a 4xx, whatever it was
+    std::string for_now(const std::string& reply) const {
+      if (reply[0] == '4') return reply;
+      return "451 Error: Mailman's LMTP server " + options_.lmtp.name +
+             " cannot tell whether this address is a list's: " + printable(reply).substr(0, 300);
+    }
+
+    Reactor& reactor_;
+    const Options& options_;
+    UpstreamSession relay_;
+    UpstreamSession lmtp_;
+    MailRequest mail_;
+    bool has_relay_mail_ = false;         // the upstream has this transaction's MAIL
+    bool has_lmtp_mail_ = false;          // so has Mailman 3
+    std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
+    std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
+    std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
+    std::unique_ptr<CommandRun> run_;
+  };
+
+  Options options_;
+  UpstreamOffer offer_;  // what the upstream offers; Mailman 3's runner offers 8BITMIME too
+  UpstreamProbe probe_;
 };
 
 // ==== 9. Event loop ====
@@ -3860,7 +4353,15 @@ class Transport {
   virtual socket_t socket() const = 0;
   virtual Result read_some(char* buffer, std::size_t size) = 0;
   virtual Result write_some(std::string_view bytes) = 0;
+  // poll_events - what to poll the socket for when the connection wants to read (POLLIN)
+  // and/or write (POLLOUT): TLS may have to read before it can write, and the reverse
+  virtual short poll_events(short wanted) const { return wanted; }
+  // security - "TLSv1.3 TLS_AES_256_GCM_SHA384" once a TLS handshake is done; "" for none
+  virtual std::string security() const { return ""; }
 };
+
+// TransportWrapper - puts TLS around a transport (the TLS layer below); empty without TLS
+using TransportWrapper = std::function<std::unique_ptr<Transport>(std::unique_ptr<Transport>)>;
 
 // SocketTransport - a connected TCP socket, closed with the transport
 class SocketTransport : public Transport {
@@ -3892,6 +4393,197 @@ class SocketTransport : public Transport {
 
   socket_t socket_;
 };
+
+#ifdef SMTPD_TLS
+// The TLS layer (make TLS=1): a TlsTransport wraps a connection's transport for STARTTLS or
+// --tls-implicit, on one server context made at start from --tls-cert and --tls-key, or from
+// a throwaway self-signed certificate (--tls). OpenSSL works the socket itself; each read or
+// write says what it waits for, and poll_events passes that on to the loop.
+//   TlsContext (from_files, self_signed), TlsTransport, tls_error_text
+constexpr bool kHasTls = true;
+
+// tls_error_text - OpenSSL's reason for the last failure, and the error queue emptied
+inline std::string tls_error_text(const char* fallback) {
+  unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return fallback;
+  char text[256];
+  ERR_error_string_n(code, text, sizeof text);
+  return text;
+}
+
+class TlsContext {
+ public:
+  ~TlsContext() { SSL_CTX_free(ctx_); }
+  TlsContext(const TlsContext&) = delete;
+  TlsContext& operator=(const TlsContext&) = delete;
+  SSL_CTX* get() const { return ctx_; }
+
+  // from_files - PEM certificate chain and key; throws std::runtime_error with the reason
+  static std::shared_ptr<TlsContext> from_files(const std::string& cert, const std::string& key) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    SSL_CTX* ctx = context->ctx_;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert.c_str()) != 1)
+      throw std::runtime_error("cannot use --tls-cert " + cert + ": " + tls_error_text("?"));
+    if (SSL_CTX_use_PrivateKey_file(ctx, key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1)
+      throw std::runtime_error("cannot use --tls-key " + key + ": " + tls_error_text("?"));
+    return context;
+  }
+
+  // self_signed - a new P-256 key and a certificate for HOST, localhost, 127.0.0.1 and ::1,
+  // valid from an hour ago for kSelfSignedDays, made in memory and never written anywhere
+  static std::shared_ptr<TlsContext> self_signed(const std::string& host) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(make_key(), EVP_PKEY_free);
+    std::unique_ptr<X509, decltype(&X509_free)> cert(X509_new(), X509_free);
+    if (!key || !cert) throw std::runtime_error("cannot make a key: " + tls_error_text("?"));
+    X509_set_version(cert.get(), 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(cert.get()),
+                     static_cast<long>(unix_time_us() & 0x7FFFFFFF));
+    X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(cert.get()), 86400L * kSelfSignedDays);
+    X509_set_pubkey(cert.get(), key.get());
+    X509_NAME* name = X509_get_subject_name(cert.get());
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                               reinterpret_cast<const unsigned char*>(host.c_str()), -1, -1, 0);
+    X509_set_issuer_name(cert.get(), name);
+    std::string names = "DNS:localhost,IP:127.0.0.1,IP:::1";
+    if (host != "localhost") names += ",DNS:" + host;
+    X509V3_CTX v3;
+    X509V3_set_ctx_nodb(&v3);
+    X509V3_set_ctx(&v3, cert.get(), cert.get(), nullptr, nullptr, 0);
+    X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, names.c_str());
+    bool is_made = san != nullptr && X509_add_ext(cert.get(), san, -1) == 1 &&
+                   X509_sign(cert.get(), key.get(), EVP_sha256()) > 0 &&
+                   SSL_CTX_use_certificate(context->ctx_, cert.get()) == 1 &&
+                   SSL_CTX_use_PrivateKey(context->ctx_, key.get()) == 1;
+    X509_EXTENSION_free(san);
+    if (!is_made)
+      throw std::runtime_error("cannot make a self-signed certificate: " + tls_error_text("?"));
+    return context;
+  }
+
+ private:
+  // TLS 1.2 and 1.3 only; a client that closes without close_notify just ends the session
+  TlsContext() : ctx_(SSL_CTX_new(TLS_server_method())) {
+    if (ctx_ == nullptr) throw std::runtime_error("cannot start TLS: " + tls_error_text("?"));
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx_, SSL_OP_NO_RENEGOTIATION | kIgnoreUnexpectedEof);
+  }
+
+  static EVP_PKEY* make_key() {
+    EVP_PKEY* key = nullptr;
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_id(EVP_PKEY_EC, nullptr);
+    if (pctx != nullptr && EVP_PKEY_keygen_init(pctx) == 1 &&
+        EVP_PKEY_CTX_set_ec_paramgen_curve_nid(pctx, NID_X9_62_prime256v1) == 1)
+      EVP_PKEY_keygen(pctx, &key);
+    EVP_PKEY_CTX_free(pctx);
+    return key;
+  }
+
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = SSL_OP_IGNORE_UNEXPECTED_EOF;
+#else
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = 0;  // OpenSSL 1.1.1 has no such error
+#endif
+  SSL_CTX* ctx_;
+};
+
+// TlsTransport - the server side of TLS over another transport's socket. The handshake runs
+// inside the first reads and writes (so the greeting of --tls-implicit waits for it).
+class TlsTransport : public Transport {
+ public:
+  TlsTransport(std::unique_ptr<Transport> inner, std::shared_ptr<TlsContext> context)
+      : inner_(std::move(inner)), context_(std::move(context)), ssl_(SSL_new(context_->get())) {
+    if (ssl_ == nullptr) return;
+    SSL_set_fd(ssl_, static_cast<int>(inner_->socket()));
+    SSL_set_accept_state(ssl_);
+    SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  }
+  ~TlsTransport() override {
+    if (ssl_ != nullptr && SSL_is_init_finished(ssl_)) SSL_shutdown(ssl_);  // one try, no wait
+    SSL_free(ssl_);
+    ERR_clear_error();
+  }
+  TlsTransport(const TlsTransport&) = delete;
+  TlsTransport& operator=(const TlsTransport&) = delete;
+
+  socket_t socket() const override { return inner_->socket(); }
+
+  // read_some - decrypted bytes, as many as fit: records already read must not wait in
+  // OpenSSL's buffer, where poll cannot see them
+  Result read_some(char* buffer, std::size_t size) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    std::size_t total = 0;
+    while (total < size) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_, buffer + total,
+                       static_cast<int>(std::min<std::size_t>(size - total, 1 << 30)));
+      if (n <= 0) {
+        Result r = outcome(n, read_waits_for_);
+        if (total == 0) return r;
+        break;  // the bytes first; an end or error comes again with the next read
+      }
+      total += static_cast<std::size_t>(n);
+    }
+    read_waits_for_ = 0;
+    return {Status::Ok, total, ""};
+  }
+
+  Result write_some(std::string_view bytes) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    ERR_clear_error();
+    int n = SSL_write(ssl_, bytes.data(),
+                      static_cast<int>(std::min<std::size_t>(bytes.size(), 1 << 30)));
+    if (n <= 0) return outcome(n, write_waits_for_);
+    write_waits_for_ = 0;
+    return {Status::Ok, static_cast<std::size_t>(n), ""};
+  }
+
+  short poll_events(short wanted) const override {
+    short events = 0;
+    if (wanted & POLLIN) events |= read_waits_for_ != 0 ? read_waits_for_ : POLLIN;
+    if (wanted & POLLOUT) events |= write_waits_for_ != 0 ? write_waits_for_ : POLLOUT;
+    return events;
+  }
+
+  std::string security() const override {
+    if (ssl_ == nullptr || !SSL_is_init_finished(ssl_)) return "";
+    return std::string(SSL_get_version(ssl_)) + " " + SSL_get_cipher_name(ssl_);
+  }
+
+ private:
+  // outcome - a read or write that gave nothing: wait for the socket, the end, or a failure
+  Result outcome(int n, short& waits_for) {
+    int err = SSL_get_error(ssl_, n);
+    waits_for = err == SSL_ERROR_WANT_READ ? POLLIN : err == SSL_ERROR_WANT_WRITE ? POLLOUT : 0;
+    if (waits_for != 0) return {Status::WouldBlock, 0, ""};
+    if (err == SSL_ERROR_ZERO_RETURN) return {Status::Closed, 0, ""};
+    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+      int sys = last_socket_error();
+      if (n == 0 || sys == 0) return {Status::Closed, 0, ""};
+      return {Status::Failed, 0, socket_error_text(sys)};
+    }
+    return {Status::Failed, 0, "TLS: " + tls_error_text("protocol error")};
+  }
+
+  std::unique_ptr<Transport> inner_;
+  std::shared_ptr<TlsContext> context_;
+  SSL* ssl_;
+  short read_waits_for_ = 0;   // what the last read waited for: POLLIN, POLLOUT, or 0
+  short write_waits_for_ = 0;  // the same for the last write
+};
+
+// tls_wrapper - the TransportWrapper for a context
+inline TransportWrapper tls_wrapper(std::shared_ptr<TlsContext> context) {
+  return [context](std::unique_ptr<Transport> inner) -> std::unique_ptr<Transport> {
+    return std::make_unique<TlsTransport>(std::move(inner), context);
+  };
+}
+#else
+constexpr bool kHasTls = false;  // built without TLS: the TLS options say to use make TLS=1
+#endif
 
 // Connection - one client: its transport, its channel, its session with the mode. It ends
 // through Server::close, which stops its events at once and destroys it after the current
@@ -3970,7 +4662,9 @@ class ExitPolicy {
 
 // ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
+  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
+  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
   bool debug = false;                                // -d
   std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
   long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
@@ -4065,6 +4759,8 @@ class Server {
  public:
   Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
       : channel_(channel_config(options, mode)),
+        wrap_in_tls_(options.wrap_in_tls),
+        is_tls_implicit_(options.is_tls_implicit),
         is_debug_(options.debug),
         mode_(mode),
         acceptor_(
@@ -4073,8 +4769,11 @@ class Server {
             [this] { return connections_.size(); }),
         exit_(reactor_, options.max_messages, options.idle_exit_ms),
         command_timeout_ms_(options.command_timeout_ms),
-        max_clients_(options.max_clients) {}
+        max_clients_(options.max_clients) {
+    mode_.start(reactor_);
+  }
   ~Server() {
+    mode_.stop();
     reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
   }
@@ -4099,6 +4798,18 @@ class Server {
  private:
   // channel_config - what every connection's channel shares: the options, the mode's wish
   // to decide MAIL and RCPT, the -d trace
+  // channel_for_client - the channel settings as the mode shapes them now (a relay's EHLO
+  // follows what its upstream offers), shared while that stays the same
+  std::shared_ptr<const ChannelConfig> channel_for_client() {
+    ChannelConfig shaped = *channel_;
+    mode_.shape(shaped);
+    bool is_same = shaped_ && shaped.offer_8bitmime == shaped_->offer_8bitmime &&
+                   shaped.enable_smtputf8 == shaped_->enable_smtputf8 &&
+                   shaped.data_size_limit == shaped_->data_size_limit;
+    if (!is_same) shaped_ = std::make_shared<const ChannelConfig>(std::move(shaped));
+    return shaped_;
+  }
+
   static std::shared_ptr<const ChannelConfig> channel_config(const ServerOptions& options,
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
@@ -4139,7 +4850,8 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
-    Connection& c = connections_.emplace_back(std::move(transport), channel_, ip);
+    if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
+    Connection& c = connections_.emplace_back(std::move(transport), channel_for_client(), ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
     reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
@@ -4151,7 +4863,8 @@ class Server {
 
   // serve - the connection's socket is ready
   void serve(Connection& c, short revents) {
-    if ((revents & (POLLIN | POLLHUP | POLLERR)) && read_some(c)) ask(c);
+    short read_events = c.transport->poll_events(POLLIN) | POLLHUP | POLLERR;
+    if ((revents & read_events) && read_some(c)) ask(c);
     settle(c);
   }
 
@@ -4161,7 +4874,10 @@ class Server {
     if (c.is_input_closed || !c.channel.wants_input()) return false;
     Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
     switch (r.status) {
-      case Transport::Status::Ok: c.channel.feed(std::string_view(buffer, r.bytes)); return true;
+      case Transport::Status::Ok:
+        if (c.channel.tls.empty()) c.channel.tls = c.transport->security();
+        c.channel.feed(std::string_view(buffer, r.bytes));
+        return true;
       case Transport::Status::WouldBlock: return false;
       case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
       case Transport::Status::Closed:
@@ -4191,6 +4907,7 @@ class Server {
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
+      case Channel::Question::StartTls:  // settle starts it once the 220 is out
       case Channel::Question::None: return;
     }
   }
@@ -4219,6 +4936,11 @@ class Server {
                       c.channel.output().size() < kOutputBacklog;
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
+    if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
+      c.transport = wrap_in_tls_(std::move(c.transport));
+      c.channel.restart_in_tls();
+      is_waiting = false;
+    }
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
     if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
@@ -4226,7 +4948,7 @@ class Server {
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
-    reactor_.set_events(c.transport->socket(), events);
+    reactor_.set_events(c.transport->socket(), c.transport->poll_events(events));
   }
 
   // watch_time - --timeout: the client has that long for each command line (bytes alone do not
@@ -4343,6 +5065,9 @@ class Server {
 
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
   std::shared_ptr<const ChannelConfig> channel_;
+  std::shared_ptr<const ChannelConfig> shaped_;  // channel_ as the mode last shaped it
+  TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
+  bool is_tls_implicit_;
   bool is_debug_;
   ServerMode& mode_;
   Acceptor acceptor_;
@@ -4387,6 +5112,9 @@ struct Settings {
   bool json = false;                         // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
+  Endpoint mailman_lmtp;                     // --mailman-lmtp: Mailman 3's LMTP runner
+  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
 };
 
 class UsageError : public std::runtime_error {
@@ -4568,6 +5296,22 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
+// parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
+inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+  ChannelConfig& channel = s.server.channel;
+  s.tls_cert = parse_path(result, "tls-cert");
+  s.tls_key = parse_path(result, "tls-key");
+  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
+  channel.tls_required = result.count("tls-required") > 0;
+  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
+                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
+  channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
+  if (channel.records_tls && !kHasTls)
+    throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
+  if (s.tls_cert.empty() != s.tls_key.empty())
+    throw UsageError("--tls-cert and --tls-key go together");
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -4595,14 +5339,14 @@ inline cxxopts::Options build_options() {
       "connect-timeout",
       "PureProxy: seconds to wait for the upstream server to accept the "
       "connection (default " +
-          seconds_text(kConnectTimeoutMs) + ").",
+          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+      cxxopts::value<std::string>(), "SECONDS")(
+      "reply-timeout",
+      "PureProxy: seconds to wait for each reply of the upstream server "
+      "(default " +
+          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
       cxxopts::value<std::string>(),
-      "SECONDS")("reply-timeout",
-                 "PureProxy: seconds to wait for each reply of the upstream server "
-                 "(default " +
-                     seconds_text(kReplyTimeoutMs) + ").",
-                 cxxopts::value<std::string>(),
-                 "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
+      "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
       "maildir",
       "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
       "if missing), synced before the 250 reply.",
@@ -4620,8 +5364,8 @@ inline cxxopts::Options build_options() {
       "is the reply), anything else gives 451.",
       cxxopts::value<std::string>(),
       "COMMAND")("exec-timeout",
-                 "Seconds the --exec command may run before it is killed and the client "
-                 "gets 451 (default " +
+                 "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+                 "it is killed and the client gets 451 (default " +
                      seconds_text(kExecTimeoutMs) + ").",
                  cxxopts::value<std::string>(), "SECONDS")(
       "max-messages",
@@ -4669,8 +5413,27 @@ inline cxxopts::Options build_options() {
       "reject-seed",
       "Seed for the N% rules of --reject, so a run refuses the same commands again "
       "(default: a new seed at each start).",
-      cxxopts::value<std::string>(), "N")("h,help", "Print this help and exit.")(
-      "addresses", "", cxxopts::value<std::vector<std::string>>());
+      cxxopts::value<std::string>(),
+      "N")("mailman-lmtp",
+           "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+           "address is a list's (default 127.0.0.1:8024).",
+           cxxopts::value<std::string>(),
+           "HOST:PORT")("mailman-home",
+                        "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+                        "mail/mailman wrapper).",
+                        cxxopts::value<std::string>(), "DIR")(
+      "tls",
+      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
+      "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+      cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
+                                             cxxopts::value<std::string>(), "FILE")(
+      "tls-implicit",
+      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).")(
+      "tls-required",
+      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).")(
+      "h,help", "Print this help and exit.")("addresses", "",
+                                             cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -4680,6 +5443,25 @@ inline std::string help_text(cxxopts::Options& options) {
          " as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
+}
+
+// parse_mailman_options - --mailman-lmtp or --mailman-home, for MailmanProxy only
+inline void parse_mailman_options(const cxxopts::ParseResult& result, Settings& s) {
+  bool has_lmtp = result.count("mailman-lmtp") > 0;
+  s.mailman_home = parse_path(result, "mailman-home");
+  bool has_home = !s.mailman_home.empty();
+  if ((has_lmtp || has_home) && s.mode != ModeKind::MailmanProxy)
+    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
+  if (has_lmtp && has_home)
+    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
+  s.mailman_lmtp = parse_endpoint(
+      has_lmtp ? result["mailman-lmtp"].as<std::string>() : kDefaultMailmanLmtp, "Mailman LMTP");
+  if (!has_home) return;
+  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
+  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
+  if (!path_exists(s.mailman_home + "/mail/mailman"))
+    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
+                     "/mail/mailman");
 }
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
@@ -4752,6 +5534,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
       throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
     s.reject_seed = std::stoull(seed);
   }
+  parse_mailman_options(result, s);
+  parse_tls_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -4764,17 +5548,22 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
-// resolve_upstream - the relay's upstream, resolved once at start so the loop never waits
-// for a name lookup; throws StartError when the name does not resolve
-inline void resolve_upstream(Settings& s) {
-  UpstreamSettings& upstream = s.upstream;
-  upstream.name = format_endpoint(s.remote.host, s.remote.port);
+// resolved - an upstream's addresses, resolved once at start so the loop never waits for a
+// name lookup; throws StartError when the name does not resolve
+inline UpstreamSettings resolved(UpstreamSettings upstream, const Endpoint& where) {
+  upstream.name = format_endpoint(where.host, where.port);
   std::string error;
-  upstream.addresses = resolve_endpoint(s.remote, error);
+  upstream.addresses = resolve_endpoint(where, error);
   if (upstream.addresses.empty())
-    throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
-  upstream.fqdn = s.server.channel.fqdn;
-  if (s.server.debug) upstream.trace = [](const std::string& line) { log_line(line); };
+    throw StartError("cannot resolve the " + upstream.role + " " + where.host + ": " + error);
+  return upstream;
+}
+
+// resolve_upstream - the relay's upstream as the loop uses it: resolved, named, traced with -d
+inline void resolve_upstream(Settings& s) {
+  s.upstream.fqdn = s.server.channel.fqdn;
+  if (s.server.debug) s.upstream.trace = [](const std::string& line) { log_line(line); };
+  s.upstream = resolved(s.upstream, s.remote);
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -4801,14 +5590,29 @@ inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
     case ModeKind::Debugging:
       return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
     case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
-    case ModeKind::MailmanProxy: break;
+    case ModeKind::MailmanProxy: {
+      resolve_upstream(s);
+      MailmanProxy::Options options;
+      options.relay = s.upstream;
+      if (s.mailman_home.empty()) {
+        UpstreamSettings lmtp = s.upstream;
+        lmtp.role = "Mailman LMTP server";
+        lmtp.tag = "mailman";
+        options.lmtp = resolved(lmtp, s.mailman_lmtp);
+      }
+      options.home = s.mailman_home;
+      options.wrapper_timeout_ms = s.exec.timeout_ms;
+      options.our_name = s.server.channel.fqdn;
+      return std::make_unique<MailmanProxy>(std::move(options));
+    }
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
 }
 
 // warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
 inline void warn_if_open_relay(const Settings& s, const std::string& bound) {
-  if (s.mode != ModeKind::PureProxy || is_loopback_host(s.local.host)) return;
+  bool is_relay = s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy;
+  if (!is_relay || is_loopback_host(s.local.host)) return;
   log_line("warning: " + std::string(mode_name(s.mode)) + " on " + bound +
            " relays mail from anyone who can connect: this can make an open relay");
 }
@@ -4821,6 +5625,13 @@ inline void prepare_outputs(const Settings& s) {
     log_line(error + "; messages get 451 until it can be made");
 }
 
+// mailman_text - where MailmanProxy finds Mailman, for the -d start line
+inline std::string mailman_text(const Settings& s) {
+  if (s.mode != ModeKind::MailmanProxy) return "";
+  if (!s.mailman_home.empty()) return "; Mailman 2 in " + s.mailman_home;
+  return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
+}
+
 // seed_refusals - the --reject rules with their random source. Without --reject-seed the
 // seed comes from the system's random source and the clock; -d prints it, so a run worth
 // repeating can be.
@@ -4831,6 +5642,20 @@ inline void seed_refusals(Settings& s) {
                                            static_cast<std::uint64_t>(unix_time_us());
   if (s.server.debug) log_line("--reject-seed " + std::to_string(seed));
   s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
+}
+
+// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
+inline void configure_tls([[maybe_unused]] Settings& s) {
+#ifdef SMTPD_TLS
+  if (!s.server.channel.records_tls) return;
+  try {
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
+                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
+  } catch (const std::runtime_error& e) {
+    throw UsageError(e.what());
+  }
+#endif
 }
 
 // run_smtpd - the whole program after argument parsing; returns the exit status
@@ -4848,6 +5673,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     settings = *cl.settings;
     settings.server.channel.fqdn = getfqdn();
     mode = make_mode(settings);
+    configure_tls(settings);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
@@ -4886,7 +5712,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   warn_if_open_relay(settings, bound);
   if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
-             format_endpoint(settings.remote.host, settings.remote.port));
+             format_endpoint(settings.remote.host, settings.remote.port) + mailman_text(settings));
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
   Server server(std::move(sockets_to_watch), settings.server, *mode);
