@@ -1,11 +1,14 @@
 # Makefile -- build, test and install smtpd (GNU make).
 #
 #   make                build ./smtpd            (make CXX=clang++, make STATIC=1 for -static)
+#   make TLS=1          build with STARTTLS and SMTPS (OpenSSL, Debian libssl-dev); with
+#                       STATIC=1 OpenSSL is linked in too. make TLS=1 test adds the TLS tests.
 #   make run            build, then run a DebuggingServer on localhost:8025
 #   make test           build ./smtpd and tests/run_tests, run the suite and the man-page check;
 #                       the last line is "N passed, M failed".  Doctest options go in TEST_ARGS:
 #                       make test TEST_ARGS='-tc="*EHLO*" -s'
 #   make test-asan      the same suite under AddressSanitizer + UBSan (smtpd-asan, run_tests_asan)
+#   make fuzz           each fuzz/fuzz_*.cpp target under libFuzzer, FUZZ_SECONDS (60) each
 #   make install        PREFIX=/usr/local, DESTDIR= : bin/smtpd, share/man/man1/smtpd.1
 #   make uninstall
 #   make deps           check for everything the build and tests need; on Debian, as root,
@@ -32,6 +35,10 @@ SANITIZE = -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-fram
 GCC_ASAN_QUIRK = $(if $(shell $(CXX) -dM -E -x c++ /dev/null 2>/dev/null | grep __clang__),,\
                    -Wno-maybe-uninitialized)
 STATIC_LDFLAGS := $(if $(filter 1 yes on true,$(STATIC)),-static)
+# TLS=1: OpenSSL, asked for (and installed by deps) only in this build
+TLS_ON       := $(filter 1 yes on true,$(TLS))
+TLS_CPPFLAGS := $(if $(TLS_ON),-DSMTPD_TLS)
+TLS_LDLIBS   := $(if $(TLS_ON),-lssl -lcrypto)
 
 SMTPD_CXXFLAGS := $(STD) -O2 $(WARNINGS) -pthread
 TEST_CXXFLAGS  := $(STD) -g -O1 $(WARNINGS) -pthread
@@ -47,6 +54,10 @@ TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
                cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
                cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix
+ifneq ($(TLS_ON),)
+BUILD_NEEDS += header:openssl/ssl.h:libssl-dev:openssl
+TEST_NEEDS  += cmd:openssl:openssl perl:Net-SSLeay:libnet-ssleay-perl
+endif
 NEEDS := $(BUILD_NEEDS)
 ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)
@@ -62,26 +73,26 @@ deps:
 	@CXX='$(CXX)' CPPFLAGS='$(CPPFLAGS)' sh tests/ensure-tools.sh $(NEEDS)
 
 # Rebuild when the compiler or flags change, not only when sources do.
-BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(CPPFLAGS) | $(CXXFLAGS) | $(LDFLAGS) | $(LDLIBS)
+BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(TLS_CPPFLAGS) | $(CPPFLAGS) | $(CXXFLAGS) | $(LDFLAGS) | $(LDLIBS)
 .build-flags: FORCE | deps
 	@echo '$(BUILD_ID)' | cmp -s - $@ || echo '$(BUILD_ID)' > $@
 
 smtpd: smtpd.cpp .build-flags | deps
-	$(CXX) $(SMTPD_CXXFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(STATIC_LDFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(LDLIBS)
+	$(CXX) $(SMTPD_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(STATIC_LDFLAGS) $(LDFLAGS) \
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 smtpd-asan: smtpd.cpp .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 # One translation unit: tests/test_main.cpp includes ../smtpd.cpp and the test files.
 tests/run_tests: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 tests/run_tests_asan: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
-	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(LDLIBS)
+	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
 
 run: smtpd
 	./smtpd -n -c DebuggingServer localhost:8025
@@ -139,20 +150,24 @@ windows: build-win/smtpd.exe build-win/run_tests.exe
 	$(WINE_ENV) timeout 300 python3 tests/windows-smoke.py wine build-win/smtpd.exe
 	$(WINE_ENV) wineserver -k 2>/dev/null || true
 
-# fuzz: the channel under libFuzzer (clang, libclang-rt-14-dev on Debian) for FUZZ_SECONDS,
-# from a seed dialogue made here; a crash or broken invariant stops it with a non-zero status.
+# fuzz: every fuzz/fuzz_*.cpp target under libFuzzer (clang, libclang-rt-14-dev on Debian),
+# FUZZ_SECONDS each (FUZZ_SECONDS=600 for a long run), from the seeds in fuzz/seeds/TARGET;
+# the channel, the address parser and the proxy's client side (the upstream's replies).
+# A crash or broken invariant stops a target with a non-zero status, and make fuzz fails.
 FUZZ_SECONDS ?= 60
 FUZZ_CXX ?= clang++
-fuzz/fuzz_channel: fuzz/fuzz_channel.cpp smtpd.cpp | deps
+FUZZ_TARGETS := $(patsubst %.cpp,%,$(wildcard fuzz/fuzz_*.cpp))
+fuzz/fuzz_%: fuzz/fuzz_%.cpp smtpd.cpp | deps
 	$(FUZZ_CXX) $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) $< -o $@
 
-fuzz: fuzz/fuzz_channel
-	@corpus=$$(mktemp -d) && \
-	printf '\005\007EHLO a\r\nMAIL FROM:<a@b> SIZE=10 BODY=8BITMIME\r\nRCPT TO:<c@d>\r\nDATA\r\nx\r\n..y\r\n.\r\nQUIT\r\n' \
-	    > "$$corpus/seed" && \
-	./fuzz/fuzz_channel -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
-	    "$$corpus" > "$$corpus.log" 2>&1; status=$$?; tail -n 12 "$$corpus.log"; \
-	rm -rf "$$corpus" "$$corpus.log"; exit $$status
+fuzz: $(FUZZ_TARGETS)
+	@status=0; for target in $(FUZZ_TARGETS); do \
+	    corpus=$$(mktemp -d) && cp fuzz/seeds/$$(basename $$target)/* "$$corpus"/ && \
+	    echo "== $$target ($(FUZZ_SECONDS) s)" && \
+	    ./$$target -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -print_final_stats=1 \
+	        "$$corpus" > "$$corpus.log" 2>&1 || status=1; \
+	    tail -n 12 "$$corpus.log"; rm -rf "$$corpus" "$$corpus.log"; \
+	done; exit $$status
 
 # format-check: the layout .clang-format describes, checked rather than applied
 FORMAT_SOURCES := smtpd.cpp $(wildcard tests/*.cpp tests/*.hpp fuzz/*.cpp)
@@ -168,5 +183,5 @@ bench: smtpd
 	timeout 900 python3 bench/report.py $(BENCH_ARGS)
 
 clean:
-	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags fuzz/fuzz_channel
+	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags $(FUZZ_TARGETS)
 	rm -rf build build-win

@@ -34,6 +34,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <list>
 #include <map>
@@ -78,6 +79,12 @@
 
 #include <cxxopts.hpp>
 
+#ifdef SMTPD_TLS  // make TLS=1: OpenSSL 1.1.1 or later
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#endif
+
 // ==== 2. Limits and defaults ====
 // Every tunable, with its unit and where the number comes from. Runtime options take their
 // defaults from here, and their help texts name these values.
@@ -97,6 +104,7 @@ constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a so
 constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
 constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
+[[maybe_unused]] constexpr long kSelfSignedDays = 30;  // --tls: the throwaway certificate's days
 constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
                                      // free on all of them
 constexpr int kAcceptBurst = 64;     // connections accepted per loop turn, so reads still run
@@ -125,7 +133,19 @@ constexpr int kKillWaitRounds = 100;             // after a kill, looked for thi
 constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
 constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
-constexpr int kDrainGraceMs = 5000;    // --max-messages: time open sessions get to finish; then 421
+// --timeout: RFC 5321 4.5.3.2 gives a server at least 5 minutes for each command; a client
+// that trickles bytes cannot stretch one command past it (issue 9.7). In DATA the time runs
+// between reads, and the whole message gets kDataDeadlineFactor times as long.
+constexpr long long kCommandTimeoutMs = 300 * 1000;
+constexpr long long kDataDeadlineFactor = 10;
+constexpr int kDrainGraceMs = 5000;
+// SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
+// finish before they hear 421; idle ones hear it at once (issue 9.9)
+constexpr int kShutdownGraceMs = 5000;
+// stdout and stderr on a pipe nobody reads (issue 9.6): trace lines queue up to this much,
+// then are dropped and counted; at exit, what is queued gets this long to leave
+constexpr std::size_t kTraceBacklog = 256 * 1024;
+constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
@@ -195,7 +215,7 @@ struct SocketRuntime {
 
 std::atomic<bool> g_stop_requested{false};
 inline BOOL WINAPI on_console_event(DWORD) {
-  g_stop_requested = true;
+  if (g_stop_requested.exchange(true)) std::_Exit(130);  // the second one: at once
   return TRUE;
 }
 // install_stop_handlers - Ctrl-C and console close end the loop cleanly
@@ -206,6 +226,10 @@ inline void binary_stdout() { _setmode(_fileno(stdout), _O_BINARY); }
 inline bool running_as_root() { return false; }
 inline void raise_descriptor_limit() {}     // WSAPoll has no per-process descriptor limit to raise
 inline void open_standard_descriptors() {}  // sockets are handles, never the CRT's 0, 1 or 2
+inline bool set_output_nonblocking(int) { return false; }  // WSAPoll takes sockets only
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return _write(fd, data, static_cast<unsigned>(std::min<std::size_t>(size, 1 << 30)));
+}
 inline bool drop_privileges(std::string& error) {
   error.clear();
   return true;  // Windows has no setuid; -n is implied
@@ -248,7 +272,10 @@ inline bool connect_in_progress(int err) { return err == EINPROGRESS || err == E
 struct SocketRuntime {};
 
 std::atomic<bool> g_stop_requested{false};
-extern "C" inline void on_stop_signal(int) { g_stop_requested = true; }
+// on_stop_signal - the first SIGINT/SIGTERM asks for a graceful stop; a second ends us at once
+extern "C" inline void on_stop_signal(int sig) {
+  if (g_stop_requested.exchange(true)) _exit(128 + sig);
+}
 
 // install_stop_handlers - SIGINT/SIGTERM end the loop; no SA_RESTART so poll() wakes at once
 inline void install_stop_handlers() {
@@ -262,6 +289,19 @@ inline void install_stop_handlers() {
 }
 inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
+
+// set_output_nonblocking - stdout or stderr on a pipe or socket could wait forever for its
+// reader: its writes fail with EAGAIN instead (issue 9.6). Files and terminals stay blocking
+// (O_NONBLOCK on a terminal would reach the shell that shares it).
+inline bool set_output_nonblocking(int fd) {
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return false;
+  int flags = fcntl(fd, F_GETFL);
+  return flags >= 0 && fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0;
+}
+inline long write_output(int fd, const char* data, std::size_t size) {
+  return static_cast<long>(::write(fd, data, size));
+}
 
 // open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
 // Started with them closed (smtpd <&- >&-), the listener and the first clients would take
@@ -736,8 +776,9 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
 // check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), and
-// our name (getfqdn).
+// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), our
+// name (getfqdn), and stdout and stderr as queues the loop never waits on (OutputQueue,
+// log_line).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -1125,10 +1166,117 @@ inline std::string getfqdn() {
 }
 
 // log_line - one line on stderr, prefixed with the program name
-inline void log_line(const std::string& text) {
-  std::fprintf(stderr, "smtpd: %s\n", text.c_str());
-  std::fflush(stderr);
+// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
+// pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
+// dropped and counted; a print-out of a message whole, and whoever waits on it is told once it
+// is written. The loop polls the stream while text waits (section 9); on a file or terminal
+// every write completes at once, as before.
+class OutputQueue {
+ public:
+  using Written = std::function<void(const std::string& error)>;  // "" when written
+  explicit OutputQueue(int fd) : fd_(fd) {}
+
+  void make_nonblocking() { is_nonblocking_ = set_output_nonblocking(fd_); }
+  bool is_nonblocking() const { return is_nonblocking_; }
+  bool has_pending() const { return !chunks_.empty(); }
+  int fd() const { return fd_; }
+  std::uint64_t dropped() const { return dropped_; }
+
+  // trace - a line that may be lost rather than waited for
+  void trace(std::string text) {
+    if (queued_ + text.size() > kTraceBacklog) {
+      ++dropped_;
+      ++dropped_unsaid_;
+      return;
+    }
+    push(std::move(text), nullptr);
+  }
+
+  // print - text that must be written whole; `written` is called from a later flush (or now)
+  std::uint64_t print(std::string text, Written written) {
+    return push(std::move(text), std::move(written));
+  }
+
+  // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
+  void forget(std::uint64_t id) {
+    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
+      if (it->id != id) continue;
+      it->written_to = nullptr;
+      if (it->done != 0) return;
+      queued_ -= it->text.size();
+      chunks_.erase(it);
+      return;
+    }
+  }
+
+  // flush - write what the stream takes now, never waiting
+  void flush() {
+    while (!chunks_.empty()) {
+      Chunk& c = chunks_.front();
+      long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
+      if (n < 0 && would_block(errno)) return;
+      std::string error;
+      if (n < 0)
+        error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
+                std::strerror(errno);
+      if (n >= 0) c.done += static_cast<std::size_t>(n);
+      if (error.empty() && c.done < c.text.size()) continue;
+      Written written = std::move(c.written_to);
+      queued_ -= c.text.size();
+      chunks_.pop_front();
+      if (written) written(error);
+    }
+    if (dropped_unsaid_ != 0) {
+      std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
+                         " trace lines dropped: standard error was not read\n";
+      push(std::move(note), nullptr);
+    }
+  }
+
+  // drain - at exit: wait (at most max_ms) for what is queued to leave
+  void drain(int max_ms) {
+    for (int waited = 0; waited < max_ms && has_pending(); waited += 10) {
+      flush();
+      if (has_pending()) sleep_ms(10);
+    }
+  }
+
+ private:
+  struct Chunk {
+    std::string text;
+    std::size_t done = 0;  // bytes of text already written
+    std::uint64_t id = 0;
+    Written written_to;
+  };
+
+  std::uint64_t push(std::string text, Written written) {
+    queued_ += text.size();
+    chunks_.push_back(Chunk{std::move(text), 0, ++last_id_, std::move(written)});
+    std::uint64_t id = last_id_;
+    flush();
+    return id;
+  }
+
+  int fd_;
+  bool is_nonblocking_ = false;
+  std::deque<Chunk> chunks_;
+  std::size_t queued_ = 0;  // bytes in chunks_
+  std::uint64_t last_id_ = 0;
+  std::uint64_t dropped_ = 0;         // trace lines dropped so far
+  std::uint64_t dropped_unsaid_ = 0;  // ... and not yet reported
+};
+
+inline OutputQueue& standard_output() {
+  static OutputQueue queue(1);
+  return queue;
 }
+inline OutputQueue& standard_error() {
+  static OutputQueue queue(2);
+  return queue;
+}
+
+// log_line - "smtpd: text" on stderr; dropped (and counted) rather than waited for
+inline void log_line(const std::string& text) { standard_error().trace("smtpd: " + text + "\n"); }
 
 // ==== 5. Addresses ====
 // smtpd.py reads the address of MAIL, RCPT and VRFY with get_angle_addr/get_addr_spec from
@@ -1247,6 +1395,10 @@ class AddressParser {
     if (at_end()) throw Refused{};
     std::vector<Piece> pieces;
     std::size_t start = pos_;
+    // Python raises when only CFWS comes before a phrase end: "(c)@x" (found by fuzz_address)
+    skip_cfws();
+    if (at_end() || (peek() != '\\' && is_phrase_end(peek()))) throw Refused{};
+    pos_ = start;
     while (!at_end() && (peek() == '\\' || !is_phrase_end(peek()))) {
       if (peek() == '.') {
         pieces.push_back({Piece::Dot, "."});
@@ -1489,6 +1641,9 @@ constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
 constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
+constexpr const char* kClosingTimeout = "Error: timeout exceeded";  // as Postfix says it
+constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
+constexpr const char* kClosingTooMany = "Error: too many connections; try again later";
 // AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
 // of LOGIN are "Username:" and "Password:" in base64, as every client expects.
 constexpr const char* kReplyAuthOk = "235 2.7.0 Authentication successful";
@@ -1503,6 +1658,10 @@ constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
+// STARTTLS (RFC 3207), offered with --tls, --tls-cert and --tls-key, or --tls-required.
+constexpr const char* kReplyTlsReady = "220 2.0.0 Ready to start TLS";
+constexpr const char* kReplyTlsActive = "503 5.5.1 Error: TLS already active";
+constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS command first";
 
 // is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
 inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
@@ -1516,9 +1675,10 @@ inline std::string reply_unknown_command(const std::string& verb) {
 inline std::string reply_cannot_vrfy(const std::string& argument) {
   return "502 Could not VRFY " + argument;
 }
-// reply_closing - the 421 to sessions still open when the message limit ends the server
-inline std::string reply_closing(const std::string& fqdn) {
-  return "421 " + fqdn + " " + kClosingLimitReached;
+// reply_closing - "421 <fqdn> <why>": the server closes the session (the message limit, a
+// timeout, shutdown, too many clients)
+inline std::string reply_closing(const std::string& fqdn, const char* why = kClosingLimitReached) {
+  return "421 " + fqdn + " " + why;
 }
 
 // --exec (CommandRun): a command that cannot decide gets the client a 451, so it retries
@@ -1625,12 +1785,16 @@ struct ChannelConfig {
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
-  bool offer_pipelining = false;                       // --pipelining: announce PIPELINING
-  bool offer_auth = false;                             // --auth...: announce and accept AUTH
-  bool auth_required = false;                          // --auth-required: no MAIL before AUTH
-  std::shared_ptr<const AuthUsers> auth_users;         // --auth-file; null: anyone logs in
-  std::shared_ptr<Refusals> refusals;                  // --reject; null: none
-  std::function<void(const std::string&)> trace;       // -d: protocol trace sink (may be empty)
+  bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
+  bool offer_pipelining = false;  // --pipelining: announce PIPELINING
+  bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
+  bool records_tls = false;       // TLS is on: messages say whether they came through it
+  bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
+  bool offer_auth = false;        // --auth...: announce and accept AUTH
+  bool auth_required = false;     // --auth-required: no MAIL before AUTH
+  std::shared_ptr<const AuthUsers> auth_users;    // --auth-file; null: anyone logs in
+  std::shared_ptr<Refusals> refusals;             // --reject; null: none
+  std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
 };
 
 // Envelope - one finished message, as handed to a mode (smtpd.py process_message arguments)
@@ -1643,6 +1807,7 @@ struct Envelope {
   std::string data;                       // dot-unstuffed, lines joined with "\n"
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
   std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
+  std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
 class Channel {
@@ -1650,7 +1815,7 @@ class Channel {
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
   // decides (question() says on what), Closing after QUIT once the reply is queued.
   enum class State { Command, Data, Waiting, Closing };
-  enum class Question { None, Mail, Rcpt, Message };
+  enum class Question { None, Mail, Rcpt, Message, StartTls };
 
   Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
   Channel(ChannelConfig config, std::string peer)  // a config of its own (tests, fuzzing)
@@ -1666,7 +1831,9 @@ class Channel {
   void answer(const std::string& reply);
   void close_with(const std::string& reply);
   bool wants_input() const;
+  std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
+  void restart_in_tls();
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
@@ -1678,6 +1845,7 @@ class Channel {
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
   std::string auth_user;       // the user name AUTH accepted; empty before
+  std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
   std::string received_data;   // the message being received, unstuffed
   std::string received_lines;  // input bytes not yet processed as a whole line
   const std::string& fqdn;     // config's: the greeting host
@@ -1728,6 +1896,7 @@ class Channel {
   void cmd_data(const Arg& arg);
   void cmd_expn(const Arg& arg);
   void cmd_auth(const Arg& arg);
+  void cmd_starttls(const Arg& arg);
   void auth_response(std::string_view line, std::size_t size);
   void auth_plain(std::string_view response);
   void auth_login_user(std::string_view response);
@@ -1745,6 +1914,7 @@ class Channel {
   std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
   bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
   bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
   AuthStep auth_step_ = AuthStep::None;
   std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
@@ -1763,6 +1933,7 @@ const Channel::Command Channel::kCommands[] = {
     {"HELP", &Channel::cmd_help, nullptr, nullptr},
     {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
+    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
 };
 
 Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
@@ -1900,6 +2071,7 @@ bool Channel::process_data_bytes() {
 
 // append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
 void Channel::append_data(std::string_view bytes) {
+  ++progress_;
   data_bytes_ += bytes.size();
   std::uint64_t limit = config_->data_size_limit;
   // The CRLF before the final dot is not message data, so the count may run 2 over.
@@ -1908,7 +2080,7 @@ void Channel::append_data(std::string_view bytes) {
     received_data.clear();
     received_data.shrink_to_fit();
   }
-  if (data_too_big_) return;
+  if (data_too_big_ || !config_->keep_data) return;  // counted, not kept (issue 9.8)
   if (bytes == "\r\n")
     received_data += '\n';
   else
@@ -1947,6 +2119,7 @@ Envelope Channel::take_message() {
   envelope.data = std::move(received_data);
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) envelope.auth_user = auth_user;
+  if (config_->records_tls) envelope.tls = tls;
   received_data.clear();
   return envelope;
 }
@@ -1956,6 +2129,7 @@ Envelope Channel::take_message() {
 void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
+  ++progress_;
   bool accepted = is_accepting(reply);
   if (question == Question::Message) {
     set_post_data_state();
@@ -2007,6 +2181,7 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
+  ++progress_;
   if (auth_step_ != AuthStep::None) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
   std::string_view shown = line.substr(0, kTraceLineLimit);
@@ -2071,7 +2246,10 @@ void Channel::greet(const Arg& arg, bool extended) {
   push("250-8BITMIME");
   if (config_->enable_smtputf8) push("250-SMTPUTF8");
   if (config_->offer_pipelining) push("250-PIPELINING");
-  if (config_->offer_auth) push("250-AUTH PLAIN LOGIN");
+  bool is_plain_text = tls.empty();
+  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
+    push("250-AUTH PLAIN LOGIN");
+  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
   push("250 HELP");
 }
 
@@ -2150,6 +2328,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
@@ -2244,10 +2423,36 @@ void Channel::cmd_data(const Arg& arg) {
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 
+// cmd_starttls - RFC 3207: 220, then the loop starts TLS (question StartTls) and calls
+// restart_in_tls. What the client sent after STARTTLS, before the handshake, is discarded
+// (RFC 3207 4.2: a client must not pipeline past STARTTLS, and such commands would otherwise
+// run as if they came through TLS).
+void Channel::cmd_starttls(const Arg& arg) {
+  if (has_text(arg)) return push("501 Syntax: STARTTLS");
+  if (!tls.empty()) return push(kReplyTlsActive);
+  push(kReplyTlsReady);
+  input_pos_ = received_lines.size();
+  dropped_bytes_ = 0;
+  ask(Question::StartTls, "");
+}
+
+// restart_in_tls - TLS is in place: the session starts over, as RFC 3207 4.2 asks (no
+// greeting, no login, no transaction; the client sends EHLO again)
+void Channel::restart_in_tls() {
+  if (question_ != Question::StartTls) return;
+  question_ = Question::None;
+  enter_state(State::Command);
+  set_rset_state();
+  seen_greeting.clear();
+  extended_smtp = false;
+  auth_user.clear();
+}
+
 // cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
+  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
@@ -2328,7 +2533,7 @@ void Channel::log_in(const std::string& user, const std::string& password) {
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
 //   MessageOutput, StreamPrinter, MaildirStore, MboxStore, format_debug_message,
 //   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
-//   CommandRun (one run of the --exec command), DeliveringServer, SinkServer (SMTPServer),
+//   RecipientsFile, CommandRun (one run of the --exec command), DeliveringServer, SinkServer,
 //   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
 // Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
 // timer, and run a task after the current callbacks. That last one is the only guard against
@@ -2382,6 +2587,7 @@ class ServerMode {
  public:
   virtual ~ServerMode() = default;
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
+  virtual bool keeps_data() const { return true; }      // false: message text is not needed
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
 };
 
@@ -2410,78 +2616,126 @@ inline std::vector<std::string_view> split_python_lines(std::string_view data) {
 }
 
 // session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
-// a client that logged in with AUTH (the name is one printable line: Channel::log_in)
+// a client that logged in with AUTH (the name is one printable line: Channel::log_in), and
+// "X-TLS: VERSION CIPHER" for one that came through TLS
 inline std::string session_header_lines(const Envelope& envelope) {
   std::string lines;
   if (envelope.auth_user && !envelope.auth_user->empty())
     lines += "X-Auth-User: " + *envelope.auth_user + "\n";
+  if (envelope.tls && !envelope.tls->empty()) lines += "X-TLS: " + *envelope.tls + "\n";
   return lines;
 }
 
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
 // (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
-inline std::string format_debug_message(const Envelope& envelope) {
-  std::string out = "---------- MESSAGE FOLLOWS ----------\n";
+// It works on the message text in place (it is usually the last use of it), so printing a
+// message costs little more memory than the message itself (issue 9.8).
+inline std::string format_debug_message(Envelope envelope) {
+  std::string head = "---------- MESSAGE FOLLOWS ----------\n";
   if (!envelope.mail_options.empty())
-    out += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
+    head += "mail options: " + python_list_repr(envelope.mail_options) + "\n";
   if (!envelope.rcpt_options.empty())
-    out += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
-  bool in_headers = true;
-  for (std::string_view line : split_python_lines(envelope.data)) {
-    if (in_headers && line.empty()) {
-      out += "X-Peer: " + envelope.peer + "\n";  // none if the message has no empty line
-      out += session_header_lines(envelope);
-      in_headers = false;
-    }
-    out.append(line.data(), line.size());
-    out += '\n';
+    head += "rcpt options: " + python_list_repr(envelope.rcpt_options) + "\n\n";
+  std::string& text = envelope.data;
+  std::size_t to = 0;  // line ends as bytes.splitlines() finds them ("\r\n", "\r", "\n") -> "\n"
+  for (std::size_t from = 0; from < text.size(); ++from, ++to) {
+    bool is_crlf = text[from] == '\r' && from + 1 < text.size() && text[from + 1] == '\n';
+    text[to] = text[from] == '\r' ? '\n' : text[from];
+    if (is_crlf) ++from;
   }
-  out += "------------ END MESSAGE ------------\n";
-  return out;
+  text.resize(to);
+  if (!text.empty() && text.back() != '\n') text += '\n';
+  std::size_t blank = text.empty() ? std::string::npos : text[0] == '\n' ? 0 : text.find("\n\n");
+  if (blank != std::string::npos && blank != 0) ++blank;  // the empty line after that "\n"
+  if (blank != std::string::npos)                         // none if the message has no empty line
+    text.insert(blank, "X-Peer: " + envelope.peer + "\n" + session_header_lines(envelope));
+  text.insert(0, head);
+  text += "------------ END MESSAGE ------------\n";
+  return std::move(text);
 }
 
-// auth_user_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not
-// log in); nothing otherwise, so the line stays as it was without --auth
-inline std::string auth_user_json(const Envelope& envelope) {
-  if (!envelope.auth_user) return "";
-  return ", \"auth_user\": " +
-         (envelope.auth_user->empty() ? std::string("null") : json_string(*envelope.auth_user));
+// session_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not log
+// in), and with TLS on, ", "tls": "VERSION CIPHER"" (null for a plain session); nothing
+// otherwise, so the line stays as it was without those options
+inline std::string session_json(const Envelope& envelope) {
+  auto key = [](const char* name, const std::optional<std::string>& value) {
+    if (!value) return std::string();
+    return ", \"" + std::string(name) +
+           "\": " + (value->empty() ? std::string("null") : json_string(*value));
+  };
+  return key("auth_user", envelope.auth_user) + key("tls", envelope.tls);
 }
 
 // format_json_message - --json: one line holding process_message's arguments; the data as
 // text when it is UTF-8, else as base64, and data_encoding says which
-inline std::string format_json_message(const Envelope& envelope) {
+inline std::string format_json_message(Envelope envelope) {
   bool is_text = is_valid_utf8(envelope.data);
   return "{\"peer\": " + json_string(envelope.peer) +
          ", \"mailfrom\": " + json_string(envelope.mailfrom) +
          ", \"rcpttos\": " + json_list(envelope.rcpttos) +
          ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + auth_user_json(envelope) +
+         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + session_json(envelope) +
          ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
          (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
          ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
 }
 
-// StreamPrinter - each message, formatted, on a stream (stdout); flushed before the 250
-class StreamPrinter : public MessageOutput {
+// StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
+// 250 waits until it is written. A reader that does not read for timeout_ms (--timeout) gets
+// the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
+class StreamPrinter {
  public:
-  using Format = std::string (*)(const Envelope&);
-  StreamPrinter(std::FILE* out, Format format) : out_(out), format_(format) {}
-  bool deliver(const Envelope& envelope, std::string& error) override {
-    std::string text = format_(envelope);
-    errno = 0;
-    bool is_written = std::fwrite(text.data(), 1, text.size(), out_) == text.size();
-    if (std::fflush(out_) == 0 && is_written) return true;
-    error = std::string("cannot write to standard output: ") +
-            (errno != 0 ? std::strerror(errno) : "write error");
-    std::clearerr(out_);
-    return false;
+  using Format = std::string (*)(Envelope);                    // may take the text over
+  using Done = std::function<void(const std::string& error)>;  // "" once printed
+  StreamPrinter(OutputQueue& out, Format format, long long timeout_ms)
+      : out_(out), format_(format), timeout_ms_(timeout_ms) {}
+
+  // Job - one print-out on its way; destroyed, it no longer calls back
+  class Job {
+   public:
+    Job(Reactor& reactor, OutputQueue& out) : reactor_(reactor), out_(out) {}
+    ~Job() {
+      reactor_.cancel_timer(timer_);
+      if (id_ != 0) out_.forget(id_);
+    }
+    Job(const Job&) = delete;
+    Job& operator=(const Job&) = delete;
+
+   private:
+    friend class StreamPrinter;
+    void end(const std::string& error) {
+      reactor_.cancel_timer(std::exchange(timer_, 0));
+      if (done_) std::exchange(done_, nullptr)(error);
+    }
+    Reactor& reactor_;
+    OutputQueue& out_;
+    std::uint64_t id_ = 0;
+    Reactor::TimerId timer_ = 0;
+    Done done_;
+  };
+
+  std::unique_ptr<Job> print(Reactor& reactor, Envelope envelope, Done done) {
+    auto job = std::make_unique<Job>(reactor, out_);
+    job->done_ = std::move(done);
+    Job* self = job.get();
+    job->timer_ = reactor.start_timer(timeout_ms_, [self] {
+      self->timer_ = 0;
+      self->out_.forget(std::exchange(self->id_, 0));
+      self->end("standard output is not being read");
+    });
+    std::uint64_t id = out_.print(format_(std::move(envelope)), [self](const std::string& error) {
+      self->id_ = 0;
+      self->end(error);
+    });
+    if (self->done_) self->id_ = id;  // else it was written at once, and `done` has run
+    return job;
   }
 
  private:
-  std::FILE* out_;
+  OutputQueue& out_;
   Format format_;
+  long long timeout_ms_;
 };
 
 // message_file_text - the message as a file holds it: the session's header lines first, then
@@ -2541,7 +2795,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, message_file_text(envelope), error)) return false;
+    if (!write_synced(tmp, session_header_lines(envelope), envelope.data, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2552,11 +2806,15 @@ class MaildirStore : public MessageOutput {
   }
 
  private:
-  // write_synced - a new file with these bytes, on disk when this returns true
-  static bool write_synced(const std::string& path, std::string_view text, std::string& error) {
+  // write_synced - a new file with the message (message_file_text, written without a copy),
+  // on disk when this returns true
+  static bool write_synced(const std::string& path, std::string_view head, std::string_view data,
+                           std::string& error) {
     File file;
     if (!file.create_new(path, error)) return false;
-    if (file.write_all(text, error) && file.sync(error) && file.close(error)) return true;
+    if (file.write_all(head, error) && file.write_all(data, error) && file.write_all("\n", error) &&
+        file.sync(error) && file.close(error))
+      return true;
     remove_file(path);
     return false;
   }
@@ -2702,6 +2960,7 @@ class CommandRun {
       environment.erase(environment.begin() + 2);
     if (e.auth_user && !e.auth_user->empty())
       environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
     return environment;
   }
 
@@ -2839,11 +3098,15 @@ class DeliveringServer : public ServerMode {
     long long timeout_ms = kExecTimeoutMs;
   };
 
-  DeliveringServer(MessageOutputs outputs, Hook hook)
-      : outputs_(std::move(outputs)), hook_(std::move(hook)) {}
+  DeliveringServer(MessageOutputs outputs, Hook hook, std::unique_ptr<StreamPrinter> printer = {})
+      : outputs_(std::move(outputs)), hook_(std::move(hook)), printer_(std::move(printer)) {}
 
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
     return std::make_unique<Session>(*this, reactor);
+  }
+  // keeps_data - a sink with no output and no command throws the text away: never store it
+  bool keeps_data() const override {
+    return !outputs_.empty() || !hook_.command.empty() || printer_ != nullptr;
   }
 
   // store - the message to every output; "" once all have it, else the 451 to send
@@ -2858,34 +3121,45 @@ class DeliveringServer : public ServerMode {
     return "";
   }
 
- protected:
-  void add_output(std::unique_ptr<MessageOutput> output) { outputs_.push_back(std::move(output)); }
-
  private:
   class Session : public ModeSession {
    public:
     Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
-      if (mode_.hook_.command.empty()) return verdict(mode_.store(envelope));
+      if (mode_.hook_.command.empty()) return keep(envelope, "", verdict);
       auto message = std::make_shared<Envelope>(std::move(envelope));
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
       run_->start(*message, [this, message, verdict](const std::string& reply) {
         if (!is_accepting(reply)) return verdict(reply);
-        std::string refusal = mode_.store(*message);
-        verdict(refusal.empty() ? reply : refusal);
+        keep(*message, reply, verdict);
       });
     }
 
    private:
+    // keep - the stores, then the print-out; the verdict is `reply` once all have it
+    void keep(Envelope& envelope, const std::string& reply, const Verdict& verdict) {
+      std::string refusal = mode_.store(envelope);
+      if (!refusal.empty() || !mode_.printer_) return verdict(refusal.empty() ? reply : refusal);
+      reactor_.dispose(std::move(printing_));  // a finished job: its verdict may have led here
+      printing_ = mode_.printer_->print(reactor_, std::move(envelope),
+                                        [reply, verdict](const std::string& error) {
+                                          if (error.empty()) return verdict(reply);
+                                          log_line("could not print a message: " + error);
+                                          verdict(not_stored_reply(error));
+                                        });
+    }
+
     DeliveringServer& mode_;
     Reactor& reactor_;
     std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<StreamPrinter::Job> printing_;
   };
 
   MessageOutputs outputs_;
   Hook hook_;
+  std::unique_ptr<StreamPrinter> printer_;  // stdout: DebuggingServer, or SMTPServer --json
 };
 
 // SinkServer - SMTPServer: accepts every message; keeps it only where outputs say (--maildir,
@@ -2894,19 +3168,18 @@ class DeliveringServer : public ServerMode {
 // the connection; on the command line "override process_message" is --exec.
 class SinkServer : public DeliveringServer {
  public:
-  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {}
+  explicit SinkServer(MessageOutputs outputs = {}, Hook hook = {},
+                      std::unique_ptr<StreamPrinter> printer = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
-// DebuggingServer - prints each message on a stream, after the other outputs (so a printed
-// message is already stored), flushed before the client hears 250; --json changes the format
+// DebuggingServer - prints each message on stdout, after the other outputs (so a printed
+// message is already stored), written before the client hears 250; --json changes the format
 class DebuggingServer : public DeliveringServer {
  public:
-  explicit DebuggingServer(std::FILE* out, MessageOutputs outputs = {},
-                           StreamPrinter::Format format = format_debug_message, Hook hook = {})
-      : DeliveringServer(std::move(outputs), std::move(hook)) {
-    add_output(std::make_unique<StreamPrinter>(out, format));
-  }
+  explicit DebuggingServer(std::unique_ptr<StreamPrinter> printer, MessageOutputs outputs = {},
+                           Hook hook = {})
+      : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
@@ -3072,8 +3345,13 @@ class UpstreamClient {
       std::string line = in_.substr(0, end);
       in_.erase(0, end + 1);
       if (!line.empty() && line.back() == '\r') line.pop_back();
-      bool is_code = line.size() >= 3 && is_decimal(line.substr(0, 3));
-      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-')) {
+      // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
+      bool is_code =
+          line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
+      // A CR or other control character inside a line would reach our client in the relayed
+      // reply (found by fuzz_upstream): that is as malformed as a missing code.
+      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
+          has_control_character(line, true)) {
         fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
         return false;
       }
@@ -3639,7 +3917,15 @@ class Transport {
   virtual socket_t socket() const = 0;
   virtual Result read_some(char* buffer, std::size_t size) = 0;
   virtual Result write_some(std::string_view bytes) = 0;
+  // poll_events - what to poll the socket for when the connection wants to read (POLLIN)
+  // and/or write (POLLOUT): TLS may have to read before it can write, and the reverse
+  virtual short poll_events(short wanted) const { return wanted; }
+  // security - "TLSv1.3 TLS_AES_256_GCM_SHA384" once a TLS handshake is done; "" for none
+  virtual std::string security() const { return ""; }
 };
+
+// TransportWrapper - puts TLS around a transport (the TLS layer below); empty without TLS
+using TransportWrapper = std::function<std::unique_ptr<Transport>(std::unique_ptr<Transport>)>;
 
 // SocketTransport - a connected TCP socket, closed with the transport
 class SocketTransport : public Transport {
@@ -3672,6 +3958,197 @@ class SocketTransport : public Transport {
   socket_t socket_;
 };
 
+#ifdef SMTPD_TLS
+// The TLS layer (make TLS=1): a TlsTransport wraps a connection's transport for STARTTLS or
+// --tls-implicit, on one server context made at start from --tls-cert and --tls-key, or from
+// a throwaway self-signed certificate (--tls). OpenSSL works the socket itself; each read or
+// write says what it waits for, and poll_events passes that on to the loop.
+//   TlsContext (from_files, self_signed), TlsTransport, tls_error_text
+constexpr bool kHasTls = true;
+
+// tls_error_text - OpenSSL's reason for the last failure, and the error queue emptied
+inline std::string tls_error_text(const char* fallback) {
+  unsigned long code = ERR_get_error();
+  ERR_clear_error();
+  if (code == 0) return fallback;
+  char text[256];
+  ERR_error_string_n(code, text, sizeof text);
+  return text;
+}
+
+class TlsContext {
+ public:
+  ~TlsContext() { SSL_CTX_free(ctx_); }
+  TlsContext(const TlsContext&) = delete;
+  TlsContext& operator=(const TlsContext&) = delete;
+  SSL_CTX* get() const { return ctx_; }
+
+  // from_files - PEM certificate chain and key; throws std::runtime_error with the reason
+  static std::shared_ptr<TlsContext> from_files(const std::string& cert, const std::string& key) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    SSL_CTX* ctx = context->ctx_;
+    if (SSL_CTX_use_certificate_chain_file(ctx, cert.c_str()) != 1)
+      throw std::runtime_error("cannot use --tls-cert " + cert + ": " + tls_error_text("?"));
+    if (SSL_CTX_use_PrivateKey_file(ctx, key.c_str(), SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1)
+      throw std::runtime_error("cannot use --tls-key " + key + ": " + tls_error_text("?"));
+    return context;
+  }
+
+  // self_signed - a new P-256 key and a certificate for HOST, localhost, 127.0.0.1 and ::1,
+  // valid from an hour ago for kSelfSignedDays, made in memory and never written anywhere
+  static std::shared_ptr<TlsContext> self_signed(const std::string& host) {
+    auto context = std::shared_ptr<TlsContext>(new TlsContext());
+    std::unique_ptr<EVP_PKEY, decltype(&EVP_PKEY_free)> key(make_key(), EVP_PKEY_free);
+    std::unique_ptr<X509, decltype(&X509_free)> cert(X509_new(), X509_free);
+    if (!key || !cert) throw std::runtime_error("cannot make a key: " + tls_error_text("?"));
+    X509_set_version(cert.get(), 2);
+    ASN1_INTEGER_set(X509_get_serialNumber(cert.get()),
+                     static_cast<long>(unix_time_us() & 0x7FFFFFFF));
+    X509_gmtime_adj(X509_getm_notBefore(cert.get()), -3600);
+    X509_gmtime_adj(X509_getm_notAfter(cert.get()), 86400L * kSelfSignedDays);
+    X509_set_pubkey(cert.get(), key.get());
+    X509_NAME* name = X509_get_subject_name(cert.get());
+    X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                               reinterpret_cast<const unsigned char*>(host.c_str()), -1, -1, 0);
+    X509_set_issuer_name(cert.get(), name);
+    std::string names = "DNS:localhost,IP:127.0.0.1,IP:::1";
+    if (host != "localhost") names += ",DNS:" + host;
+    X509V3_CTX v3;
+    X509V3_set_ctx_nodb(&v3);
+    X509V3_set_ctx(&v3, cert.get(), cert.get(), nullptr, nullptr, 0);
+    X509_EXTENSION* san = X509V3_EXT_conf_nid(nullptr, &v3, NID_subject_alt_name, names.c_str());
+    bool is_made = san != nullptr && X509_add_ext(cert.get(), san, -1) == 1 &&
+                   X509_sign(cert.get(), key.get(), EVP_sha256()) > 0 &&
+                   SSL_CTX_use_certificate(context->ctx_, cert.get()) == 1 &&
+                   SSL_CTX_use_PrivateKey(context->ctx_, key.get()) == 1;
+    X509_EXTENSION_free(san);
+    if (!is_made)
+      throw std::runtime_error("cannot make a self-signed certificate: " + tls_error_text("?"));
+    return context;
+  }
+
+ private:
+  // TLS 1.2 and 1.3 only; a client that closes without close_notify just ends the session
+  TlsContext() : ctx_(SSL_CTX_new(TLS_server_method())) {
+    if (ctx_ == nullptr) throw std::runtime_error("cannot start TLS: " + tls_error_text("?"));
+    SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx_, SSL_OP_NO_RENEGOTIATION | kIgnoreUnexpectedEof);
+  }
+
+  static EVP_PKEY* make_key() {
+    EVP_PKEY* key = nullptr;
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_id(EVP_PKEY_EC, nullptr);
+    if (pctx != nullptr && EVP_PKEY_keygen_init(pctx) == 1 &&
+        EVP_PKEY_CTX_set_ec_paramgen_curve_nid(pctx, NID_X9_62_prime256v1) == 1)
+      EVP_PKEY_keygen(pctx, &key);
+    EVP_PKEY_CTX_free(pctx);
+    return key;
+  }
+
+#ifdef SSL_OP_IGNORE_UNEXPECTED_EOF
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = SSL_OP_IGNORE_UNEXPECTED_EOF;
+#else
+  static constexpr std::uint64_t kIgnoreUnexpectedEof = 0;  // OpenSSL 1.1.1 has no such error
+#endif
+  SSL_CTX* ctx_;
+};
+
+// TlsTransport - the server side of TLS over another transport's socket. The handshake runs
+// inside the first reads and writes (so the greeting of --tls-implicit waits for it).
+class TlsTransport : public Transport {
+ public:
+  TlsTransport(std::unique_ptr<Transport> inner, std::shared_ptr<TlsContext> context)
+      : inner_(std::move(inner)), context_(std::move(context)), ssl_(SSL_new(context_->get())) {
+    if (ssl_ == nullptr) return;
+    SSL_set_fd(ssl_, static_cast<int>(inner_->socket()));
+    SSL_set_accept_state(ssl_);
+    SSL_set_mode(ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+  }
+  ~TlsTransport() override {
+    if (ssl_ != nullptr && SSL_is_init_finished(ssl_)) SSL_shutdown(ssl_);  // one try, no wait
+    SSL_free(ssl_);
+    ERR_clear_error();
+  }
+  TlsTransport(const TlsTransport&) = delete;
+  TlsTransport& operator=(const TlsTransport&) = delete;
+
+  socket_t socket() const override { return inner_->socket(); }
+
+  // read_some - decrypted bytes, as many as fit: records already read must not wait in
+  // OpenSSL's buffer, where poll cannot see them
+  Result read_some(char* buffer, std::size_t size) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    std::size_t total = 0;
+    while (total < size) {
+      ERR_clear_error();
+      int n = SSL_read(ssl_, buffer + total,
+                       static_cast<int>(std::min<std::size_t>(size - total, 1 << 30)));
+      if (n <= 0) {
+        Result r = outcome(n, read_waits_for_);
+        if (total == 0) return r;
+        break;  // the bytes first; an end or error comes again with the next read
+      }
+      total += static_cast<std::size_t>(n);
+    }
+    read_waits_for_ = 0;
+    return {Status::Ok, total, ""};
+  }
+
+  Result write_some(std::string_view bytes) override {
+    if (ssl_ == nullptr) return {Status::Failed, 0, "cannot start TLS"};
+    ERR_clear_error();
+    int n = SSL_write(ssl_, bytes.data(),
+                      static_cast<int>(std::min<std::size_t>(bytes.size(), 1 << 30)));
+    if (n <= 0) return outcome(n, write_waits_for_);
+    write_waits_for_ = 0;
+    return {Status::Ok, static_cast<std::size_t>(n), ""};
+  }
+
+  short poll_events(short wanted) const override {
+    short events = 0;
+    if (wanted & POLLIN) events |= read_waits_for_ != 0 ? read_waits_for_ : POLLIN;
+    if (wanted & POLLOUT) events |= write_waits_for_ != 0 ? write_waits_for_ : POLLOUT;
+    return events;
+  }
+
+  std::string security() const override {
+    if (ssl_ == nullptr || !SSL_is_init_finished(ssl_)) return "";
+    return std::string(SSL_get_version(ssl_)) + " " + SSL_get_cipher_name(ssl_);
+  }
+
+ private:
+  // outcome - a read or write that gave nothing: wait for the socket, the end, or a failure
+  Result outcome(int n, short& waits_for) {
+    int err = SSL_get_error(ssl_, n);
+    waits_for = err == SSL_ERROR_WANT_READ ? POLLIN : err == SSL_ERROR_WANT_WRITE ? POLLOUT : 0;
+    if (waits_for != 0) return {Status::WouldBlock, 0, ""};
+    if (err == SSL_ERROR_ZERO_RETURN) return {Status::Closed, 0, ""};
+    if (err == SSL_ERROR_SYSCALL && ERR_peek_error() == 0) {
+      int sys = last_socket_error();
+      if (n == 0 || sys == 0) return {Status::Closed, 0, ""};
+      return {Status::Failed, 0, socket_error_text(sys)};
+    }
+    return {Status::Failed, 0, "TLS: " + tls_error_text("protocol error")};
+  }
+
+  std::unique_ptr<Transport> inner_;
+  std::shared_ptr<TlsContext> context_;
+  SSL* ssl_;
+  short read_waits_for_ = 0;   // what the last read waited for: POLLIN, POLLOUT, or 0
+  short write_waits_for_ = 0;  // the same for the last write
+};
+
+// tls_wrapper - the TransportWrapper for a context
+inline TransportWrapper tls_wrapper(std::shared_ptr<TlsContext> context) {
+  return [context](std::unique_ptr<Transport> inner) -> std::unique_ptr<Transport> {
+    return std::make_unique<TlsTransport>(std::move(inner), context);
+  };
+}
+#else
+constexpr bool kHasTls = false;  // built without TLS: the TLS options say to use make TLS=1
+#endif
+
 // Connection - one client: its transport, its channel, its session with the mode. It ends
 // through Server::close, which stops its events at once and destroys it after the current
 // callbacks; a verdict that comes in between finds it closed.
@@ -3689,6 +4166,9 @@ struct Connection {
   std::list<Connection>::iterator self;  // its place in Server::connections_
   bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
   bool is_closed = false;                // no more events; destroyed after the current callbacks
+  Reactor::TimerId command_timer = 0;    // --timeout for the command (or DATA read) awaited
+  Reactor::TimerId data_timer = 0;       // --timeout times kDataDeadlineFactor for all of DATA
+  std::uint64_t progress_seen = 0;       // channel.progress() when command_timer last started
 };
 
 // ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
@@ -3746,10 +4226,14 @@ class ExitPolicy {
 
 // ServerOptions - the loop's settings; channel is shared read-only by every connection
 struct ServerOptions {
-  ChannelConfig channel;           // fqdn, -s, -u, --max-recipients
-  bool debug = false;              // -d
-  std::uint64_t max_messages = 0;  // --max-messages: 0 for no limit
-  long long idle_exit_ms = 0;      // --idle-exit: 0 for never
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
+  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
+  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
+  bool debug = false;                                // -d
+  std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
+  long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
+  long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
+  std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
 // Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
@@ -3761,10 +4245,14 @@ class Server {
  public:
   Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
       : channel_(channel_config(options, mode)),
+        wrap_in_tls_(options.wrap_in_tls),
+        is_tls_implicit_(options.is_tls_implicit),
         is_debug_(options.debug),
         mode_(mode),
         listeners_(std::move(listeners)),
-        exit_(reactor_, options.max_messages, options.idle_exit_ms) {
+        exit_(reactor_, options.max_messages, options.idle_exit_ms),
+        command_timeout_ms_(options.command_timeout_ms),
+        max_clients_(options.max_clients) {
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
   }
@@ -3779,9 +4267,12 @@ class Server {
   // run - serve until a stop is requested or the exit policy says so, then give queued
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
-    while (!g_stop_requested && !exit_.is_due())
+    while (!exit_.is_due() && !is_shutdown_over()) {
+      if (g_stop_requested && shutdown_deadline_ms_ == 0) begin_shutdown();
+      watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
-    if (exit_.is_draining()) close_remaining();
+    }
+    if (exit_.is_draining() || shutdown_deadline_ms_ != 0) close_remaining();
     flush_before_exit();
     return true;
   }
@@ -3795,6 +4286,7 @@ class Server {
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
     config->ask_envelope = mode.asks_envelope();
+    config->keep_data = mode.keeps_data();
     if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
     return config;
   }
@@ -3821,8 +4313,22 @@ class Server {
       setsockopt(s, IPPROTO_TCP, TCP_NODELAY, reinterpret_cast<const char*>(&on), sizeof on);
       auto [ip, port] = numeric_address(reinterpret_cast<sockaddr*>(&addr), len);
       trace("connection from " + format_endpoint(ip, port));
+      if (is_full()) {
+        turn_away(s, format_endpoint(ip, port));
+        continue;
+      }
       add_client(std::make_unique<SocketTransport>(s), ip);
     }
+  }
+
+  // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
+  // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
+  bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
+  void turn_away(socket_t s, const std::string& who) {
+    trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
+    std::string reply = reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n";
+    (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
+    close_socket(s);
   }
 
   // accept_failed - out of descriptors the listeners stay readable: pause them instead of
@@ -3849,6 +4355,10 @@ class Server {
   void stop_listening() {
     trace("message limit reached (" + std::to_string(exit_.delivered()) +
           "); no new clients, exiting when the open sessions end");
+    close_listeners();
+  }
+
+  void close_listeners() {
     reactor_.cancel_timer(std::exchange(accept_pause_timer_, 0));
     for (socket_t listener : listeners_) reactor_.release(listener, close_socket);
     listeners_.clear();
@@ -3856,6 +4366,7 @@ class Server {
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
+    if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
     Connection& c = connections_.emplace_back(std::move(transport), channel_, ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
@@ -3868,7 +4379,8 @@ class Server {
 
   // serve - the connection's socket is ready
   void serve(Connection& c, short revents) {
-    if ((revents & (POLLIN | POLLHUP | POLLERR)) && read_some(c)) ask(c);
+    short read_events = c.transport->poll_events(POLLIN) | POLLHUP | POLLERR;
+    if ((revents & read_events) && read_some(c)) ask(c);
     settle(c);
   }
 
@@ -3878,7 +4390,10 @@ class Server {
     if (c.is_input_closed || !c.channel.wants_input()) return false;
     Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
     switch (r.status) {
-      case Transport::Status::Ok: c.channel.feed(std::string_view(buffer, r.bytes)); return true;
+      case Transport::Status::Ok:
+        if (c.channel.tls.empty()) c.channel.tls = c.transport->security();
+        c.channel.feed(std::string_view(buffer, r.bytes));
+        return true;
       case Transport::Status::WouldBlock: return false;
       case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
       case Transport::Status::Closed:
@@ -3908,6 +4423,7 @@ class Server {
         };
         return c.session->on_message(c.channel.take_message(), counted);
       }
+      case Channel::Question::StartTls:  // settle starts it once the 220 is out
       case Channel::Question::None: return;
     }
   }
@@ -3936,12 +4452,49 @@ class Server {
                       c.channel.output().size() < kOutputBacklog;
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
+    if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
+      c.transport = wrap_in_tls_(std::move(c.transport));
+      c.channel.restart_in_tls();
+      is_waiting = false;
+    }
     bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
     if (is_done && c.channel.output().empty()) return close(c, "");
+    if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
+    watch_time(c);
     short events = 0;
     if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
     if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
-    reactor_.set_events(c.transport->socket(), events);
+    reactor_.set_events(c.transport->socket(), c.transport->poll_events(events));
+  }
+
+  // watch_time - --timeout: the client has that long for each command line (bytes alone do not
+  // count, so trickling does not help) and, in DATA, between two reads; the whole of DATA has
+  // kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
+  void watch_time(Connection& c) {
+    long long ms = command_timeout_ms_;
+    bool is_in_data = c.channel.smtp_state == Channel::State::Data;
+    if (!is_in_data) reactor_.cancel_timer(std::exchange(c.data_timer, 0));
+    if (is_in_data && c.data_timer == 0)
+      c.data_timer = reactor_.start_timer(ms * kDataDeadlineFactor, [this, conn = &c] {
+        conn->data_timer = 0;
+        say_and_close(*conn, kClosingTimeout, "took too long over DATA");
+      });
+    if (c.command_timer != 0 && c.progress_seen == c.channel.progress()) return;
+    c.progress_seen = c.channel.progress();
+    reactor_.cancel_timer(c.command_timer);
+    c.command_timer = reactor_.start_timer(ms, [this, conn = &c] {
+      conn->command_timer = 0;
+      if (conn->channel.question() != Channel::Question::None) return watch_time(*conn);
+      say_and_close(*conn, kClosingTimeout, "timed out");
+    });
+  }
+
+  // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
+  void say_and_close(Connection& c, const char* text, const std::string& why) {
+    if (c.is_closed) return;
+    c.channel.close_with(reply_closing(channel_->fqdn, text));
+    write_some(c);
+    if (!c.is_closed) close(c, why);
   }
 
   void write_some(Connection& c) {
@@ -3956,6 +4509,8 @@ class Server {
   void close(Connection& c, const std::string& why) {
     if (!why.empty()) trace(c.channel.peer + " " + why);
     c.is_closed = true;
+    reactor_.cancel_timer(std::exchange(c.command_timer, 0));
+    reactor_.cancel_timer(std::exchange(c.data_timer, 0));
     reactor_.unwatch(c.transport->socket());
     reactor_.defer([this, place = c.self] {
       connections_.erase(place);
@@ -3963,11 +4518,49 @@ class Server {
     });
   }
 
+  // watch_outputs - stdout and stderr are polled while text waits for their reader
+  void watch_outputs() {
+    for (OutputQueue* out : {&standard_output(), &standard_error()}) {
+      if (!out->is_nonblocking()) continue;
+      if (out->has_pending())
+        reactor_.watch(out->fd(), POLLOUT, [out](short) { out->flush(); });
+      else
+        reactor_.unwatch(out->fd());
+    }
+  }
+
   // -- Ending --
 
-  // close_remaining - after the message limit, a 421 to the sessions that are still open
+  // begin_shutdown - SIGTERM/SIGINT: no new clients; idle sessions hear 421 now, those in
+  // DATA or waiting for its verdict when they are done (settle), or when the grace is over
+  void begin_shutdown() {
+    trace("stopping: no new clients; open transactions get " +
+          std::to_string(kShutdownGraceMs / 1000) + " s to finish");
+    close_listeners();
+    shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
+    reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
+    for (Connection& c : connections_)
+      if (!c.is_closed) settle(c);
+  }
+
+  // is_idle - between transactions' commands: nothing of a message would be lost by closing
+  static bool is_idle(const Connection& c) {
+    return c.channel.smtp_state == Channel::State::Command &&
+           c.channel.question() == Channel::Question::None;
+  }
+
+  bool is_shutdown_over() const {
+    if (shutdown_deadline_ms_ == 0) return false;
+    bool is_open = std::any_of(connections_.begin(), connections_.end(),
+                               [](const Connection& c) { return !c.is_closed; });
+    return !is_open || PollReactor::now_ms() >= shutdown_deadline_ms_;
+  }
+
+  // close_remaining - after the message limit or the shutdown grace, a 421 to the sessions
+  // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
-    std::string reply = reply_closing(channel_->fqdn);
+    const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
+    std::string reply = reply_closing(channel_->fqdn, why);
     for (Connection& c : connections_)
       if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
   }
@@ -3988,6 +4581,8 @@ class Server {
 
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
   std::shared_ptr<const ChannelConfig> channel_;
+  TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
+  bool is_tls_implicit_;
   bool is_debug_;
   ServerMode& mode_;
   std::vector<socket_t> listeners_;  // empty once the message limit closed them
@@ -3995,12 +4590,18 @@ class Server {
   std::list<Connection> connections_;
   Reactor::TimerId accept_pause_timer_ = 0;  // out of descriptors: listeners rest until it fires
   bool is_accept_failing_ = false;
+  long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
+  long long command_timeout_ms_;        // --timeout
+  std::size_t max_clients_;             // --max-clients: 0 for no limit
 };
 
 // ==== 10. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value. Errors are one line and exit status 1 (kExitUsage).
-//   parse_endpoint, parse_mode, parse_command_line
+// one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
+// every status the program ends with.
+//   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
+//   parse_path, load_auth_users, parse_refusal, build_options, help_text, parse_command_line;
+//   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
 
 enum ExitStatus {
   kExitOk = 0,
@@ -4019,14 +4620,16 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  ServerOptions server;         // -d, -s, -u, --max-recipients, --max-messages, --idle-exit
-  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout
-  DeliveringServer::Hook exec;  // --exec, --exec-timeout
-  std::string maildir;          // --maildir: empty for none
-  std::string mbox;             // --mbox: empty for none
-  bool json = false;            // --json
+  ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
+                         // --max-clients
+  UpstreamSettings upstream;                 // --connect-timeout, --reply-timeout
+  DeliveringServer::Hook exec;               // --exec, --exec-timeout
+  std::string maildir;                       // --maildir: empty for none
+  std::string mbox;                          // --mbox: empty for none
+  bool json = false;                         // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
 };
 
 class UsageError : public std::runtime_error {
@@ -4112,7 +4715,8 @@ inline long long parse_seconds(const std::string& text, const char* option) {
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
-// parse_count - a whole number for --max-messages, --max-recipients or --idle-exit; nine
+// parse_count - a whole number for --max-messages, --max-recipients, --max-clients or
+// --idle-exit; nine
 // digits at most, so seconds still fit in milliseconds
 inline std::uint64_t parse_count(const std::string& text, const char* option) {
   if (!is_decimal(text) || text.size() > 9)
@@ -4207,6 +4811,22 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
+// parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
+inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+  ChannelConfig& channel = s.server.channel;
+  s.tls_cert = parse_path(result, "tls-cert");
+  s.tls_key = parse_path(result, "tls-key");
+  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
+  channel.tls_required = result.count("tls-required") > 0;
+  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
+                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
+  channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
+  if (channel.records_tls && !kHasTls)
+    throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
+  if (s.tls_cert.empty() != s.tls_key.empty())
+    throw UsageError("--tls-cert and --tls-key go together");
+}
+
 struct CommandLine {
   std::optional<Settings> settings;  // empty when --help or --version was answered
   std::string text_for_stdout;       // the help or version text
@@ -4268,14 +4888,25 @@ inline cxxopts::Options build_options() {
       "sessions have ended (after at most " +
           seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
       cxxopts::value<std::string>(),
-      "N")("max-recipients",
-           "Most recipients in one message; further RCPT commands get 452 (default " +
-               std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      "N")("max-clients",
+           "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+           "limit (the default).",
            cxxopts::value<std::string>(),
-           "N")("idle-exit",
-                "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-                "never (the default).",
+           "N")("timeout",
+                "Seconds a client has for each command, and "
+                "in DATA between two reads, before it hears "
+                "421 and is closed (default " +
+                    std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+                    std::to_string(kDataDeadlineFactor) + " times as long.",
                 cxxopts::value<std::string>(), "SECONDS")(
+      "max-recipients",
+      "Most recipients in one message; further RCPT commands get 452 (default " +
+          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      cxxopts::value<std::string>(),
+      "N")("idle-exit",
+           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+           "never (the default).",
+           cxxopts::value<std::string>(), "SECONDS")(
       "auth",
       "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
       "the user name is recorded with each message.")(
@@ -4297,8 +4928,19 @@ inline cxxopts::Options build_options() {
       "reject-seed",
       "Seed for the N% rules of --reject, so a run refuses the same commands again "
       "(default: a new seed at each start).",
-      cxxopts::value<std::string>(), "N")("h,help", "Print this help and exit.")(
-      "addresses", "", cxxopts::value<std::vector<std::string>>());
+      cxxopts::value<std::string>(),
+      "N")("tls",
+           "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+           "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
+      "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+      cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
+                                             cxxopts::value<std::string>(), "FILE")(
+      "tls-implicit",
+      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).")(
+      "tls-required",
+      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).")(
+      "h,help", "Print this help and exit.")("addresses", "",
+                                             cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -4356,6 +4998,10 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
     s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
   if (result.count("max-messages"))
     s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
+  if (result.count("max-clients"))
+    s.server.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
+  if (result.count("timeout"))
+    s.server.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
   if (result.count("max-recipients"))
     s.server.channel.max_recipients =
         parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
@@ -4376,6 +5022,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
       throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
     s.reject_seed = std::stoull(seed);
   }
+  parse_tls_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -4413,15 +5060,17 @@ inline MessageOutputs make_stores(const Settings& s) {
 // stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
+  auto printer =
+      std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
   const DeliveringServer::Hook& hook = s.exec;
   switch (s.mode) {
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
-      if (s.json) outputs.push_back(std::make_unique<StreamPrinter>(stdout, format));
-      return std::make_unique<SinkServer>(std::move(outputs), hook);
+      if (!s.json) printer.reset();
+      return std::make_unique<SinkServer>(std::move(outputs), hook, std::move(printer));
     }
     case ModeKind::Debugging:
-      return std::make_unique<DebuggingServer>(stdout, make_stores(s), format, hook);
+      return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
     case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: break;
   }
@@ -4455,6 +5104,20 @@ inline void seed_refusals(Settings& s) {
   s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
 }
 
+// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
+inline void configure_tls([[maybe_unused]] Settings& s) {
+#ifdef SMTPD_TLS
+  if (!s.server.channel.records_tls) return;
+  try {
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
+                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
+  } catch (const std::runtime_error& e) {
+    throw UsageError(e.what());
+  }
+#endif
+}
+
 // run_smtpd - the whole program after argument parsing; returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
@@ -4470,6 +5133,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
     settings = *cl.settings;
     settings.server.channel.fqdn = getfqdn();
     mode = make_mode(settings);
+    configure_tls(settings);
   } catch (const UsageError& e) {
     log_line(e.what());
     return kExitUsage;
@@ -4503,6 +5167,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
   for (std::size_t i = 1; i < listeners.size(); ++i)
     std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
+  standard_output().make_nonblocking();  // from here on the loop never waits for a reader
+  standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);
   if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
@@ -4510,12 +5176,11 @@ inline int run_smtpd(int argc, const char* const* argv) {
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
   Server server(std::move(sockets_to_watch), settings.server, *mode);
-  if (!server.run()) {
-    log_line(server.error());
-    return kExitLoopFailed;
-  }
-  std::fflush(stdout);
-  return kExitOk;
+  bool is_ok = server.run();
+  if (!is_ok) log_line(server.error());
+  standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
+  standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
+  return is_ok ? kExitOk : kExitLoopFailed;
 }
 
 // ==== 11. main ====

@@ -130,3 +130,24 @@ TEST_CASE("the channels of one server share one read-only config; the greeting h
   CHECK(config.use_count() == 3);
   CHECK(first.output() == "220 shared.example " + std::string(kVersion) + "\r\n");
 }
+
+TEST_CASE("server: a failing poll ends run() with the reason, which run_smtpd turns into exit 4") {
+  Endpoint local;
+  local.host = "127.0.0.1";
+  std::vector<Listener> listeners = open_listeners(local);
+  REQUIRE(listeners.size() == 1);
+  SinkServer sink;
+  Server server({listeners[0].socket}, ServerOptions{}, sink);
+  // poll() refuses more entries than the open-files limit: with a soft limit of 0, even the
+  // listener alone is too many.
+  struct rlimit saved {};
+  REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+  struct rlimit none = saved;
+  none.rlim_cur = 0;
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &none) == 0);
+  bool ok = server.run();
+  REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+  CHECK_FALSE(ok);
+  CHECK(server.error() == "poll failed: " + socket_error_text(EINVAL));
+  CHECK(kExitLoopFailed == 4);
+}
