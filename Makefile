@@ -48,12 +48,14 @@ TEST_SOURCES := $(wildcard tests/*.cpp tests/*.hpp)
 # What the build needs, and what the tests need on top (KIND:NAME:DEBIAN_PACKAGE[:OTHER_NAME]).
 # man --warnings formats with groff-base's troff (man-db depends on it). smtp-sink, the
 # PureProxy tests' upstream, comes with postfix (in /usr/sbin; ensure-tools.sh installs it
-# without starting the Postfix daemon).
+# without starting the Postfix daemon). The MailmanProxy tests start a throwaway Mailman 3
+# (Debian's mailman3, installed the same way, its own daemon not started).
 BUILD_NEEDS := header:cxxopts.hpp:libcxxopts-dev:cxxopts
 TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
                cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
-               cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix
+               cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix \
+               file:/usr/lib/mailman3/bin/master:mailman3
 ifneq ($(TLS_ON),)
 BUILD_NEEDS += header:openssl/ssl.h:libssl-dev:openssl
 TEST_NEEDS  += cmd:openssl:openssl perl:Net-SSLeay:libnet-ssleay-perl

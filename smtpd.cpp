@@ -98,11 +98,12 @@ constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFA
 // --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
 // cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
 constexpr std::size_t kMaxRecipientsDefault = 1000;
-constexpr const char* kDefaultLocal = "localhost:8025";  // smtpd.py's default local address
-constexpr const char* kDefaultRemote = "localhost:25";   // smtpd.py's default upstream
-constexpr std::size_t kReadChunk = 64 * 1024;            // bytes read from a socket at once
-constexpr std::size_t kInputBacklog = 256 * 1024;        // unprocessed input before we stop reading
-constexpr std::size_t kOutputBacklog = 256 * 1024;       // unsent replies before we stop reading
+constexpr const char* kDefaultLocal = "localhost:8025";        // smtpd.py's default local address
+constexpr const char* kDefaultRemote = "localhost:25";         // smtpd.py's default upstream
+constexpr const char* kDefaultMailmanLmtp = "127.0.0.1:8024";  // Mailman 3's lmtp_host/port
+constexpr std::size_t kReadChunk = 64 * 1024;                  // bytes read from a socket at once
+constexpr std::size_t kInputBacklog = 256 * 1024;   // unprocessed input before we stop reading
+constexpr std::size_t kOutputBacklog = 256 * 1024;  // unsent replies before we stop reading
 constexpr int kListenBacklog = 128;  // smtpd.py uses 5; a burst of test clients needs more
 [[maybe_unused]] constexpr long kSelfSignedDays = 30;  // --tls: the throwaway certificate's days
 constexpr int kPortAttempts = 16;    // port 0 on several addresses: ports tried until one is
@@ -115,7 +116,10 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // --reply-timeout: each upstream reply. RFC 5321 4.5.3.2 gives clients 5 minutes for most
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
-constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes of one upstream reply
+// One upstream reply, all its lines: an EHLO reply has about 15 lines and 300 bytes, so these
+// only stop an upstream that never ends its reply (issue 9: 2.1 GB seen before the cap).
+constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes
+constexpr std::size_t kUpstreamReplyLines = 200;        // lines
 constexpr std::size_t kUpstreamReadChunk = 16 * 1024;   // bytes read from the upstream at once
 constexpr std::size_t kUpstreamSendChunk = 1 << 20;     // bytes handed to one send() upstream
 constexpr std::size_t kQuotedReplyLimit = 200;   // bytes of an upstream reply quoted in our 451
@@ -463,6 +467,13 @@ inline void close_pipe(socket_t fd) {
 }
 #endif
 
+// shell_quote - one word for sh -c, quoted so the shell takes it literally
+inline std::string shell_quote(const std::string& word) {
+  std::string out = "'";
+  for (char c : word) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
 // Socket addresses, the same on both systems once the headers above are in.
 //   Endpoint, format_endpoint, numeric_address, resolve_endpoint, start_connect, connect_error
 
@@ -765,6 +776,12 @@ inline bool sync_directory(const std::string& path, std::string& error) {
 }
 inline long process_id() { return static_cast<long>(::getpid()); }
 #endif
+
+// path_exists - a file or directory is there (Mailman 2's lists/NAME/config.pck)
+inline bool path_exists(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0;
+}
 
 inline bool File::create_new(const std::string& path, std::string& error) {
   return open(path, kCreateNewFlags, error);
@@ -1784,6 +1801,7 @@ struct ChannelConfig {
   std::uint64_t data_size_limit = kDataSizeDefault;    // 0: no limit, no SIZE in EHLO
   std::size_t max_recipients = kMaxRecipientsDefault;  // --max-recipients; 0: no limit
   bool enable_smtputf8 = false;                        // -u: announce and accept SMTPUTF8
+  bool offer_8bitmime = true;                          // a relay's upstream may lack 8BITMIME
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
   bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
   bool offer_pipelining = false;  // --pipelining: announce PIPELINING
@@ -2243,7 +2261,7 @@ void Channel::greet(const Arg& arg, bool extended) {
   if (!extended) return push("250 " + fqdn);
   push("250-" + fqdn);
   if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
-  push("250-8BITMIME");
+  if (config_->offer_8bitmime) push("250-8BITMIME");
   if (config_->enable_smtputf8) push("250-SMTPUTF8");
   if (config_->offer_pipelining) push("250-PIPELINING");
   bool is_plain_text = tls.empty();
@@ -2589,6 +2607,9 @@ class ServerMode {
   virtual bool asks_envelope() const { return false; }  // MAIL and RCPT wait for verdicts
   virtual bool keeps_data() const { return true; }      // false: message text is not needed
   virtual std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string& peer) = 0;
+  virtual void start(Reactor&) {}              // the loop is there: a relay asks its upstream
+  virtual void stop() {}                       // the loop is going: let go of what uses it
+  virtual void shape(ChannelConfig&) const {}  // what a new client's EHLO offers
 };
 
 // MessageOutput - one place a message goes; deliver() is true only once the message is
@@ -2920,6 +2941,17 @@ class RecipientsFile {
 class CommandRun {
  public:
   using Done = std::function<void(const std::string& reply)>;
+  using Environment = std::vector<std::pair<std::string, std::string>>;
+  // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
+  // exited with exit_code after printing output
+  struct Outcome {
+    bool has_started = false;
+    bool has_timed_out = false;
+    int exit_code = -1;
+    std::string output;
+    std::string error;
+  };
+  using Finished = std::function<void(const Outcome&)>;
 
   CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
@@ -2927,17 +2959,33 @@ class CommandRun {
   CommandRun(const CommandRun&) = delete;
   CommandRun& operator=(const CommandRun&) = delete;
 
-  // start - run the command for this message; `done` is called once, later or at once
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
   void start(const Envelope& envelope, Done done) {
-    done_ = std::move(done);
-    input_ = message_file_text(envelope);  // as --maildir writes it
     std::string error;
     auto environment = environment_for(envelope);
     if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return finish(cannot_run("cannot write the recipients to a file: " + error));
+      return done(cannot_run("cannot write the recipients to a file: " + error));
     environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    if (!spawn_shell(command_, environment, child_, error)) return finish(cannot_run(error));
-    is_running_ = true;
+    long long timeout_ms = timeout_ms_;
+    run(message_file_text(envelope), environment,  // as --maildir writes it
+        [done, timeout_ms](const Outcome& outcome) {
+          if (!outcome.has_started) return done(cannot_run(outcome.error));
+          if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
+          done(reply_for(outcome.exit_code, outcome.output));
+        });
+  }
+
+  // run - the command with `input` on its standard input; `finished` is called once
+  void run(std::string input, const Environment& environment, Finished finished) {
+    finished_ = std::move(finished);
+    input_ = std::move(input);
+    std::string error;
+    if (!spawn_shell(command_, environment, child_, error)) {
+      outcome_.error = error;
+      return finish();
+    }
+    outcome_.has_started = is_running_ = true;
     timer_ = reactor_.start_timer(timeout_ms_, [this] { on_timeout(); });
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
@@ -3005,7 +3053,7 @@ class CommandRun {
       PipeResult r = read_pipe(child_.from_child, buffer, sizeof buffer);
       if (r.status == PipeResult::Status::WouldBlock) return;
       if (r.status == PipeResult::Status::End) break;
-      if (output_.size() < kExecOutputLimit) output_.append(buffer, r.bytes);
+      if (outcome_.output.size() < kExecOutputLimit) outcome_.output.append(buffer, r.bytes);
     }
     close_output();
   }
@@ -3030,7 +3078,8 @@ class CommandRun {
     is_running_ = false;
     if (child_.from_child != kInvalidSocket) read_output();  // what it printed before exiting
     stop();
-    finish(reply_for(exit_code, output_));
+    outcome_.exit_code = exit_code;
+    finish();
   }
 
   static std::string cannot_run(const std::string& why) {
@@ -3042,7 +3091,8 @@ class CommandRun {
     timer_ = 0;
     kill_child(child_);
     stop();
-    finish(reply_exec_timed_out(timeout_ms_));
+    outcome_.has_timed_out = true;
+    finish();
   }
 
   // stop - no more events from this run; a command still running is killed and reaped
@@ -3062,8 +3112,8 @@ class CommandRun {
     }
   }
 
-  void finish(const std::string& reply) {
-    if (done_) std::exchange(done_, nullptr)(reply);
+  void finish() {
+    if (finished_) std::exchange(finished_, nullptr)(outcome_);
   }
 
   Reactor& reactor_;
@@ -3074,10 +3124,10 @@ class CommandRun {
   bool is_running_ = false;
   std::string input_;
   std::size_t written_ = 0;
-  std::string output_;
+  Outcome outcome_;
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
-  Done done_;
+  Finished finished_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -3201,6 +3251,25 @@ struct UpstreamSettings {
   std::function<void(const std::string&)> trace;  // -d: the upstream dialogue (may be empty)
 };
 
+// UpstreamOffer - what an upstream's EHLO reply offered of the extensions a client may use,
+// learned by a relay at start and at each session, so its own EHLO offers no more (a client
+// such as Postfix can then downgrade 8-bit mail, or keep a message too big, itself)
+struct UpstreamOffer {
+  bool is_known = false;  // no EHLO reply seen yet: offer what we offer anyway
+  bool has_8bitmime = false;
+  bool has_smtputf8 = false;
+  std::uint64_t size_limit = 0;  // its SIZE; 0 for none, or no fixed limit
+
+  // shape - a client's channel offers only what the upstream takes too
+  void shape(ChannelConfig& config) const {
+    if (!is_known) return;
+    config.offer_8bitmime = has_8bitmime;
+    config.enable_smtputf8 = config.enable_smtputf8 && has_smtputf8;
+    std::uint64_t& ours = config.data_size_limit;
+    if (size_limit != 0) ours = ours == 0 ? size_limit : std::min(ours, size_limit);
+  }
+};
+
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
 // send one command (or the message text), wait for its reply or replies (LMTP answers the
 // message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
@@ -3250,11 +3319,14 @@ class UpstreamClient {
     flush();
   }
 
-  // quit - say goodbye without waiting for the answer, then close
+  // quit - say goodbye without waiting for the answer, then close; with -d the answer is
+  // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
     if (socket_ != kInvalidSocket && !is_connecting_ && out_.empty()) {
       static const char kQuit[] = "QUIT\r\n";
+      if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
+      if (settings_.trace) trace_goodbye();
     }
     close();
   }
@@ -3322,20 +3394,24 @@ class UpstreamClient {
     update_watch();
   }
 
+  // read_replies - one read per turn of the loop, so an upstream that writes without end
+  // cannot keep the loop from other clients and from the timer that ends its reply
   void read_replies() {
     char buffer[kUpstreamReadChunk];
-    for (;;) {
-      auto n = recv(socket_, buffer, sizeof buffer, 0);
-      if (n > 0) {
-        in_.append(buffer, static_cast<std::size_t>(n));
-        if (!take_replies()) return;  // a handler closed us, or the reply was bad
-        if (in_.size() > kUpstreamReplyLimit) return fail("sent an over-long reply");
-        continue;
-      }
-      int err = n < 0 ? last_socket_error() : 0;
-      if (n < 0 && would_block(err)) return;
-      return fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+    auto n = recv(socket_, buffer, sizeof buffer, 0);
+    if (n > 0) {
+      in_.append(buffer, static_cast<std::size_t>(n));
+      if (!take_replies()) return;  // a handler closed us, or the reply was bad
+      if (in_.size() + reply_.text.size() > kUpstreamReplyLimit) fail(too_long());
+      return;
     }
+    int err = n < 0 ? last_socket_error() : 0;
+    if (n < 0 && would_block(err)) return;
+    fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
+  }
+
+  static std::string too_long() {
+    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
   }
 
   // take_replies - complete reply lines; false when this client should stop reading
@@ -3357,8 +3433,13 @@ class UpstreamClient {
       }
       if (!reply_.text.empty()) reply_.text += "\r\n";
       reply_.text += line;
+      if (reply_.text.size() > kUpstreamReplyLimit) return fail(too_long()), false;
+      if (++reply_lines_ > kUpstreamReplyLines)
+        return fail("sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines"),
+               false;
       if (line.size() > 3 && line[3] == '-') continue;
       reply_.code = std::stoi(line.substr(0, 3));
+      reply_lines_ = 0;
       UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
       if (!deliver(reply)) return false;
     }
@@ -3409,6 +3490,50 @@ class UpstreamClient {
     std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
+  // trace_goodbye - hand the socket to a watcher of its own that traces the reply to QUIT
+  // and closes it then, or after the reply timeout; the loop owns it, so this client can go
+  void trace_goodbye() {
+    struct Goodbye {
+      socket_t socket = kInvalidSocket;
+      std::string prefix;
+      std::function<void(const std::string&)> trace;
+      std::string in;
+      Reactor::TimerId timer = 0;
+      ~Goodbye() {
+        if (socket != kInvalidSocket) close_socket(socket);
+      }
+    };
+    auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
+    goodbye->socket = socket_;
+    goodbye->prefix = settings_.tag + " " + settings_.name;
+    goodbye->trace = settings_.trace;
+    Reactor& reactor = reactor_;
+    socket_ = kInvalidSocket;  // the watcher's now
+    auto end = [&reactor, goodbye] {
+      reactor.cancel_timer(goodbye->timer);
+      reactor.unwatch(goodbye->socket);
+    };
+    reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
+      char buffer[1024];
+      auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
+      if (n < 0 && would_block(last_socket_error())) return;
+      if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
+      std::size_t line_end;
+      while ((line_end = goodbye->in.find('\n')) != std::string::npos) {
+        std::string line = goodbye->in.substr(0, line_end);
+        goodbye->in.erase(0, line_end + 1);
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        goodbye->trace(goodbye->prefix + " -> " + printable(line));
+        if (line.size() < 4 || line[3] != '-') return end();
+      }
+      if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
+    });
+    goodbye->timer = reactor.start_timer(settings_.reply_timeout_ms, [goodbye, end] {
+      goodbye->trace(goodbye->prefix + " did not answer QUIT");
+      end();
+    });
+  }
+
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
     reactor_.release(socket_, close_socket);
@@ -3421,6 +3546,8 @@ class UpstreamClient {
     reactor_.cancel_timer(std::exchange(timer_, 0));
     out_.clear();
     in_.clear();
+    reply_ = UpstreamReply{};
+    reply_lines_ = 0;
   }
 
   Reactor& reactor_;
@@ -3431,7 +3558,8 @@ class UpstreamClient {
   Reactor::TimerId timer_ = 0;
   std::string out_;
   std::string in_;
-  UpstreamReply reply_;  // the lines of a multi-line reply so far
+  UpstreamReply reply_;          // the lines of a multi-line reply so far
+  std::size_t reply_lines_ = 0;  // and how many
   RepliesHandler waiting_;
   std::size_t expected_ = 0;        // replies waiting_ wants
   std::vector<UpstreamReply> got_;  // those of them already in
@@ -3449,8 +3577,9 @@ class UpstreamSession {
   using Done = std::function<void(const std::string& reply)>;
   using DoneAll = std::function<void(const std::vector<std::string>& replies)>;
 
-  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting)
-      : reactor_(reactor), settings_(settings), greeting_(greeting) {}
+  UpstreamSession(Reactor& reactor, const UpstreamSettings& settings, Greeting greeting,
+                  UpstreamOffer* learned = nullptr)
+      : reactor_(reactor), settings_(settings), greeting_(greeting), learned_(learned) {}
   ~UpstreamSession() {
     if (client_) client_->quit();
   }
@@ -3504,6 +3633,9 @@ class UpstreamSession {
 
   bool is_ready() const { return client_ && client_->is_open() && is_greeted_; }
 
+  // open - connect and greet now (a relay learns its upstream's extensions at start)
+  void open(std::function<void(const std::string& failure)> then) { with_session(std::move(then)); }
+
   bool offers(const char* keyword) const {
     return std::find(extensions_.begin(), extensions_.end(), keyword) != extensions_.end();
   }
@@ -3530,24 +3662,31 @@ class UpstreamSession {
       if (is_ehlo && reply.code >= 500) return greet("HELO ", then);
       if (!reply.is_positive()) return then(unavailable(reply));
       bool is_helo = std::strcmp(verb, "HELO ") == 0;
-      extensions_ = is_helo ? std::vector<std::string>{} : ehlo_keywords(reply.text);
+      extensions_.clear();
+      size_limit_ = 0;
+      if (!is_helo) read_extensions(reply.text);
       is_greeted_ = true;
+      if (learned_) {
+        *learned_ = UpstreamOffer{true, offers("8BITMIME"), offers("SMTPUTF8"), size_limit_};
+      }
       then("");
     });
   }
 
-  static std::vector<std::string> ehlo_keywords(const std::string& text) {
-    std::vector<std::string> keywords;
+  // read_extensions - the keywords of an EHLO or LHLO reply, and the SIZE limit (RFC 1870)
+  void read_extensions(const std::string& text) {
     std::size_t start = text.find("\r\n");  // the first line is the upstream's name
     while (start != std::string::npos) {
       start += 2;
       std::size_t end = text.find("\r\n", start);
       std::string line = text.substr(start, end == std::string::npos ? end : end - start);
       std::vector<std::string> words = python_split(line.size() > 4 ? line.substr(4) : "");
-      if (!words.empty()) keywords.push_back(ascii_upper(words[0]));
+      if (!words.empty()) extensions_.push_back(ascii_upper(words[0]));
+      bool has_size = words.size() > 1 && extensions_.back() == "SIZE";
+      if (has_size && is_decimal(words[1]) && words[1].size() < 19)
+        size_limit_ = std::stoull(words[1]);
       start = end;
     }
-    return keywords;
   }
 
   // mail_command - MAIL FROM with the client's parameters the upstream understands;
@@ -3590,10 +3729,29 @@ class UpstreamSession {
   Reactor& reactor_;
   const UpstreamSettings& settings_;
   Greeting greeting_;
+  UpstreamOffer* learned_;  // where a relay keeps what its upstream offers; may be null
+  std::uint64_t size_limit_ = 0;
   std::unique_ptr<UpstreamClient> client_;
   bool is_greeted_ = false;
   bool in_transaction_ = false;
   std::vector<std::string> extensions_;  // EHLO/LHLO keywords, upper-cased
+};
+
+// UpstreamProbe - one session opened at start only to learn what the upstream offers; it
+// says goodbye as soon as it has (or has failed), and is let go before the loop ends
+class UpstreamProbe {
+ public:
+  void start(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer) {
+    reactor_ = &reactor;
+    session_ = std::make_unique<UpstreamSession>(reactor, settings, UpstreamSession::Greeting::Ehlo,
+                                                 &offer);
+    session_->open([this](const std::string&) { reactor_->dispose(std::move(session_)); });
+  }
+  void stop() { session_.reset(); }
+
+ private:
+  Reactor* reactor_ = nullptr;
+  std::unique_ptr<UpstreamSession> session_;
 };
 
 // relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
@@ -3641,14 +3799,17 @@ class PureProxy : public ServerMode {
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, settings_);
+    return std::make_unique<Session>(reactor, settings_, offer_);
   }
+  void start(Reactor& reactor) override { probe_.start(reactor, settings_, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
 
  private:
   class Session : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings)
-        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo) {}
+    Session(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer)
+        : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo, &offer) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
       upstream_.mail(mail, std::move(verdict));
@@ -3668,6 +3829,281 @@ class PureProxy : public ServerMode {
   };
 
   UpstreamSettings settings_;
+  UpstreamOffer offer_;
+  UpstreamProbe probe_;
+};
+
+// format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
+// asctime form above
+inline std::string format_rfc5322_date_utc(std::int64_t t) {
+  std::string a = format_asctime_utc(t);  // "Sun Nov 29 05:10:00 2026"
+  std::string day = a.substr(8, 2);
+  if (day[0] == ' ') day.erase(0, 1);
+  return a.substr(0, 3) + ", " + day + " " + a.substr(4, 3) + " " + a.substr(20) + " " +
+         a.substr(11, 8) + " +0000";
+}
+
+// with_list_headers - the message as Mailman gets it: Python's MailmanProxy added From: and
+// Date: when missing, as Mailman needs them and MTAs add them; Message-ID: too, as Mailman
+// files and threads by it. The date is RFC 5322's, where Python used ctime().
+inline std::string with_list_headers(const std::string& data, const std::string& mailfrom,
+                                     const std::string& our_name, std::int64_t unix_us) {
+  std::size_t end = data.rfind('\n', 0) == 0 ? 0 : data.find("\n\n");
+  std::string head = "\n" + ascii_upper(data.substr(0, end));
+  auto lacks = [&head](const char* name) { return head.find(name) == std::string::npos; };
+  std::string added;
+  if (lacks("\nFROM:") && mailfrom != "<>") added += "From: " + mailfrom + "\n";
+  if (lacks("\nDATE:")) added += "Date: " + format_rfc5322_date_utc(unix_us / 1000000) + "\n";
+  if (lacks("\nMESSAGE-ID:")) {
+    static std::uint64_t count = 0;
+    added += "Message-ID: <" +
+             maildir_unique_name(unix_us / 1000000, static_cast<long>(unix_us % 1000000),
+                                 process_id(), ++count, our_name) +
+             ">\n";
+  }
+  return added + data;
+}
+
+// MailmanTarget - a recipient Mailman 2 takes: its wrapper's COMMAND and LIST arguments
+struct MailmanTarget {
+  std::string command;  // post, admin, bounces, confirm, join, leave, owner, request, ...
+  std::string list;
+  bool operator==(const MailmanTarget& o) const { return command == o.command && list == o.list; }
+};
+
+// mailman2_target - whether a Mailman 2 installation in `home` takes this recipient: its local
+// part, lower-cased, is LIST or LIST-COMMAND and home/lists/LIST has a config.pck or config.db
+// (Mailman 2's Utils.list_exists; a list literally named "a-request" wins over a's -request).
+// The list name holds only Mailman's ACCEPTABLE_LISTNAME_CHARACTERS, so it never leaves lists/.
+inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
+                                                    const std::string& rcpt) {
+  static const char* const kCommands[] = {"admin", "bounces", "confirm",   "join",       "leave",
+                                          "owner", "request", "subscribe", "unsubscribe"};
+  std::string local = rcpt.substr(0, rcpt.rfind('@'));
+  for (char& c : local)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  auto is_list = [&home](const std::string& name) {
+    if (name.empty() || name == "." || name == "..") return false;
+    for (char c : name)
+      if (!is_ascii_alnum(c) && std::strchr("-+_.=", c) == nullptr) return false;
+    std::string dir = home + "/lists/" + name + "/";
+    return path_exists(dir + "config.pck") || path_exists(dir + "config.db");
+  };
+  if (is_list(local)) return MailmanTarget{"post", local};
+  std::size_t dash = local.rfind('-');
+  if (dash == std::string::npos) return std::nullopt;
+  std::string command = local.substr(dash + 1);
+  for (const char* known : kCommands)
+    if (command == known && is_list(local.substr(0, dash)))
+      return MailmanTarget{command, local.substr(0, dash)};
+  return std::nullopt;
+}
+
+// MailmanProxy - list mail to Mailman, the rest relayed as PureProxy relays it. Mailman 3 is
+// asked at each RCPT over LMTP whether the address is its own; Mailman 2 is looked up in its
+// lists/ directory. Whatever is not Mailman's goes to the upstream with the upstream's own
+// verdicts. At the final dot the upstream gets the message first and Mailman only once the
+// upstream has it, so that one permanent refusal rarely leaves the other side with a copy;
+// the client hears 250 only when every destination has the message, 4xx when any of them
+// failed for now (a retry may duplicate; nothing is lost). The man page has the whole table.
+// differs from smtpd.py: Python spoke a Mailman 2.0 API that no longer exists, took only
+// LIST, -admin, -owner, -request, -join and -leave, and answered 250 whatever happened.
+class MailmanProxy : public ServerMode {
+ public:
+  struct Options {
+    UpstreamSettings relay;  // the upstream server
+    UpstreamSettings lmtp;   // Mailman 3's LMTP runner (unused with home)
+    std::string home;        // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+    long long wrapper_timeout_ms = kExecTimeoutMs;
+    std::string our_name;  // for the Message-ID we add
+  };
+
+  explicit MailmanProxy(Options options) : options_(std::move(options)) {}
+  bool asks_envelope() const override { return true; }
+  std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
+    return std::make_unique<Session>(reactor, options_, offer_);
+  }
+  void start(Reactor& reactor) override { probe_.start(reactor, options_.relay, offer_); }
+  void stop() override { probe_.stop(); }
+  void shape(ChannelConfig& config) const override { offer_.shape(config); }
+
+  // wrapper_command - Mailman 2's mail wrapper as the MTA's pipe alias runs it
+  static std::string wrapper_command(const std::string& home, const MailmanTarget& target) {
+    return shell_quote(home + "/mail/mailman") + " " + target.command + " " + target.list;
+  }
+
+  // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
+  // scripts' "list not found"), anything else, or no exit in time, a failure for now
+  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+    if (!outcome.has_started)
+      return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
+    if (outcome.has_timed_out)
+      return "451 Error: Mailman 2's " + what + " did not finish in time; try again later";
+    if (outcome.exit_code == 0) return "";
+    if (outcome.exit_code == 1)
+      return "550 5.1.1 Error: Mailman 2's " + what + " found no such list";
+    return "451 Error: Mailman 2's " + what + " failed (exit status " +
+           std::to_string(outcome.exit_code) + "); try again later";
+  }
+
+ private:
+  class Session : public ModeSession {
+   public:
+    Session(Reactor& reactor, const Options& options, UpstreamOffer& offer)
+        : reactor_(reactor),
+          options_(options),
+          relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo, &offer),
+          lmtp_(reactor, options.lmtp, UpstreamSession::Greeting::Lhlo) {}
+
+    // on_mail - the sender is taken here and given to each destination at its first RCPT
+    void on_mail(const MailRequest& mail, Verdict verdict) override {
+      mail_ = mail;
+      has_relay_mail_ = has_lmtp_mail_ = false;
+      relay_accepted_ = lmtp_accepted_ = 0;
+      targets_.clear();
+      verdict("");
+    }
+
+    void on_rcpt(const std::string& rcpt, Verdict verdict) override {
+      if (options_.home.empty()) return ask_mailman(rcpt, std::move(verdict));
+      std::optional<MailmanTarget> target = mailman2_target(options_.home, rcpt);
+      if (!target) return relay(rcpt, std::move(verdict));
+      if (std::find(targets_.begin(), targets_.end(), *target) == targets_.end())
+        targets_.push_back(*target);
+      verdict("");
+    }
+
+    // on_message - the upstream first, then Mailman, then one reply for all
+    void on_message(Envelope envelope, Verdict verdict) override {
+      auto message = std::make_shared<Envelope>(std::move(envelope));
+      if (relay_accepted_ == 0) return to_mailman(message, "", verdict);
+      std::string payload = relay_payload(message->data, message->peer);
+      relay_.data(std::move(payload), 1,
+                  [this, message, verdict](const std::vector<std::string>& replies) {
+                    if (replies[0][0] != '2') return verdict(replies[0]);  // nobody has it
+                    to_mailman(message, replies[0], verdict);
+                  });
+    }
+
+   private:
+    // ask_mailman - Mailman 3 at RCPT: 2xx it is Mailman's, 5xx it is not (relay it), and
+    // anything else a 4xx, never a relay of what may be a list address
+    void ask_mailman(const std::string& rcpt, Verdict verdict) {
+      auto ask = [this, rcpt, verdict] {
+        lmtp_.rcpt(rcpt, [this, rcpt, verdict](const std::string& reply) {
+          if (reply[0] == '2') return ++lmtp_accepted_, verdict(reply);
+          if (reply[0] == '5') return relay(rcpt, verdict);
+          verdict(for_now(reply));
+        });
+      };
+      if (has_lmtp_mail_) return ask();
+      lmtp_.mail(mail_for_mailman(), [this, ask, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(for_now(reply));
+        has_lmtp_mail_ = true;
+        ask();
+      });
+    }
+
+    // mail_for_mailman - the sender as Mailman 3 gets it. Its LMTP runner offers no SMTPUTF8;
+    // as the final delivery agent it reads UTF-8 headers all the same, so the parameter is
+    // left out rather than refusing the mail (RFC 6531 3.4 asks of relays, not of delivery).
+    MailRequest mail_for_mailman() const {
+      MailRequest mail = mail_;
+      mail.options.erase(std::remove(mail.options.begin(), mail.options.end(), "SMTPUTF8"),
+                         mail.options.end());
+      mail.smtputf8 = false;
+      return mail;
+    }
+
+    // relay - a recipient that is not Mailman's goes upstream, the sender first if need be
+    void relay(const std::string& rcpt, Verdict verdict) {
+      auto send_rcpt = [this, rcpt, verdict] {
+        relay_.rcpt(rcpt, [this, verdict](const std::string& reply) {
+          if (reply[0] == '2') ++relay_accepted_;
+          verdict(reply);
+        });
+      };
+      if (has_relay_mail_) return send_rcpt();
+      relay_.mail(mail_, [this, send_rcpt, verdict](const std::string& reply) {
+        if (reply[0] != '2') return verdict(reply);  // the upstream refuses the sender
+        has_relay_mail_ = true;
+        send_rcpt();
+      });
+    }
+
+    // to_mailman - the Mailman part of the message, once the upstream (if any) has it: then
+    // upstream_reply is its 2xx
+    void to_mailman(std::shared_ptr<Envelope> message, const std::string& upstream_reply,
+                    Verdict verdict) {
+      if (lmtp_accepted_ == 0 && targets_.empty()) return verdict(upstream_reply);
+      bool upstream_has_it = !upstream_reply.empty();
+      message->data =
+          with_list_headers(message->data, message->mailfrom, options_.our_name, unix_time_us());
+      auto finish = [upstream_has_it, verdict](const std::vector<std::string>& replies) {
+        verdict(one_reply(replies, upstream_has_it));
+      };
+      if (!options_.home.empty()) return run_wrappers(message, 0, {}, finish);
+      std::string payload = relay_payload(message->data, message->peer);
+      lmtp_.data(std::move(payload), lmtp_accepted_, finish);
+    }
+
+    // run_wrappers - Mailman 2's wrapper once for each list address, one after the other
+    void run_wrappers(std::shared_ptr<Envelope> message, std::size_t next,
+                      std::vector<std::string> replies,
+                      std::function<void(const std::vector<std::string>&)> finish) {
+      if (next == targets_.size()) return finish(replies);
+      const MailmanTarget& target = targets_[next];
+      std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
+      reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
+      run_ = std::make_unique<CommandRun>(reactor_,
+                                          MailmanProxy::wrapper_command(options_.home, target),
+                                          options_.wrapper_timeout_ms);
+      run_->run(message_file_text(message->data), {},
+                [this, message, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+                  std::vector<std::string> so_far = replies;
+                  so_far.push_back(wrapper_reply(outcome, what));
+                  run_wrappers(message, next + 1, so_far, finish);
+                });
+    }
+
+    // one_reply - the client's one reply for Mailman's replies: 250 when all accepted; the
+    // first 4xx when any failed for now (the client retries); else the first refusal, said
+    // to have reached the upstream's recipients when it did
+    static std::string one_reply(const std::vector<std::string>& replies, bool upstream_has_it) {
+      for (const std::string& reply : replies)
+        if (!reply.empty() && reply[0] == '4') return reply;
+      for (const std::string& reply : replies) {
+        if (reply.empty() || reply[0] == '2') continue;
+        if (!upstream_has_it) return reply;
+        return reply.substr(0, 3) + " Error: the upstream server took the message, Mailman " +
+               "refused it: " + printable(reply).substr(0, 300);
+      }
+      return "";
+    }
+
+    // for_now - Mailman could not say whether an address is its own: a 4xx, whatever it was
+    std::string for_now(const std::string& reply) const {
+      if (reply[0] == '4') return reply;
+      return "451 Error: Mailman's LMTP server " + options_.lmtp.name +
+             " cannot tell whether this address is a list's: " + printable(reply).substr(0, 300);
+    }
+
+    Reactor& reactor_;
+    const Options& options_;
+    UpstreamSession relay_;
+    UpstreamSession lmtp_;
+    MailRequest mail_;
+    bool has_relay_mail_ = false;         // the upstream has this transaction's MAIL
+    bool has_lmtp_mail_ = false;          // so has Mailman 3
+    std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
+    std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
+    std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
+    std::unique_ptr<CommandRun> run_;
+  };
+
+  Options options_;
+  UpstreamOffer offer_;  // what the upstream offers; Mailman 3's runner offers 8BITMIME too
+  UpstreamProbe probe_;
 };
 
 // ==== 9. Event loop ====
@@ -4255,8 +4691,10 @@ class Server {
         max_clients_(options.max_clients) {
     for (socket_t listener : listeners_)
       reactor_.watch(listener, POLLIN, [this, listener](short) { accept_clients(listener); });
+    mode_.start(reactor_);
   }
   ~Server() {
+    mode_.stop();
     reactor_.run_deferred();  // ends of connections first: they hold places in connections_
     connections_.clear();
     for (socket_t listener : listeners_) close_socket(listener);
@@ -4282,6 +4720,18 @@ class Server {
  private:
   // channel_config - what every connection's channel shares: the options, the mode's wish
   // to decide MAIL and RCPT, the -d trace
+  // channel_for_client - the channel settings as the mode shapes them now (a relay's EHLO
+  // follows what its upstream offers), shared while that stays the same
+  std::shared_ptr<const ChannelConfig> channel_for_client() {
+    ChannelConfig shaped = *channel_;
+    mode_.shape(shaped);
+    bool is_same = shaped_ && shaped.offer_8bitmime == shaped_->offer_8bitmime &&
+                   shaped.enable_smtputf8 == shaped_->enable_smtputf8 &&
+                   shaped.data_size_limit == shaped_->data_size_limit;
+    if (!is_same) shaped_ = std::make_shared<const ChannelConfig>(std::move(shaped));
+    return shaped_;
+  }
+
   static std::shared_ptr<const ChannelConfig> channel_config(const ServerOptions& options,
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
@@ -4367,7 +4817,7 @@ class Server {
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
     socket_t s = transport->socket();
     if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
-    Connection& c = connections_.emplace_back(std::move(transport), channel_, ip);
+    Connection& c = connections_.emplace_back(std::move(transport), channel_for_client(), ip);
     c.self = std::prev(connections_.end());
     c.session = mode_.open_session(reactor_, ip);
     reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
@@ -4581,6 +5031,7 @@ class Server {
 
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
   std::shared_ptr<const ChannelConfig> channel_;
+  std::shared_ptr<const ChannelConfig> shaped_;  // channel_ as the mode last shaped it
   TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
   bool is_tls_implicit_;
   bool is_debug_;
@@ -4630,6 +5081,8 @@ struct Settings {
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
+  Endpoint mailman_lmtp;                     // --mailman-lmtp: Mailman 3's LMTP runner
+  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
 };
 
 class UsageError : public std::runtime_error {
@@ -4854,14 +5307,14 @@ inline cxxopts::Options build_options() {
       "connect-timeout",
       "PureProxy: seconds to wait for the upstream server to accept the "
       "connection (default " +
-          seconds_text(kConnectTimeoutMs) + ").",
+          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+      cxxopts::value<std::string>(), "SECONDS")(
+      "reply-timeout",
+      "PureProxy: seconds to wait for each reply of the upstream server "
+      "(default " +
+          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
       cxxopts::value<std::string>(),
-      "SECONDS")("reply-timeout",
-                 "PureProxy: seconds to wait for each reply of the upstream server "
-                 "(default " +
-                     seconds_text(kReplyTimeoutMs) + ").",
-                 cxxopts::value<std::string>(),
-                 "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
+      "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
       "maildir",
       "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
       "if missing), synced before the 250 reply.",
@@ -4879,8 +5332,8 @@ inline cxxopts::Options build_options() {
       "is the reply), anything else gives 451.",
       cxxopts::value<std::string>(),
       "COMMAND")("exec-timeout",
-                 "Seconds the --exec command may run before it is killed and the client "
-                 "gets 451 (default " +
+                 "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+                 "it is killed and the client gets 451 (default " +
                      seconds_text(kExecTimeoutMs) + ").",
                  cxxopts::value<std::string>(), "SECONDS")(
       "max-messages",
@@ -4929,9 +5382,17 @@ inline cxxopts::Options build_options() {
       "Seed for the N% rules of --reject, so a run refuses the same commands again "
       "(default: a new seed at each start).",
       cxxopts::value<std::string>(),
-      "N")("tls",
-           "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
-           "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
+      "N")("mailman-lmtp",
+           "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+           "address is a list's (default 127.0.0.1:8024).",
+           cxxopts::value<std::string>(),
+           "HOST:PORT")("mailman-home",
+                        "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+                        "mail/mailman wrapper).",
+                        cxxopts::value<std::string>(), "DIR")(
+      "tls",
+      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
       "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
       cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
                                              cxxopts::value<std::string>(), "FILE")(
@@ -4950,6 +5411,25 @@ inline std::string help_text(cxxopts::Options& options) {
          " as the upstream.\n"
          "Addresses are HOST:PORT or [IPV6]:PORT; port 0 picks a free port, shown on stderr\n"
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
+}
+
+// parse_mailman_options - --mailman-lmtp or --mailman-home, for MailmanProxy only
+inline void parse_mailman_options(const cxxopts::ParseResult& result, Settings& s) {
+  bool has_lmtp = result.count("mailman-lmtp") > 0;
+  s.mailman_home = parse_path(result, "mailman-home");
+  bool has_home = !s.mailman_home.empty();
+  if ((has_lmtp || has_home) && s.mode != ModeKind::MailmanProxy)
+    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
+  if (has_lmtp && has_home)
+    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
+  s.mailman_lmtp = parse_endpoint(
+      has_lmtp ? result["mailman-lmtp"].as<std::string>() : kDefaultMailmanLmtp, "Mailman LMTP");
+  if (!has_home) return;
+  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
+  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
+  if (!path_exists(s.mailman_home + "/mail/mailman"))
+    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
+                     "/mail/mailman");
 }
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
@@ -5022,6 +5502,7 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
       throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
     s.reject_seed = std::stoull(seed);
   }
+  parse_mailman_options(result, s);
   parse_tls_options(result, s);
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
@@ -5035,17 +5516,22 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   return {s, ""};
 }
 
-// resolve_upstream - the relay's upstream, resolved once at start so the loop never waits
-// for a name lookup; throws StartError when the name does not resolve
-inline void resolve_upstream(Settings& s) {
-  UpstreamSettings& upstream = s.upstream;
-  upstream.name = format_endpoint(s.remote.host, s.remote.port);
+// resolved - an upstream's addresses, resolved once at start so the loop never waits for a
+// name lookup; throws StartError when the name does not resolve
+inline UpstreamSettings resolved(UpstreamSettings upstream, const Endpoint& where) {
+  upstream.name = format_endpoint(where.host, where.port);
   std::string error;
-  upstream.addresses = resolve_endpoint(s.remote, error);
+  upstream.addresses = resolve_endpoint(where, error);
   if (upstream.addresses.empty())
-    throw StartError("cannot resolve the upstream server " + s.remote.host + ": " + error);
-  upstream.fqdn = s.server.channel.fqdn;
-  if (s.server.debug) upstream.trace = [](const std::string& line) { log_line(line); };
+    throw StartError("cannot resolve the " + upstream.role + " " + where.host + ": " + error);
+  return upstream;
+}
+
+// resolve_upstream - the relay's upstream as the loop uses it: resolved, named, traced with -d
+inline void resolve_upstream(Settings& s) {
+  s.upstream.fqdn = s.server.channel.fqdn;
+  if (s.server.debug) s.upstream.trace = [](const std::string& line) { log_line(line); };
+  s.upstream = resolved(s.upstream, s.remote);
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -5072,14 +5558,29 @@ inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
     case ModeKind::Debugging:
       return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
     case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
-    case ModeKind::MailmanProxy: break;
+    case ModeKind::MailmanProxy: {
+      resolve_upstream(s);
+      MailmanProxy::Options options;
+      options.relay = s.upstream;
+      if (s.mailman_home.empty()) {
+        UpstreamSettings lmtp = s.upstream;
+        lmtp.role = "Mailman LMTP server";
+        lmtp.tag = "mailman";
+        options.lmtp = resolved(lmtp, s.mailman_lmtp);
+      }
+      options.home = s.mailman_home;
+      options.wrapper_timeout_ms = s.exec.timeout_ms;
+      options.our_name = s.server.channel.fqdn;
+      return std::make_unique<MailmanProxy>(std::move(options));
+    }
   }
   throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
 }
 
 // warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
 inline void warn_if_open_relay(const Settings& s, const std::string& bound) {
-  if (s.mode != ModeKind::PureProxy || is_loopback_host(s.local.host)) return;
+  bool is_relay = s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy;
+  if (!is_relay || is_loopback_host(s.local.host)) return;
   log_line("warning: " + std::string(mode_name(s.mode)) + " on " + bound +
            " relays mail from anyone who can connect: this can make an open relay");
 }
@@ -5090,6 +5591,13 @@ inline void prepare_outputs(const Settings& s) {
   std::string error;
   if (!s.maildir.empty() && !MaildirStore::make_maildir(s.maildir, error))
     log_line(error + "; messages get 451 until it can be made");
+}
+
+// mailman_text - where MailmanProxy finds Mailman, for the -d start line
+inline std::string mailman_text(const Settings& s) {
+  if (s.mode != ModeKind::MailmanProxy) return "";
+  if (!s.mailman_home.empty()) return "; Mailman 2 in " + s.mailman_home;
+  return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
 // seed_refusals - the --reject rules with their random source. Without --reject-seed the
@@ -5172,7 +5680,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   warn_if_open_relay(settings, bound);
   if (settings.server.debug)
     log_line(std::string(mode_name(settings.mode)) + " started; remote address " +
-             format_endpoint(settings.remote.host, settings.remote.port));
+             format_endpoint(settings.remote.host, settings.remote.port) + mailman_text(settings));
   std::vector<socket_t> sockets_to_watch;
   for (const Listener& l : listeners) sockets_to_watch.push_back(l.socket);
   Server server(std::move(sockets_to_watch), settings.server, *mode);

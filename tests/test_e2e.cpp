@@ -520,24 +520,6 @@ TEST_CASE("bad command lines exit 1 with one line on stderr") {
   check_one_error_line(run_smtpd(args), 1);
 }
 
-TEST_CASE("-c MailmanProxy exits 1: not implemented yet") {
-  SUBCASE("MailmanProxy") {
-    auto r = run_smtpd({"-n", "--class", "MailmanProxy", "127.0.0.1:0"});
-    check_one_error_line(r, 1);
-    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
-  }
-  SUBCASE("smtpd.MailmanProxy") {
-    auto r = run_smtpd({"-n", "-c", "smtpd.MailmanProxy", "127.0.0.1:0"});
-    check_one_error_line(r, 1);
-    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
-  }
-  SUBCASE("mailman") {
-    auto r = run_smtpd({"-n", "-c", "mailman", "127.0.0.1:0"});
-    check_one_error_line(r, 1);
-    CHECK(r.err == "smtpd: MailmanProxy is not implemented yet\n");
-  }
-}
-
 TEST_CASE("an address already in use exits 2 with one line") {
   IdlePort busy(IdlePort::Silent);  // listening: the port is in use
   auto r = run_smtpd({"-n", "127.0.0.1:" + std::to_string(busy.port())});

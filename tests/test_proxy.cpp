@@ -48,8 +48,8 @@ inline std::pair<std::string, std::string> each_sink_refusal() {
 
 // ScriptedUpstream - a minimal SMTP server in a thread of this process, on 127.0.0.1. It
 // answers as a sink does (220, EHLO with 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after
-// ".", 221) except on its first connection, where after the greeting and EHLO it never
-// answers again: one upstream session stalled in the middle while others go on.
+// ".", 221) except on the first connection that sends MAIL, where it never answers again:
+// one upstream session stalled in the middle while others go on.
 class ScriptedUpstream {
  public:
   ScriptedUpstream() {
@@ -73,7 +73,7 @@ class ScriptedUpstream {
  private:
   struct Conn {
     int fd = -1;
-    bool stalls = false;  // the first connection stalls at MAIL
+    bool stalls = false;  // the first connection to send MAIL stalls there
     std::string in;
     bool in_data = false;
     bool is_stalled = false;
@@ -93,7 +93,6 @@ class ScriptedUpstream {
         if (fd < 0) continue;
         Conn c;
         c.fd = fd;
-        c.stalls = accepted_++ == 0;
         conns_.push_back(std::move(c));
         say(conns_.back(), "220 scripted ESMTP");
       }
@@ -136,6 +135,7 @@ class ScriptedUpstream {
     for (char& ch : verb) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
     if (verb == "EHLO") return say(c, "250-scripted\r\n250 8BITMIME");
     if (verb == "HELO") return say(c, "250 scripted");
+    if (verb == "MAIL" && !has_stalled_) c.stalls = has_stalled_ = true;  // not the probe at start
     if (verb == "MAIL" && c.stalls) {
       c.is_stalled = true;
       ++stalled_;
@@ -162,7 +162,7 @@ class ScriptedUpstream {
   std::atomic<bool> stop_{false};
   std::atomic<int> messages_{0};
   std::atomic<int> stalled_{0};
-  int accepted_ = 0;
+  bool has_stalled_ = false;
   std::vector<Conn> conns_;  // touched by the thread only
 };
 
@@ -629,11 +629,67 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
     auto downstream = start_debugging();
     auto proxy = start_proxy(address_of(downstream), {"-u"});
     Client c = greeted_client(proxy);
-    CHECK(c.command("MAIL FROM:<" + from + "> SMTPUTF8") == kNoUtf8);
+    std::string ehlo = c.command("EHLO client.example");
+    // Before the proxy has learned what the upstream offers its EHLO offers SMTPUTF8 (-u), and
+    // the upstream's refusal is the reply; afterwards SMTPUTF8 is not offered, and not taken.
+    bool is_offered = ehlo.find("\n250-SMTPUTF8\n") != std::string::npos;
+    CHECK(c.command("MAIL FROM:<" + from + "> SMTPUTF8") ==
+          (is_offered ? kNoUtf8 : "555 MAIL FROM parameters not recognized or not implemented"));
     CHECK(c.command("QUIT") == "221 Bye");
     CHECK(downstream.stop().code == 0);
     CHECK(downstream.child.out.text() == "");
   }
+}
+
+// ehlo_once_learned - the proxy's EHLO reply once it differs from its first one (the proxy
+// learns what its upstream offers at start), or the first one after 5 s
+inline std::string ehlo_once_learned(ServerProcess& proxy, const std::string& before) {
+  std::string ehlo = before;
+  Deadline deadline(kWait);
+  while (ehlo == before && !deadline.expired()) {
+    std::this_thread::sleep_for(milliseconds(50));
+    auto c = proxy.connect();
+    ehlo = greet(c);
+  }
+  return ehlo;
+}
+
+TEST_CASE("the proxy's EHLO offers 8BITMIME, SMTPUTF8 and SIZE only as far as its upstream does") {
+  SUBCASE("smtp-sink -8 (no 8BITMIME), with -u: neither 8BITMIME nor SMTPUTF8") {
+    SmtpSink sink({"-8"});
+    auto proxy = start_proxy(sink.address(), {"-u"});
+    auto c = proxy.connect();
+    std::string first = greet(c);
+    std::string ehlo =
+        ehlo_once_learned(proxy, first.find("8BITMIME") == std::string::npos ? "" : first);
+    CHECK(ehlo.find("8BITMIME") == std::string::npos);
+    CHECK(ehlo.find("SMTPUTF8") == std::string::npos);
+    CHECK(ehlo.find("\n250-SIZE 33554432\n") != std::string::npos);  // smtp-sink has no SIZE
+  }
+  SUBCASE("DebuggingServer -u -s 1000: its SIZE, 8BITMIME and SMTPUTF8") {
+    auto downstream = start_debugging({"-u", "-s", "1000"});
+    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto c = proxy.connect();
+    std::string first = greet(c);
+    std::string ehlo =
+        ehlo_once_learned(proxy, first.find("SIZE 1000\n") == std::string::npos ? first : "");
+    CHECK(ehlo.find("\n250-SIZE 1000\n250-8BITMIME\n250-SMTPUTF8\n") != std::string::npos);
+    CHECK(c.command("MAIL FROM:<a@example.com> SIZE=2000") ==
+          "552 Error: message size exceeds fixed maximum message size");
+  }
+}
+
+TEST_CASE("-d traces the upstream's QUIT and its reply") {
+  SmtpSink sink;
+  auto proxy = start_proxy(sink.address(), {"-d"});
+  {
+    auto c = proxy.connect();
+    greet(c);
+    CHECK(c.command("MAIL FROM:<a@example.com>") == kSinkMailOk);
+    CHECK(c.command("QUIT") == "221 Bye");
+  }
+  CHECK(proxy.wait_stderr("upstream " + sink.address() + " <- QUIT\n"));
+  CHECK(proxy.wait_stderr("upstream " + sink.address() + " -> 221 Bye\n"));
 }
 
 TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.1 it does not") {
@@ -692,9 +748,11 @@ TEST_CASE("--help shows the two PureProxy timeouts with their defaults") {
     if (!(std::isspace(static_cast<unsigned char>(ch)) && !help.empty() && help.back() == ' '))
       help += std::isspace(static_cast<unsigned char>(ch)) ? ' ' : ch;
   CHECK(help.find("--connect-timeout SECONDS PureProxy: seconds to wait for the upstream server "
-                  "to accept the connection (default 30).") != std::string::npos);
+                  "to accept the connection (default 30); MailmanProxy: the upstream and "
+                  "Mailman.") != std::string::npos);
   CHECK(help.find("--reply-timeout SECONDS PureProxy: seconds to wait for each reply of the "
-                  "upstream server (default 120).") != std::string::npos);
+                  "upstream server (default 120); MailmanProxy: of the upstream and of "
+                  "Mailman.") != std::string::npos);
 }
 
 TEST_SUITE_END();
