@@ -14,6 +14,8 @@
 #   make deps           check for everything the build and tests need; on Debian, as root,
 #                       apt-get installs what is missing (see tests/ensure-tools.sh)
 #   make format-check   clang-format --dry-run over the sources; fails on any difference
+#   make bench          the figures of README.md's Performance section, from one run of
+#                       bench/report.py (a few minutes, loopback only); BENCH_ARGS for its options
 #   make clean
 #
 # CPPFLAGS, CXXFLAGS, LDFLAGS and LDLIBS from the command line are added after ours.
@@ -63,7 +65,7 @@ ifneq ($(filter deps test test-asan tests/%,$(MAKECMDGOALS)),)
 NEEDS += $(TEST_NEEDS)
 endif
 
-.PHONY: all deps run test test-asan fuzz windows format-check install uninstall clean FORCE
+.PHONY: all deps run test test-asan fuzz windows format-check bench install uninstall clean FORCE
 .DEFAULT_GOAL := all
 
 all: smtpd
@@ -174,6 +176,13 @@ FORMAT_SOURCES := smtpd.cpp $(wildcard tests/*.cpp tests/*.hpp fuzz/*.cpp)
 format-check:
 	@CXX='$(CXX)' sh tests/ensure-tools.sh cmd:clang-format:clang-format
 	clang-format --dry-run --Werror $(FORMAT_SOURCES)
+
+# bench: throughput, CPU per message and memory per idle client of smtpd's modes against
+# Postfix's smtp-sink, measured in the same run (bench/report.py); each load is bounded by a
+# timeout, the whole by 15 minutes. Not in CI: numbers from a busy machine say little.
+bench: smtpd
+	@CXX='$(CXX)' sh tests/ensure-tools.sh cmd:smtp-sink:postfix cmd:python3:python3
+	timeout 900 python3 bench/report.py $(BENCH_ARGS)
 
 clean:
 	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags $(FUZZ_TARGETS)

@@ -2,10 +2,12 @@
 //
 // Every test file includes what it needs and compiles right after smtpd.cpp, in any order.
 // test_e2e.cpp, test_interop.cpp and test_proxy.cpp talk to the built binary only (env
-// SMTPD_BIN, default ./smtpd). Three files also call smtpd.cpp's internals directly:
-// test_channel.cpp (the Channel; no sockets, so Windows builds it too, with section 1 only),
-// test_outputs.cpp (the output formatters, SinkServer, parse_command_line) and test_exec.cpp
-// (CommandRun, parse_command_line). Everything here is bounded in time and owned by RAII
+// SMTPD_BIN, default ./smtpd). All the others also call smtpd.cpp's internals directly:
+// test_channel.cpp the Channel (no sockets, so Windows builds it too, with section 1 only),
+// test_loop.cpp the reactor, test_outputs.cpp the output formatters and SinkServer,
+// test_exec.cpp CommandRun, and test_compat.cpp, test_hostile.cpp and test_appsetup.cpp the
+// Channel and parse_command_line beside their end-to-end cases. A new file that calls
+// internals says so here. Everything here is bounded in time and owned by RAII
 // objects: a ServerProcess or a Client going out of scope (also when an assertion throws)
 // kills its child or closes its socket. Children also get SIGKILL from the kernel if the test
 // process dies (Linux PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind.
