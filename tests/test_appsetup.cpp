@@ -821,6 +821,23 @@ TEST_CASE("appsetup: TLS: AUTH without TLS under --tls-required answers 530, no 
   CHECK(c.command("MAIL FROM:<a@example.com>") == "530 5.7.0 Must issue a STARTTLS command first");
 }
 
+TEST_CASE("appsetup: TLS: PureProxy takes STARTTLS and AUTH; the upstream sees plain text only") {
+  auto upstream = start({"-d"});
+  auto proxy = ServerProcess::launch({"-n", "-c", "PureProxy", "--tls", "--auth", "127.0.0.1:0",
+                                      "127.0.0.1:" + std::to_string(upstream.port())});
+  TempFile message("Subject: via the proxy\r\n\r\nHello.\r\n");
+  auto r = curl_send("smtp://127.0.0.1:" + std::to_string(proxy.port()), message.path(),
+                     {"--ssl-reqd", "-k", "--user", "kim:pw"});
+  INFO(r.describe());
+  CHECK(r.ok());
+  CHECK(upstream.wait_stdout("------------ END MESSAGE ------------\n"));
+  CHECK(upstream.stdout_text().find("Subject: via the proxy\n") != std::string::npos);
+  CHECK(upstream.stdout_text().find("X-TLS") == std::string::npos);
+  CHECK(upstream.stdout_text().find("X-Auth-User") == std::string::npos);
+  CHECK(upstream.stderr_text().find("STARTTLS") == std::string::npos);
+  CHECK(upstream.stderr_text().find("AUTH") == std::string::npos);
+}
+
 // kPipelinedStartTls - python3 -c script; argv: port. Sends STARTTLS with MAIL and RCPT in the
 // same write (RFC 3207 forbids it: the server must discard them), then TLS, EHLO and RCPT.
 constexpr const char* kPipelinedStartTls = R"PY(
