@@ -3426,7 +3426,10 @@ class UpstreamClient {
           line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
       // A CR or other control character inside a line would reach our client in the relayed
       // reply (found by fuzz_upstream): that is as malformed as a missing code.
-      if (!is_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
+      // RFC 5321 4.2.1: every line of a multiline reply carries the same code; a "125-" line
+      // inside a 250 reply would reach our client as is (found by fuzz_upstream)
+      bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, line, 0, 3) != 0;
+      if (!is_code || is_other_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
           has_control_character(line, true)) {
         fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
         return false;

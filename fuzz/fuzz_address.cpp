@@ -14,9 +14,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (parsed->rest.size() > arg.size()) __builtin_trap();
   // What a channel would accept (valid UTF-8, as command lines must be, and no control
   // character: issue 9.2) must read back as itself. Not an empty local part: Python writes
-  // ""@x (outside <>) as "@x", which it then refuses.
+  // ""@x (outside <>) as "@x", which it then refuses. Not an empty domain either: Python
+  // takes "Q@" followed by a Unicode space as "Q@" outside <>, and refuses "<Q@>".
   if (parsed->address.empty() || parsed->address == "<>" || parsed->address[0] == '@' ||
-      !is_valid_utf8(arg) || has_control_character(arg, true) ||
+      parsed->address.back() == '@' || !is_valid_utf8(arg) || has_control_character(arg, true) ||
       has_control_character(parsed->address))
     return 0;
   std::optional<ParsedAddress> again = parse_address("<" + parsed->address + ">");

@@ -144,8 +144,10 @@ class ScriptedReplies {
 
 TEST_CASE("9.12 a malformed upstream reply reaches the client as a one-line 451, not as is") {
   // found by fuzz/fuzz_upstream: a CR inside a reply line went into our client's reply, and
-  // code "000" read as "no reply" put the upstream's lines into a 451
-  for (const char* bad : {"250 ok\rRCPT TO:<smuggled@example.org>", "250-up\r\n000 zero"}) {
+  // code "000" read as "no reply" put the upstream's lines into a 451, and a line with
+  // another code inside a multiline reply ("125-") went to the client as part of it
+  for (const char* bad : {"250 ok\rRCPT TO:<smuggled@example.org>", "250-up\r\n000 zero",
+                          "250-up\r\n125-mixed\r\n250 ok"}) {
     CAPTURE(printable(bad));
     ScriptedReplies upstream({"220 up", "250 up", bad});
     auto srv = start_proxy(upstream.address());
