@@ -5086,7 +5086,8 @@ class Server {
 // one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
 // every status the program ends with.
 //   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
-//   parse_path, load_auth_users, parse_refusal, build_options, help_text, parse_command_line;
+//   parse_path, load_auth_users, parse_refusal, add_*_options (a group of rows each),
+//   build_options, help_text, parse_command_line;
 //   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
 
 enum ExitStatus {
@@ -5320,123 +5321,179 @@ struct CommandLine {
   std::string text_for_stdout;       // the help or version text
 };
 
-// build_options - the option table; the help texts are the ones README.md and smtpd.1 repeat
+// add_*_options - the option table, a group of rows each, in the order --help lists them.
+// All rows go into cxxopts' one unnamed group: a named group would put a heading into --help.
+// The help texts are the ones README.md and smtpd.1 repeat.
+
+// add_python_options - smtpd.py's own options: -n, -V, -c, -s, -u
+inline void add_python_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("n,nosetuid", "Do not change to user nobody after binding (only done when started as root).");
+  add("V,version", "Print the version and exit.");
+  add("c,class",
+      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
+      "PureProxy (proxy) or MailmanProxy (mailman).",
+      cxxopts::value<std::string>(), "CLASS");
+  add("s,size",
+      "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
+      "limit (default " +
+          std::to_string(kDataSizeDefault) + ").",
+      cxxopts::value<std::string>(), "LIMIT");
+  add("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).");
+}
+
+// add_upstream_options - how long PureProxy and MailmanProxy wait for the servers they relay to
+inline void add_upstream_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("connect-timeout",
+      "PureProxy: seconds to wait for the upstream server to accept the "
+      "connection (default " +
+          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+      cxxopts::value<std::string>(), "SECONDS");
+  add("reply-timeout",
+      "PureProxy: seconds to wait for each reply of the upstream server "
+      "(default " +
+          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_output_options - the trace on stderr, and where messages go besides the mode's print-out
+inline void add_output_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("d,debug", "Trace the SMTP dialogue and connections on stderr.");
+  add("maildir",
+      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+      "if missing), synced before the 250 reply.",
+      cxxopts::value<std::string>(), "DIR");
+  add("mbox",
+      "Also append each message to FILE in mboxrd format, locked, synced before the "
+      "250 reply.",
+      cxxopts::value<std::string>(), "FILE");
+  add("json",
+      "Print each message as one line of JSON instead of the DebuggingServer layout; "
+      "SMTPServer prints it too.");
+}
+
+// add_exec_options - --exec and its time limit
+inline void add_exec_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("exec",
+      "Run COMMAND with sh -c for each message, the message on its standard input and "
+      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+      "is the reply), anything else gives 451.",
+      cxxopts::value<std::string>(), "COMMAND");
+  add("exec-timeout",
+      "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+      "it is killed and the client gets 451 (default " +
+          seconds_text(kExecTimeoutMs) + ").",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_limit_options - counts and timeouts for clients, messages and the whole run
+inline void add_limit_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("max-messages",
+      "Exit with status 0 once N messages are delivered and the open "
+      "sessions have ended (after at most " +
+          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
+      cxxopts::value<std::string>(), "N");
+  add("max-clients",
+      "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+      "limit (the default).",
+      cxxopts::value<std::string>(), "N");
+  add("timeout",
+      "Seconds a client has for each command, and in DATA between two reads, before it "
+      "hears 421 and is closed (default " +
+          std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+          std::to_string(kDataDeadlineFactor) + " times as long.",
+      cxxopts::value<std::string>(), "SECONDS");
+  add("max-recipients",
+      "Most recipients in one message; further RCPT commands get 452 (default " +
+          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      cxxopts::value<std::string>(), "N");
+  add("idle-exit",
+      "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+      "never (the default).",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_extension_options - the opt-in ESMTP extensions AUTH and PIPELINING
+inline void add_extension_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("auth",
+      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+      "the user name is recorded with each message.");
+  add("auth-file",
+      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+      "other logins get 535 5.7.8.",
+      cxxopts::value<std::string>(), "FILE");
+  add("auth-required",
+      "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+      "as --auth does unless --auth-file is given).");
+  add("pipelining",
+      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+      "commands go out together.");
+}
+
+// add_refusal_options - refusals on purpose, for testing clients
+inline void add_refusal_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("reject",
+      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+      "of the time when PATTERN is N%; repeatable, the first match wins.",
+      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY");
+  add("reject-seed",
+      "Seed for the N% rules of --reject, so a run refuses the same commands again "
+      "(default: a new seed at each start).",
+      cxxopts::value<std::string>(), "N");
+}
+
+// add_mailman_options - which Mailman MailmanProxy asks
+inline void add_mailman_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("mailman-lmtp",
+      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+      "address is a list's (default 127.0.0.1:8024).",
+      cxxopts::value<std::string>(), "HOST:PORT");
+  add("mailman-home",
+      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+      "mail/mailman wrapper).",
+      cxxopts::value<std::string>(), "DIR");
+}
+
+// add_tls_options - STARTTLS and SMTPS
+inline void add_tls_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("tls",
+      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).");
+  add("tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+      cxxopts::value<std::string>(), "FILE");
+  add("tls-key", "The PEM private key for --tls-cert.", cxxopts::value<std::string>(), "FILE");
+  add("tls-implicit",
+      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).");
+  add("tls-required",
+      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).");
+}
+
+// build_options - the whole option table, then --help and the positional addresses
 inline cxxopts::Options build_options() {
   cxxopts::Options options(
       "smtpd", std::string(kVersion) + " - an SMTP server for tests, debugging and relaying");
   options.custom_help("[options]");
   options.positional_help("[localhost:localport [remotehost:remoteport]]");
-  options.add_options()(
-      "n,nosetuid", "Do not change to user nobody after binding (only done when started as root).")(
-      "V,version", "Print the version and exit.")(
-      "c,class",
-      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
-      "PureProxy (proxy) or MailmanProxy (mailman).",
-      cxxopts::value<std::string>(),
-      "CLASS")("s,size",
-               "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-               "limit (default " +
-                   std::to_string(kDataSizeDefault) + ").",
-               cxxopts::value<std::string>(),
-               "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
-      "connect-timeout",
-      "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default " +
-          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
-      cxxopts::value<std::string>(), "SECONDS")(
-      "reply-timeout",
-      "PureProxy: seconds to wait for each reply of the upstream server "
-      "(default " +
-          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
-      cxxopts::value<std::string>(),
-      "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
-      "maildir",
-      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
-      "if missing), synced before the 250 reply.",
-      cxxopts::value<std::string>(),
-      "DIR")("mbox",
-             "Also append each message to FILE in mboxrd format, locked, synced before the "
-             "250 reply.",
-             cxxopts::value<std::string>(), "FILE")(
-      "json",
-      "Print each message as one line of JSON instead of the DebuggingServer layout; "
-      "SMTPServer prints it too.")(
-      "exec",
-      "Run COMMAND with sh -c for each message, the message on its standard input and "
-      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
-      "is the reply), anything else gives 451.",
-      cxxopts::value<std::string>(),
-      "COMMAND")("exec-timeout",
-                 "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
-                 "it is killed and the client gets 451 (default " +
-                     seconds_text(kExecTimeoutMs) + ").",
-                 cxxopts::value<std::string>(), "SECONDS")(
-      "max-messages",
-      "Exit with status 0 once N messages are delivered and the open "
-      "sessions have ended (after at most " +
-          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
-      cxxopts::value<std::string>(),
-      "N")("max-clients",
-           "Most clients connected at once; one more hears 421 and is closed; 0 means no "
-           "limit (the default).",
-           cxxopts::value<std::string>(),
-           "N")("timeout",
-                "Seconds a client has for each command, and "
-                "in DATA between two reads, before it hears "
-                "421 and is closed (default " +
-                    std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
-                    std::to_string(kDataDeadlineFactor) + " times as long.",
-                cxxopts::value<std::string>(), "SECONDS")(
-      "max-recipients",
-      "Most recipients in one message; further RCPT commands get 452 (default " +
-          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
-      cxxopts::value<std::string>(),
-      "N")("idle-exit",
-           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-           "never (the default).",
-           cxxopts::value<std::string>(), "SECONDS")(
-      "auth",
-      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
-      "the user name is recorded with each message.")(
-      "auth-file",
-      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
-      "other logins get 535 5.7.8.",
-      cxxopts::value<std::string>(),
-      "FILE")("auth-required",
-              "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
-              "as --auth does unless --auth-file is given).")(
-      "pipelining",
-      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
-      "commands go out together.")(
-      "reject",
-      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
-      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
-      "of the time when PATTERN is N%; repeatable, the first match wins.",
-      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY")(
-      "reject-seed",
-      "Seed for the N% rules of --reject, so a run refuses the same commands again "
-      "(default: a new seed at each start).",
-      cxxopts::value<std::string>(),
-      "N")("mailman-lmtp",
-           "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
-           "address is a list's (default 127.0.0.1:8024).",
-           cxxopts::value<std::string>(),
-           "HOST:PORT")("mailman-home",
-                        "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-                        "mail/mailman wrapper).",
-                        cxxopts::value<std::string>(), "DIR")(
-      "tls",
-      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
-      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
-      "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
-      cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
-                                             cxxopts::value<std::string>(), "FILE")(
-      "tls-implicit",
-      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).")(
-      "tls-required",
-      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).")(
-      "h,help", "Print this help and exit.")("addresses", "",
-                                             cxxopts::value<std::vector<std::string>>());
+  add_python_options(options);
+  add_upstream_options(options);
+  add_output_options(options);
+  add_exec_options(options);
+  add_limit_options(options);
+  add_extension_options(options);
+  add_refusal_options(options);
+  add_mailman_options(options);
+  add_tls_options(options);
+  options.add_options()("h,help", "Print this help and exit.");
+  options.add_options()("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
