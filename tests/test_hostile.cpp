@@ -544,6 +544,36 @@ TEST_CASE("9.5 a client that resets while its verdict is pending leaves nothing 
   }
 }
 
+// Why it spun: poll() reports POLLHUP and POLLERR whatever events a descriptor asks for, and a
+// socket whose peer sent RST stays in that state. The loop once polled every connection, one
+// waiting for a verdict with events 0, so each poll returned at once with that socket ready and
+// its handler found nothing to do (issue 9.5). The reactor now leaves such a socket out.
+TEST_CASE("9.5 reactor: a reset socket watched for no events is not polled until it wants some") {
+  int listener = -1;
+  int port = loopback_socket(listener);
+  REQUIRE(::listen(listener, 1) == 0);
+  Client client = Client::connect("127.0.0.1", port);
+  int accepted = ::accept(listener, nullptr, nullptr);
+  ::close(listener);
+  REQUIRE(accepted >= 0);
+  client.reset();  // RST; the server side is waiting for a verdict, so it asks for no events
+  PollReactor reactor;
+  std::vector<short> seen;
+  reactor.watch(accepted, 0, [&](short revents) { seen.push_back(revents); });
+  const int kTurns = 10;
+  const int kTurnMs = 20;
+  auto started = Clock::now();
+  for (int i = 0; i < kTurns; ++i) REQUIRE(reactor.turn(kTurnMs));
+  CHECK(seen.empty());  // the old loop saw POLLERR|POLLHUP here on every turn
+  CHECK(seconds_since(started) >= kTurns * kTurnMs / 1000.0 * 0.9);  // each turn waited
+  reactor.set_events(accepted, POLLIN);  // the verdict came: the reset is still there to read
+  REQUIRE(reactor.turn(1000));
+  REQUIRE(seen.size() == 1);
+  CHECK((seen[0] & (POLLHUP | POLLERR)) != 0);
+  reactor.unwatch(accepted);
+  ::close(accepted);
+}
+
 // ==== 9.6 Output nobody reads ====
 
 // UnreadFifo - a FIFO under a temporary directory whose read end this test holds open and
