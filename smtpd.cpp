@@ -4544,6 +4544,9 @@ class PollReactor : public Reactor {
   // false when poll itself fails, with the reason in error()
   bool turn(int max_wait_ms) {
     fds_.clear();
+    // A socket that wants no events is left out, not polled with events 0: poll reports POLLHUP
+    // and POLLERR whatever is asked, so a client reset while its verdict is pending would wake
+    // every turn at once and spin the loop (issue 9.5).
     for (const auto& [s, w] : watchers_)
       if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
     if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {

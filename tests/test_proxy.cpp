@@ -2,7 +2,7 @@
 //
 // The upstreams all listen on 127.0.0.1: Postfix's smtp-sink (Debian package postfix) with its
 // fault switches and its -d dump of every message it receives, our own DebuggingServer, and a
-// small scripted server in a thread of this process. Each test checks what the client hears
+// small scripted server in threads of this process. Each test checks what the client hears
 // and what the upstream got: a message the client got 250 for must be at the upstream byte for
 // byte, and the upstream must have accepted nothing the client was not told about.
 //
@@ -46,124 +46,76 @@ inline std::pair<std::string, std::string> each_sink_refusal() {
 
 // ==== Fixtures ====
 
-// ScriptedUpstream - a minimal SMTP server in a thread of this process, on 127.0.0.1. It
-// answers as a sink does (220, EHLO with 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after
-// ".", 221) except on the first connection that sends MAIL, where it never answers again:
-// one upstream session stalled in the middle while others go on.
+// ScriptedUpstream - a minimal SMTP server in threads of this process, on 127.0.0.1, each
+// connection served at the same time as the others. It answers as a sink does (220, EHLO with
+// 8BITMIME, 250 to MAIL, RCPT and RSET, 354, 250 after ".", 221) except on the first
+// connection that sends MAIL, where it never answers again: one upstream session stalled in
+// the middle while others go on.
 class ScriptedUpstream {
  public:
   ScriptedUpstream() {
-    port_ = loopback_socket(listener_);
-    if (::listen(listener_, 16) != 0) throw std::runtime_error("listen failed");
-    thread_ = std::thread([this] { serve(); });
-  }
-  ScriptedUpstream(const ScriptedUpstream&) = delete;
-  ScriptedUpstream& operator=(const ScriptedUpstream&) = delete;
-  ~ScriptedUpstream() {
-    stop_ = true;
-    thread_.join();
-    for (Conn& c : conns_) ::close(c.fd);
-    ::close(listener_);
+    server_.start([this](StandInUpstream::Connection& c) { talk(c); },
+                  StandInUpstream::Serving::Concurrently);
   }
 
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string address() const { return server_.address(); }
   int messages() const { return messages_; }      // "." answered 250
   int stalled_mails() const { return stalled_; }  // MAIL commands left unanswered
 
  private:
-  struct Conn {
-    int fd = -1;
-    bool stalls = false;  // the first connection to send MAIL stalls there
-    std::string in;
+  // Session - where one connection's dialogue stands
+  struct Session {
     bool in_data = false;
     bool is_stalled = false;
+    bool has_quit = false;
   };
 
-  void serve() {
-    while (!stop_) {
-      std::vector<pollfd> fds{{listener_, POLLIN, 0}};
-      for (const Conn& c : conns_) fds.push_back({c.fd, POLLIN, 0});
-      if (::poll(fds.data(), fds.size(), 20) <= 0) continue;
-      for (std::size_t i = 1; i < fds.size(); ++i)
-        if (fds[i].revents) read_from(conns_[i - 1]);
-      auto closed = [](const Conn& c) { return c.fd < 0; };
-      conns_.erase(std::remove_if(conns_.begin(), conns_.end(), closed), conns_.end());
-      if (fds[0].revents & POLLIN) {
-        int fd = ::accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
-        if (fd < 0) continue;
-        Conn c;
-        c.fd = fd;
-        conns_.push_back(std::move(c));
-        say(conns_.back(), "220 scripted ESMTP");
-      }
+  void talk(StandInUpstream::Connection& c) {
+    c.say("220 scripted ESMTP");
+    Session s;
+    while (!s.has_quit) {
+      std::optional<std::string> line = c.read_line();
+      if (!line) return;  // the peer has closed, or the test is over
+      answer(c, s, *line);
     }
   }
 
-  void say(Conn& c, const std::string& reply) {
-    std::string line = reply + "\r\n";
-    ::send(c.fd, line.data(), line.size(), MSG_NOSIGNAL);  // small; the buffer takes it
-  }
-
-  void read_from(Conn& c) {
-    char buf[4096];
-    ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
-    if (n <= 0) {
-      ::close(c.fd);
-      c.fd = -1;
-      return;
-    }
-    c.in.append(buf, static_cast<std::size_t>(n));
-    std::size_t nl;
-    while (c.fd >= 0 && (nl = c.in.find("\r\n")) != std::string::npos) {
-      std::string line = c.in.substr(0, nl);
-      c.in.erase(0, nl + 2);
-      answer(c, line);
-    }
-  }
-
-  void answer(Conn& c, const std::string& line) {
-    if (c.is_stalled) return;
-    if (c.in_data) {
+  void answer(const StandInUpstream::Connection& c, Session& s, const std::string& line) {
+    if (s.is_stalled) return;
+    if (s.in_data) {
       if (line == ".") {
-        c.in_data = false;
+        s.in_data = false;
         ++messages_;
-        say(c, "250 2.0.0 queued");
+        c.say("250 2.0.0 queued");
       }
       return;
     }
     std::string verb = line.substr(0, 4);
     for (char& ch : verb) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
-    if (verb == "EHLO") return say(c, "250-scripted\r\n250 8BITMIME");
-    if (verb == "HELO") return say(c, "250 scripted");
-    if (verb == "MAIL" && !has_stalled_) c.stalls = has_stalled_ = true;  // not the probe at start
-    if (verb == "MAIL" && c.stalls) {
-      c.is_stalled = true;
+    if (verb == "EHLO") return c.say("250-scripted\r\n250 8BITMIME");
+    if (verb == "HELO") return c.say("250 scripted");
+    if (verb == "MAIL" && !has_stalled_.exchange(true)) {  // not the probe at start
+      s.is_stalled = true;
       ++stalled_;
       return;
     }
     if (verb == "MAIL" || verb == "RCPT" || verb == "RSET" || verb == "NOOP")
-      return say(c, "250 2.0.0 Ok");
+      return c.say("250 2.0.0 Ok");
     if (verb == "DATA") {
-      c.in_data = true;
-      return say(c, "354 go ahead");
+      s.in_data = true;
+      return c.say("354 go ahead");
     }
     if (verb == "QUIT") {
-      say(c, "221 Bye");
-      ::close(c.fd);
-      c.fd = -1;
-      return;
+      s.has_quit = true;
+      return c.say("221 Bye");
     }
-    say(c, "500 5.5.1 unknown command");
+    c.say("500 5.5.1 unknown command");
   }
 
-  int listener_ = -1;
-  int port_ = 0;
-  std::thread thread_;
-  std::atomic<bool> stop_{false};
   std::atomic<int> messages_{0};
   std::atomic<int> stalled_{0};
-  bool has_stalled_ = false;
-  std::vector<Conn> conns_;  // touched by the thread only
+  std::atomic<bool> has_stalled_{false};
+  StandInUpstream server_;  // last: it stops before the counters go
 };
 
 // start_debugging - our DebuggingServer on 127.0.0.1:0, the proxy's upstream in a chain.

@@ -29,7 +29,8 @@
 //                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
 //                      send_mail, printed (what DebuggingServer prints for a message),
 //                      start_proxy
-//   7. Upstreams     - free_port, smtp_sink_path, SmtpSink (Postfix's smtp-sink)
+//   7. Upstreams     - free_port, smtp_sink_path, SmtpSink (Postfix's smtp-sink),
+//                      StandInUpstream (a scripted server in threads of the test process)
 //
 // Like the test files, this header compiles right after smtpd.cpp. Only loopback addresses are
 // used (127.0.0.1, ::1). Sections 2 to 7 are POSIX only.
@@ -39,12 +40,14 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <optional>
 #include <sstream>
@@ -1285,6 +1288,128 @@ class SmtpSink {
 
   TempDir dir_;
   int port_ = 0;
+};
+
+// StandInUpstream - a stand-in upstream server for tests, in threads of this process. It
+// listens on 127.0.0.1:<free port> from construction, so address() is known at once; start()
+// runs a thread that accepts connections and hands each to the script, one at a time in that
+// thread or each in a thread of its own (Serving::Concurrently). The connection is closed
+// when the script returns. It stops at stop(), when it goes out of scope, or when its lifetime
+// is up, whichever comes first: scripts wait in steps of at most kStepMs and return soon
+// after stopping() turns true, so stop() (which joins every thread) is bounded in time.
+// An owner whose script uses its members declares it last, so it stops before they go.
+class StandInUpstream {
+ public:
+  enum class Serving { OneAtATime, Concurrently };
+  static constexpr int kStepMs = 20;
+  static constexpr milliseconds kLifetime{60000};
+
+  // Connection - one accepted connection as the script sees it
+  class Connection {
+   public:
+    Connection(int fd, const StandInUpstream& server) : fd_(fd), server_(server) {}
+    int fd() const { return fd_.get(); }
+    bool stopping() const { return server_.stopping(); }
+
+    // say - send reply and CRLF at once (a few lines: the socket buffer takes them)
+    void say(const std::string& reply) const {
+      std::string line = reply + "\r\n";
+      ::send(fd(), line.data(), line.size(), MSG_NOSIGNAL);
+    }
+
+    // receive - wait for the next bytes the peer sends and keep them for read_line; false
+    // once the peer has closed or the server is stopping
+    bool receive() {
+      while (!stopping()) {
+        pollfd p{fd(), POLLIN, 0};
+        if (::poll(&p, 1, kStepMs) <= 0) continue;
+        char buf[4096];
+        ssize_t n = ::recv(fd(), buf, sizeof buf, 0);
+        if (n <= 0) return false;
+        in_.append(buf, static_cast<std::size_t>(n));
+        return true;
+      }
+      return false;
+    }
+
+    // read_line - the next line the peer sends, without its CRLF; nullopt once the peer has
+    // closed or the server is stopping
+    std::optional<std::string> read_line() {
+      std::size_t end;
+      while ((end = in_.find("\r\n")) == std::string::npos)
+        if (!receive()) return std::nullopt;
+      std::string line = in_.substr(0, end);
+      in_.erase(0, end + 2);
+      return line;
+    }
+
+   private:
+    OwnedFd fd_;
+    const StandInUpstream& server_;
+    std::string in_;
+  };
+  using Script = std::function<void(Connection&)>;
+
+  explicit StandInUpstream(int backlog = 16) {
+    int fd = -1;
+    port_ = loopback_socket(fd);
+    listener_.reset(fd);
+    if (::listen(fd, backlog) != 0) throw std::runtime_error("listen failed");
+  }
+  StandInUpstream(const StandInUpstream&) = delete;
+  StandInUpstream& operator=(const StandInUpstream&) = delete;
+  ~StandInUpstream() { stop(); }
+
+  // start - accept connections and run script on each until stop() or lifetime is up
+  void start(Script script, Serving serving = Serving::OneAtATime,
+             milliseconds lifetime = kLifetime) {
+    script_ = std::move(script);
+    serving_ = serving;
+    end_ = Clock::now() + lifetime;
+    acceptor_ = std::thread([this] { accept_connections(); });
+  }
+
+  // stop - end the threads and wait for them; the listener closes (new connections are
+  // refused). Safe to call again.
+  void stop() {
+    stop_ = true;
+    if (acceptor_.joinable()) acceptor_.join();
+    for (std::thread& t : sessions_) t.join();  // the acceptor, which adds them, has ended
+    sessions_.clear();
+    listener_.reset();
+  }
+
+  bool stopping() const { return stop_ || Clock::now() >= end_; }
+  int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+ private:
+  void accept_connections() {
+    while (!stopping()) {
+      pollfd p{listener_.get(), POLLIN, 0};
+      if (::poll(&p, 1, kStepMs) <= 0) continue;
+      int fd = ::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC);
+      if (fd < 0) continue;
+      if (serving_ == Serving::Concurrently)
+        sessions_.emplace_back([this, fd] { serve(fd); });
+      else
+        serve(fd);
+    }
+  }
+
+  void serve(int fd) {
+    Connection connection(fd, *this);
+    script_(connection);
+  }
+
+  OwnedFd listener_;
+  int port_ = 0;
+  Script script_;
+  Serving serving_ = Serving::OneAtATime;
+  Clock::time_point end_;
+  std::atomic<bool> stop_{false};
+  std::thread acceptor_;
+  std::vector<std::thread> sessions_;  // Serving::Concurrently: one a connection
 };
 
 }  // namespace smtpd_test

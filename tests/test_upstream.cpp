@@ -2,7 +2,7 @@
 // its reply, as fast as it can or a line at a time, must neither grow smtpd's memory nor stall
 // other clients nor outlast --reply-timeout; the client hears 451 and keeps its mail.
 //
-//   Fixture: EndlessReplier (a thread serving "220-..." lines forever on 127.0.0.1)
+//   Fixture: EndlessReplier (a StandInUpstream serving "220-..." lines forever on 127.0.0.1)
 #include <doctest/doctest.h>
 
 #include <atomic>
@@ -18,65 +18,44 @@ TEST_SUITE_BEGIN("upstream");
 
 // EndlessReplier - an upstream that answers every connection with "220-" lines and never a
 // last line: as fast as the socket takes them (flood) or one every 50 ms (drip). Each
-// connection stops by itself when the peer closes, after 256 MiB, or after 60 s.
+// connection stops by itself when the peer closes, after 256 MiB, or after 60 s (the
+// stand-in server's lifetime).
 class EndlessReplier {
  public:
   enum class Pace { Flood, Drip };
 
   explicit EndlessReplier(Pace pace) : pace_(pace) {
-    port_ = loopback_socket(listener_);
-    if (::listen(listener_, 16) != 0) throw std::runtime_error("listen failed");
-    thread_ = std::thread([this] { serve(); });
-  }
-  EndlessReplier(const EndlessReplier&) = delete;
-  EndlessReplier& operator=(const EndlessReplier&) = delete;
-  ~EndlessReplier() {
-    stop_ = true;
-    thread_.join();
-    ::close(listener_);
+    // one connection at a time is enough here
+    server_.start([this](StandInUpstream::Connection& c) { talk(c); });
   }
 
-  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  std::string address() const { return server_.address(); }
   std::size_t bytes_sent() const { return sent_; }
 
  private:
-  void serve() {
-    while (!stop_) {
-      pollfd p{listener_, POLLIN, 0};
-      if (::poll(&p, 1, 20) <= 0) continue;
-      int fd = ::accept4(listener_, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd >= 0) talk(fd);  // one at a time is enough here
-    }
-  }
-
-  void talk(int fd) {
+  void talk(const StandInUpstream::Connection& c) {
     const std::string line =
         "220-endless " + std::string(490, 'x') + "\r\n";  // 132 lines pass 64 KiB
     std::string chunk;
     while (chunk.size() < 64 * 1024) chunk += line;
     const std::string& unit = pace_ == Pace::Flood ? chunk : line;
-    Deadline deadline(milliseconds(60000));
     std::size_t total = 0;
-    while (!stop_ && !deadline.expired() && total < (256u << 20)) {
-      pollfd p{fd, POLLOUT, 0};
+    while (!c.stopping() && total < (256u << 20)) {
+      pollfd p{c.fd(), POLLOUT, 0};
       if (::poll(&p, 1, 50) <= 0) continue;
       if (p.revents & (POLLERR | POLLHUP)) break;
-      ssize_t n = ::send(fd, unit.data(), unit.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+      ssize_t n = ::send(c.fd(), unit.data(), unit.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) continue;
       if (n <= 0) break;
       total += static_cast<std::size_t>(n);
       sent_ += static_cast<std::size_t>(n);
       if (pace_ == Pace::Drip) std::this_thread::sleep_for(milliseconds(50));
     }
-    ::close(fd);
   }
 
   Pace pace_;
-  int listener_ = -1;
-  int port_ = 0;
-  std::thread thread_;
-  std::atomic<bool> stop_{false};
   std::atomic<std::size_t> sent_{0};
+  StandInUpstream server_;  // last: it stops before the members talk() uses
 };
 
 // resident_kib - VmRSS of a process, in KiB (0 when it cannot be read)
@@ -86,10 +65,6 @@ inline long resident_kib(pid_t pid) {
   while (std::getline(in, line))
     if (starts_with(line, "VmRSS:")) return std::stol(line.substr(6));
   return 0;
-}
-
-inline double seconds_since(Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count();
 }
 
 TEST_CASE("an upstream reply that never ends gives 451, bounded memory, and other clients go on") {
@@ -137,27 +112,15 @@ TEST_CASE("an upstream reply that never ends gives 451, bounded memory, and othe
 TEST_CASE("an upstream reply of too many short lines gives 451") {
   ignore_sigpipe();
   // 201 lines of "220-x" are far below the byte limit, above the line limit.
-  int listener = -1;
-  int port = loopback_socket(listener);
-  REQUIRE(::listen(listener, 4) == 0);
-  std::thread server([listener] {
-    for (int n = 0; n < 2; ++n) {  // the proxy's probe at start, then the client's session
-      pollfd p{listener, POLLIN, 0};
-      if (::poll(&p, 1, 10000) <= 0) return;
-      int fd = ::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
-      if (fd < 0) return;
-      std::string lines;
-      for (int i = 0; i < 201; ++i) lines += "220-x\r\n";
-      lines += "220 done\r\n";
-      ::send(fd, lines.data(), lines.size(), MSG_NOSIGNAL);
-      char buf[512];
-      pollfd q{fd, POLLIN, 0};
-      ::poll(&q, 1, 10000);  // until smtpd hangs up
-      (void)::recv(fd, buf, sizeof buf, 0);
-      ::close(fd);
-    }
+  StandInUpstream server(4);
+  // each connection (the proxy's probe at start, then the client's session) hears the lines
+  server.start([](StandInUpstream::Connection& c) {
+    std::string lines;
+    for (int i = 0; i < 201; ++i) lines += "220-x\r\n";
+    c.say(lines + "220 done");
+    c.receive();  // until smtpd hangs up
   });
-  std::string upstream = "127.0.0.1:" + std::to_string(port);
+  std::string upstream = server.address();
   {
     auto proxy = ServerProcess::launch({"-n", "-c", "PureProxy", "127.0.0.1:0", upstream});
     auto c = proxy.connect();
@@ -167,8 +130,6 @@ TEST_CASE("an upstream reply of too many short lines gives 451") {
           "451 Error: upstream server " + upstream +
               " sent a reply of more than 200 lines; try again later");
   }
-  server.join();
-  ::close(listener);
 }
 
 TEST_SUITE_END();
