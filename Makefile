@@ -179,10 +179,13 @@ format-check:
 
 # bench: throughput, CPU per message and memory per idle client of smtpd's modes against
 # Postfix's smtp-sink, measured in the same run (bench/report.py); each load is bounded by a
-# timeout, the whole by 15 minutes. Not in CI: numbers from a busy machine say little.
+# timeout, the whole by 15 minutes; then the memory one 100 MB message costs in each mode
+# (bench/message-memory.py, at most 10 minutes). Not in CI: numbers from a busy machine
+# say little.
 bench: smtpd
 	@CXX='$(CXX)' sh tests/ensure-tools.sh cmd:smtp-sink:postfix cmd:python3:python3
 	timeout 900 python3 bench/report.py $(BENCH_ARGS)
+	timeout 600 python3 bench/message-memory.py
 
 clean:
 	rm -f smtpd smtpd-asan tests/run_tests tests/run_tests_asan .build-flags $(FUZZ_TARGETS)

@@ -149,6 +149,10 @@ constexpr int kShutdownGraceMs = 5000;
 // stdout and stderr on a pipe nobody reads (issue 9.6): trace lines queue up to this much,
 // then are dropped and counted; at exit, what is queued gets this long to leave
 constexpr std::size_t kTraceBacklog = 256 * 1024;
+// A message on its way out (to a file, a command, a stream or an upstream server) is made a
+// chunk of this many bytes at a time from the one copy held, never as a second whole copy
+// (issue 9.8: 100 MB printed as JSON cost 411 MB before)
+constexpr std::size_t kTextChunk = 1 << 16;
 constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
@@ -974,10 +978,10 @@ inline std::string printable(std::string_view s, bool keep_non_ascii = true) {
   return out;
 }
 
-// json_string - s as a JSON string (RFC 8259 section 7): quotes, backslashes and control
-// characters escaped; bytes that are not UTF-8 become U+FFFD, so the output always parses
-inline std::string json_string(std::string_view s) {
-  std::string out = "\"";
+// json_escape_into - s inside a JSON string (RFC 8259 section 7), appended to out: quotes,
+// backslashes and control characters escaped; bytes that are not UTF-8 become U+FFFD, so the
+// output always parses
+inline void json_escape_into(std::string& out, std::string_view s) {
   std::uint32_t cp;
   std::size_t len;
   for (std::size_t i = 0; i < s.size(); i += len) {
@@ -1002,6 +1006,12 @@ inline std::string json_string(std::string_view s) {
         }
     }
   }
+}
+
+// json_string - s as a JSON string, quoted
+inline std::string json_string(std::string_view s) {
+  std::string out = "\"";
+  json_escape_into(out, s);
   return out + "\"";
 }
 
@@ -1012,12 +1022,11 @@ inline std::string json_list(const std::vector<std::string>& items) {
   return out + "]";
 }
 
-// base64_encode - RFC 4648 section 4, with padding and no line breaks
-inline std::string base64_encode(std::string_view bytes) {
+// base64_encode_into - RFC 4648 section 4, with padding and no line breaks, appended to out;
+// bytes given in several calls must come in multiples of 3 but for the last
+inline void base64_encode_into(std::string& out, std::string_view bytes) {
   static const char kAlphabet[] =
       "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  std::string out;
-  out.reserve((bytes.size() + 2) / 3 * 4);
   for (std::size_t i = 0; i < bytes.size(); i += 3) {
     std::size_t n = std::min<std::size_t>(3, bytes.size() - i);
     std::uint32_t group = 0;
@@ -1026,6 +1035,12 @@ inline std::string base64_encode(std::string_view bytes) {
     for (std::size_t k = 0; k < 4; ++k)
       out += k <= n ? kAlphabet[(group >> (18 - 6 * k)) & 0x3F] : '=';
   }
+}
+
+inline std::string base64_encode(std::string_view bytes) {
+  std::string out;
+  out.reserve((bytes.size() + 2) / 3 * 4);
+  base64_encode_into(out, bytes);
   return out;
 }
 
@@ -1183,11 +1198,58 @@ inline std::string getfqdn() {
 }
 
 // log_line - one line on stderr, prefixed with the program name
+// TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
+// file, a command, a stream or an upstream server without a second copy of it in memory
+class TextSource {
+ public:
+  virtual ~TextSource() = default;
+  // more - append the next part of the text to out, about `want` bytes (a short line more at
+  // most); false once all of it has been given
+  virtual bool more(std::string& out, std::size_t want) = 0;
+};
+
+// StringText - a text already made: handed over whole, and taken over rather than copied when
+// the taker has nothing yet
+class StringText : public TextSource {
+ public:
+  explicit StringText(std::string text) : text_(std::move(text)) {}
+  bool more(std::string& out, std::size_t) override {
+    if (out.empty())
+      out.swap(text_);
+    else
+      out += text_;
+    text_.clear();
+    return false;
+  }
+
+ private:
+  std::string text_;
+};
+
+// read_all - the whole of a text at once (small texts, and tests)
+inline std::string read_all(TextSource& text) {
+  std::string out;
+  while (text.more(out, kTextChunk)) {
+  }
+  return out;
+}
+
+// write_text - all of a text to a file, a chunk at a time
+inline bool write_text(File& file, TextSource& text, std::string& error) {
+  std::string chunk;
+  for (bool has_more = true; has_more;) {
+    chunk.clear();
+    has_more = text.more(chunk, kTextChunk);
+    if (!file.write_all(chunk, error)) return false;
+  }
+  return true;
+}
+
 // OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
-// dropped and counted; a print-out of a message whole, and whoever waits on it is told once it
-// is written. The loop polls the stream while text waits (section 9); on a file or terminal
-// every write completes at once, as before.
+// dropped and counted; a print-out of a message whole (made a chunk at a time as the stream
+// takes it), and whoever waits on it is told once it is written. The loop polls the stream while
+// text waits (section 9); on a file or terminal every write completes at once, as before.
 class OutputQueue {
  public:
   using Written = std::function<void(const std::string& error)>;  // "" when written
@@ -1206,12 +1268,12 @@ class OutputQueue {
       ++dropped_unsaid_;
       return;
     }
-    push(std::move(text), nullptr);
+    push(std::move(text), nullptr, nullptr);
   }
 
   // print - text that must be written whole; `written` is called from a later flush (or now)
-  std::uint64_t print(std::string text, Written written) {
-    return push(std::move(text), std::move(written));
+  std::uint64_t print(std::unique_ptr<TextSource> text, Written written) {
+    return push(std::string(), std::move(text), std::move(written));
   }
 
   // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
@@ -1219,7 +1281,7 @@ class OutputQueue {
     for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
       if (it->id != id) continue;
       it->written_to = nullptr;
-      if (it->done != 0) return;
+      if (it->has_begun) return;
       queued_ -= it->text.size();
       chunks_.erase(it);
       return;
@@ -1230,14 +1292,19 @@ class OutputQueue {
   void flush() {
     while (!chunks_.empty()) {
       Chunk& c = chunks_.front();
+      if (c.done == c.text.size() && c.rest) {
+        make_more(c);
+        continue;
+      }
       long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
       if (n < 0 && would_block(errno)) return;
+      if (n > 0) c.has_begun = true;
       std::string error;
       if (n < 0)
         error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
                 std::strerror(errno);
       if (n >= 0) c.done += static_cast<std::size_t>(n);
-      if (error.empty() && c.done < c.text.size()) continue;
+      if (error.empty() && (c.done < c.text.size() || c.rest)) continue;
       Written written = std::move(c.written_to);
       queued_ -= c.text.size();
       chunks_.pop_front();
@@ -1246,7 +1313,7 @@ class OutputQueue {
     if (dropped_unsaid_ != 0) {
       std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
                          " trace lines dropped: standard error was not read\n";
-      push(std::move(note), nullptr);
+      push(std::move(note), nullptr, nullptr);
     }
   }
 
@@ -1260,18 +1327,30 @@ class OutputQueue {
 
  private:
   struct Chunk {
-    std::string text;
-    std::size_t done = 0;  // bytes of text already written
+    std::string text;                  // what is to be written now
+    std::unique_ptr<TextSource> rest;  // and what is still to be made after it, if any
+    std::size_t done = 0;              // bytes of text already written
+    bool has_begun = false;            // any of it written: it must be finished
     std::uint64_t id = 0;
     Written written_to;
   };
 
-  std::uint64_t push(std::string text, Written written) {
+  std::uint64_t push(std::string text, std::unique_ptr<TextSource> rest, Written written) {
     queued_ += text.size();
-    chunks_.push_back(Chunk{std::move(text), 0, ++last_id_, std::move(written)});
+    chunks_.push_back(
+        Chunk{std::move(text), std::move(rest), 0, false, ++last_id_, std::move(written)});
     std::uint64_t id = last_id_;
     flush();
     return id;
+  }
+
+  // make_more - the next part of a print-out, once what was made before is written
+  void make_more(Chunk& c) {
+    queued_ -= c.text.size();
+    c.text.clear();
+    c.done = 0;
+    if (!c.rest->more(c.text, kTextChunk)) c.rest.reset();
+    queued_ += c.text.size();
   }
 
   int fd_;
@@ -2548,11 +2627,14 @@ void Channel::log_in(const std::string& user, const std::string& password) {
 // so the client keeps it and retries. SMTPServer and DebuggingServer run the --exec command
 // first (it may refuse the message), then hand the message to their outputs (--maildir,
 // --mbox, the printer on stdout) in order; the 250 comes only once every one of them has it.
+// A message is held once: what goes out is made from it a chunk at a time (MessageText).
 //   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
-//   MessageOutput, StreamPrinter, MaildirStore, MboxStore, format_debug_message,
-//   format_json_message, maildir_unique_name, format_mbox_entry, not_stored_reply;
+//   MessageText, LineText, FileText (the message as a file holds it);
+//   MessageOutput, format_debug_message, JsonText, StreamPrinter, MaildirStore, MboxText,
+//   MboxStore, maildir_unique_name, not_stored_reply;
 //   RecipientsFile, CommandRun (one run of the --exec command), DeliveringServer, SinkServer,
-//   DebuggingServer; UpstreamClient (a non-blocking SMTP client), relay_payload, PureProxy
+//   DebuggingServer; UpstreamClient (a non-blocking SMTP client), UpstreamSession, RelayText
+//   (the message as it goes upstream), PureProxy, MailmanProxy
 // Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
 // timer, and run a task after the current callbacks. That last one is the only guard against
 // re-entrancy anywhere: whatever must not happen inside a callback (destroying the object
@@ -2647,6 +2729,130 @@ inline std::string session_header_lines(const Envelope& envelope) {
   return lines;
 }
 
+// MessageText - a TextSource over one message held once, shared with whoever else needs it:
+// `head`, then the lines `before` (each ended by "\n") and the message's data as the kind of
+// text (a subclass) makes them, a chunk at a time, then `tail`
+class MessageText : public TextSource {
+ public:
+  bool more(std::string& out, std::size_t want) final {
+    std::size_t goal = out.size() + want;
+    if (stage_ == Stage::Head) {
+      out += std::exchange(head_, std::string());
+      stage_ = Stage::Body;
+    }
+    while (stage_ == Stage::Body && out.size() < goal)
+      if (!body(out, goal)) stage_ = Stage::Tail;
+    if (stage_ == Stage::Tail && out.size() < goal) {
+      out += tail_;
+      stage_ = Stage::Done;
+    }
+    return stage_ != Stage::Done;
+  }
+
+ protected:
+  MessageText(std::shared_ptr<const Envelope> message, std::string head, std::string before,
+              std::string tail)
+      : message_(std::move(message)),
+        head_(std::move(head)),
+        before_(std::move(before)),
+        tail_(std::move(tail)) {}
+
+  // body - append more of the body, up to about `goal` bytes in out; false once all is in
+  virtual bool body(std::string& out, std::size_t goal) = 0;
+
+  const Envelope& message() const { return *message_; }
+  // part - where the body reads now: the lines before the data, then the data (the lines
+  // before end in "\n", so no line runs from one part into the next)
+  std::string_view part() const { return is_in_data_ ? message_->data : before_; }
+  bool is_last_part() const { return is_in_data_; }
+  void next_part() {
+    is_in_data_ = true;
+    at_ = 0;
+  }
+  std::size_t at_ = 0;  // where the body reads in part()
+
+ private:
+  enum class Stage { Head, Body, Tail, Done };
+  std::shared_ptr<const Envelope> message_;
+  std::string head_;
+  std::string before_;
+  std::string tail_;
+  bool is_in_data_ = false;
+  Stage stage_ = Stage::Head;
+};
+
+// LineText - a MessageText whose body is made line by line: each line of the parts, ended as
+// line_ends() says, goes through start_line() (what comes before its text) and end_line()
+// (what ends it); a long line is copied a chunk at a time
+class LineText : public MessageText {
+ protected:
+  using MessageText::MessageText;
+
+  // line_ends - the characters that end a line: "\n", or "\r\n" for CR, LF and CRLF alike
+  virtual const char* line_ends() const = 0;
+  virtual void start_line(std::string& out, std::string_view line) = 0;
+  // end_line - is_last: the text after the data's last line end (possibly empty)
+  virtual void end_line(std::string& out, bool is_last) = 0;
+
+ private:
+  bool body(std::string& out, std::size_t goal) final {
+    std::string_view text = part();
+    if (!is_in_line_) {
+      if (at_ == text.size() && !is_last_part()) {  // the lines before end here: no tail line
+        next_part();
+        return true;
+      }
+      line_end_ = text.find_first_of(line_ends(), at_);
+      start_line(out, text.substr(at_, line_stop(text) - at_));
+      is_in_line_ = true;
+    }
+    std::size_t n = std::min(line_stop(text) - at_, goal > out.size() ? goal - out.size() : 0);
+    out.append(text.data() + at_, n);
+    at_ += n;
+    if (at_ < line_stop(text)) return true;
+    is_in_line_ = false;
+    bool is_last = line_end_ == std::string_view::npos;
+    end_line(out, is_last);
+    if (is_last) return false;
+    at_ = line_end_ + (text.compare(line_end_, 2, "\r\n") == 0 ? 2 : 1);
+    return true;
+  }
+
+  std::size_t line_stop(std::string_view text) const {
+    return line_end_ == std::string_view::npos ? text.size() : line_end_;
+  }
+
+  bool is_in_line_ = false;
+  std::size_t line_end_ = 0;  // of the line being copied, or npos for the last
+};
+
+// FileText - the message as a file (--maildir) or a command's input (--exec, Mailman 2)
+// holds it: the lines before it, then its data, its lines joined with "\n", so one "\n" ends
+// the last line (a message whose last line is empty ends in "\n\n")
+class FileText : public MessageText {
+ public:
+  FileText(std::shared_ptr<const Envelope> message, std::string before)
+      : MessageText(std::move(message), "", std::move(before), "\n") {}
+
+ private:
+  bool body(std::string& out, std::size_t goal) override {
+    std::string_view text = part();
+    std::size_t n = std::min(text.size() - at_, goal - out.size());
+    out.append(text.data() + at_, n);
+    at_ += n;
+    if (at_ < text.size()) return true;
+    if (is_last_part()) return false;
+    next_part();
+    return true;
+  }
+};
+
+// borrowed - an envelope for a text read before the caller's own envelope goes (a store
+// writes it at once): shared with nobody, and never deleted by the text
+inline std::shared_ptr<const Envelope> borrowed(const Envelope& envelope) {
+  return std::shared_ptr<const Envelope>(std::shared_ptr<const Envelope>(), &envelope);
+}
+
 // format_debug_message - DebuggingServer's print-out of one message, X-Peer after the headers
 // (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
@@ -2688,18 +2894,52 @@ inline std::string session_json(const Envelope& envelope) {
   return key("auth_user", envelope.auth_user) + key("tls", envelope.tls);
 }
 
-// format_json_message - --json: one line holding process_message's arguments; the data as
-// text when it is UTF-8, else as base64, and data_encoding says which
-inline std::string format_json_message(Envelope envelope) {
-  bool is_text = is_valid_utf8(envelope.data);
-  return "{\"peer\": " + json_string(envelope.peer) +
-         ", \"mailfrom\": " + json_string(envelope.mailfrom) +
-         ", \"rcpttos\": " + json_list(envelope.rcpttos) +
-         ", \"mail_options\": " + json_list(envelope.mail_options) +
-         ", \"rcpt_options\": " + json_list(envelope.rcpt_options) + session_json(envelope) +
-         ", \"size\": " + std::to_string(envelope.data.size()) + ", \"data\": " +
-         (is_text ? json_string(envelope.data) : "\"" + base64_encode(envelope.data) + "\"") +
-         ", \"data_encoding\": \"" + (is_text ? "utf-8" : "base64") + "\"}\n";
+// JsonText - --json: one line holding process_message's arguments; the data as text when it
+// is UTF-8, else as base64, and data_encoding says which
+class JsonText : public MessageText {
+ public:
+  explicit JsonText(std::shared_ptr<const Envelope> message)
+      : MessageText(message, head_for(*message), "", tail_for(is_valid_utf8(message->data))),
+        is_text_(is_valid_utf8(message->data)) {}
+
+ private:
+  static std::string head_for(const Envelope& e) {
+    return "{\"peer\": " + json_string(e.peer) + ", \"mailfrom\": " + json_string(e.mailfrom) +
+           ", \"rcpttos\": " + json_list(e.rcpttos) +
+           ", \"mail_options\": " + json_list(e.mail_options) +
+           ", \"rcpt_options\": " + json_list(e.rcpt_options) + session_json(e) +
+           ", \"size\": " + std::to_string(e.data.size()) + ", \"data\": \"";
+  }
+  static std::string tail_for(bool is_text) {
+    return std::string("\", \"data_encoding\": \"") + (is_text ? "utf-8" : "base64") + "\"}\n";
+  }
+
+  // body - the data a chunk at a time: whole UTF-8 sequences, or whole 3-byte base64 groups
+  bool body(std::string& out, std::size_t goal) override {
+    std::string_view data = message().data;
+    std::size_t end = std::min(data.size(), at_ + std::max<std::size_t>(goal - out.size(), 3));
+    if (is_text_) {
+      while (end < data.size() && (static_cast<unsigned char>(data[end]) & 0xC0) == 0x80) ++end;
+      json_escape_into(out, data.substr(at_, end - at_));
+    } else {
+      if (end < data.size()) end -= (end - at_) % 3;
+      base64_encode_into(out, data.substr(at_, end - at_));
+    }
+    at_ = end;
+    return at_ < data.size();
+  }
+
+  bool is_text_;
+};
+
+// format_json_message - the --json line for a message (StreamPrinter's format)
+inline std::unique_ptr<TextSource> format_json_message(Envelope envelope) {
+  return std::make_unique<JsonText>(std::make_shared<const Envelope>(std::move(envelope)));
+}
+
+// debug_text - DebuggingServer's print-out as StreamPrinter's format
+inline std::unique_ptr<TextSource> debug_text(Envelope envelope) {
+  return std::make_unique<StringText>(format_debug_message(std::move(envelope)));
 }
 
 // StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
@@ -2707,7 +2947,7 @@ inline std::string format_json_message(Envelope envelope) {
 // the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
 class StreamPrinter {
  public:
-  using Format = std::string (*)(Envelope);                    // may take the text over
+  using Format = std::unique_ptr<TextSource> (*)(Envelope);    // may take the text over
   using Done = std::function<void(const std::string& error)>;  // "" once printed
   StreamPrinter(OutputQueue& out, Format format, long long timeout_ms)
       : out_(out), format_(format), timeout_ms_(timeout_ms) {}
@@ -2759,14 +2999,6 @@ class StreamPrinter {
   long long timeout_ms_;
 };
 
-// message_file_text - the message as a file holds it: the session's header lines first, then
-// data, its lines joined with "\n", so one "\n" ends the last line (a message whose last line
-// is empty ends in "\n\n")
-inline std::string message_file_text(const std::string& data) { return data + "\n"; }
-inline std::string message_file_text(const Envelope& envelope) {
-  return message_file_text(session_header_lines(envelope) + envelope.data);
-}
-
 // maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
 // cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
 inline std::string maildir_unique_name(std::int64_t seconds, long usec, long pid,
@@ -2816,7 +3048,8 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    if (!write_synced(tmp, session_header_lines(envelope), envelope.data, error)) return false;
+    FileText text(borrowed(envelope), session_header_lines(envelope));
+    if (!write_synced(tmp, text, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
       return false;
@@ -2827,15 +3060,11 @@ class MaildirStore : public MessageOutput {
   }
 
  private:
-  // write_synced - a new file with the message (message_file_text, written without a copy),
-  // on disk when this returns true
-  static bool write_synced(const std::string& path, std::string_view head, std::string_view data,
-                           std::string& error) {
+  // write_synced - a new file with the text, on disk when this returns true
+  static bool write_synced(const std::string& path, TextSource& text, std::string& error) {
     File file;
     if (!file.create_new(path, error)) return false;
-    if (file.write_all(head, error) && file.write_all(data, error) && file.write_all("\n", error) &&
-        file.sync(error) && file.close(error))
-      return true;
+    if (write_text(file, text, error) && file.sync(error) && file.close(error)) return true;
     remove_file(path);
     return false;
   }
@@ -2845,36 +3074,34 @@ class MaildirStore : public MessageOutput {
   std::uint64_t count_ = 0;  // messages named by this process: the Q part of the name
 };
 
-// mboxrd_quote - one more '>' before each line that matches ^>*From  (the mboxrd rule, so a
-// reader can undo it exactly), and "\n" after every line, the last one included
-inline std::string mboxrd_quote(std::string_view data) {
-  std::string out;
-  out.reserve(data.size() + 64);
-  std::size_t start = 0;
-  do {
-    std::size_t end = data.find('\n', start);
-    std::string_view line = data.substr(start, end == std::string_view::npos ? end : end - start);
+// MboxText - an mbox entry: "From SENDER DATE", the message (the session's lines first) with
+// one more '>' before each line that matches ^>*From  (the mboxrd rule, so a reader can undo
+// it exactly) and "\n" after every line, the last one included, then the empty line that
+// ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white space
+// and control characters in a (quoted) address become '_', so the line stays one line of two
+// fields.
+class MboxText : public LineText {
+ public:
+  MboxText(std::shared_ptr<const Envelope> message, std::int64_t unix_seconds)
+      : LineText(message, from_line(*message, unix_seconds), session_header_lines(*message), "\n") {
+  }
+
+ private:
+  static std::string from_line(const Envelope& envelope, std::int64_t unix_seconds) {
+    std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
+                             ? std::string("MAILER-DAEMON")
+                             : envelope.mailfrom;
+    for (char& c : sender)
+      if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
+    return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n";
+  }
+  const char* line_ends() const override { return "\n"; }
+  void start_line(std::string& out, std::string_view line) override {
     std::size_t arrows = line.find_first_not_of('>');
     if (arrows != std::string_view::npos && line.substr(arrows, 5) == "From ") out += '>';
-    out.append(line.data(), line.size());
-    out += '\n';
-    start = end == std::string_view::npos ? data.size() + 1 : end + 1;
-  } while (start <= data.size());
-  return out;
-}
-
-// format_mbox_entry - "From SENDER DATE", the quoted message, and the empty line that ends it.
-// The null sender <> is written MAILER-DAEMON, as mail systems do; white space and control
-// characters in a (quoted) address become '_', so the line stays one line of two fields.
-inline std::string format_mbox_entry(const Envelope& envelope, std::int64_t unix_seconds) {
-  std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
-                           ? std::string("MAILER-DAEMON")
-                           : envelope.mailfrom;
-  for (char& c : sender)
-    if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
-  return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n" +
-         mboxrd_quote(session_header_lines(envelope) + envelope.data) + "\n";
-}
+  }
+  void end_line(std::string& out, bool) override { out += '\n'; }
+};
 
 // MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
 // that fails half-way is cut off again, so the mbox never holds half a message.
@@ -2882,13 +3109,13 @@ class MboxStore : public MessageOutput {
  public:
   explicit MboxStore(std::string path) : path_(std::move(path)) {}
   bool deliver(const Envelope& envelope, std::string& error) override {
-    std::string entry = format_mbox_entry(envelope, unix_time_us() / 1000000);
+    MboxText entry(borrowed(envelope), unix_time_us() / 1000000);
     File file;
     std::int64_t size_before = 0;
     if (!file.open_append(path_, error) || !file.lock(kMboxLockWaitMs, error) ||
         !file.size(size_before, error))
       return false;
-    if (file.write_all(entry, error) && file.sync(error)) return file.close(error);
+    if (write_text(file, entry, error) && file.sync(error)) return file.close(error);
     file.truncate(size_before);
     return false;
   }
@@ -2961,14 +3188,16 @@ class CommandRun {
 
   // start - run the --exec command for this message; `done` gets the client's reply, once,
   // later or at once
-  void start(const Envelope& envelope, Done done) {
+  void start(std::shared_ptr<const Envelope> message, Done done) {
+    const Envelope& envelope = *message;
     std::string error;
     auto environment = environment_for(envelope);
     if (!rcpttos_file_.create(envelope.rcpttos, error))
       return done(cannot_run("cannot write the recipients to a file: " + error));
     environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
     long long timeout_ms = timeout_ms_;
-    run(message_file_text(envelope), environment,  // as --maildir writes it
+    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
+    run(std::move(input), environment,  // as --maildir writes it
         [done, timeout_ms](const Outcome& outcome) {
           if (!outcome.has_started) return done(cannot_run(outcome.error));
           if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
@@ -2977,7 +3206,7 @@ class CommandRun {
   }
 
   // run - the command with `input` on its standard input; `finished` is called once
-  void run(std::string input, const Environment& environment, Finished finished) {
+  void run(std::unique_ptr<TextSource> input, const Environment& environment, Finished finished) {
     finished_ = std::move(finished);
     input_ = std::move(input);
     std::string error;
@@ -3029,10 +3258,18 @@ class CommandRun {
   }
 
  private:
+  // write_input - the input a chunk at a time, as the command takes it
   void write_input() {
-    while (written_ < input_.size()) {
-      PipeResult r = write_pipe(child_.to_child, input_.data() + written_,
-                                std::min(input_.size() - written_, kExecPipeChunk));
+    for (;;) {
+      if (written_ == chunk_.size()) {
+        if (!input_) break;
+        chunk_.clear();
+        written_ = 0;
+        if (!input_->more(chunk_, kExecPipeChunk)) input_.reset();
+        continue;
+      }
+      PipeResult r = write_pipe(child_.to_child, chunk_.data() + written_,
+                                std::min(chunk_.size() - written_, kExecPipeChunk));
       if (r.status == PipeResult::Status::WouldBlock) return;
       if (r.status == PipeResult::Status::End) break;  // it does not read it all: its business
       written_ += r.bytes;
@@ -3041,6 +3278,9 @@ class CommandRun {
   }
 
   void close_input() {
+    input_.reset();  // the message, for the part that was not written
+    chunk_ = std::string();
+    written_ = 0;
     if (child_.to_child == kInvalidSocket) return;
     reactor_.release(child_.to_child, close_pipe);
     child_.to_child = kInvalidSocket;
@@ -3122,8 +3362,9 @@ class CommandRun {
   ChildProcess child_;
   RecipientsFile rcpttos_file_;
   bool is_running_ = false;
-  std::string input_;
-  std::size_t written_ = 0;
+  std::unique_ptr<TextSource> input_;  // what is still to be made of the input
+  std::string chunk_;                  // the part of it being written
+  std::size_t written_ = 0;            // bytes of chunk_ written
   Outcome outcome_;
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
@@ -3181,7 +3422,7 @@ class DeliveringServer : public ServerMode {
       auto message = std::make_shared<Envelope>(std::move(envelope));
       reactor_.dispose(std::move(run_));  // a finished run: its verdict may have led here
       run_ = std::make_unique<CommandRun>(reactor_, mode_.hook_.command, mode_.hook_.timeout_ms);
-      run_->start(*message, [this, message, verdict](const std::string& reply) {
+      run_->start(message, [this, message, verdict](const std::string& reply) {
         if (!is_accepting(reply)) return verdict(reply);
         keep(*message, reply, verdict);
       });
@@ -3291,38 +3532,30 @@ class UpstreamClient {
     connect_to(0);
   }
 
-  // send - bytes out (a command line or the whole message); the handler gets the reply
-  void send(std::string bytes, ReplyHandler on_reply) {
-    send(std::move(bytes), 1,
-         [on_reply](std::vector<UpstreamReply> replies) { on_reply(replies[0]); });
+  // send - a command line out; the handler gets the reply
+  void send(std::string command, ReplyHandler on_reply) {
+    RepliesHandler one = [on_reply](std::vector<UpstreamReply> replies) { on_reply(replies[0]); };
+    if (!is_connected(1, one)) return;
+    if (settings_.trace)
+      settings_.trace(settings_.tag + " " + settings_.name + " <- " +
+                      printable(command.substr(0, command.size() - 2)));
+    out_ += command;
+    await(1, std::move(one));
   }
 
-  // send - the same, waiting for `count` replies; those that never come are code 0
-  void send(std::string bytes, std::size_t count, RepliesHandler on_replies) {
-    if (socket_ == kInvalidSocket) {
-      UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
-      return on_replies(std::vector<UpstreamReply>(count, none));
-    }
-    if (settings_.trace) {
-      bool is_command = bytes.size() < 1024 && bytes.find("\r\n") == bytes.size() - 2;
-      settings_.trace(settings_.tag + " " + settings_.name + " <- " +
-                      (is_command ? printable(bytes.substr(0, bytes.size() - 2))
-                                  : "(message, " + std::to_string(bytes.size()) + " bytes)"));
-    }
-    if (out_.empty()) {
-      out_ = std::move(bytes);
-    } else {
-      out_ += bytes;
-    }
-    expect(count, std::move(on_replies));
-    arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
-    flush();
+  // send - the message out, made a chunk at a time as the socket takes it, then `count`
+  // replies; those that never come are code 0
+  void send(std::unique_ptr<TextSource> message, std::size_t count, RepliesHandler on_replies) {
+    if (!is_connected(count, on_replies)) return;
+    message_ = std::move(message);
+    message_bytes_ = 0;
+    await(count, std::move(on_replies));
   }
 
   // quit - say goodbye without waiting for the answer, then close; with -d the answer is
   // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
-    if (socket_ != kInvalidSocket && !is_connecting_ && out_.empty()) {
+    if (socket_ != kInvalidSocket && !is_connecting_ && sent_ == out_.size() && !message_) {
       static const char kQuit[] = "QUIT\r\n";
       if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
@@ -3334,6 +3567,22 @@ class UpstreamClient {
   bool is_open() const { return socket_ != kInvalidSocket && !is_connecting_; }
 
  private:
+  // is_connected - whether there is a connection; if not, the handler hears code 0 now
+  bool is_connected(std::size_t count, const RepliesHandler& handler) {
+    if (socket_ != kInvalidSocket) return true;
+    UpstreamReply none{0, failure_.empty() ? "not connected" : failure_};
+    handler(std::vector<UpstreamReply>(count, none));
+    return false;
+  }
+
+  // await - `count` replies for what was just queued, within the reply timeout
+
+  void await(std::size_t count, RepliesHandler on_replies) {
+    expect(count, std::move(on_replies));
+    arm_timer(settings_.reply_timeout_ms, "did not reply within the reply timeout");
+    flush();
+  }
+
   void expect(std::size_t count, RepliesHandler on_replies) {
     waiting_ = std::move(on_replies);
     expected_ = count;
@@ -3375,16 +3624,24 @@ class UpstreamClient {
   void update_watch() {
     if (socket_ == kInvalidSocket) return;
     short events = POLLIN;
-    if (!out_.empty()) events |= POLLOUT;
+    if (sent_ < out_.size() || message_) events |= POLLOUT;
     reactor_.set_events(socket_, events);
   }
 
   void flush() {
-    while (!out_.empty()) {
-      auto n = ::send(socket_, out_.data(),
-                      static_cast<int>(std::min(out_.size(), kUpstreamSendChunk)), kSendFlags);
+    for (;;) {
+      if (sent_ == out_.size()) {
+        out_.clear();
+        sent_ = 0;
+        if (!message_) break;
+        make_more();
+        continue;
+      }
+      auto n =
+          ::send(socket_, out_.data() + sent_,
+                 static_cast<int>(std::min(out_.size() - sent_, kUpstreamSendChunk)), kSendFlags);
       if (n > 0) {
-        out_.erase(0, static_cast<std::size_t>(n));
+        sent_ += static_cast<std::size_t>(n);
         continue;
       }
       int err = last_socket_error();
@@ -3392,6 +3649,17 @@ class UpstreamClient {
       return fail("failed while sending: " + socket_error_text(err));
     }
     update_watch();
+  }
+
+  // make_more - the next part of the message; its end is traced with its size
+  void make_more() {
+    bool has_more = message_->more(out_, kUpstreamSendChunk);
+    message_bytes_ += out_.size();
+    if (has_more) return;
+    message_.reset();
+    if (settings_.trace)
+      settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
+                      std::to_string(message_bytes_) + " bytes)");
   }
 
   // read_replies - one read per turn of the loop, so an upstream that writes without end
@@ -3548,6 +3816,8 @@ class UpstreamClient {
     close_socket_only();
     reactor_.cancel_timer(std::exchange(timer_, 0));
     out_.clear();
+    sent_ = 0;
+    message_.reset();
     in_.clear();
     reply_ = UpstreamReply{};
     reply_lines_ = 0;
@@ -3559,7 +3829,10 @@ class UpstreamClient {
   bool is_connecting_ = false;
   std::size_t address_index_ = 0;
   Reactor::TimerId timer_ = 0;
-  std::string out_;
+  std::string out_;                      // to send: commands, or a part of the message
+  std::size_t sent_ = 0;                 // bytes of out_ sent
+  std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
+  std::size_t message_bytes_ = 0;        // bytes of it made so far
   std::string in_;
   UpstreamReply reply_;          // the lines of a multi-line reply so far
   std::size_t reply_lines_ = 0;  // and how many
@@ -3617,11 +3890,12 @@ class UpstreamSession {
                   [this, done](const UpstreamReply& reply) { done(relayed(reply, "RCPT")); });
   }
 
-  // data - DATA, then the message (relay_payload's form); `count` replies come back, 1 under
+  // data - DATA, then the message (RelayText's form); `count` replies come back, 1 under
   // SMTP, one per accepted recipient under LMTP
-  void data(std::string payload, std::size_t count, DoneAll done) {
+  void data(std::unique_ptr<TextSource> payload, std::size_t count, DoneAll done) {
     if (!is_ready()) return done(std::vector<std::string>(count, lost()));
-    auto message = std::make_shared<std::string>(std::move(payload));
+    // held in a shared_ptr, as the callback must be copyable
+    auto message = std::make_shared<std::unique_ptr<TextSource>>(std::move(payload));
     client_->send("DATA\r\n", [this, message, count, done](const UpstreamReply& go_ahead) {
       if (go_ahead.code != 354)
         return done(std::vector<std::string>(count, relayed(go_ahead, "DATA")));
@@ -3757,39 +4031,35 @@ class UpstreamProbe {
   std::unique_ptr<UpstreamSession> session_;
 };
 
-// relay_payload - the message as it goes upstream: "X-Peer: <client ip>" before the first
-// empty line (or at the end if there is none), as smtpd.py's PureProxy inserts it; CRLF line
-// ends; dot-stuffing redone (RFC 5321 4.5.2); the final ".".
+// RelayText - the message as it goes upstream: the lines `before` it (Mailman's added
+// headers), "X-Peer: <client ip>" before the first empty line (or at the end if there is
+// none), as smtpd.py's PureProxy inserts it; CRLF line ends; dot-stuffing redone (RFC 5321
+// 4.5.2); the final ".".
 // differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
 // (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
 // CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
 // smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
-inline std::string relay_payload(const std::string& data, const std::string& peer) {
-  std::string out;
-  out.reserve(data.size() + data.size() / 32 + peer.size() + 16);
-  bool peer_added = false;
-  auto add_line = [&out](std::string_view line) {
+class RelayText : public LineText {
+ public:
+  explicit RelayText(std::shared_ptr<const Envelope> message, std::string before = "")
+      : LineText(std::move(message), "", std::move(before), ".\r\n") {}
+
+ private:
+  const char* line_ends() const override { return "\r\n"; }
+  void start_line(std::string& out, std::string_view line) override {
+    if (line.empty()) add_peer(out);
     if (!line.empty() && line[0] == '.') out += '.';
-    out.append(line.data(), line.size());
-    out += "\r\n";
-  };
-  std::size_t start = 0;
-  for (;;) {
-    std::size_t end = data.find_first_of("\r\n", start);
-    std::string_view line(data.data() + start,
-                          (end == std::string::npos ? data.size() : end) - start);
-    if (!peer_added && line.empty()) {
-      add_line("X-Peer: " + peer);
-      peer_added = true;
-    }
-    add_line(line);
-    if (end == std::string::npos) break;
-    start = end + (data.compare(end, 2, "\r\n") == 0 ? 2 : 1);
   }
-  if (!peer_added) add_line("X-Peer: " + peer);
-  out += ".\r\n";
-  return out;
-}
+  void end_line(std::string& out, bool is_last) override {
+    out += "\r\n";
+    if (is_last) add_peer(out);
+  }
+  void add_peer(std::string& out) {
+    if (!std::exchange(is_peer_added_, true)) out += "X-Peer: " + message().peer + "\r\n";
+  }
+
+  bool is_peer_added_ = false;
+};
 
 // PureProxy - relays each client's transaction to the upstream server step by step, and
 // answers the client with the upstream's own replies: MAIL, each RCPT and the end of DATA.
@@ -3821,9 +4091,8 @@ class PureProxy : public ServerMode {
       upstream_.rcpt(rcpt, std::move(verdict));
     }
     void on_message(Envelope envelope, Verdict verdict) override {
-      std::string payload = relay_payload(envelope.data, envelope.peer);
-      envelope.data = std::string();  // one copy in memory, not two
-      upstream_.data(std::move(payload), 1,
+      auto message = std::make_shared<const Envelope>(std::move(envelope));
+      upstream_.data(std::make_unique<RelayText>(message), 1,
                      [verdict](const std::vector<std::string>& replies) { verdict(replies[0]); });
     }
 
@@ -3846,25 +4115,35 @@ inline std::string format_rfc5322_date_utc(std::int64_t t) {
          a.substr(11, 8) + " +0000";
 }
 
-// with_list_headers - the message as Mailman gets it: Python's MailmanProxy added From: and
-// Date: when missing, as Mailman needs them and MTAs add them; Message-ID: too, as Mailman
-// files and threads by it. The date is RFC 5322's, where Python used ctime().
-inline std::string with_list_headers(const std::string& data, const std::string& mailfrom,
-                                     const std::string& our_name, std::int64_t unix_us) {
-  std::size_t end = data.rfind('\n', 0) == 0 ? 0 : data.find("\n\n");
-  std::string head = "\n" + ascii_upper(data.substr(0, end));
-  auto lacks = [&head](const char* name) { return head.find(name) == std::string::npos; };
+// list_headers - the header lines put before the message as Mailman gets it: Python's
+// MailmanProxy added From: and Date: when missing, as Mailman needs them and MTAs add them;
+// Message-ID: too, as Mailman files and threads by it. The date is RFC 5322's, where Python
+// used ctime().
+inline std::string list_headers(const std::string& data, const std::string& mailfrom,
+                                const std::string& our_name, std::int64_t unix_us) {
+  // the header lines: up to the first empty line, all of a message that has none; looked at
+  // in place, as a message of 100 MB may have no empty line (issue 9.8)
+  std::string_view head(data);
+  head = head.substr(0, head.rfind('\n', 0) == 0 ? 0 : head.find("\n\n"));
+  auto lacks = [head](std::string_view name) {  // NAME: at the start of a line, in any case
+    for (std::size_t at = 0; at != std::string_view::npos;) {
+      if (ascii_upper(head.substr(at, name.size())) == name) return false;
+      at = head.find('\n', at);
+      if (at != std::string_view::npos) ++at;
+    }
+    return true;
+  };
   std::string added;
-  if (lacks("\nFROM:") && mailfrom != "<>") added += "From: " + mailfrom + "\n";
-  if (lacks("\nDATE:")) added += "Date: " + format_rfc5322_date_utc(unix_us / 1000000) + "\n";
-  if (lacks("\nMESSAGE-ID:")) {
+  if (lacks("FROM:") && mailfrom != "<>") added += "From: " + mailfrom + "\n";
+  if (lacks("DATE:")) added += "Date: " + format_rfc5322_date_utc(unix_us / 1000000) + "\n";
+  if (lacks("MESSAGE-ID:")) {
     static std::uint64_t count = 0;
     added += "Message-ID: <" +
              maildir_unique_name(unix_us / 1000000, static_cast<long>(unix_us % 1000000),
                                  process_id(), ++count, our_name) +
              ">\n";
   }
-  return added + data;
+  return added;
 }
 
 // MailmanTarget - a recipient Mailman 2 takes: its wrapper's COMMAND and LIST arguments
@@ -3980,8 +4259,7 @@ class MailmanProxy : public ServerMode {
     void on_message(Envelope envelope, Verdict verdict) override {
       auto message = std::make_shared<Envelope>(std::move(envelope));
       if (relay_accepted_ == 0) return to_mailman(message, "", verdict);
-      std::string payload = relay_payload(message->data, message->peer);
-      relay_.data(std::move(payload), 1,
+      relay_.data(std::make_unique<RelayText>(message), 1,
                   [this, message, verdict](const std::vector<std::string>& replies) {
                     if (replies[0][0] != '2') return verdict(replies[0]);  // nobody has it
                     to_mailman(message, replies[0], verdict);
@@ -4036,23 +4314,22 @@ class MailmanProxy : public ServerMode {
 
     // to_mailman - the Mailman part of the message, once the upstream (if any) has it: then
     // upstream_reply is its 2xx
-    void to_mailman(std::shared_ptr<Envelope> message, const std::string& upstream_reply,
+    void to_mailman(std::shared_ptr<const Envelope> message, const std::string& upstream_reply,
                     Verdict verdict) {
       if (lmtp_accepted_ == 0 && targets_.empty()) return verdict(upstream_reply);
       bool upstream_has_it = !upstream_reply.empty();
-      message->data =
-          with_list_headers(message->data, message->mailfrom, options_.our_name, unix_time_us());
+      std::string added =
+          list_headers(message->data, message->mailfrom, options_.our_name, unix_time_us());
       auto finish = [upstream_has_it, verdict](const std::vector<std::string>& replies) {
         verdict(one_reply(replies, upstream_has_it));
       };
-      if (!options_.home.empty()) return run_wrappers(message, 0, {}, finish);
-      std::string payload = relay_payload(message->data, message->peer);
-      lmtp_.data(std::move(payload), lmtp_accepted_, finish);
+      if (!options_.home.empty()) return run_wrappers(message, added, 0, {}, finish);
+      lmtp_.data(std::make_unique<RelayText>(message, added), lmtp_accepted_, finish);
     }
 
     // run_wrappers - Mailman 2's wrapper once for each list address, one after the other
-    void run_wrappers(std::shared_ptr<Envelope> message, std::size_t next,
-                      std::vector<std::string> replies,
+    void run_wrappers(std::shared_ptr<const Envelope> message, const std::string& added,
+                      std::size_t next, std::vector<std::string> replies,
                       std::function<void(const std::vector<std::string>&)> finish) {
       if (next == targets_.size()) return finish(replies);
       const MailmanTarget& target = targets_[next];
@@ -4061,12 +4338,13 @@ class MailmanProxy : public ServerMode {
       run_ = std::make_unique<CommandRun>(reactor_,
                                           MailmanProxy::wrapper_command(options_.home, target),
                                           options_.wrapper_timeout_ms);
-      run_->run(message_file_text(message->data), {},
-                [this, message, next, replies, finish, what](const CommandRun::Outcome& outcome) {
-                  std::vector<std::string> so_far = replies;
-                  so_far.push_back(wrapper_reply(outcome, what));
-                  run_wrappers(message, next + 1, so_far, finish);
-                });
+      run_->run(
+          std::make_unique<FileText>(message, added), {},
+          [this, message, added, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+            std::vector<std::string> so_far = replies;
+            so_far.push_back(wrapper_reply(outcome, what));
+            run_wrappers(message, added, next + 1, so_far, finish);
+          });
     }
 
     // one_reply - the client's one reply for Mailman's replies: 250 when all accepted; the
@@ -5089,7 +5367,8 @@ class Server {
 // one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
 // every status the program ends with.
 //   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
-//   parse_path, load_auth_users, parse_refusal, build_options, help_text, parse_command_line;
+//   parse_path, load_auth_users, parse_refusal, add_*_options (a group of rows each),
+//   build_options, help_text, parse_command_line;
 //   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
 
 enum ExitStatus {
@@ -5323,123 +5602,179 @@ struct CommandLine {
   std::string text_for_stdout;       // the help or version text
 };
 
-// build_options - the option table; the help texts are the ones README.md and smtpd.1 repeat
+// add_*_options - the option table, a group of rows each, in the order --help lists them.
+// All rows go into cxxopts' one unnamed group: a named group would put a heading into --help.
+// The help texts are the ones README.md and smtpd.1 repeat.
+
+// add_python_options - smtpd.py's own options: -n, -V, -c, -s, -u
+inline void add_python_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("n,nosetuid", "Do not change to user nobody after binding (only done when started as root).");
+  add("V,version", "Print the version and exit.");
+  add("c,class",
+      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
+      "PureProxy (proxy) or MailmanProxy (mailman).",
+      cxxopts::value<std::string>(), "CLASS");
+  add("s,size",
+      "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
+      "limit (default " +
+          std::to_string(kDataSizeDefault) + ").",
+      cxxopts::value<std::string>(), "LIMIT");
+  add("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).");
+}
+
+// add_upstream_options - how long PureProxy and MailmanProxy wait for the servers they relay to
+inline void add_upstream_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("connect-timeout",
+      "PureProxy: seconds to wait for the upstream server to accept the "
+      "connection (default " +
+          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+      cxxopts::value<std::string>(), "SECONDS");
+  add("reply-timeout",
+      "PureProxy: seconds to wait for each reply of the upstream server "
+      "(default " +
+          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_output_options - the trace on stderr, and where messages go besides the mode's print-out
+inline void add_output_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("d,debug", "Trace the SMTP dialogue and connections on stderr.");
+  add("maildir",
+      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+      "if missing), synced before the 250 reply.",
+      cxxopts::value<std::string>(), "DIR");
+  add("mbox",
+      "Also append each message to FILE in mboxrd format, locked, synced before the "
+      "250 reply.",
+      cxxopts::value<std::string>(), "FILE");
+  add("json",
+      "Print each message as one line of JSON instead of the DebuggingServer layout; "
+      "SMTPServer prints it too.");
+}
+
+// add_exec_options - --exec and its time limit
+inline void add_exec_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("exec",
+      "Run COMMAND with sh -c for each message, the message on its standard input and "
+      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+      "is the reply), anything else gives 451.",
+      cxxopts::value<std::string>(), "COMMAND");
+  add("exec-timeout",
+      "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+      "it is killed and the client gets 451 (default " +
+          seconds_text(kExecTimeoutMs) + ").",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_limit_options - counts and timeouts for clients, messages and the whole run
+inline void add_limit_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("max-messages",
+      "Exit with status 0 once N messages are delivered and the open "
+      "sessions have ended (after at most " +
+          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
+      cxxopts::value<std::string>(), "N");
+  add("max-clients",
+      "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+      "limit (the default).",
+      cxxopts::value<std::string>(), "N");
+  add("timeout",
+      "Seconds a client has for each command, and in DATA between two reads, before it "
+      "hears 421 and is closed (default " +
+          std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+          std::to_string(kDataDeadlineFactor) + " times as long.",
+      cxxopts::value<std::string>(), "SECONDS");
+  add("max-recipients",
+      "Most recipients in one message; further RCPT commands get 452 (default " +
+          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+      cxxopts::value<std::string>(), "N");
+  add("idle-exit",
+      "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+      "never (the default).",
+      cxxopts::value<std::string>(), "SECONDS");
+}
+
+// add_extension_options - the opt-in ESMTP extensions AUTH and PIPELINING
+inline void add_extension_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("auth",
+      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+      "the user name is recorded with each message.");
+  add("auth-file",
+      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+      "other logins get 535 5.7.8.",
+      cxxopts::value<std::string>(), "FILE");
+  add("auth-required",
+      "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+      "as --auth does unless --auth-file is given).");
+  add("pipelining",
+      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+      "commands go out together.");
+}
+
+// add_refusal_options - refusals on purpose, for testing clients
+inline void add_refusal_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("reject",
+      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+      "of the time when PATTERN is N%; repeatable, the first match wins.",
+      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY");
+  add("reject-seed",
+      "Seed for the N% rules of --reject, so a run refuses the same commands again "
+      "(default: a new seed at each start).",
+      cxxopts::value<std::string>(), "N");
+}
+
+// add_mailman_options - which Mailman MailmanProxy asks
+inline void add_mailman_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("mailman-lmtp",
+      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+      "address is a list's (default 127.0.0.1:8024).",
+      cxxopts::value<std::string>(), "HOST:PORT");
+  add("mailman-home",
+      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+      "mail/mailman wrapper).",
+      cxxopts::value<std::string>(), "DIR");
+}
+
+// add_tls_options - STARTTLS and SMTPS
+inline void add_tls_options(cxxopts::Options& options) {
+  cxxopts::OptionAdder add = options.add_options();
+  add("tls",
+      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).");
+  add("tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+      cxxopts::value<std::string>(), "FILE");
+  add("tls-key", "The PEM private key for --tls-cert.", cxxopts::value<std::string>(), "FILE");
+  add("tls-implicit",
+      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).");
+  add("tls-required",
+      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).");
+}
+
+// build_options - the whole option table, then --help and the positional addresses
 inline cxxopts::Options build_options() {
   cxxopts::Options options(
       "smtpd", std::string(kVersion) + " - an SMTP server for tests, debugging and relaying");
   options.custom_help("[options]");
   options.positional_help("[localhost:localport [remotehost:remoteport]]");
-  options.add_options()(
-      "n,nosetuid", "Do not change to user nobody after binding (only done when started as root).")(
-      "V,version", "Print the version and exit.")(
-      "c,class",
-      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
-      "PureProxy (proxy) or MailmanProxy (mailman).",
-      cxxopts::value<std::string>(),
-      "CLASS")("s,size",
-               "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-               "limit (default " +
-                   std::to_string(kDataSizeDefault) + ").",
-               cxxopts::value<std::string>(),
-               "LIMIT")("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).")(
-      "connect-timeout",
-      "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default " +
-          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
-      cxxopts::value<std::string>(), "SECONDS")(
-      "reply-timeout",
-      "PureProxy: seconds to wait for each reply of the upstream server "
-      "(default " +
-          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
-      cxxopts::value<std::string>(),
-      "SECONDS")("d,debug", "Trace the SMTP dialogue and connections on stderr.")(
-      "maildir",
-      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
-      "if missing), synced before the 250 reply.",
-      cxxopts::value<std::string>(),
-      "DIR")("mbox",
-             "Also append each message to FILE in mboxrd format, locked, synced before the "
-             "250 reply.",
-             cxxopts::value<std::string>(), "FILE")(
-      "json",
-      "Print each message as one line of JSON instead of the DebuggingServer layout; "
-      "SMTPServer prints it too.")(
-      "exec",
-      "Run COMMAND with sh -c for each message, the message on its standard input and "
-      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
-      "is the reply), anything else gives 451.",
-      cxxopts::value<std::string>(),
-      "COMMAND")("exec-timeout",
-                 "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
-                 "it is killed and the client gets 451 (default " +
-                     seconds_text(kExecTimeoutMs) + ").",
-                 cxxopts::value<std::string>(), "SECONDS")(
-      "max-messages",
-      "Exit with status 0 once N messages are delivered and the open "
-      "sessions have ended (after at most " +
-          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
-      cxxopts::value<std::string>(),
-      "N")("max-clients",
-           "Most clients connected at once; one more hears 421 and is closed; 0 means no "
-           "limit (the default).",
-           cxxopts::value<std::string>(),
-           "N")("timeout",
-                "Seconds a client has for each command, and "
-                "in DATA between two reads, before it hears "
-                "421 and is closed (default " +
-                    std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
-                    std::to_string(kDataDeadlineFactor) + " times as long.",
-                cxxopts::value<std::string>(), "SECONDS")(
-      "max-recipients",
-      "Most recipients in one message; further RCPT commands get 452 (default " +
-          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
-      cxxopts::value<std::string>(),
-      "N")("idle-exit",
-           "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-           "never (the default).",
-           cxxopts::value<std::string>(), "SECONDS")(
-      "auth",
-      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
-      "the user name is recorded with each message.")(
-      "auth-file",
-      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
-      "other logins get 535 5.7.8.",
-      cxxopts::value<std::string>(),
-      "FILE")("auth-required",
-              "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
-              "as --auth does unless --auth-file is given).")(
-      "pipelining",
-      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
-      "commands go out together.")(
-      "reject",
-      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
-      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
-      "of the time when PATTERN is N%; repeatable, the first match wins.",
-      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY")(
-      "reject-seed",
-      "Seed for the N% rules of --reject, so a run refuses the same commands again "
-      "(default: a new seed at each start).",
-      cxxopts::value<std::string>(),
-      "N")("mailman-lmtp",
-           "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
-           "address is a list's (default 127.0.0.1:8024).",
-           cxxopts::value<std::string>(),
-           "HOST:PORT")("mailman-home",
-                        "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-                        "mail/mailman wrapper).",
-                        cxxopts::value<std::string>(), "DIR")(
-      "tls",
-      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
-      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).")(
-      "tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
-      cxxopts::value<std::string>(), "FILE")("tls-key", "The PEM private key for --tls-cert.",
-                                             cxxopts::value<std::string>(), "FILE")(
-      "tls-implicit",
-      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).")(
-      "tls-required",
-      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).")(
-      "h,help", "Print this help and exit.")("addresses", "",
-                                             cxxopts::value<std::vector<std::string>>());
+  add_python_options(options);
+  add_upstream_options(options);
+  add_output_options(options);
+  add_exec_options(options);
+  add_limit_options(options);
+  add_extension_options(options);
+  add_refusal_options(options);
+  add_mailman_options(options);
+  add_tls_options(options);
+  options.add_options()("h,help", "Print this help and exit.");
+  options.add_options()("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -5583,7 +5918,7 @@ inline MessageOutputs make_stores(const Settings& s) {
 // make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
 // stores come before the printer, so a message on stdout is already in the files.
 inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
-  StreamPrinter::Format format = s.json ? format_json_message : format_debug_message;
+  StreamPrinter::Format format = s.json ? format_json_message : debug_text;
   auto printer =
       std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
   const DeliveringServer::Hook& hook = s.exec;

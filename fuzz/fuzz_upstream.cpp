@@ -162,8 +162,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       reactor.run(64);
     }
     ++asked;
-    session.data(relay_payload("Subject: x\n\nbody", "192.0.2.1"), lmtp ? recipients : 1,
-                 [&](const std::vector<std::string>& replies) {
+    Envelope message;
+    message.data = "Subject: x\n\nbody";
+    message.peer = "192.0.2.1";
+    session.data(std::make_unique<RelayText>(std::make_shared<const Envelope>(message)),
+                 lmtp ? recipients : 1, [&](const std::vector<std::string>& replies) {
                    if (replies.size() != (lmtp ? recipients : 1)) __builtin_trap();
                    for (const std::string& reply : replies) check_reply(reply, answered);
                    answered -= static_cast<int>(replies.size()) - 1;

@@ -7,6 +7,8 @@
 
 namespace {
 
+using smtpd_test::made;
+using smtpd_test::message_with;
 using smtpd_test::parse_args;
 using smtpd_test::Session;
 using smtpd_test::test_config;
@@ -557,9 +559,22 @@ TEST_CASE("close_with sends its reply and closes, even while a verdict is pendin
   CHECK(s.take() == "");
 }
 
-TEST_CASE("relay_payload: X-Peer after the headers, CRLF, dot-stuffing, final dot") {
-  CHECK(relay_payload("Subject: x\n\n.dot\nend", "192.0.2.9") ==
+// relayed - RelayText's whole text for data from peer, with the lines `before` it
+inline std::string relayed(const std::string& data, const std::string& peer,
+                           const std::string& before = "") {
+  return made([&] { return RelayText(message_with(data, peer), before); });
+}
+
+TEST_CASE("RelayText: X-Peer after the headers, CRLF, dot-stuffing, final dot") {
+  CHECK(relayed("Subject: x\n\n.dot\nend", "192.0.2.9") ==
         "Subject: x\r\nX-Peer: 192.0.2.9\r\n\r\n..dot\r\nend\r\n.\r\n");
-  CHECK(relay_payload("no body", "::1") == "no body\r\nX-Peer: ::1\r\n.\r\n");
-  CHECK(relay_payload("", "192.0.2.9") == "X-Peer: 192.0.2.9\r\n\r\n.\r\n");
+  CHECK(relayed("no body", "::1") == "no body\r\nX-Peer: ::1\r\n.\r\n");
+  CHECK(relayed("", "192.0.2.9") == "X-Peer: 192.0.2.9\r\n\r\n.\r\n");
+  SUBCASE("Mailman's added headers go first, as lines of the message") {
+    CHECK(relayed("Subject: x\n\nbody", "::1", "From: a@b\nDate: d\n") ==
+          "From: a@b\r\nDate: d\r\nSubject: x\r\nX-Peer: ::1\r\n\r\nbody\r\n.\r\n");
+    CHECK(relayed("\n.body", "::1", "From: a@b\n") ==
+          "From: a@b\r\nX-Peer: ::1\r\n\r\n..body\r\n.\r\n");
+    CHECK(relayed("", "::1", "From: a@b\n") == "From: a@b\r\nX-Peer: ::1\r\n\r\n.\r\n");
+  }
 }

@@ -234,18 +234,6 @@ TEST_CASE("a stalled client does not hold up another client's transaction") {
 }
 
 #ifdef __linux__
-// proc_status - the first number after `field` (such as "VmRSS:") in /proc/PID/status, or -1.
-inline long proc_status(pid_t pid, const std::string& field) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line))
-    if (starts_with(line, field)) return std::stol(line.substr(field.size()));
-  return -1;
-}
-
-// rss_kb - resident memory of a process in kB, or -1.
-inline long rss_kb(pid_t pid) { return proc_status(pid, "VmRSS:"); }
-
 TEST_CASE("a client flooding commands without reading replies is throttled, not buffered") {
   auto srv = start_smtpd();
   auto flooder = srv.connect(kWait, 4096);

@@ -406,6 +406,19 @@ TEST_CASE("MailmanProxy with Mailman 2 (a stand-in wrapper): lists by lists/, th
   CHECK(c.command("QUIT") == "221 Bye");
 }
 
+TEST_CASE("list_headers: From:, Date: and Message-ID: where the header lines lack them") {
+  const std::int64_t t = 1795929000LL * 1000000;  // Sun, 29 Nov 2026 05:10:00 +0000
+  CHECK(list_headers("from: x@y\nDATE: d\nmessage-id: <m>\n\nbody", "a@b", "h", t) == "");
+  std::string all = list_headers("Subject: s\n\nFrom: in the body", "a@b", "h.example", t);
+  CHECK(starts_with(all, "From: a@b\nDate: Sun, 29 Nov 2026 05:10:00 +0000\nMessage-ID: <"));
+  CHECK(all.find("h.example>\n") != std::string::npos);
+  // a message without an empty line is all header lines; one starting with one has none
+  CHECK(list_headers("X: 1\nFrom: x@y\nDate: d\nMessage-Id: <m>", "a@b", "h", t) == "");
+  CHECK(starts_with(list_headers("\nFrom: x@y", "a@b", "h", t), "From: a@b\n"));
+  CHECK(starts_with(list_headers("", "<>", "h", t), "Date: "));  // no From: for <>
+  CHECK(starts_with(list_headers("X-From: x@y\n\n", "a@b", "h", t), "From: a@b\n"));
+}
+
 TEST_CASE("-c MailmanProxy, smtpd.MailmanProxy and mailman start a MailmanProxy") {
   for (const char* name : {"MailmanProxy", "smtpd.MailmanProxy", "mailman"}) {
     CAPTURE(name);

@@ -60,14 +60,19 @@ TEST_CASE("format_asctime_utc writes dates as Python's time.asctime(time.gmtime(
   CHECK(format_asctime_utc(-86400) == "Wed Dec 31 00:00:00 1969");
 }
 
-TEST_CASE("format_json_message: one line, text when UTF-8, else base64") {
+// json_of - the --json line for an envelope
+inline std::string json_of(const Envelope& e) {
+  return made([&] { return JsonText(std::make_shared<const Envelope>(e)); });
+}
+
+TEST_CASE("JsonText: one line, text when UTF-8, else base64") {
   Envelope e;
   e.peer = "127.0.0.1";
   e.mailfrom = "a@example.com";
   e.rcpttos = {"b@example.com", "c@example.com"};
   e.mail_options = {"SIZE=42", "BODY=8BITMIME"};
   e.data = "Subject: \"hi\"\n\nbody\ttab";
-  CHECK(format_json_message(e) ==
+  CHECK(json_of(e) ==
         "{\"peer\": \"127.0.0.1\", \"mailfrom\": \"a@example.com\", "
         "\"rcpttos\": [\"b@example.com\", \"c@example.com\"], "
         "\"mail_options\": [\"SIZE=42\", \"BODY=8BITMIME\"], \"rcpt_options\": [], "
@@ -77,38 +82,65 @@ TEST_CASE("format_json_message: one line, text when UTF-8, else base64") {
   e.mail_options.clear();
   e.mailfrom = "<>";
   e.data = "caf\xe9";
-  CHECK(format_json_message(e) ==
+  CHECK(json_of(e) ==
         "{\"peer\": \"127.0.0.1\", \"mailfrom\": \"<>\", \"rcpttos\": [\"b@example.com\"], "
         "\"mail_options\": [], \"rcpt_options\": [], \"size\": 4, \"data\": \"Y2Fm6Q==\", "
         "\"data_encoding\": \"base64\"}\n");
+  SUBCASE("made in chunks, no UTF-8 sequence or base64 group is cut") {
+    e.data = "caf\xc3\xa9 \xe2\x82\xac\xf0\x9f\x98\x80 \"q\"\r\n\x01";
+    CHECK(json_of(e).find(", \"data\": " + json_string(e.data) + ", ") != std::string::npos);
+    e.data = "\xff\xfe 0123456789 \x80";
+    CHECK(json_of(e).find(", \"data\": \"" + base64_encode(e.data) + "\", ") != std::string::npos);
+  }
 }
 
-TEST_CASE("mboxrd_quote adds one '>' to lines matching ^>*From  and ends every line") {
-  CHECK(mboxrd_quote("From here") == ">From here\n");
-  CHECK(mboxrd_quote(">From here") == ">>From here\n");
-  CHECK(mboxrd_quote(">>>From x\nFrom y\nx From z") == ">>>>From x\n>From y\nx From z\n");
+// mbox_entry - MboxText's entry for an envelope at a time
+inline std::string mbox_entry(const Envelope& e, std::int64_t unix_seconds) {
+  return made([&] { return MboxText(std::make_shared<const Envelope>(e), unix_seconds); });
+}
+
+// mboxrd_quoted - the message part of an mbox entry: its From line and last line left out
+inline std::string mboxrd_quoted(const std::string& data) {
+  Envelope e;
+  e.mailfrom = "a@b";
+  e.data = data;
+  std::string entry = mbox_entry(e, 0);
+  REQUIRE(starts_with(entry, "From a@b Thu Jan  1 00:00:00 1970\n"));
+  REQUIRE(entry.back() == '\n');
+  return entry.substr(entry.find('\n') + 1, entry.size() - entry.find('\n') - 2);
+}
+
+TEST_CASE("MboxText adds one '>' to lines matching ^>*From  and ends every line") {
+  CHECK(mboxrd_quoted("From here") == ">From here\n");
+  CHECK(mboxrd_quoted(">From here") == ">>From here\n");
+  CHECK(mboxrd_quoted(">>>From x\nFrom y\nx From z") == ">>>>From x\n>From y\nx From z\n");
   SUBCASE("lines that only look alike stay as they are") {
-    CHECK(mboxrd_quote("From:a@b\nFROM x\nfrom x\n From x\n>From\n>>") ==
+    CHECK(mboxrd_quoted("From:a@b\nFROM x\nfrom x\n From x\n>From\n>>") ==
           "From:a@b\nFROM x\nfrom x\n From x\n>From\n>>\n");
   }
   SUBCASE("line ends") {
-    CHECK(mboxrd_quote("") == "\n");
-    CHECK(mboxrd_quote("a") == "a\n");
-    CHECK(mboxrd_quote("a\n") == "a\n\n");  // a message whose last line is empty
-    CHECK(mboxrd_quote("a\n\nFrom b") == "a\n\n>From b\n");
+    CHECK(mboxrd_quoted("") == "\n");
+    CHECK(mboxrd_quoted("a") == "a\n");
+    CHECK(mboxrd_quoted("a\n") == "a\n\n");  // a message whose last line is empty
+    CHECK(mboxrd_quoted("a\n\nFrom b") == "a\n\n>From b\n");
   }
 }
 
-TEST_CASE("format_mbox_entry: From line with the sender and date, quoted text, empty line") {
+TEST_CASE("MboxText: From line with the sender and date, quoted text, empty line") {
   Envelope e;
   e.mailfrom = "a@example.com";
   e.data = "Subject: x\n\nFrom me";
-  CHECK(format_mbox_entry(e, 1795929000) ==
+  CHECK(mbox_entry(e, 1795929000) ==
         "From a@example.com Sun Nov 29 05:10:00 2026\nSubject: x\n\n>From me\n\n");
+  e.auth_user = "From alice";  // the session's lines come first, quoted as well
+  CHECK(mbox_entry(e, 1795929000) ==
+        "From a@example.com Sun Nov 29 05:10:00 2026\nX-Auth-User: From alice\nSubject: x\n\n"
+        ">From me\n\n");
+  e.auth_user.reset();
   e.mailfrom = "<>";
-  CHECK(starts_with(format_mbox_entry(e, 0), "From MAILER-DAEMON Thu Jan  1 00:00:00 1970\n"));
+  CHECK(starts_with(mbox_entry(e, 0), "From MAILER-DAEMON Thu Jan  1 00:00:00 1970\n"));
   e.mailfrom = "\"two words\ttab\"@example.com";
-  CHECK(starts_with(format_mbox_entry(e, 0),
+  CHECK(starts_with(mbox_entry(e, 0),
                     "From \"two_words_tab\"@example.com Thu Jan  1 00:00:00 1970\n"));
 }
 
@@ -116,8 +148,14 @@ TEST_CASE("maildir_unique_name: time, pid, counter and the host with / and : esc
   CHECK(maildir_unique_name(1795929000, 123456, 4242, 7, "mail.example") ==
         "1795929000.M123456P4242Q7.mail.example");
   CHECK(maildir_unique_name(1, 0, 2, 3, "a/b:c") == "1.M0P2Q3.a\\057b\\072c");
-  CHECK(message_file_text("a\nb") == "a\nb\n");
-  CHECK(message_file_text("a\n") == "a\n\n");
+}
+
+TEST_CASE("FileText: the lines before, then the data, and one \\n after its last line") {
+  CHECK(made([] { return FileText(message_with("a\nb"), ""); }) == "a\nb\n");
+  CHECK(made([] { return FileText(message_with("a\n"), ""); }) == "a\n\n");
+  CHECK(made([] { return FileText(message_with(""), ""); }) == "\n");
+  CHECK(made([] { return FileText(message_with("a"), "X-A: 1\nX-B: 2\n"); }) ==
+        "X-A: 1\nX-B: 2\na\n");
 }
 
 // FakeOutput - records the messages it was given; fails when told to.

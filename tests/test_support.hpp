@@ -14,7 +14,8 @@
 //
 // Contents:
 //   1. Time and text - Deadline, wait_until, seconds_since, count, lines_of, starts_with,
-//                      crlf, on_the_wire; the channel: parse_args, test_config, Session
+//                      crlf, on_the_wire, message_with, made (texts in chunks); the
+//                      channel: parse_args, test_config, Session
 //                      (portable: the Windows build of test_channel.cpp uses this section)
 //   2. Processes     - ExitStatus, OwnedFd, OutputPipe, Child (spawn, pump, wait_exit),
 //                      run_command
@@ -22,6 +23,7 @@
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, stop)
 //   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
+//                      proc_status, rss_kb (Linux),
 //                      list_dir, TempDir, read_file, write_file, shell_quote, Script
 //   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
 //                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
@@ -140,6 +142,31 @@ inline std::string on_the_wire(const std::string& text) {
   for (const std::string& line : lines_of(text))
     out += (starts_with(line, ".") ? "." : "") + line + "\r\n";
   return out;
+}
+
+// message_with - an envelope holding `data` from `peer`, shared as the message texts take it
+inline std::shared_ptr<const Envelope> message_with(std::string data,
+                                                    std::string peer = "192.0.2.9") {
+  Envelope e;
+  e.data = std::move(data);
+  e.peer = std::move(peer);
+  return std::make_shared<const Envelope>(std::move(e));
+}
+
+// made - what a TextSource makes, read whole. Read 1, 2, 3 and 7 bytes at a time it must make
+// the same, whatever the chunk boundaries; make() gives a fresh text each time.
+template <class Make>
+std::string made(Make make) {
+  auto whole = make();
+  std::string text = read_all(whole);
+  for (std::size_t want : {std::size_t{1}, std::size_t{2}, std::size_t{3}, std::size_t{7}}) {
+    auto part = make();
+    std::string in_chunks;
+    while (part.more(in_chunks, want)) {
+    }
+    CHECK(in_chunks == text);
+  }
+  return text;
 }
 
 // parse_args - smtpd.cpp's parse_command_line on these arguments (argv[0] added).
@@ -928,6 +955,20 @@ class TempFile {
 // ignore_sigpipe - writing to a closed socket must fail with EPIPE, not kill the tests.
 // (send uses MSG_NOSIGNAL; this also covers anything else.)
 inline void ignore_sigpipe() { ::signal(SIGPIPE, SIG_IGN); }
+
+#ifdef __linux__
+// proc_status - the first number after `field` (such as "VmRSS:") in /proc/PID/status, or -1.
+inline long proc_status(pid_t pid, const std::string& field) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (starts_with(line, field)) return std::stol(line.substr(field.size()));
+  return -1;
+}
+
+// rss_kb - resident memory of a process in kB, or -1.
+inline long rss_kb(pid_t pid) { return proc_status(pid, "VmRSS:"); }
+#endif
 
 // list_dir - the names in a directory (without . and ..), sorted; empty if it cannot be read.
 inline std::vector<std::string> list_dir(const std::string& path) {
