@@ -3539,7 +3539,8 @@ class UpstreamClient {
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       printable(command.substr(0, command.size() - 2)));
-    out_ += command;
+    // after a message the upstream answered before its end, the command waits for the rest
+    (message_ ? after_message_ : out_) += command;
     await(1, std::move(one));
   }
 
@@ -3657,6 +3658,7 @@ class UpstreamClient {
     message_bytes_ += out_.size();
     if (has_more) return;
     message_.reset();
+    out_ += std::exchange(after_message_, std::string());
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
                       std::to_string(message_bytes_) + " bytes)");
@@ -3818,6 +3820,7 @@ class UpstreamClient {
     out_.clear();
     sent_ = 0;
     message_.reset();
+    after_message_.clear();
     in_.clear();
     reply_ = UpstreamReply{};
     reply_lines_ = 0;
@@ -3833,6 +3836,7 @@ class UpstreamClient {
   std::size_t sent_ = 0;                 // bytes of out_ sent
   std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
   std::size_t message_bytes_ = 0;        // bytes of it made so far
+  std::string after_message_;            // commands to send once the message has been made
   std::string in_;
   UpstreamReply reply_;          // the lines of a multi-line reply so far
   std::size_t reply_lines_ = 0;  // and how many

@@ -18,6 +18,7 @@
 #include "test_interop.cpp"
 #include "test_loop.cpp"
 #include "test_mailman.cpp"
+#include "test_message_text.cpp"
 #include "test_outputs.cpp"
 #include "test_proxy.cpp"
 #include "test_upstream.cpp"
