@@ -17,8 +17,8 @@ TEST_SUITE_BEGIN("message-text");
 
 // EarlyAnswerer - an upstream that answers "250 early" once 256 KiB of the message are in,
 // then reads nothing until the test has sent its next command to the proxy (plus a moment,
-// so the proxy has queued it), then reads the rest. It keeps the lines of the message, and
-// the commands, as it gets them; each connection serves a sink's dialogue otherwise.
+// so the proxy has queued it), then reads the rest. It keeps the lines of the message and
+// the first command after it; each connection serves a sink's dialogue otherwise.
 class EarlyAnswerer {
  public:
   EarlyAnswerer() {
@@ -29,10 +29,11 @@ class EarlyAnswerer {
   std::string address() const { return server_.address(); }
   void next_command_sent() { is_next_sent_ = true; }
   bool is_done() const { return is_done_; }
-  // what the upstream got: the message's lines and the commands after it (after the test
-  // has seen is_done(), as the upstream's thread writes them)
+  bool has_command_after() const { return has_command_after_; }
+  // what the upstream got: the message's lines (once is_done()) and the first command after
+  // it (once has_command_after()), as the upstream's thread writes them before saying so
   const std::vector<std::string>& message_lines() const { return lines_; }
-  const std::vector<std::string>& commands_after() const { return after_; }
+  const std::string& command_after() const { return command_after_; }
 
  private:
   void talk(StandInUpstream::Connection& c) {
@@ -40,16 +41,18 @@ class EarlyAnswerer {
     bool has_message = false;
     while (std::optional<std::string> line = c.read_line()) {
       std::string verb = line->substr(0, 4);
-      if (has_message) after_.push_back(*line);
+      if (has_message && !has_command_after_) {
+        command_after_ = *line;
+        has_command_after_ = true;
+      }
       if (verb == "QUIT") return c.say("221 Bye");
-      if (verb == "EHLO")
-        c.say("250 early");
-      else if (verb == "DATA") {
-        c.say("354 go ahead");
-        read_message(c);
-        has_message = true;
-      } else
-        c.say("250 ok");
+      if (verb != "DATA") {
+        c.say(verb == "EHLO" ? "250 early" : "250 ok");
+        continue;
+      }
+      c.say("354 go ahead");
+      read_message(c);
+      has_message = true;
     }
   }
 
@@ -71,9 +74,10 @@ class EarlyAnswerer {
   }
 
   std::vector<std::string> lines_;
-  std::vector<std::string> after_;
+  std::string command_after_;
   std::atomic<bool> is_next_sent_{false};
   std::atomic<bool> is_done_{false};
+  std::atomic<bool> has_command_after_{false};
   StandInUpstream server_;  // last: it stops before the members talk() uses
 };
 
@@ -104,8 +108,8 @@ TEST_CASE("a command after a message the upstream answered early goes after the 
   for (const std::string& l : got) mail_lines += l.find("MAIL FROM:") != std::string::npos;
   CHECK(mail_lines == 0);
   CHECK(got.size() == count(message, "\r\n") + 1);  // and X-Peer
-  REQUIRE(!upstream.commands_after().empty());
-  CHECK(upstream.commands_after()[0] == "MAIL FROM:<second@example.com>");
+  REQUIRE(upstream.has_command_after());
+  CHECK(upstream.command_after() == "MAIL FROM:<second@example.com>");
   CHECK(reply == "250 ok");
   CHECK(c.command("QUIT") == "221 Bye");
 }
