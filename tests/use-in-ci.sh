@@ -3,6 +3,7 @@
 # itself after the third, then check the Maildir.
 set -eu
 work=$(mktemp -d)
+: >"$work/smtpd.err"          # there before smtpd's redirect, so sed can always read it
 
 smtpd -n -c sink --maildir "$work/mail" --max-messages 3 --idle-exit 60 \
       127.0.0.1:0 2>"$work/smtpd.err" &
