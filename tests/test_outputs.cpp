@@ -650,6 +650,21 @@ inline std::string man_text() {
   return text;
 }
 
+// has_man_entry - whether the man page gives `--long` an entry of its own: a .TP paragraph
+// whose tag line (.B, .BI or .BR) names the option, so `man` shows it as an item
+inline bool has_man_entry(const std::string& long_name) {
+  const std::string name = "\\-\\-" + std::regex_replace(long_name, std::regex("-"), "\\-");
+  std::vector<std::string> lines = lines_of(read_file("man/smtpd.1"));
+  for (std::size_t i = 1; i < lines.size(); ++i) {
+    const std::string& tag = lines[i];
+    std::size_t at = tag.find(name);
+    if (lines[i - 1] != ".TP" || !starts_with(tag, ".B") || at == std::string::npos) continue;
+    std::size_t end = at + name.size();
+    if (end == tag.size() || tag[end] == ' ' || tag[end] == '"') return true;
+  }
+  return false;
+}
+
 TEST_CASE("--help, the man page and README.md describe every option in the same words") {
   cxxopts::Options options = build_options();
   std::string readme = read_file("README.md");
@@ -662,6 +677,8 @@ TEST_CASE("--help, the man page and README.md describe every option in the same 
     CHECK_MESSAGE(readme.find("| " + option.desc + " |") != std::string::npos,
                   "README.md's options table lacks: " << option.desc);
     CHECK_MESSAGE(man.find(option.desc) != std::string::npos, "smtpd.1 lacks: " << option.desc);
+    for (const std::string& name : option.l)
+      CHECK_MESSAGE(has_man_entry(name), "smtpd.1 has no .TP entry for --" << name);
   }
   for (std::string o :
        {"--maildir DIR", "--mbox FILE", "--json", "--max-messages N", "--idle-exit SECONDS"})
