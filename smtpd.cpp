@@ -2910,10 +2910,12 @@ inline std::string session_json(const Envelope& envelope) {
 class JsonText : public MessageText {
  public:
   explicit JsonText(std::shared_ptr<const Envelope> message)
-      : MessageText(message, head_for(*message), "", tail_for(is_valid_utf8(message->data))),
-        is_text_(is_valid_utf8(message->data)) {}
+      : JsonText(message, is_valid_utf8(message->data)) {}
 
  private:
+  JsonText(std::shared_ptr<const Envelope> message, bool is_text)  // the data read once
+      : MessageText(message, head_for(*message), "", tail_for(is_text)), is_text_(is_text) {}
+
   static std::string head_for(const Envelope& e) {
     return "{\"peer\": " + json_string(e.peer) + ", \"mailfrom\": " + json_string(e.mailfrom) +
            ", \"rcpttos\": " + json_list(e.rcpttos) +
