@@ -1259,12 +1259,10 @@ class OutputQueue {
   bool is_nonblocking() const { return is_nonblocking_; }
   bool has_pending() const { return !chunks_.empty(); }
   int fd() const { return fd_; }
-  std::uint64_t dropped() const { return dropped_; }
 
   // trace - a line that may be lost rather than waited for
   void trace(std::string text) {
     if (queued_ + text.size() > kTraceBacklog) {
-      ++dropped_;
       ++dropped_unsaid_;
       return;
     }
@@ -1358,8 +1356,7 @@ class OutputQueue {
   std::deque<Chunk> chunks_;
   std::size_t queued_ = 0;  // bytes in chunks_
   std::uint64_t last_id_ = 0;
-  std::uint64_t dropped_ = 0;         // trace lines dropped so far
-  std::uint64_t dropped_unsaid_ = 0;  // ... and not yet reported
+  std::uint64_t dropped_unsaid_ = 0;  // trace lines dropped and not yet reported
 };
 
 inline OutputQueue& standard_output() {
@@ -3707,11 +3704,11 @@ class UpstreamClient {
       // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
       bool is_code =
           line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
-      // A CR or other control character inside a line would reach our client in the relayed
-      // reply (found by fuzz_upstream): that is as malformed as a missing code.
       // RFC 5321 4.2.1: every line of a multiline reply carries the same code; a "125-" line
       // inside a 250 reply would reach our client as is (found by fuzz_upstream)
       bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, line, 0, 3) != 0;
+      // A CR or other control character inside a line would reach our client in the relayed
+      // reply (found by fuzz_upstream): that is as malformed as a missing code.
       if (!is_code || is_other_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
           has_control_character(line, true)) {
         fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
@@ -4179,8 +4176,7 @@ inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
   static const char* const kCommands[] = {"admin", "bounces", "confirm",   "join",       "leave",
                                           "owner", "request", "subscribe", "unsubscribe"};
   std::string local = rcpt.substr(0, rcpt.rfind('@'));
-  for (char& c : local)
-    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+  for (char& c : local) c = ascii_lower(c);
   auto is_list = [&home](const std::string& name) {
     if (name.empty() || name == "." || name == "..") return false;
     for (char c : name)
@@ -4371,7 +4367,7 @@ class MailmanProxy : public ServerMode {
       for (const std::string& reply : replies)
         if (!reply.empty() && reply[0] == '4') return reply;
       for (const std::string& reply : replies) {
-        if (reply.empty() || reply[0] == '2') continue;
+        if (is_accepting(reply)) continue;
         if (!upstream_has_it) return reply;
         return reply.substr(0, 3) + " Error: the upstream server took the message, Mailman " +
                "refused it: " + printable(reply).substr(0, 300);
@@ -5097,8 +5093,6 @@ class Server {
   const std::string& error() const { return reactor_.error(); }
 
  private:
-  // channel_config - what every connection's channel shares: the options, the mode's wish
-  // to decide MAIL and RCPT, the -d trace
   // channel_for_client - the channel settings as the mode shapes them now (a relay's EHLO
   // follows what its upstream offers), shared while that stays the same
   std::shared_ptr<const ChannelConfig> channel_for_client() {
@@ -5111,6 +5105,8 @@ class Server {
     return shaped_;
   }
 
+  // channel_config - what every connection's channel shares: the options, the mode's wish
+  // to decide MAIL and RCPT, the -d trace
   static std::shared_ptr<const ChannelConfig> channel_config(const ServerOptions& options,
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
@@ -5266,7 +5262,7 @@ class Server {
       });
     if (c.command_timer != 0 && c.progress_seen == c.channel.progress()) return;
     c.progress_seen = c.channel.progress();
-    reactor_.cancel_timer(c.command_timer);
+    if (c.command_timer != 0) return reactor_.restart_timer(c.command_timer, ms);
     c.command_timer = reactor_.start_timer(ms, [this, conn = &c] {
       conn->command_timer = 0;
       if (conn->channel.question() != Channel::Question::None) return watch_time(*conn);
@@ -5319,8 +5315,8 @@ class Server {
   // begin_shutdown - SIGTERM/SIGINT: no new clients; idle sessions hear 421 now, those in
   // DATA or waiting for its verdict when they are done (settle), or when the grace is over
   void begin_shutdown() {
-    trace("stopping: no new clients; open transactions get " +
-          std::to_string(kShutdownGraceMs / 1000) + " s to finish");
+    trace("stopping: no new clients; open transactions get " + seconds_text(kShutdownGraceMs) +
+          " s to finish");
     acceptor_.close();
     shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
     reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
