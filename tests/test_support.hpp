@@ -5,8 +5,9 @@
 // SMTPD_BIN, default ./smtpd). All the others also call smtpd.cpp's internals directly:
 // test_channel.cpp the Channel (no sockets, so Windows builds it too, with section 1 only),
 // test_loop.cpp the reactor, test_outputs.cpp the output formatters and SinkServer,
-// test_exec.cpp CommandRun, and test_compat.cpp, test_hostile.cpp and test_appsetup.cpp the
-// Channel and parse_command_line beside their end-to-end cases. A new file that calls
+// test_exec.cpp CommandRun, test_listen.cpp listen_everywhere, and test_auth.cpp,
+// test_compat.cpp, test_hostile.cpp, test_pipelining.cpp, test_refusals.cpp and test_tls.cpp
+// the Channel and parse_command_line beside their end-to-end cases. A new file that calls
 // internals says so here. Everything here is bounded in time and owned by RAII
 // objects: a ServerProcess or a Client going out of scope (also when an assertion throws)
 // kills its child or closes its socket. Children also get SIGKILL from the kernel if the test
@@ -15,20 +16,21 @@
 // Contents:
 //   1. Time and text - Deadline, wait_until, seconds_since, count, lines_of, starts_with,
 //                      crlf, on_the_wire, message_with, made (texts in chunks); the
-//                      channel: parse_args, test_config, Session
+//                      command line: parse_args, settings_of; the channel: test_config,
+//                      auth_config, auth_plain, Session
 //                      (portable: the Windows build of test_channel.cpp uses this section)
 //   2. Processes     - ExitStatus, OwnedFd, OutputPipe, Child (spawn, pump, wait_exit),
 //                      run_command
 //   3. Environment   - smtpd_bin, find_in_path, require_tool
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
-//                      ServerProcess (launch, wait_listening, connect, stop)
+//                      ServerProcess (launch, wait_listening, connect, address, stop)
 //   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
 //                      proc_status, rss_kb (Linux),
 //                      list_dir, TempDir, read_file, write_file, shell_quote, Script
 //   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
 //                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
 //                      send_mail, printed (what DebuggingServer prints for a message),
-//                      start_proxy
+//                      start_proxy; its clients: swaks, curl_send, smtplib
 //   7. Upstreams     - free_port, smtp_sink_path, SmtpSink (Postfix's smtp-sink),
 //                      StandInUpstream (a scripted server in threads of the test process)
 //
@@ -175,6 +177,16 @@ inline CommandLine parse_args(std::vector<const char*> args) {
   return parse_command_line(static_cast<int>(args.size()), args.data());
 }
 
+// settings_of - the Settings parse_command_line makes of these arguments (REQUIREs some: not
+// --help or --version)
+inline Settings settings_of(const std::vector<std::string>& args) {
+  std::vector<const char*> argv;
+  for (const std::string& a : args) argv.push_back(a.c_str());
+  CommandLine cl = parse_args(argv);
+  REQUIRE(cl.settings.has_value());
+  return *cl.settings;
+}
+
 // test_config - the ChannelConfig of the channel tests: host test.example, no size limit.
 inline ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
   ChannelConfig config;
@@ -182,6 +194,23 @@ inline ChannelConfig test_config(std::uint64_t size = 0, bool utf8 = false) {
   config.data_size_limit = size;
   config.enable_smtputf8 = utf8;
   return config;
+}
+
+// auth_config - test_config with AUTH offered: any user and password, or only `users`;
+// `required`: MAIL waits for a login (--auth-required)
+inline ChannelConfig auth_config(std::shared_ptr<const AuthUsers> users = nullptr,
+                                 bool required = false) {
+  ChannelConfig config = test_config();
+  config.offer_auth = true;
+  config.auth_users = std::move(users);
+  config.auth_required = required;
+  return config;
+}
+
+// auth_plain - the base64 response of AUTH PLAIN (RFC 4616): authzid NUL user NUL password
+inline std::string auth_plain(const std::string& user, const std::string& password,
+                              const std::string& authzid = "") {
+  return base64_encode(authzid + std::string(1, '\0') + user + std::string(1, '\0') + password);
 }
 
 // Session - a channel with its greeting already read; send() returns the replies to one write
@@ -763,6 +792,8 @@ class ServerProcess {
 
   const std::string& host() const { return host_; }
   int port() const { return port_; }
+  // address - HOST:PORT as it announced them, to give another server as its upstream
+  std::string address() const { return format_endpoint(host_, static_cast<unsigned>(port_)); }
   const std::string& listening_line() const { return listening_line_; }
   std::string args_text() const {
     std::string s;
@@ -917,6 +948,7 @@ class IdlePort {
     if (kind == Full) filler_ = Client::connect("127.0.0.1", port_);
   }
   int port() const { return port_; }
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
 
  private:
   OwnedFd fd_;
@@ -1176,6 +1208,54 @@ inline ServerProcess start_proxy(const std::string& upstream,
   options.insert(options.begin(), {"-c", "PureProxy"});
   options.push_back("127.0.0.1:0");
   return start_smtpd(options, upstream);
+}
+
+// swaks - swaks sends one message from app@example.com to user@example.com to srv, with
+// these extra switches (a later --to or --from wins); bounded
+inline CommandResult swaks(const ServerProcess& srv, const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv{require_tool("swaks", "swaks"), "--server", "127.0.0.1", "--port",
+                                std::to_string(srv.port())};
+  for (const char* option : {"--from", "app@example.com", "--to", "user@example.com"})
+    argv.push_back(option);
+  argv.insert(argv.end(), {"--timeout", "10"});
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return run_command(argv);
+}
+
+// curl_send - curl uploads FILE to URL (smtp:// or smtps://) from app@ to user@example.com
+inline CommandResult curl_send(const std::string& url, const std::string& file,
+                               const std::vector<std::string>& extra = {}) {
+  std::vector<std::string> argv{
+      require_tool("curl", "curl"), "-sS", "--max-time", "10", "--url", url};
+  for (const char* option : {"--mail-from", "app@example.com", "--mail-rcpt", "user@example.com"})
+    argv.push_back(option);
+  argv.insert(argv.end(), {"--upload-file", file});
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  return run_command(argv);
+}
+
+// kSmtplibScript - python3 -c script; argv: port, user ("" for no login), password, recipient.
+// Prints "sent", or the exception's class and SMTP code and exits 1.
+constexpr const char* kSmtplibScript = R"PY(
+import smtplib, sys
+port, user, password, rcpt = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+try:
+    with smtplib.SMTP('127.0.0.1', port, timeout=10) as s:
+        if user:
+            s.login(user, password)
+        s.sendmail('app@example.com', [rcpt], b'Subject: from smtplib\r\n\r\nHello.\r\n')
+    print('sent')
+except smtplib.SMTPException as e:
+    print(type(e).__name__, getattr(e, 'smtp_code', ''))
+    sys.exit(1)
+)PY";
+
+// smtplib - Python's smtplib sends one message to srv, logging in first unless user is ""
+inline CommandResult smtplib(const ServerProcess& srv, const std::string& user = "",
+                             const std::string& password = "",
+                             const std::string& rcpt = "user@example.com") {
+  return run_command({require_tool("python3", "python3"), "-c", kSmtplibScript,
+                      std::to_string(srv.port()), user, password, rcpt});
 }
 
 // ==== 7. Upstreams ====
