@@ -7,7 +7,6 @@
 #include <doctest/doctest.h>
 
 #include <fstream>
-#include <iterator>
 
 #include "test_support.hpp"
 
@@ -252,20 +251,6 @@ TEST_CASE("a client flooding commands without reading replies is throttled, not 
   CHECK(srv.child.running());
 }
 
-// cpu_seconds - user + system CPU time of a process, from /proc/PID/stat, or -1.
-inline double cpu_seconds(pid_t pid) {
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-  auto paren = text.rfind(')');
-  if (paren == std::string::npos) return -1;
-  std::istringstream fields(text.substr(paren + 2));
-  std::vector<std::string> f;
-  for (std::string w; fields >> w;) f.push_back(w);
-  if (f.size() < 13) return -1;  // f[0] is field 3 (state); utime is field 14, stime 15
-  return static_cast<double>(std::stoll(f[11]) + std::stoll(f[12])) /
-         static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
-
 TEST_CASE("at the open-file limit the server neither spins nor floods stderr, and recovers") {
   ignore_sigpipe();
   auto srv = ServerProcess::launch({"-n", "127.0.0.1:0"}, kWait, 24);
@@ -282,12 +267,9 @@ TEST_CASE("at the open-file limit the server neither spins nor floods stderr, an
   std::vector<Client> clients;
   for (int i = 0; i < 40; ++i) clients.push_back(srv.connect());
   std::this_thread::sleep_for(milliseconds(200));  // let it hit EMFILE
-  double cpu_before = cpu_seconds(srv.child.pid());
   std::size_t err_before = count(srv.stderr_text(), "\n");
-  // Watch it for one second (draining stderr so a flood cannot block it).
-  srv.child.wait_output(
-      srv.child.err, [](const std::string&) { return false; }, milliseconds(1000));
-  double cpu_used = cpu_seconds(srv.child.pid()) - cpu_before;
+  double cpu_used = cpu_used_over(srv, milliseconds(1000));
+  REQUIRE(cpu_used >= 0);
   std::size_t err_lines = count(srv.stderr_text(), "\n") - err_before;
   INFO("in 1 s at the limit: " << cpu_used << " s CPU, " << err_lines << " stderr lines; "
                                << "stderr starts: " << srv.stderr_text().substr(0, 300));
@@ -510,7 +492,7 @@ TEST_CASE("bad command lines exit 1 with one line on stderr") {
 
 TEST_CASE("an address already in use exits 2 with one line") {
   IdlePort busy(IdlePort::Silent);  // listening: the port is in use
-  auto r = run_smtpd({"-n", "127.0.0.1:" + std::to_string(busy.port())});
+  auto r = run_smtpd({"-n", busy.address()});
   check_one_error_line(r, 2);
 }
 

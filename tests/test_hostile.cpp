@@ -8,7 +8,6 @@
 // All cases are in the test suite "hostile":   tests/run_tests -ts='hostile'
 #include <doctest/doctest.h>
 
-#include <sstream>
 #include <thread>
 
 #include "test_support.hpp"
@@ -213,7 +212,7 @@ TEST_CASE("9.8 a 24 MiB message costs at most 1.5 times its size in every mode t
   const double kb = static_cast<double>(wire.size()) / 1024;
   TempDir dir;
   auto upstream = start_smtpd({"-c", "SMTPServer", "-s", "0"});
-  const std::string relay = "127.0.0.1:" + std::to_string(upstream.port());
+  const std::string relay = upstream.address();
   // a Mailman 2 stand-in (Mailman 2 is no longer packaged): list "team", and a wrapper that
   // reads the message and succeeds
   std::string error;
@@ -551,23 +550,12 @@ TEST_CASE("9.9 a second SIGTERM ends the server at once") {
 
 // ==== 9.5 A client gone while its verdict is pending ====
 
-// cpu_seconds - user and system time the process has used so far (Linux /proc)
-inline double cpu_seconds(pid_t pid) {
-  std::string stat = read_file("/proc/" + std::to_string(pid) + "/stat");
-  std::istringstream fields(stat.substr(stat.rfind(')') + 2));
-  std::string field;
-  double ticks = 0;
-  for (int i = 0; i < 13 && fields >> field; ++i)
-    if (i >= 11) ticks += std::stod(field);  // utime, stime: fields 14 and 15
-  return ticks / static_cast<double>(::sysconf(_SC_CLK_TCK));
-}
-
 TEST_CASE("9.5 a client that resets while its verdict is pending leaves nothing spinning") {
   IdlePort silent(IdlePort::Silent);  // an upstream that never greets
   Script script("cat > /dev/null; sleep 3");
   for (bool proxy : {false, true}) {
     CAPTURE(proxy);
-    auto srv = proxy ? start_proxy("127.0.0.1:" + std::to_string(silent.port()))
+    auto srv = proxy ? start_proxy(silent.address())
                      : start_smtpd({"-c", "SMTPServer", "--exec", script.command()});
     Client c = srv.connect();
     greet(c);

@@ -55,7 +55,7 @@ TEST_CASE("Python smtplib sends a message that smtpd prints") {
   CHECK(r.ok());
   CHECK(r.out == "sent\n");
   // smtplib dot-stuffs ".leading dot"; smtpd must print it unstuffed.
-  CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
+  CHECK(srv.wait_stdout(kEnd));
   auto [text, options] = split_options(srv.stdout_text());
   // smtplib announces the size of the message as sent (CRLF line ends, before stuffing).
   CHECK(options == "mail options: ['SIZE=" + std::to_string(crlf(message).size()) + "']\n");
@@ -100,7 +100,6 @@ TEST_CASE("Python smtplib sends an 8BITMIME UTF-8 body") {
 }
 
 TEST_CASE("curl uploads a message that smtpd prints") {
-  std::string curl = require_tool("curl", "curl");
   auto srv = start_smtpd();
   std::vector<std::string> extra;
   std::string file_text;
@@ -112,23 +111,10 @@ TEST_CASE("curl uploads a message that smtpd prints") {
     extra = {"--crlf"};
   }
   TempFile file(file_text);
-  std::vector<std::string> argv{curl,
-                                "-sS",
-                                "--max-time",
-                                "10",
-                                "--url",
-                                "smtp://127.0.0.1:" + std::to_string(srv.port()),
-                                "--mail-from",
-                                "a@example.com",
-                                "--mail-rcpt",
-                                "b@example.com",
-                                "--upload-file",
-                                file.path()};
-  argv.insert(argv.end(), extra.begin(), extra.end());
-  auto r = run_command(argv);
+  auto r = curl_send("smtp://" + srv.address(), file.path(), extra);
   INFO(r.describe());
   CHECK(r.ok());
-  CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
+  CHECK(srv.wait_stdout(kEnd));
   auto [text, options] = split_options(srv.stdout_text());
   // curl announces the size of the file (before any --crlf conversion) in MAIL.
   CHECK(options == "mail options: ['SIZE=" + std::to_string(file_text.size()) + "']\n");
@@ -139,16 +125,13 @@ TEST_CASE("curl uploads a message that smtpd prints") {
 }
 
 TEST_CASE("swaks sends a message that smtpd prints") {
-  std::string swaks = require_tool("swaks", "swaks");
   auto srv = start_smtpd();
-  auto r = run_command({swaks, "--server", "127.0.0.1", "--port", std::to_string(srv.port()),
-                        "--to", "b@example.com", "--from", "a@example.com", "--helo",
-                        "swaks.example", "--header", "Subject: from swaks", "--body",
-                        "Hello from swaks.", "--timeout", "10"});
+  auto r = swaks(srv, {"--helo", "swaks.example", "--header", "Subject: from swaks", "--body",
+                       "Hello from swaks."});
   INFO(r.describe());
   CHECK(r.ok());
   CHECK(r.out.find("<-  250 OK") != std::string::npos);
-  CHECK(srv.wait_stdout("------------ END MESSAGE ------------\n"));
+  CHECK(srv.wait_stdout(kEnd));
   const std::string& out = srv.stdout_text();
   CHECK(out.find("Subject: from swaks\n") != std::string::npos);
   CHECK(out.find("X-Peer: 127.0.0.1\n\nHello from swaks.\n") != std::string::npos);
@@ -156,13 +139,10 @@ TEST_CASE("swaks sends a message that smtpd prints") {
 }
 
 TEST_CASE("swaks sending a large body to smtpd -s 100 is refused with 552") {
-  std::string swaks = require_tool("swaks", "swaks");
   auto srv = start_smtpd({"-s", "100"});
   std::string body;
   for (int i = 0; i < 10; ++i) body += "This line makes the message larger than 100 bytes.\n";
-  auto r =
-      run_command({swaks, "--server", "127.0.0.1", "--port", std::to_string(srv.port()), "--to",
-                   "b@example.com", "--from", "a@example.com", "--body", body, "--timeout", "10"});
+  auto r = swaks(srv, {"--body", body});
   INFO(r.describe());
   CHECK(r.status.exited);
   CHECK(r.status.code != 0);

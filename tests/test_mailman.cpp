@@ -36,7 +36,7 @@ class JsonSink {
     server = ServerProcess::launch(
         {"-n", "-c", "SMTPServer", "--json", "127.0.0.1:" + std::to_string(port)});
   }
-  std::string address() const { return "127.0.0.1:" + std::to_string(server.port()); }
+  std::string address() const { return server.address(); }
   std::vector<std::string> messages() { return lines_of(server.stdout_text()); }
 
   ServerProcess server;
@@ -283,7 +283,7 @@ TEST_CASE("MailmanProxy with a real Mailman 3: list mail to Mailman, the rest up
 TEST_CASE("MailmanProxy: Mailman 3 not listening gives 4xx at RCPT, never a relay") {
   JsonSink upstream;
   IdlePort nothing(IdlePort::Closed);  // nothing accepts there: Mailman stopped
-  std::string lmtp = "127.0.0.1:" + std::to_string(nothing.port());
+  std::string lmtp = nothing.address();
   auto proxy = start_mailman_proxy(upstream.address(), {"--mailman-lmtp", lmtp});
   auto c = proxy.connect();
   greet(c);

@@ -124,10 +124,6 @@ inline ServerProcess start_debugging(std::vector<std::string> options = {}) {
   return start_smtpd(options);
 }
 
-inline std::string address_of(const ServerProcess& s) {
-  return "127.0.0.1:" + std::to_string(s.port());
-}
-
 // ==== Helpers ====
 
 // as_relayed - the same message as the proxy must hand it on, "\n" line ends, unstuffed:
@@ -396,7 +392,7 @@ TEST_CASE("a whole pipelined session in one write is relayed in order") {
 
 TEST_CASE("a client that hangs up while its upstream is slow does not disturb the proxy") {
   IdlePort silent(IdlePort::Silent);  // every upstream session waits for a greeting
-  std::string upstream = "127.0.0.1:" + std::to_string(silent.port());
+  std::string upstream = silent.address();
   auto proxy = start_proxy(upstream, {"--reply-timeout", "1"});
   {
     Client quitter = greeted_client(proxy);
@@ -423,7 +419,7 @@ TEST_CASE("a client that hangs up while its upstream is slow does not disturb th
 
 TEST_CASE("a dead upstream (nothing listening) gives 451 at MAIL, and the proxy stays up") {
   IdlePort dead(IdlePort::Closed);
-  std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
+  std::string upstream = dead.address();
   auto proxy = start_proxy(upstream);
   Client c = greeted_client(proxy);
   for (int i = 0; i < 2; ++i) {  // each MAIL tries again
@@ -450,13 +446,13 @@ TEST_CASE("an upstream that does not answer in time gives 451 after the timeout"
   }
   SUBCASE("a listener that never accepts, --reply-timeout 1: no greeting") {
     idle = std::make_unique<IdlePort>(IdlePort::Silent);
-    upstream = "127.0.0.1:" + std::to_string(idle->port());
+    upstream = idle->address();
     option = "--reply-timeout";
     why = "sent no greeting within the reply timeout";
   }
   SUBCASE("a listener whose backlog is full, --connect-timeout 1: no connection") {
     idle = std::make_unique<IdlePort>(IdlePort::Full);
-    upstream = "127.0.0.1:" + std::to_string(idle->port());
+    upstream = idle->address();
     option = "--connect-timeout";
     why = "cannot connect: timed out";
   }
@@ -505,7 +501,7 @@ TEST_CASE("a stalled upstream session slows only its own client") {
 
 TEST_CASE("a chain: the message DebuggingServer prints behind the proxy is the one sent") {
   auto downstream = start_debugging();
-  auto proxy = start_proxy(address_of(downstream));
+  auto proxy = start_proxy(downstream.address());
   Client c = greeted_client(proxy);
   const std::string text = "From: a@example.com\nSubject: chained\n\nfirst\n.dot\n.\n..two\nlast\n";
   // The proxy's X-Peer goes before the first empty line; DebuggingServer adds its own there.
@@ -562,7 +558,7 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
       "e\n\nUTF-8 all the way\n";
   SUBCASE("upstream: DebuggingServer -u") {
     auto downstream = start_debugging({"-u"});
-    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto proxy = start_proxy(downstream.address(), {"-u"});
     auto c = proxy.connect();
     CHECK(greet(c).find("\n250-SMTPUTF8\n") != std::string::npos);
     Outcome o = try_message(c, text, "SMTPUTF8", from, to);
@@ -579,7 +575,7 @@ TEST_CASE("-u with PureProxy: SMTPUTF8 passes when the upstream offers it, else 
   }
   SUBCASE("upstream: DebuggingServer without -u") {
     auto downstream = start_debugging();
-    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto proxy = start_proxy(downstream.address(), {"-u"});
     Client c = greeted_client(proxy);
     std::string ehlo = c.command("EHLO client.example");
     // Before the proxy has learned what the upstream offers its EHLO offers SMTPUTF8 (-u), and
@@ -620,7 +616,7 @@ TEST_CASE("the proxy's EHLO offers 8BITMIME, SMTPUTF8 and SIZE only as far as it
   }
   SUBCASE("DebuggingServer -u -s 1000: its SIZE, 8BITMIME and SMTPUTF8") {
     auto downstream = start_debugging({"-u", "-s", "1000"});
-    auto proxy = start_proxy(address_of(downstream), {"-u"});
+    auto proxy = start_proxy(downstream.address(), {"-u"});
     auto c = proxy.connect();
     std::string first = greet(c);
     std::string ehlo =
@@ -646,7 +642,7 @@ TEST_CASE("-d traces the upstream's QUIT and its reply") {
 
 TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.1 it does not") {
   IdlePort dead(IdlePort::Closed);
-  std::string upstream = "127.0.0.1:" + std::to_string(dead.port());
+  std::string upstream = dead.address();
   SUBCASE("0.0.0.0:0") {
     ignore_sigpipe();
     auto proxy = ServerProcess::launch({"-n", "-c", "PureProxy", "0.0.0.0:0", upstream});

@@ -25,8 +25,8 @@
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, address, stop)
 //   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
-//                      proc_status, rss_kb (Linux),
-//                      list_dir, TempDir, read_file, write_file, shell_quote, Script
+//                      proc_status, rss_kb, cpu_seconds, cpu_used_over (Linux),
+//                      list_dir, TempDir, read_file, write_file, Script
 //   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
 //                      greeted_client, Outcome, open_data, try_wire, begin_data, send_wire,
 //                      send_mail, printed (what DebuggingServer prints for a message),
@@ -1000,6 +1000,30 @@ inline long proc_status(pid_t pid, const std::string& field) {
 
 // rss_kb - resident memory of a process in kB, or -1.
 inline long rss_kb(pid_t pid) { return proc_status(pid, "VmRSS:"); }
+
+// cpu_seconds - user + system CPU time a process has used so far, from /proc/PID/stat, or -1.
+inline double cpu_seconds(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  auto paren = text.rfind(')');  // the command name in brackets may hold spaces
+  if (paren == std::string::npos) return -1;
+  std::istringstream fields(text.substr(paren + 2));
+  std::vector<std::string> f;
+  for (std::string w; fields >> w;) f.push_back(w);
+  if (f.size() < 13) return -1;  // f[0] is field 3 (state); utime is field 14, stime 15
+  return static_cast<double>(std::stoll(f[11]) + std::stoll(f[12])) /
+         static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+// cpu_used_over - the CPU seconds srv uses in the next `window`, its stderr drained meanwhile
+// (a flood of log lines must not block it into looking idle); -1 if /proc cannot be read
+inline double cpu_used_over(ServerProcess& srv, milliseconds window) {
+  double before = cpu_seconds(srv.child.pid());
+  srv.child.wait_output(
+      srv.child.err, [](const std::string&) { return false; }, window);
+  double after = cpu_seconds(srv.child.pid());
+  return before < 0 || after < 0 ? -1 : after - before;
+}
 #endif
 
 // list_dir - the names in a directory (without . and ..), sorted; empty if it cannot be read.
@@ -1050,15 +1074,9 @@ inline void write_file(const std::string& path, const std::string& text) {
   out << text;
 }
 
-// shell_quote - text as one sh word.
-inline std::string shell_quote(const std::string& text) {
-  std::string out = "'";
-  for (char ch : text) out += ch == '\'' ? std::string("'\\''") : std::string(1, ch);
-  return out + "'";
-}
-
 // Script - a shell script written into a temporary directory; command() is its --exec.
-// Inside the script $D is that directory.
+// Inside the script $D is that directory. (shell_quote is smtpd.cpp's, which builds the
+// Mailman 2 command line the same way.)
 class Script {
  public:
   explicit Script(const std::string& body) {
