@@ -1,12 +1,11 @@
-// test_message_text.cpp - a message made a chunk at a time on its way out (issue 9.8): what
-// follows a message upstream waits until the whole of it has gone, even when the upstream
-// answers before the message ends.
+// test_message_text.cpp - a message made a chunk at a time on its way out (so a large one
+// costs little memory): what follows a message upstream waits until the whole of it has gone,
+// even when the upstream answers before the message ends.
 //
 //   Fixture: EarlyAnswerer (a StandInUpstream that answers the message after its first bytes)
 #include <doctest/doctest.h>
 
 #include <atomic>
-#include <thread>
 
 #include "test_support.hpp"
 
@@ -16,9 +15,9 @@ namespace message_text {
 TEST_SUITE_BEGIN("message-text");
 
 // EarlyAnswerer - an upstream that answers "250 early" once 256 KiB of the message are in,
-// then reads nothing until the test has sent its next command to the proxy (plus a moment,
-// so the proxy has queued it), then reads the rest. It keeps the lines of the message and
-// the first command after it; each connection serves a sink's dialogue otherwise.
+// then reads nothing until the test says the proxy has taken its next command in, then reads
+// the rest. It keeps the lines of the message and the first command after it; each connection
+// serves a sink's dialogue otherwise.
 class EarlyAnswerer {
  public:
   EarlyAnswerer() {
@@ -27,7 +26,7 @@ class EarlyAnswerer {
   }
 
   std::string address() const { return server_.address(); }
-  void next_command_sent() { is_next_sent_ = true; }
+  void next_command_taken() { is_next_taken_ = true; }
   bool is_done() const { return is_done_; }
   bool has_command_after() const { return has_command_after_; }
   // what the upstream got: the message's lines (once is_done()) and the first command after
@@ -66,16 +65,14 @@ class EarlyAnswerer {
       if (has_answered || bytes < 256 * 1024) continue;
       c.say("250 early");
       has_answered = true;
-      for (int i = 0; i < 500 && !is_next_sent_ && !c.stopping(); ++i)
-        std::this_thread::sleep_for(milliseconds(20));
-      std::this_thread::sleep_for(milliseconds(500));  // the proxy takes the command in
+      wait_until([&] { return is_next_taken_ || c.stopping(); }, milliseconds(30000));
     }
     is_done_ = true;
   }
 
   std::vector<std::string> lines_;
   std::string command_after_;
-  std::atomic<bool> is_next_sent_{false};
+  std::atomic<bool> is_next_taken_{false};
   std::atomic<bool> is_done_{false};
   std::atomic<bool> has_command_after_{false};
   StandInUpstream server_;  // last: it stops before the members talk() uses
@@ -85,7 +82,7 @@ TEST_CASE("a command after a message the upstream answered early goes after the 
   ignore_sigpipe();
   EarlyAnswerer upstream;
   auto proxy = ServerProcess::launch(
-      {"-n", "-c", "PureProxy", "--reply-timeout", "10", "127.0.0.1:0", upstream.address()});
+      {"-n", "-d", "-c", "PureProxy", "--reply-timeout", "10", "127.0.0.1:0", upstream.address()});
   auto c = proxy.connect();
   REQUIRE(starts_with(c.read_reply(), "220 "));
   REQUIRE(starts_with(c.command("EHLO client.example"), "250"));
@@ -100,7 +97,9 @@ TEST_CASE("a command after a message the upstream answered early goes after the 
   REQUIRE(c.send(message + ".\r\n", milliseconds(30000)));
   REQUIRE(c.read_reply(milliseconds(30000)) == "250 early");
   REQUIRE(c.send("MAIL FROM:<second@example.com>\r\n"));
-  upstream.next_command_sent();
+  // -d traces each command line the proxy reads: once this one is traced, it waits at the proxy
+  REQUIRE(proxy.wait_stderr("<- MAIL FROM:<second@example.com>", milliseconds(30000)));
+  upstream.next_command_taken();
   std::string reply = c.read_reply(milliseconds(30000));
   REQUIRE(wait_until([&] { return upstream.is_done(); }, milliseconds(30000)));
   const std::vector<std::string>& got = upstream.message_lines();
