@@ -189,11 +189,10 @@ TEST_CASE("9.8 a sink without outputs keeps none of the message text") {
 // aside for a while (its quarantine) and would count as held: the server runs without one.
 inline long peak_growth(const std::vector<std::string>& options, const std::string& address,
                         const std::string& rcpt, const std::string& wire) {
-  const char* asan = std::getenv("ASAN_OPTIONS");
-  std::string saved = asan ? asan : "";
-  ::setenv("ASAN_OPTIONS", (saved + ":quarantine_size_mb=0").c_str(), 1);
-  auto srv = start_smtpd(options, address);
-  ::setenv("ASAN_OPTIONS", saved.c_str(), 1);
+  auto srv = [&] {
+    AsanOptionsAdded no_quarantine("quarantine_size_mb=0");
+    return start_smtpd(options, address);
+  }();
   Client c = greeted_client(srv);
   begin_data(c, "<a@example.com>", {rcpt});
   long before = proc_status(srv.child.pid(), "VmHWM:");

@@ -12,6 +12,7 @@
 #include <climits>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <regex>
 
 #include "test_support.hpp"
@@ -683,6 +684,51 @@ TEST_CASE("--help, the man page and README.md describe every option in the same 
   for (std::string o :
        {"--maildir DIR", "--mbox FILE", "--json", "--max-messages N", "--idle-exit SECONDS"})
     CHECK_MESSAGE(r.out.find(o) != std::string::npos, "--help does not list " << o);
+}
+
+// man_exit_statuses - the EXIT STATUS section of the man page: for each status number its
+// .TP entry names, the entry's text (lines joined with spaces, font requests dropped)
+inline std::map<int, std::string> man_exit_statuses() {
+  std::vector<std::string> lines = lines_of(read_file("man/smtpd.1"));
+  auto line = std::find(lines.begin(), lines.end(), ".SH EXIT STATUS");
+  std::map<int, std::string> statuses;
+  std::vector<int> tagged;  // the statuses of the entry being read
+  for (++line; line < lines.end() && !starts_with(*line, ".SH"); ++line) {
+    if (*line == ".TP" && line + 1 < lines.end()) {
+      tagged.clear();
+      std::string tag = *++line;
+      for (std::smatch m; std::regex_search(tag, m, std::regex("[0-9]+")); tag = m.suffix())
+        tagged.push_back(std::stoi(m.str()));
+    } else if (starts_with(*line, ".PP")) {
+      tagged.clear();
+    } else {
+      std::string text = std::regex_replace(*line, std::regex("^\\.B[IR]? "), "");
+      for (int status : tagged) statuses[status] += (statuses[status].empty() ? "" : " ") + text;
+    }
+  }
+  return statuses;
+}
+
+TEST_CASE("the man page's EXIT STATUS gives each status the program ends with its meaning") {
+  const std::map<int, std::string> meaning{{kExitOk, "Normal end"},
+                                           {kExitUsage, "Bad command line"},
+                                           {kExitCannotListen, "Cannot listen"},
+                                           {kExitPrivileges, "Cannot drop privileges"},
+                                           {kExitLoopFailed, "The event loop failed"},
+                                           {128 + SIGINT, "A second SIGINT"},
+                                           {128 + SIGTERM, "A second SIGINT"}};
+  std::map<int, std::string> documented = man_exit_statuses();
+  auto numbers = [](const std::map<int, std::string>& table) {
+    std::string text;
+    for (const auto& entry : table) text += std::to_string(entry.first) + " ";
+    return text;
+  };
+  CHECK(numbers(documented) == numbers(meaning));  // none left out, none made up
+  for (const auto& [status, words] : meaning) {
+    CAPTURE(status);
+    CHECK_MESSAGE(starts_with(documented[status], words),
+                  "smtpd.1 says for " << status << ": " << documented[status]);
+  }
 }
 
 }  // namespace outputs

@@ -24,7 +24,8 @@
 //   3. Environment   - smtpd_bin, find_in_path, require_tool
 //   4. Sockets       - Client (connect, send, recv_line, read_reply, command, reset),
 //                      ServerProcess (launch, wait_listening, connect, address, stop)
-//   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile, ignore_sigpipe,
+//   5. Fixtures      - have_ipv6_loopback, loopback_socket, IdlePort, TempFile,
+//                      AsanOptionsAdded, ignore_sigpipe,
 //                      proc_status, rss_kb, cpu_seconds, cpu_used_over (Linux),
 //                      list_dir, TempDir, read_file, write_file, Script
 //   6. smtpd         - start_smtpd, run_smtpd, check_one_error_line, read_greeting, greet,
@@ -982,6 +983,30 @@ class TempFile {
 
  private:
   std::string path_;
+};
+
+// AsanOptionsAdded - while it lives, ASAN_OPTIONS has `more` appended, for the servers started
+// meanwhile (smtpd-asan reads it at start; other builds ignore it); then the old value is back
+class AsanOptionsAdded {
+ public:
+  explicit AsanOptionsAdded(const std::string& more) {
+    const char* now = std::getenv("ASAN_OPTIONS");
+    had_value_ = now != nullptr;
+    saved_ = now ? now : "";
+    ::setenv("ASAN_OPTIONS", (saved_ + ":" + more).c_str(), 1);
+  }
+  AsanOptionsAdded(const AsanOptionsAdded&) = delete;
+  AsanOptionsAdded& operator=(const AsanOptionsAdded&) = delete;
+  ~AsanOptionsAdded() {
+    if (had_value_)
+      ::setenv("ASAN_OPTIONS", saved_.c_str(), 1);
+    else
+      ::unsetenv("ASAN_OPTIONS");
+  }
+
+ private:
+  bool had_value_ = false;
+  std::string saved_;
 };
 
 // ignore_sigpipe - writing to a closed socket must fail with EPIPE, not kill the tests.
