@@ -13,9 +13,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   if (arg.empty() && !parsed->address.empty()) __builtin_trap();
   if (parsed->rest.size() > arg.size()) __builtin_trap();
   // What a channel would accept (valid UTF-8, as command lines must be, and no control
-  // character: issue 9.2) and parses again inside <> must read back as itself. Python's parser
-  // does not always read its own output again (""@x comes out as "@x", "a@" followed by a
-  // Unicode space as "a@", "a@b." followed by U+0085 as "a@b.", and it refuses all three in
+  // character, which could end a line at the upstream) and parses again inside <> must read back as
+  // itself. Python's parser does not always read its own output again (""@x comes out as "@x", "a@"
+  // followed by a Unicode space as "a@", "a@b." followed by U+0085 as "a@b.", and it refuses all
+  // three in
   // <>); we follow Python there, and the upstream answers such an address for itself.
   if (parsed->address.empty() || parsed->address == "<>" || !is_valid_utf8(arg) ||
       has_control_character(arg, true) || has_control_character(parsed->address))

@@ -424,7 +424,7 @@ TEST_CASE("Python's address parser, case by case") {
       {"x@y SMTPUTF8", true, "x@y", "SMTPUTF8"},
       {"<ñ@ü.de>", true, "ñ@ü.de", ""},
       // U+E870 (private use) is kept byte for byte, as Python keeps it; a terminal shows it as
-      // nothing, Python's repr as '\ue870' (fuzz_address finding, issue 9.12)
+      // nothing, Python's repr as '\ue870' (fuzz/fuzz_address found it)
       {"<a@\xee\xa1\xb0n2_>", true, "a@\xee\xa1\xb0n2_", ""},
       {"a@\xee\xa1\xb0n2_.\xc2\x85", true, "a@\xee\xa1\xb0n2_.", ""},
       {"a@\xee\xa1\xb0n2_.", false, "", ""},

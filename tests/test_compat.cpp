@@ -1,7 +1,7 @@
 // test_compat.cpp - the differences from Python 3.11's smtpd that the man page lists under
-// COMPATIBILITY (issue 7 item 5), each checked on the channel against what Python does, and
-// issue 7 item 6's is_loopback_host. Python's behaviour, as seen from `python3 -m smtpd -n
-// -c DebuggingServer` on a loopback port, is quoted in each case.
+// COMPATIBILITY, each checked on the channel against what Python does, and is_loopback_host
+// (which decides whether PureProxy warns of an open relay). Python's behaviour, as seen from
+// `python3 -m smtpd -n -c DebuggingServer` on a loopback port, is quoted in each case.
 //
 // All cases are in the test suite "compat":   tests/run_tests -ts='compat'
 #include <doctest/doctest.h>

@@ -473,7 +473,7 @@ TEST_CASE("--exec: SIGTERM while a command runs: after the grace period, 421, an
   cleanup.arm(script_pid);
   REQUIRE(script_pid > 0);
   auto stop_time = Clock::now();
-  // issue 9.9: the transaction gets kShutdownGraceMs to finish; this one never does, so the
+  // at SIGTERM the transaction gets kShutdownGraceMs to finish; this one never does, so the
   // client hears 421 (its message was never answered 250) and the command is killed
   ExitStatus st = srv.stop(SIGTERM, milliseconds(kShutdownGraceMs + 5000));
   INFO(st.describe());

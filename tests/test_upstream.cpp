@@ -1,4 +1,4 @@
-// test_upstream.cpp - a hostile upstream (issue 9 item 4): an upstream server that never ends
+// test_upstream.cpp - a hostile upstream: an upstream server that never ends
 // its reply, as fast as it can or a line at a time, must neither grow smtpd's memory nor stall
 // other clients nor outlast --reply-timeout; the client hears 451 and keeps its mail.
 //
