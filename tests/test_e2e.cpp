@@ -269,13 +269,15 @@ TEST_CASE("at the open-file limit the server neither spins nor floods stderr, an
   // it says so once when it runs out (Too many open files)
   REQUIRE(srv.wait_stderr("smtpd: accept failed: "));
   std::size_t err_before = count(srv.stderr_text(), "\n");
-  double cpu_used = cpu_used_over(srv, milliseconds(1000));
+  // 2 s: a server that retries accept() on every turn shows even when a loaded machine gives
+  // it a third of a core; one that rests between tries used 0.00 s, loaded or not
+  double cpu_used = cpu_used_over(srv, milliseconds(2000));
   REQUIRE(cpu_used >= 0);
   std::size_t err_lines = count(srv.stderr_text(), "\n") - err_before;
-  INFO("in 1 s at the limit: " << cpu_used << " s CPU, " << err_lines << " stderr lines; "
+  INFO("in 2 s at the limit: " << cpu_used << " s CPU, " << err_lines << " stderr lines; "
                                << "stderr starts: " << srv.stderr_text().substr(0, 300));
   CHECK(cpu_used < 0.3);
-  CHECK(err_lines < 20);
+  CHECK(err_lines < 20);  // one line an episode; a line a turn would be thousands
   // The premise: the server really ran out of descriptors (not all 40 were greeted).
   int greeted = 0;
   for (auto& client : clients) {

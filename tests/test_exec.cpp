@@ -416,8 +416,9 @@ TEST_CASE("--exec-timeout 0.5: fractions of a second are honoured") {
   std::string reply = send_wire(c, "x\r\n");
   double waited = seconds_since(start_time);
   CHECK(starts_with(reply, "451 Error: the --exec command ran longer than "));
-  CHECK(waited > 0.4);
-  CHECK(waited < 1.5);
+  INFO("the 451 came " << waited << " s after the message");
+  CHECK(waited > 0.4);   // not cut to 0 s
+  CHECK(waited < 0.95);  // not rounded up to 1 s (0.52 s at most on a loaded 2-core machine)
 }
 
 // The 451 names the timeout as given, fractions included.
