@@ -1589,6 +1589,7 @@ constexpr const char* kReplyAuthMechanism = "504 5.5.4 Unrecognized authenticati
 constexpr const char* kReplyAuthCancelled = "501 5.7.0 Authentication cancelled";
 constexpr const char* kReplyAuthUndecodable = "501 5.5.2 Cannot decode response";
 constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
+constexpr const char* kAuthMechanisms = "PLAIN LOGIN";  // after AUTH in the EHLO reply
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
@@ -1745,6 +1746,99 @@ struct Envelope {
   std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
+// DataReader - the message text after DATA's 354 (RFC 5321 4.5.2): line by line, a leading
+// dot taken off, until the line "." ends it. Bytes are stored as they arrive (CRLF as "\n"),
+// so memory follows the size limit: past it they are only counted, and a reader that keeps no
+// text (a sink without outputs) only counts. Sizes are smtpd.py's num_bytes: every byte of the
+// lines, the stuffed dots and the CRLFs included.
+class DataReader {
+ public:
+  DataReader(std::uint64_t size_limit, bool keeps_text)
+      : size_limit_(size_limit), keeps_text_(keeps_text) {}
+
+  // take - read what can be read of `in`; returns the bytes used, and sets is_ended once the
+  // end-of-data line is among them. Bytes that might begin that line, or the CR of a CRLF,
+  // are left in `in` until more come.
+  std::size_t take(std::string_view in, bool& is_ended) {
+    std::size_t at = 0;
+    is_ended = false;
+    while (at < in.size() && !is_ended && step(in, at, is_ended)) {
+    }
+    return at;
+  }
+
+  // reset - ready for the next message; the text is let go, whatever its size was
+  void reset() {
+    text_ = std::string();
+    bytes_ = 0;
+    is_too_big_ = false;
+    at_line_start_ = true;
+  }
+
+  // size - the message's bytes as smtpd.py counts them, without the CRLF before the "."
+  std::uint64_t size() const { return bytes_ >= 2 ? bytes_ - 2 : 0; }
+  bool is_too_big() const { return size_limit_ != 0 && size() > size_limit_; }
+  const std::string& text() const { return text_; }
+  // take_text - the message, lines joined with "\n" (the last line has none)
+  std::string take_text() {
+    std::string text = std::exchange(text_, std::string());
+    if (!text.empty()) text.pop_back();  // the "\n" of the CRLF before the "."
+    return text;
+  }
+
+ private:
+  // step - one line, or as much of one as has come; false when it must wait for more
+  bool step(std::string_view in, std::size_t& at, bool& is_ended) {
+    if (at_line_start_ && in[at] == '.') {
+      std::string_view rest = in.substr(at);
+      if (rest.size() < 3 && std::string_view(".\r\n").substr(0, rest.size()) == rest)
+        return false;  // could still be the end-of-data line
+      if (rest.substr(0, 3) == ".\r\n") {
+        at += 3;
+        is_ended = true;
+        return true;
+      }
+      bytes_ += 1;  // the stuffed dot counts, as in smtpd.py's num_bytes
+      at += 1;
+    }
+    at_line_start_ = false;
+    std::size_t end = in.find("\r\n", at);
+    if (end == std::string_view::npos) {
+      std::size_t stop = in.back() == '\r' ? in.size() - 1 : in.size();  // maybe half a CRLF
+      append(in.substr(at, stop - at));
+      at = stop;
+      return false;
+    }
+    append(in.substr(at, end - at));
+    append("\r\n");
+    at = end + 2;
+    at_line_start_ = true;
+    return true;
+  }
+
+  // append - count message bytes; store them (CRLF as "\n") until the limit is passed
+  void append(std::string_view bytes) {
+    bytes_ += bytes.size();
+    // The CRLF before the final dot is not message data, so the count may run 2 over.
+    if (size_limit_ != 0 && bytes_ > size_limit_ + 2 && !is_too_big_) {
+      is_too_big_ = true;
+      text_ = std::string();
+    }
+    if (is_too_big_ || !keeps_text_) return;  // counted, not kept
+    if (bytes == "\r\n")
+      text_ += '\n';
+    else
+      text_.append(bytes.data(), bytes.size());
+  }
+
+  std::uint64_t size_limit_;  // 0: no limit
+  bool keeps_text_;
+  std::string text_;
+  std::uint64_t bytes_ = 0;    // so far, counted as smtpd.py's num_bytes
+  bool is_too_big_ = false;    // bytes_ passed the limit: stop storing
+  bool at_line_start_ = true;  // the next byte begins a line
+};
+
 class Channel {
  public:
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
@@ -1769,6 +1863,16 @@ class Channel {
   std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
   void restart_in_tls();
+  // set_security - TLS is up: "TLSv1.3 TLS_AES_256_GCM_SHA384" (the transport knows)
+  void set_security(const std::string& tls) { tls_ = tls; }
+  bool is_plain_text() const { return tls_.empty(); }
+  bool is_in_data() const { return smtp_state == State::Data; }
+  // is_idle - between transactions' commands: closing now would lose nothing of a message
+  bool is_idle() const { return smtp_state == State::Command && question_ == Question::None; }
+  // has_unread_input - bytes wait behind the question (a pipelined group)
+  bool has_unread_input() const { return input_.size() > input_pos_; }
+  std::string_view unread_input() const { return std::string_view(input_).substr(input_pos_); }
+  const std::string& received_data() const { return data_.text(); }  // the message so far
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
@@ -1779,22 +1883,24 @@ class Channel {
   std::vector<std::string> mail_options;
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
-  std::string auth_user;       // the user name AUTH accepted; empty before
-  std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
-  std::string received_data;   // the message being received, unstuffed
-  std::string received_lines;  // input bytes not yet processed as a whole line
-  const std::string& fqdn;     // config's: the greeting host
+  std::string auth_user;    // the user name AUTH accepted; empty before
+  const std::string& fqdn;  // config's: the greeting host
   const std::string peer;
 
   static const char* to_string(State state);
 
  private:
   using Arg = std::optional<std::string>;  // None when the verb had no space after it
+  // Keyword - what a row says in the EHLO reply: nothing, its name, its name and the size
+  // limit (none without one), or its name only as TLS allows (AUTH with --tls-required waits
+  // for TLS; STARTTLS is said only before it)
+  enum class Keyword { None, Name, Size, Auth, StartTls };
   struct Command {
-    const char* verb;
-    void (Channel::*handler)(const Arg&);
-    const char* syntax;            // HELP text; nullptr for verbs HELP does not list
-    bool ChannelConfig::*offered;  // the option that turns an extension on; nullptr: always
+    const char* verb;                      // the command, or an EHLO keyword's name
+    void (Channel::*handler)(const Arg&);  // nullptr: an EHLO keyword only, not a command
+    const char* syntax;                    // HELP text; nullptr for verbs HELP does not list
+    bool ChannelConfig::*offered;          // the option that turns it on; nullptr: always on
+    Keyword keyword;                       // how EHLO announces it
   };
   // The steps of an AUTH exchange: the next line is a response to our 334, not a command.
   enum class AuthStep { None, PlainResponse, LoginUser, LoginPassword };
@@ -1807,7 +1913,6 @@ class Channel {
   void process_input();
   bool process_command_bytes();
   bool process_data_bytes();
-  void append_data(std::string_view bytes);
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
   void refuse_non_smtp();
@@ -1837,6 +1942,7 @@ class Channel {
   void auth_login_user(std::string_view response);
   void log_in(const std::string& user, const std::string& password);
   bool is_offered(const Command& command) const;
+  std::string ehlo_keyword(const Command& command) const;
   bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
@@ -1844,35 +1950,44 @@ class Channel {
   Question question_ = Question::None;
   std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
-  std::size_t input_pos_ = 0;      // processed prefix of received_lines
+  std::string input_;              // bytes received and not yet processed as a whole line
+  std::size_t input_pos_ = 0;      // processed prefix of input_
   std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
-  std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
-  bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
-  bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  DataReader data_;                // the message text, in DATA
+  std::string tls_;                // the session's TLS version and cipher; empty before TLS
   std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
   AuthStep auth_step_ = AuthStep::None;
   std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
 
-// kVerbTable - the protocol's index, in the order HELP lists the verbs
+// kVerbTable - the protocol's index: every verb and every EHLO keyword, once. HELP lists
+// the verbs that have a syntax in this order, and EHLO announces the keywords in this order.
 const Channel::Command Channel::kVerbTable[] = {
-    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr},
-    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr},
-    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr},
-    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr},
-    {"DATA", &Channel::cmd_data, "DATA", nullptr},
-    {"RSET", &Channel::cmd_rset, "RSET", nullptr},
-    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr},
-    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr},
-    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr},
-    {"HELP", &Channel::cmd_help, nullptr, nullptr},
-    {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
-    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
-    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
+    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr, Keyword::None},
+    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr, Keyword::None},
+    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr, Keyword::None},
+    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr, Keyword::None},
+    {"DATA", &Channel::cmd_data, "DATA", nullptr, Keyword::None},
+    {"RSET", &Channel::cmd_rset, "RSET", nullptr, Keyword::None},
+    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr, Keyword::None},
+    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr, Keyword::None},
+    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr, Keyword::None},
+    {"EXPN", &Channel::cmd_expn, nullptr, nullptr, Keyword::None},
+    {"SIZE", nullptr, nullptr, nullptr, Keyword::Size},
+    {"8BITMIME", nullptr, nullptr, &ChannelConfig::offer_8bitmime, Keyword::Name},
+    {"SMTPUTF8", nullptr, nullptr, &ChannelConfig::enable_smtputf8, Keyword::Name},
+    {"PIPELINING", nullptr, nullptr, &ChannelConfig::offer_pipelining, Keyword::Name},
+    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth, Keyword::Auth},
+    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls,
+     Keyword::StartTls},
+    {"HELP", &Channel::cmd_help, nullptr, nullptr, Keyword::Name},  // last in EHLO, as Python's
 };
 
 Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
-    : fqdn(config->fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
+    : fqdn(config->fqdn),
+      peer(std::move(peer_address)),
+      config_(std::move(config)),
+      data_(config_->data_size_limit, config_->keep_data) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
   if (is_refused(Refusals::Stage::Connect, {peer}))
@@ -1912,32 +2027,27 @@ void Channel::set_post_data_state() {
   rcpttos.clear();
   rcpt_options.clear();
   require_smtputf8 = false;
-  data_bytes_ = 0;
-  data_too_big_ = false;
-  at_line_start_ = true;
+  data_.reset();
 }
 
 // set_rset_state - smtpd.py _set_rset_state: everything but the greeting
-void Channel::set_rset_state() {
-  set_post_data_state();
-  received_data.clear();
-}
+void Channel::set_rset_state() { set_post_data_state(); }
 
 // wants_input - false while the mode decides, after QUIT, or when the client is far ahead
 bool Channel::wants_input() const {
   if (smtp_state == State::Waiting || smtp_state == State::Closing) return false;
-  return received_lines.size() - input_pos_ < kInputBacklog && output_.size() < kOutputBacklog;
+  return input_.size() - input_pos_ < kInputBacklog && output_.size() < kOutputBacklog;
 }
 
 void Channel::feed(std::string_view bytes) {
-  received_lines.append(bytes.data(), bytes.size());
+  input_.append(bytes.data(), bytes.size());
   process_input();
 }
 
 // process_input - handle every whole line (or data bytes) received so far
 void Channel::process_input() {
   bool progress = true;
-  while (progress && input_pos_ < received_lines.size()) {
+  while (progress && input_pos_ < input_.size()) {
     if (smtp_state == State::Command)
       progress = process_command_bytes();
     else if (smtp_state == State::Data)
@@ -1945,26 +2055,26 @@ void Channel::process_input() {
     else
       progress = false;
   }
-  received_lines.erase(0, input_pos_);
+  input_.erase(0, input_pos_);
   input_pos_ = 0;
 }
 
 // process_command_bytes - one command line if a whole one is here; bound an overlong one
 bool Channel::process_command_bytes() {
-  std::size_t end = received_lines.find("\r\n", input_pos_);
+  std::size_t end = input_.find("\r\n", input_pos_);
   if (end == std::string::npos) {
     // Keep just enough to tell "too long" from "fine"; count the rest and drop it. The
     // last byte stays: it may be the CR of a CRLF split across two reads.
-    std::size_t have = received_lines.size() - input_pos_;
+    std::size_t have = input_.size() - input_pos_;
     if (have > kLongestCommand + 2) {
       dropped_bytes_ += have - 1;
-      input_pos_ = received_lines.size() - 1;
+      input_pos_ = input_.size() - 1;
     }
     return false;
   }
-  // A view is enough: command handlers never touch received_lines (only answer() resumes
+  // A view is enough: command handlers never touch input_ (only answer() resumes
   // input processing, and never from inside a handler).
-  std::string_view line(received_lines.data() + input_pos_, end - input_pos_);
+  std::string_view line(input_.data() + input_pos_, end - input_pos_);
   std::size_t size = dropped_bytes_ + line.size();
   input_pos_ = end + 2;
   dropped_bytes_ = 0;
@@ -1972,61 +2082,19 @@ bool Channel::process_command_bytes() {
   return true;
 }
 
-// process_data_bytes - message text: dot-unstuffing and end-of-data, one line at a time
-// (RFC 5321 4.5.2). Bytes are stored as they arrive, so memory follows the size limit.
+// process_data_bytes - message text, read by the DATA reader; the end-of-data line ends it
 bool Channel::process_data_bytes() {
-  const std::string& in = received_lines;
-  if (at_line_start_ && in[input_pos_] == '.') {
-    std::string_view rest(in.data() + input_pos_, in.size() - input_pos_);
-    if (rest.size() < 3 && std::string_view(".\r\n").substr(0, rest.size()) == rest)
-      return false;  // could still be the end-of-data line
-    if (rest.substr(0, 3) == ".\r\n") {
-      input_pos_ += 3;
-      end_of_data();
-      return true;
-    }
-    data_bytes_ += 1;  // the stuffed dot counts, as in smtpd.py's num_bytes
-    input_pos_ += 1;
-  }
-  at_line_start_ = false;
-  std::size_t end = in.find("\r\n", input_pos_);
-  if (end == std::string::npos) {
-    std::size_t stop = in.size();
-    if (in.back() == '\r') stop -= 1;  // maybe half of a CRLF
-    append_data(std::string_view(in.data() + input_pos_, stop - input_pos_));
-    input_pos_ = stop;
-    return false;
-  }
-  append_data(std::string_view(in.data() + input_pos_, end - input_pos_));
-  append_data("\r\n");
-  input_pos_ = end + 2;
-  at_line_start_ = true;
-  return true;
-}
-
-// append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
-void Channel::append_data(std::string_view bytes) {
-  ++progress_;
-  data_bytes_ += bytes.size();
-  std::uint64_t limit = config_->data_size_limit;
-  // The CRLF before the final dot is not message data, so the count may run 2 over.
-  if (limit != 0 && data_bytes_ > limit + 2 && !data_too_big_) {
-    data_too_big_ = true;
-    received_data.clear();
-    received_data.shrink_to_fit();
-  }
-  if (data_too_big_ || !config_->keep_data) return;  // counted, not kept (issue 9.8)
-  if (bytes == "\r\n")
-    received_data += '\n';
-  else
-    received_data.append(bytes.data(), bytes.size());
+  bool is_ended = false;
+  std::size_t used = data_.take(unread_input(), is_ended);
+  input_pos_ += used;
+  if (used > 0) ++progress_;
+  if (is_ended) end_of_data();
+  return is_ended;
 }
 
 // end_of_data - the lone dot arrived: refuse an oversized message or hand it to the mode
 void Channel::end_of_data() {
-  std::uint64_t size = data_bytes_ >= 2 ? data_bytes_ - 2 : 0;
-  if (!received_data.empty()) received_data.pop_back();  // the "\n" of the last CRLF
-  if (config_->data_size_limit != 0 && size > config_->data_size_limit) {
+  if (data_.is_too_big()) {
     push(kReplyTooMuchData);
     // differs from smtpd.py: Python stays in DATA state here and reads the next commands
     // as message text; RFC 5321 4.1.1.4 returns the session to command state.
@@ -2051,11 +2119,10 @@ Envelope Channel::take_message() {
   envelope.rcpttos = rcpttos;
   envelope.mail_options = mail_options;
   envelope.rcpt_options = rcpt_options;
-  envelope.data = std::move(received_data);
+  envelope.data = data_.take_text();
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) envelope.auth_user = auth_user;
-  if (config_->records_tls) envelope.tls = tls;
-  received_data.clear();
+  if (config_->records_tls) envelope.tls = tls_;
   return envelope;
 }
 
@@ -2132,7 +2199,8 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
   for (const Command& command : kVerbTable) {
-    if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
+    if (verb == command.verb && command.handler != nullptr && is_offered(command))
+      return (this->*command.handler)(arg);
   }
   // differs from smtpd.py: Python echoes the verb as it came, and a non-ASCII one makes its
   // reply fail to encode, which drops the connection.
@@ -2176,16 +2244,30 @@ void Channel::greet(const Arg& arg, bool extended) {
   seen_greeting = *arg;
   extended_smtp = extended;
   if (!extended) return push("250 " + fqdn);
-  push("250-" + fqdn);
-  if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
-  if (config_->offer_8bitmime) push("250-8BITMIME");
-  if (config_->enable_smtputf8) push("250-SMTPUTF8");
-  if (config_->offer_pipelining) push("250-PIPELINING");
-  bool is_plain_text = tls.empty();
-  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
-    push("250-AUTH PLAIN LOGIN");
-  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
-  push("250 HELP");
+  std::vector<std::string> lines{fqdn};
+  for (const Command& command : kVerbTable) {
+    std::string keyword = ehlo_keyword(command);
+    if (!keyword.empty()) lines.push_back(std::move(keyword));
+  }
+  for (std::size_t i = 0; i < lines.size(); ++i)
+    push((i + 1 < lines.size() ? "250-" : "250 ") + lines[i]);
+}
+
+// ehlo_keyword - what EHLO says of a row of kVerbTable now: "" for nothing
+std::string Channel::ehlo_keyword(const Command& command) const {
+  if (!is_offered(command)) return "";
+  switch (command.keyword) {
+    case Keyword::None: return "";
+    case Keyword::Name: return command.verb;
+    case Keyword::Size:
+      if (config_->data_size_limit == 0) return "";
+      return std::string(command.verb) + " " + std::to_string(config_->data_size_limit);
+    case Keyword::Auth:
+      if (config_->tls_required && is_plain_text()) return "";
+      return std::string(command.verb) + " " + kAuthMechanisms;
+    case Keyword::StartTls: return is_plain_text() ? command.verb : "";
+  }
+  return "";
 }
 
 void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? syntax_reply("NOOP") : kReplyOk); }
@@ -2263,7 +2345,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->tls_required && tls_.empty()) return push(kReplyTlsRequired);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
@@ -2346,12 +2428,9 @@ void Channel::cmd_data(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (rcpttos.empty()) return push(kReplyNeedRcpt);
   if (has_text(arg)) return push(syntax_reply("DATA"));
-  received_data.clear();
-  data_bytes_ = 0;
-  data_too_big_ = false;
+  data_.reset();
   // differs from smtpd.py: Python waits for CRLF "." CRLF, so a "." right after 354 does not
   // end an empty message there; here every line is checked (RFC 5321 4.1.1.4).
-  at_line_start_ = true;
   enter_state(State::Data);
   push(kReplyStartData);
 }
@@ -2364,9 +2443,9 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 // run as if they came through TLS).
 void Channel::cmd_starttls(const Arg& arg) {
   if (has_text(arg)) return push("501 Syntax: STARTTLS");
-  if (!tls.empty()) return push(kReplyTlsActive);
+  if (!tls_.empty()) return push(kReplyTlsActive);
   push(kReplyTlsReady);
-  input_pos_ = received_lines.size();
+  input_pos_ = input_.size();
   dropped_bytes_ = 0;
   ask(Question::StartTls, "");
 }
@@ -2387,7 +2466,7 @@ void Channel::restart_in_tls() {
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->tls_required && tls_.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
@@ -5200,7 +5279,7 @@ class Server {
     Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
     switch (r.status) {
       case Transport::Status::Ok:
-        if (c.channel.tls.empty()) c.channel.tls = c.transport->security();
+        if (c.channel.is_plain_text()) c.channel.set_security(c.transport->security());
         c.channel.feed(std::string_view(buffer, r.bytes));
         return true;
       case Transport::Status::WouldBlock: return false;
@@ -5257,8 +5336,8 @@ class Server {
   // (RFC 2920 3.2 asks servers to send them together).
   void settle(Connection& c) {
     bool is_waiting = c.channel.question() != Channel::Question::None;
-    bool is_holding = is_waiting && !c.channel.received_lines.empty() &&
-                      c.channel.output().size() < kOutputBacklog;
+    bool is_holding =
+        is_waiting && c.channel.has_unread_input() && c.channel.output().size() < kOutputBacklog;
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
     if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {

@@ -239,7 +239,7 @@ TEST_CASE("appsetup: --reject refuses at each stage; the first matching rule win
           "354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 content refused\r\n250 OK\r\n");
     CHECK_FALSE(s.channel.has_message());
     CHECK(s.channel.mailfrom.empty());
-    CHECK(s.channel.received_data.empty());
+    CHECK(s.channel.received_data().empty());
   }
 }
 
@@ -679,7 +679,7 @@ TEST_CASE("appsetup: STARTTLS: 220, pipelined input discarded, the session start
         "220 2.0.0 Ready to start TLS\r\n");
   CHECK(s.channel.question() == Channel::Question::StartTls);
   CHECK_FALSE(s.channel.wants_input());
-  s.channel.tls = "TLSv1.3 TEST";
+  s.channel.set_security("TLSv1.3 TEST");
   s.channel.restart_in_tls();
   CHECK(s.channel.question() == Channel::Question::None);
   CHECK(s.channel.seen_greeting.empty());
