@@ -13,15 +13,21 @@
 //   2. Limits and defaults
 //   3. Platform layer        (the only place that knows Windows from POSIX: sockets, signals,
 //                             synced files, child processes, socket addresses)
-//   4. Small utilities       (strings as Python sees them, JSON, base64, dates, logging)
+//   4. Small utilities       (strings as Python sees them, JSON, base64, patterns, dates)
 //   5. Addresses             (the part of Python's email address parser that smtpd uses)
 //   6. Replies               (every reply text, named)
 //   7. SMTP channel          (the pure state machine: bytes in, replies and questions out)
-//   8. Server modes          (outputs, --exec, SMTPServer, DebuggingServer, PureProxy)
-//   9. Event loop            (PollReactor: sockets, timers, deferred tasks; the Server on it:
-//                             listeners, connections, exit policy)
-//  10. Command line          (options, addresses, validation)
-//  11. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
+//   8. Reactor               (sockets, timers and deferred tasks; PollReactor on poll())
+//   9. Modes                 (what the server asks a mode, and how the mode answers)
+//  10. Message texts         (a message held once, made into what goes out a chunk at a time)
+//  11. Local delivery        (stdout and stderr, the print-out, Maildir, mbox, --exec;
+//                             SMTPServer and DebuggingServer)
+//  12. SMTP client           (a non-blocking client session with an upstream server)
+//  13. Relays                (PureProxy, MailmanProxy)
+//  14. Transports and TLS    (plain TCP, and OpenSSL with make TLS=1)
+//  15. Server                (listeners, connections, the exit policy, the server loop)
+//  16. Command line          (options, addresses, validation, the start in order)
+//  17. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
 // ==== 1. Includes ====
 
@@ -796,10 +802,9 @@ inline bool File::open_append(const std::string& path, std::string& error) {
 
 // ==== 4. Small utilities ====
 // Python's str methods as smtpd.py uses them (strip, split, upper, isalnum, isdigit), a UTF-8
-// check, Python's repr of a str for the "mail options:" line, JSON strings, base64, the
-// asctime date of mbox "From " lines, wall-clock time, durations as text (seconds_text), our
-// name (getfqdn), and stdout and stderr as queues the loop never waits on (OutputQueue,
-// log_line).
+// check, Python's repr of a str for the "mail options:" line, JSON strings, base64,
+// shell-style patterns, a seeded random source, the asctime and RFC 5322 dates, wall-clock
+// time, durations as text (seconds_text), and our name (getfqdn).
 
 // decode_utf8_at - code point at s[i] and its length; false for a malformed sequence
 inline bool decode_utf8_at(std::string_view s, std::size_t i, std::uint32_t& cp, std::size_t& len) {
@@ -1174,6 +1179,16 @@ inline std::string format_asctime_utc(std::int64_t t) {
   return buf;
 }
 
+// format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
+// asctime form above
+inline std::string format_rfc5322_date_utc(std::int64_t t) {
+  std::string a = format_asctime_utc(t);  // "Sun Nov 29 05:10:00 2026"
+  std::string day = a.substr(8, 2);
+  if (day[0] == ' ') day.erase(0, 1);
+  return a.substr(0, 3) + ", " + day + " " + a.substr(4, 3) + " " + a.substr(20) + " " +
+         a.substr(11, 8) + " +0000";
+}
+
 // unix_time_us - microseconds since 1970 by the wall clock (for names and dates in files)
 inline std::int64_t unix_time_us() {
   using namespace std::chrono;
@@ -1196,180 +1211,6 @@ inline std::string getfqdn() {
   if (gethostname(name, sizeof name - 1) != 0 || name[0] == '\0') return "localhost";
   return name;
 }
-
-// log_line - one line on stderr, prefixed with the program name
-// TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
-// file, a command, a stream or an upstream server without a second copy of it in memory
-class TextSource {
- public:
-  virtual ~TextSource() = default;
-  // more - append the next part of the text to out, about `want` bytes (a short line more at
-  // most); false once all of it has been given
-  virtual bool more(std::string& out, std::size_t want) = 0;
-};
-
-// StringText - a text already made: handed over whole, and taken over rather than copied when
-// the taker has nothing yet
-class StringText : public TextSource {
- public:
-  explicit StringText(std::string text) : text_(std::move(text)) {}
-  bool more(std::string& out, std::size_t) override {
-    if (out.empty())
-      out.swap(text_);
-    else
-      out += text_;
-    text_.clear();
-    return false;
-  }
-
- private:
-  std::string text_;
-};
-
-// read_all - the whole of a text at once (small texts, and tests)
-inline std::string read_all(TextSource& text) {
-  std::string out;
-  while (text.more(out, kTextChunk)) {
-  }
-  return out;
-}
-
-// write_text - all of a text to a file, a chunk at a time
-inline bool write_text(File& file, TextSource& text, std::string& error) {
-  std::string chunk;
-  for (bool has_more = true; has_more;) {
-    chunk.clear();
-    has_more = text.more(chunk, kTextChunk);
-    if (!file.write_all(chunk, error)) return false;
-  }
-  return true;
-}
-
-// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
-// pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
-// dropped and counted; a print-out of a message whole (made a chunk at a time as the stream
-// takes it), and whoever waits on it is told once it is written. The loop polls the stream while
-// text waits (section 9); on a file or terminal every write completes at once, as before.
-class OutputQueue {
- public:
-  using Written = std::function<void(const std::string& error)>;  // "" when written
-  explicit OutputQueue(int fd) : fd_(fd) {}
-
-  void make_nonblocking() { is_nonblocking_ = set_output_nonblocking(fd_); }
-  bool is_nonblocking() const { return is_nonblocking_; }
-  bool has_pending() const { return !chunks_.empty(); }
-  int fd() const { return fd_; }
-
-  // trace - a line that may be lost rather than waited for
-  void trace(std::string text) {
-    if (queued_ + text.size() > kTraceBacklog) {
-      ++dropped_unsaid_;
-      return;
-    }
-    push(std::move(text), nullptr, nullptr);
-  }
-
-  // print - text that must be written whole; `written` is called from a later flush (or now)
-  std::uint64_t print(std::unique_ptr<TextSource> text, Written written) {
-    return push(std::string(), std::move(text), std::move(written));
-  }
-
-  // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
-  void forget(std::uint64_t id) {
-    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
-      if (it->id != id) continue;
-      it->written_to = nullptr;
-      if (it->has_begun) return;
-      queued_ -= it->text.size();
-      chunks_.erase(it);
-      return;
-    }
-  }
-
-  // flush - write what the stream takes now, never waiting
-  void flush() {
-    while (!chunks_.empty()) {
-      Chunk& c = chunks_.front();
-      if (c.done == c.text.size() && c.rest) {
-        make_more(c);
-        continue;
-      }
-      long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
-      if (n < 0 && would_block(errno)) return;
-      if (n > 0) c.has_begun = true;
-      std::string error;
-      if (n < 0)
-        error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
-                std::strerror(errno);
-      if (n >= 0) c.done += static_cast<std::size_t>(n);
-      if (error.empty() && (c.done < c.text.size() || c.rest)) continue;
-      Written written = std::move(c.written_to);
-      queued_ -= c.text.size();
-      chunks_.pop_front();
-      if (written) written(error);
-    }
-    if (dropped_unsaid_ != 0) {
-      std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
-                         " trace lines dropped: standard error was not read\n";
-      push(std::move(note), nullptr, nullptr);
-    }
-  }
-
-  // drain - at exit: wait (at most max_ms) for what is queued to leave
-  void drain(int max_ms) {
-    for (int waited = 0; waited < max_ms && has_pending(); waited += 10) {
-      flush();
-      if (has_pending()) sleep_ms(10);
-    }
-  }
-
- private:
-  struct Chunk {
-    std::string text;                  // what is to be written now
-    std::unique_ptr<TextSource> rest;  // and what is still to be made after it, if any
-    std::size_t done = 0;              // bytes of text already written
-    bool has_begun = false;            // any of it written: it must be finished
-    std::uint64_t id = 0;
-    Written written_to;
-  };
-
-  std::uint64_t push(std::string text, std::unique_ptr<TextSource> rest, Written written) {
-    queued_ += text.size();
-    chunks_.push_back(
-        Chunk{std::move(text), std::move(rest), 0, false, ++last_id_, std::move(written)});
-    std::uint64_t id = last_id_;
-    flush();
-    return id;
-  }
-
-  // make_more - the next part of a print-out, once what was made before is written
-  void make_more(Chunk& c) {
-    queued_ -= c.text.size();
-    c.text.clear();
-    c.done = 0;
-    if (!c.rest->more(c.text, kTextChunk)) c.rest.reset();
-    queued_ += c.text.size();
-  }
-
-  int fd_;
-  bool is_nonblocking_ = false;
-  std::deque<Chunk> chunks_;
-  std::size_t queued_ = 0;  // bytes in chunks_
-  std::uint64_t last_id_ = 0;
-  std::uint64_t dropped_unsaid_ = 0;  // trace lines dropped and not yet reported
-};
-
-inline OutputQueue& standard_output() {
-  static OutputQueue queue(1);
-  return queue;
-}
-inline OutputQueue& standard_error() {
-  static OutputQueue queue(2);
-  return queue;
-}
-
-// log_line - "smtpd: text" on stderr; dropped (and counted) rather than waited for
-inline void log_line(const std::string& text) { standard_error().trace("smtpd: " + text + "\n"); }
 
 // ==== 5. Addresses ====
 // smtpd.py reads the address of MAIL, RCPT and VRFY with get_angle_addr/get_addr_spec from
@@ -1697,7 +1538,7 @@ inline std::optional<std::vector<std::pair<std::string, std::optional<std::strin
 // ==== 6. Replies ====
 // Every reply we send, as smtpd.py words it, so code and tests share one spelling: constants,
 // and for replies that carry a value, the small functions that build them. A verb's syntax
-// text lives in the channel's verb table (kCommands) and is quoted from there.
+// text lives in the channel's verb table (kVerbTable) and is quoted from there.
 //   the kReply* constants; is_accepting; reply_greeting, reply_unknown_command,
 //   reply_cannot_vrfy; reply_closing; reply_exec_*; reply_upstream_*
 
@@ -1748,6 +1589,7 @@ constexpr const char* kReplyAuthMechanism = "504 5.5.4 Unrecognized authenticati
 constexpr const char* kReplyAuthCancelled = "501 5.7.0 Authentication cancelled";
 constexpr const char* kReplyAuthUndecodable = "501 5.5.2 Cannot decode response";
 constexpr const char* kAuthSyntax = "AUTH mechanism [initial-response]";
+constexpr const char* kAuthMechanisms = "PLAIN LOGIN";  // after AUTH in the EHLO reply
 constexpr const char* kChallengeEmpty = "334 ";
 constexpr const char* kChallengeUsername = "334 VXNlcm5hbWU6";
 constexpr const char* kChallengePassword = "334 UGFzc3dvcmQ6";
@@ -1832,7 +1674,7 @@ inline std::string reply_upstream_lost(const std::string& role, const std::strin
 // A mode that must consult someone else (a relay asks its upstream) sets ask_envelope, and
 // then MAIL and RCPT wait for a verdict too, through the same question() and answer().
 //   Channel::feed, output, consume_output, question, take_message, answer, close_with,
-//   wants_input, is_closing; one cmd_* handler per verb, listed in kCommands.
+//   wants_input, is_closing; one cmd_* handler per verb, listed in kVerbTable.
 
 // Refusals - the --reject rules: at a stage of the session, the first rule whose pattern
 // matches (a shell-style pattern on the client IP, the HELO name, the sender or a recipient,
@@ -1904,6 +1746,99 @@ struct Envelope {
   std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
+// DataReader - the message text after DATA's 354 (RFC 5321 4.5.2): line by line, a leading
+// dot taken off, until the line "." ends it. Bytes are stored as they arrive (CRLF as "\n"),
+// so memory follows the size limit: past it they are only counted, and a reader that keeps no
+// text (a sink without outputs) only counts. Sizes are smtpd.py's num_bytes: every byte of the
+// lines, the stuffed dots and the CRLFs included.
+class DataReader {
+ public:
+  DataReader(std::uint64_t size_limit, bool keeps_text)
+      : size_limit_(size_limit), keeps_text_(keeps_text) {}
+
+  // take - read what can be read of `in`; returns the bytes used, and sets is_ended once the
+  // end-of-data line is among them. Bytes that might begin that line, or the CR of a CRLF,
+  // are left in `in` until more come.
+  std::size_t take(std::string_view in, bool& is_ended) {
+    std::size_t at = 0;
+    is_ended = false;
+    while (at < in.size() && !is_ended && step(in, at, is_ended)) {
+    }
+    return at;
+  }
+
+  // reset - ready for the next message; the text is let go, whatever its size was
+  void reset() {
+    text_ = std::string();
+    bytes_ = 0;
+    is_too_big_ = false;
+    at_line_start_ = true;
+  }
+
+  // size - the message's bytes as smtpd.py counts them, without the CRLF before the "."
+  std::uint64_t size() const { return bytes_ >= 2 ? bytes_ - 2 : 0; }
+  bool is_too_big() const { return size_limit_ != 0 && size() > size_limit_; }
+  const std::string& text() const { return text_; }
+  // take_text - the message, lines joined with "\n" (the last line has none)
+  std::string take_text() {
+    std::string text = std::exchange(text_, std::string());
+    if (!text.empty()) text.pop_back();  // the "\n" of the CRLF before the "."
+    return text;
+  }
+
+ private:
+  // step - one line, or as much of one as has come; false when it must wait for more
+  bool step(std::string_view in, std::size_t& at, bool& is_ended) {
+    if (at_line_start_ && in[at] == '.') {
+      std::string_view rest = in.substr(at);
+      if (rest.size() < 3 && std::string_view(".\r\n").substr(0, rest.size()) == rest)
+        return false;  // could still be the end-of-data line
+      if (rest.substr(0, 3) == ".\r\n") {
+        at += 3;
+        is_ended = true;
+        return true;
+      }
+      bytes_ += 1;  // the stuffed dot counts, as in smtpd.py's num_bytes
+      at += 1;
+    }
+    at_line_start_ = false;
+    std::size_t end = in.find("\r\n", at);
+    if (end == std::string_view::npos) {
+      std::size_t stop = in.back() == '\r' ? in.size() - 1 : in.size();  // maybe half a CRLF
+      append(in.substr(at, stop - at));
+      at = stop;
+      return false;
+    }
+    append(in.substr(at, end - at));
+    append("\r\n");
+    at = end + 2;
+    at_line_start_ = true;
+    return true;
+  }
+
+  // append - count message bytes; store them (CRLF as "\n") until the limit is passed
+  void append(std::string_view bytes) {
+    bytes_ += bytes.size();
+    // The CRLF before the final dot is not message data, so the count may run 2 over.
+    if (size_limit_ != 0 && bytes_ > size_limit_ + 2 && !is_too_big_) {
+      is_too_big_ = true;
+      text_ = std::string();
+    }
+    if (is_too_big_ || !keeps_text_) return;  // counted, not kept
+    if (bytes == "\r\n")
+      text_ += '\n';
+    else
+      text_.append(bytes.data(), bytes.size());
+  }
+
+  std::uint64_t size_limit_;  // 0: no limit
+  bool keeps_text_;
+  std::string text_;
+  std::uint64_t bytes_ = 0;    // so far, counted as smtpd.py's num_bytes
+  bool is_too_big_ = false;    // bytes_ passed the limit: stop storing
+  bool at_line_start_ = true;  // the next byte begins a line
+};
+
 class Channel {
  public:
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
@@ -1928,6 +1863,16 @@ class Channel {
   std::uint64_t progress() const { return progress_; }  // grows with each line and verdict
   bool is_closing() const { return smtp_state == State::Closing; }
   void restart_in_tls();
+  // set_security - TLS is up: "TLSv1.3 TLS_AES_256_GCM_SHA384" (the transport knows)
+  void set_security(const std::string& tls) { tls_ = tls; }
+  bool is_plain_text() const { return tls_.empty(); }
+  bool is_in_data() const { return smtp_state == State::Data; }
+  // is_idle - between transactions' commands: closing now would lose nothing of a message
+  bool is_idle() const { return smtp_state == State::Command && question_ == Question::None; }
+  // has_unread_input - bytes wait behind the question (a pipelined group)
+  bool has_unread_input() const { return input_.size() > input_pos_; }
+  std::string_view unread_input() const { return std::string_view(input_).substr(input_pos_); }
+  const std::string& received_data() const { return data_.text(); }  // the message so far
 
   // Transaction state, public so tests can look at it as Python's tests do.
   State smtp_state = State::Command;
@@ -1938,26 +1883,28 @@ class Channel {
   std::vector<std::string> mail_options;
   std::vector<std::string> rcpt_options;
   bool require_smtputf8 = false;
-  std::string auth_user;       // the user name AUTH accepted; empty before
-  std::string tls;             // "TLSv1.3 TLS_AES_256_GCM_SHA384" once TLS is up (the loop sets it)
-  std::string received_data;   // the message being received, unstuffed
-  std::string received_lines;  // input bytes not yet processed as a whole line
-  const std::string& fqdn;     // config's: the greeting host
+  std::string auth_user;    // the user name AUTH accepted; empty before
+  const std::string& fqdn;  // config's: the greeting host
   const std::string peer;
 
   static const char* to_string(State state);
 
  private:
   using Arg = std::optional<std::string>;  // None when the verb had no space after it
+  // Keyword - what a row says in the EHLO reply: nothing, its name, its name and the size
+  // limit (none without one), or its name only as TLS allows (AUTH with --tls-required waits
+  // for TLS; STARTTLS is said only before it)
+  enum class Keyword { None, Name, Size, Auth, StartTls };
   struct Command {
-    const char* verb;
-    void (Channel::*handler)(const Arg&);
-    const char* syntax;            // HELP text; nullptr for verbs HELP does not list
-    bool ChannelConfig::*offered;  // the option that turns an extension on; nullptr: always
+    const char* verb;                      // the command, or an EHLO keyword's name
+    void (Channel::*handler)(const Arg&);  // nullptr: an EHLO keyword only, not a command
+    const char* syntax;                    // HELP text; nullptr for verbs HELP does not list
+    bool ChannelConfig::*offered;          // the option that turns it on; nullptr: always on
+    Keyword keyword;                       // how EHLO announces it
   };
   // The steps of an AUTH exchange: the next line is a response to our 334, not a command.
   enum class AuthStep { None, PlainResponse, LoginUser, LoginPassword };
-  static const Command kCommands[];
+  static const Command kVerbTable[];
 
   void push(const std::string& reply);
   void enter_state(State to);
@@ -1966,7 +1913,6 @@ class Channel {
   void process_input();
   bool process_command_bytes();
   bool process_data_bytes();
-  void append_data(std::string_view bytes);
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
   void refuse_non_smtp();
@@ -1996,6 +1942,7 @@ class Channel {
   void auth_login_user(std::string_view response);
   void log_in(const std::string& user, const std::string& password);
   bool is_offered(const Command& command) const;
+  std::string ehlo_keyword(const Command& command) const;
   bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
   void ask(Question question, const std::string& address);
 
@@ -2003,35 +1950,44 @@ class Channel {
   Question question_ = Question::None;
   std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
-  std::size_t input_pos_ = 0;      // processed prefix of received_lines
+  std::string input_;              // bytes received and not yet processed as a whole line
+  std::size_t input_pos_ = 0;      // processed prefix of input_
   std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
-  std::uint64_t data_bytes_ = 0;   // raw DATA bytes so far, counted as smtpd.py's num_bytes
-  bool data_too_big_ = false;      // data_bytes_ already passed the limit: stop storing
-  bool at_line_start_ = true;      // in DATA: the next byte begins a line
+  DataReader data_;                // the message text, in DATA
+  std::string tls_;                // the session's TLS version and cipher; empty before TLS
   std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
   AuthStep auth_step_ = AuthStep::None;
   std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
 };
 
-// kCommands - the protocol's index, in the order HELP lists the verbs
-const Channel::Command Channel::kCommands[] = {
-    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr},
-    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr},
-    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr},
-    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr},
-    {"DATA", &Channel::cmd_data, "DATA", nullptr},
-    {"RSET", &Channel::cmd_rset, "RSET", nullptr},
-    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr},
-    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr},
-    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr},
-    {"HELP", &Channel::cmd_help, nullptr, nullptr},
-    {"EXPN", &Channel::cmd_expn, nullptr, nullptr},
-    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth},
-    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls},
+// kVerbTable - the protocol's index: every verb and every EHLO keyword, once. HELP lists
+// the verbs that have a syntax in this order, and EHLO announces the keywords in this order.
+const Channel::Command Channel::kVerbTable[] = {
+    {"EHLO", &Channel::cmd_ehlo, "EHLO hostname", nullptr, Keyword::None},
+    {"HELO", &Channel::cmd_helo, "HELO hostname", nullptr, Keyword::None},
+    {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr, Keyword::None},
+    {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr, Keyword::None},
+    {"DATA", &Channel::cmd_data, "DATA", nullptr, Keyword::None},
+    {"RSET", &Channel::cmd_rset, "RSET", nullptr, Keyword::None},
+    {"NOOP", &Channel::cmd_noop, "NOOP", nullptr, Keyword::None},
+    {"QUIT", &Channel::cmd_quit, "QUIT", nullptr, Keyword::None},
+    {"VRFY", &Channel::cmd_vrfy, "VRFY <address>", nullptr, Keyword::None},
+    {"EXPN", &Channel::cmd_expn, nullptr, nullptr, Keyword::None},
+    {"SIZE", nullptr, nullptr, nullptr, Keyword::Size},
+    {"8BITMIME", nullptr, nullptr, &ChannelConfig::offer_8bitmime, Keyword::Name},
+    {"SMTPUTF8", nullptr, nullptr, &ChannelConfig::enable_smtputf8, Keyword::Name},
+    {"PIPELINING", nullptr, nullptr, &ChannelConfig::offer_pipelining, Keyword::Name},
+    {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth, Keyword::Auth},
+    {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls,
+     Keyword::StartTls},
+    {"HELP", &Channel::cmd_help, nullptr, nullptr, Keyword::Name},  // last in EHLO, as Python's
 };
 
 Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_address)
-    : fqdn(config->fqdn), peer(std::move(peer_address)), config_(std::move(config)) {
+    : fqdn(config->fqdn),
+      peer(std::move(peer_address)),
+      config_(std::move(config)),
+      data_(config_->data_size_limit, config_->keep_data) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
   if (is_refused(Refusals::Stage::Connect, {peer}))
@@ -2071,32 +2027,27 @@ void Channel::set_post_data_state() {
   rcpttos.clear();
   rcpt_options.clear();
   require_smtputf8 = false;
-  data_bytes_ = 0;
-  data_too_big_ = false;
-  at_line_start_ = true;
+  data_.reset();
 }
 
 // set_rset_state - smtpd.py _set_rset_state: everything but the greeting
-void Channel::set_rset_state() {
-  set_post_data_state();
-  received_data.clear();
-}
+void Channel::set_rset_state() { set_post_data_state(); }
 
 // wants_input - false while the mode decides, after QUIT, or when the client is far ahead
 bool Channel::wants_input() const {
   if (smtp_state == State::Waiting || smtp_state == State::Closing) return false;
-  return received_lines.size() - input_pos_ < kInputBacklog && output_.size() < kOutputBacklog;
+  return input_.size() - input_pos_ < kInputBacklog && output_.size() < kOutputBacklog;
 }
 
 void Channel::feed(std::string_view bytes) {
-  received_lines.append(bytes.data(), bytes.size());
+  input_.append(bytes.data(), bytes.size());
   process_input();
 }
 
 // process_input - handle every whole line (or data bytes) received so far
 void Channel::process_input() {
   bool progress = true;
-  while (progress && input_pos_ < received_lines.size()) {
+  while (progress && input_pos_ < input_.size()) {
     if (smtp_state == State::Command)
       progress = process_command_bytes();
     else if (smtp_state == State::Data)
@@ -2104,26 +2055,26 @@ void Channel::process_input() {
     else
       progress = false;
   }
-  received_lines.erase(0, input_pos_);
+  input_.erase(0, input_pos_);
   input_pos_ = 0;
 }
 
 // process_command_bytes - one command line if a whole one is here; bound an overlong one
 bool Channel::process_command_bytes() {
-  std::size_t end = received_lines.find("\r\n", input_pos_);
+  std::size_t end = input_.find("\r\n", input_pos_);
   if (end == std::string::npos) {
     // Keep just enough to tell "too long" from "fine"; count the rest and drop it. The
     // last byte stays: it may be the CR of a CRLF split across two reads.
-    std::size_t have = received_lines.size() - input_pos_;
+    std::size_t have = input_.size() - input_pos_;
     if (have > kLongestCommand + 2) {
       dropped_bytes_ += have - 1;
-      input_pos_ = received_lines.size() - 1;
+      input_pos_ = input_.size() - 1;
     }
     return false;
   }
-  // A view is enough: command handlers never touch received_lines (only answer() resumes
+  // A view is enough: command handlers never touch input_ (only answer() resumes
   // input processing, and never from inside a handler).
-  std::string_view line(received_lines.data() + input_pos_, end - input_pos_);
+  std::string_view line(input_.data() + input_pos_, end - input_pos_);
   std::size_t size = dropped_bytes_ + line.size();
   input_pos_ = end + 2;
   dropped_bytes_ = 0;
@@ -2131,61 +2082,19 @@ bool Channel::process_command_bytes() {
   return true;
 }
 
-// process_data_bytes - message text: dot-unstuffing and end-of-data, one line at a time
-// (RFC 5321 4.5.2). Bytes are stored as they arrive, so memory follows the size limit.
+// process_data_bytes - message text, read by the DATA reader; the end-of-data line ends it
 bool Channel::process_data_bytes() {
-  const std::string& in = received_lines;
-  if (at_line_start_ && in[input_pos_] == '.') {
-    std::string_view rest(in.data() + input_pos_, in.size() - input_pos_);
-    if (rest.size() < 3 && std::string_view(".\r\n").substr(0, rest.size()) == rest)
-      return false;  // could still be the end-of-data line
-    if (rest.substr(0, 3) == ".\r\n") {
-      input_pos_ += 3;
-      end_of_data();
-      return true;
-    }
-    data_bytes_ += 1;  // the stuffed dot counts, as in smtpd.py's num_bytes
-    input_pos_ += 1;
-  }
-  at_line_start_ = false;
-  std::size_t end = in.find("\r\n", input_pos_);
-  if (end == std::string::npos) {
-    std::size_t stop = in.size();
-    if (in.back() == '\r') stop -= 1;  // maybe half of a CRLF
-    append_data(std::string_view(in.data() + input_pos_, stop - input_pos_));
-    input_pos_ = stop;
-    return false;
-  }
-  append_data(std::string_view(in.data() + input_pos_, end - input_pos_));
-  append_data("\r\n");
-  input_pos_ = end + 2;
-  at_line_start_ = true;
-  return true;
-}
-
-// append_data - count message bytes; store them (CRLF as "\n") until the limit is passed
-void Channel::append_data(std::string_view bytes) {
-  ++progress_;
-  data_bytes_ += bytes.size();
-  std::uint64_t limit = config_->data_size_limit;
-  // The CRLF before the final dot is not message data, so the count may run 2 over.
-  if (limit != 0 && data_bytes_ > limit + 2 && !data_too_big_) {
-    data_too_big_ = true;
-    received_data.clear();
-    received_data.shrink_to_fit();
-  }
-  if (data_too_big_ || !config_->keep_data) return;  // counted, not kept (issue 9.8)
-  if (bytes == "\r\n")
-    received_data += '\n';
-  else
-    received_data.append(bytes.data(), bytes.size());
+  bool is_ended = false;
+  std::size_t used = data_.take(unread_input(), is_ended);
+  input_pos_ += used;
+  if (used > 0) ++progress_;
+  if (is_ended) end_of_data();
+  return is_ended;
 }
 
 // end_of_data - the lone dot arrived: refuse an oversized message or hand it to the mode
 void Channel::end_of_data() {
-  std::uint64_t size = data_bytes_ >= 2 ? data_bytes_ - 2 : 0;
-  if (!received_data.empty()) received_data.pop_back();  // the "\n" of the last CRLF
-  if (config_->data_size_limit != 0 && size > config_->data_size_limit) {
+  if (data_.is_too_big()) {
     push(kReplyTooMuchData);
     // differs from smtpd.py: Python stays in DATA state here and reads the next commands
     // as message text; RFC 5321 4.1.1.4 returns the session to command state.
@@ -2210,11 +2119,10 @@ Envelope Channel::take_message() {
   envelope.rcpttos = rcpttos;
   envelope.mail_options = mail_options;
   envelope.rcpt_options = rcpt_options;
-  envelope.data = std::move(received_data);
+  envelope.data = data_.take_text();
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) envelope.auth_user = auth_user;
-  if (config_->records_tls) envelope.tls = tls;
-  received_data.clear();
+  if (config_->records_tls) envelope.tls = tls_;
   return envelope;
 }
 
@@ -2290,8 +2198,9 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   Arg arg;
   if (space != std::string_view::npos) arg = std::string(python_strip(line.substr(space + 1)));
   if (size > command_size_limit(verb)) return push(kReplyLineTooLong);
-  for (const Command& command : kCommands) {
-    if (verb == command.verb && is_offered(command)) return (this->*command.handler)(arg);
+  for (const Command& command : kVerbTable) {
+    if (verb == command.verb && command.handler != nullptr && is_offered(command))
+      return (this->*command.handler)(arg);
   }
   // differs from smtpd.py: Python echoes the verb as it came, and a non-ASCII one makes its
   // reply fail to encode, which drops the connection.
@@ -2335,16 +2244,30 @@ void Channel::greet(const Arg& arg, bool extended) {
   seen_greeting = *arg;
   extended_smtp = extended;
   if (!extended) return push("250 " + fqdn);
-  push("250-" + fqdn);
-  if (config_->data_size_limit != 0) push("250-SIZE " + std::to_string(config_->data_size_limit));
-  if (config_->offer_8bitmime) push("250-8BITMIME");
-  if (config_->enable_smtputf8) push("250-SMTPUTF8");
-  if (config_->offer_pipelining) push("250-PIPELINING");
-  bool is_plain_text = tls.empty();
-  if (config_->offer_auth && !(config_->tls_required && is_plain_text))
-    push("250-AUTH PLAIN LOGIN");
-  if (config_->offer_starttls && is_plain_text) push("250-STARTTLS");
-  push("250 HELP");
+  std::vector<std::string> lines{fqdn};
+  for (const Command& command : kVerbTable) {
+    std::string keyword = ehlo_keyword(command);
+    if (!keyword.empty()) lines.push_back(std::move(keyword));
+  }
+  for (std::size_t i = 0; i < lines.size(); ++i)
+    push((i + 1 < lines.size() ? "250-" : "250 ") + lines[i]);
+}
+
+// ehlo_keyword - what EHLO says of a row of kVerbTable now: "" for nothing
+std::string Channel::ehlo_keyword(const Command& command) const {
+  if (!is_offered(command)) return "";
+  switch (command.keyword) {
+    case Keyword::None: return "";
+    case Keyword::Name: return command.verb;
+    case Keyword::Size:
+      if (config_->data_size_limit == 0) return "";
+      return std::string(command.verb) + " " + std::to_string(config_->data_size_limit);
+    case Keyword::Auth:
+      if (config_->tls_required && is_plain_text()) return "";
+      return std::string(command.verb) + " " + kAuthMechanisms;
+    case Keyword::StartTls: return is_plain_text() ? command.verb : "";
+  }
+  return "";
 }
 
 void Channel::cmd_noop(const Arg& arg) { push(has_text(arg) ? syntax_reply("NOOP") : kReplyOk); }
@@ -2354,17 +2277,17 @@ void Channel::cmd_quit(const Arg&) {  // the argument is ignored, as in smtpd.py
   enter_state(State::Closing);
 }
 
-// cmd_help - the syntax of one verb, or the list of verbs, from kCommands
+// cmd_help - the syntax of one verb, or the list of verbs, from kVerbTable
 void Channel::cmd_help(const Arg& arg) {
   std::string list;
-  for (const Command& command : kCommands) {
+  for (const Command& command : kVerbTable) {
     if (command.syntax == nullptr || !is_offered(command)) continue;
     list += list.empty() ? "" : " ";
     list += command.verb;
   }
   if (!has_text(arg)) return push(kReplyHelpList + list);
   std::string verb = ascii_upper(*arg);
-  for (const Command& command : kCommands) {
+  for (const Command& command : kVerbTable) {
     if (command.syntax == nullptr || !is_offered(command) || verb != command.verb) continue;
     return push(kReplyHelpSyntax + syntax_of(command.verb));
   }
@@ -2380,9 +2303,9 @@ void Channel::cmd_vrfy(const Arg& arg) {
   push(reply_cannot_vrfy(printable(*arg, require_smtputf8)));
 }
 
-// syntax_of - a verb's syntax from kCommands; after EHLO, MAIL and RCPT take parameters too
+// syntax_of - a verb's syntax from kVerbTable; after EHLO, MAIL and RCPT take parameters too
 std::string Channel::syntax_of(const char* verb) const {
-  for (const Command& command : kCommands) {
+  for (const Command& command : kVerbTable) {
     if (std::strcmp(command.verb, verb) != 0 || command.syntax == nullptr) continue;
     bool has_params =
         extended_smtp && (std::strcmp(verb, "MAIL") == 0 || std::strcmp(verb, "RCPT") == 0);
@@ -2422,7 +2345,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
 
 void Channel::cmd_mail(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->tls_required && tls_.empty()) return push(kReplyTlsRequired);
   if (config_->auth_required && auth_user.empty()) return push(kReplyAuthRequired);
   std::string syntax = syntax_reply("MAIL");
   std::optional<ParsedAddress> parsed = address_argument(arg, "FROM:", syntax);
@@ -2505,12 +2428,9 @@ void Channel::cmd_data(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (rcpttos.empty()) return push(kReplyNeedRcpt);
   if (has_text(arg)) return push(syntax_reply("DATA"));
-  received_data.clear();
-  data_bytes_ = 0;
-  data_too_big_ = false;
+  data_.reset();
   // differs from smtpd.py: Python waits for CRLF "." CRLF, so a "." right after 354 does not
   // end an empty message there; here every line is checked (RFC 5321 4.1.1.4).
-  at_line_start_ = true;
   enter_state(State::Data);
   push(kReplyStartData);
 }
@@ -2523,9 +2443,9 @@ void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
 // run as if they came through TLS).
 void Channel::cmd_starttls(const Arg& arg) {
   if (has_text(arg)) return push("501 Syntax: STARTTLS");
-  if (!tls.empty()) return push(kReplyTlsActive);
+  if (!tls_.empty()) return push(kReplyTlsActive);
   push(kReplyTlsReady);
-  input_pos_ = received_lines.size();
+  input_pos_ = input_.size();
   dropped_bytes_ = 0;
   ask(Question::StartTls, "");
 }
@@ -2546,7 +2466,7 @@ void Channel::restart_in_tls() {
 // and not inside a transaction
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
-  if (config_->tls_required && tls.empty()) return push(kReplyTlsRequired);
+  if (config_->tls_required && tls_.empty()) return push(kReplyTlsRequired);
   if (!auth_user.empty()) return push(kReplyAuthAgain);
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
@@ -2616,23 +2536,15 @@ void Channel::log_in(const std::string& user, const std::string& password) {
   push(kReplyAuthOk);
 }
 
-// ==== 8. Server modes ====
-// What happens to mail: the -c CLASS of smtpd.py. The loop opens a ModeSession for each client
-// and asks it about every step the channel waits on; the session answers through a Verdict,
-// at once (the printer) or later (--exec, or the relay once its upstream has replied). An
-// empty verdict means the usual success reply. A mode that cannot keep a message answers 4xx,
-// so the client keeps it and retries. SMTPServer and DebuggingServer run the --exec command
-// first (it may refuse the message), then hand the message to their outputs (--maildir,
-// --mbox, the printer on stdout) in order; the 250 comes only once every one of them has it.
-// A message is held once: what goes out is made from it a chunk at a time (MessageText).
-//   Reactor (what a mode may ask of the loop), ModeSession, ServerMode;
-//   MessageText, LineText, FileText (the message as a file holds it);
-//   MessageOutput, format_debug_message, JsonText, StreamPrinter, MaildirStore, MboxText,
-//   MboxStore, maildir_unique_name, not_stored_reply;
-//   RecipientsFile, CommandRun (one run of the --exec command), DeliveringServer, SinkServer,
-//   DebuggingServer; UpstreamClient (a non-blocking SMTP client), UpstreamSession, RelayText
-//   (the message as it goes upstream), PureProxy, MailmanProxy
-// Reactor - the loop's services to modes (section 9 has the loop): watch a socket, run a
+// ==== 8. Reactor ====
+// The loop's engine, as Redis's ae.c is under its server: it watches sockets, runs timers and
+// runs tasks deferred until the current callbacks are done, and knows nothing of SMTP. Reactor
+// is what modes and the server may ask of it; PollReactor gives it on poll() (WSAPoll on
+// Windows), the portable base.
+//   Reactor (watch, set_events, unwatch, release, start_timer, restart_timer, cancel_timer,
+//   defer, dispose); PollReactor (turn, run_deferred, now_ms)
+
+// Reactor - the loop's services to modes and the server: watch a socket, run a
 // timer, and run a task after the current callbacks. That last one is the only guard against
 // re-entrancy anywhere: whatever must not happen inside a callback (destroying the object
 // whose callback is on the stack, asking the mode its next question) is deferred, and
@@ -2661,6 +2573,140 @@ class Reactor {
     if (object) defer([kept = std::shared_ptr<T>(std::move(object))] {});
   }
 };
+
+// PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
+// of those that are ready, then the timers that are due, then the deferred tasks. Timers are
+// kept by deadline, so starting, restarting or cancelling one costs a map update however many
+// there are (a timer per connection is cheap).
+class PollReactor : public Reactor {
+ public:
+  ~PollReactor() override { run_deferred(); }
+
+  void watch(socket_t s, short events, ReadyHandler on_ready) override {
+    watchers_[s] = Watcher{events, std::move(on_ready)};
+  }
+  void set_events(socket_t s, short events) override {
+    auto it = watchers_.find(s);
+    if (it != watchers_.end()) it->second.events = events;
+  }
+  void unwatch(socket_t s) override { watchers_.erase(s); }
+  void release(socket_t s, void (*close)(socket_t)) override {
+    unwatch(s);
+    defer([s, close] { close(s); });
+  }
+  TimerId start_timer(long long delay_ms, Task on_expiry) override {
+    TimerId id = ++last_timer_id_;
+    long long deadline = now_ms() + delay_ms;
+    timers_.emplace(std::make_pair(deadline, id), std::move(on_expiry));
+    deadlines_.emplace(id, deadline);
+    return id;
+  }
+  void restart_timer(TimerId id, long long delay_ms) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    auto node = timers_.extract(std::make_pair(at->second, id));
+    at->second = now_ms() + delay_ms;
+    node.key() = std::make_pair(at->second, id);
+    timers_.insert(std::move(node));
+  }
+  void cancel_timer(TimerId id) override {
+    auto at = deadlines_.find(id);
+    if (at == deadlines_.end()) return;
+    timers_.erase(std::make_pair(at->second, id));
+    deadlines_.erase(at);
+  }
+  void defer(Task task) override { deferred_.push_back(std::move(task)); }
+
+  // turn - wait up to max_wait_ms (less when a timer is due sooner), then run what is ready;
+  // false when poll itself fails, with the reason in error()
+  bool turn(int max_wait_ms) {
+    fds_.clear();
+    // A socket that wants no events is left out, not polled with events 0: poll reports POLLHUP
+    // and POLLERR whatever is asked, so a client reset while its verdict is pending would wake
+    // every turn at once and spin the loop (issue 9.5).
+    for (const auto& [s, w] : watchers_)
+      if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
+    if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {
+      int err = last_socket_error();
+      if (interrupted(err)) return true;
+      error_ = "poll failed: " + socket_error_text(err);
+      return false;
+    }
+    for (const pollfd_t& p : fds_)
+      if (p.revents != 0) dispatch(p.fd, p.revents);
+    fire_timers();
+    run_deferred();
+    return true;
+  }
+
+  // run_deferred - the deferred tasks, in order, including those they defer in turn
+  void run_deferred() {
+    while (!deferred_.empty()) {
+      std::vector<Task> batch = std::exchange(deferred_, {});
+      for (Task& task : batch) std::exchange(task, nullptr)();  // each gone before the next
+    }
+  }
+
+  const std::string& error() const { return error_; }
+
+  static long long now_ms() {
+    using namespace std::chrono;
+    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  }
+
+ private:
+  struct Watcher {
+    short events = 0;
+    ReadyHandler on_ready;
+  };
+
+  int wait_ms(int max_wait_ms) const {
+    if (!deferred_.empty()) return 0;
+    long long wait = max_wait_ms;
+    if (!timers_.empty()) wait = std::min(wait, timers_.begin()->first.first - now_ms());
+    return static_cast<int>(std::max(0LL, wait));
+  }
+
+  // dispatch - a socket unwatched earlier in this turn gets nothing; a handler may replace
+  // or remove itself, so it runs from a copy
+  void dispatch(socket_t s, short revents) {
+    auto it = watchers_.find(s);
+    if (it == watchers_.end()) return;
+    ReadyHandler handler = it->second.on_ready;
+    handler(revents);
+  }
+
+  // fire_timers - those due now, earliest first; one started meanwhile waits for a later turn
+  void fire_timers() {
+    long long now = now_ms();
+    TimerId newest = last_timer_id_;
+    while (!timers_.empty()) {
+      auto first = timers_.begin();
+      auto [deadline, id] = first->first;
+      if (deadline > now || id > newest) break;
+      Task task = std::move(first->second);
+      timers_.erase(first);
+      deadlines_.erase(id);
+      task();
+    }
+  }
+
+  std::unordered_map<socket_t, Watcher> watchers_;
+  std::map<std::pair<long long, TimerId>, Task> timers_;  // by deadline, then by age
+  std::unordered_map<TimerId, long long> deadlines_;      // each timer's key in timers_
+  TimerId last_timer_id_ = 0;
+  std::vector<Task> deferred_;
+  std::vector<pollfd_t> fds_;  // this turn's poll set
+  std::string error_;
+};
+
+// ==== 9. Modes ====
+// What happens to mail: the -c CLASS of smtpd.py. The server opens a ModeSession for each
+// client and asks it about every step the channel waits on; the session answers through a
+// Verdict, at once (the printer) or later (--exec, or a relay once its upstream has replied).
+// An empty verdict means the usual success reply; a mode that cannot keep a message answers
+// 4xx, so the client keeps it and retries.
+//   Verdict, MailRequest, ModeSession, ServerMode
 
 using Verdict = std::function<void(const std::string& reply)>;
 
@@ -2691,28 +2737,50 @@ class ServerMode {
   virtual void shape(ChannelConfig&) const {}  // what a new client's EHLO offers
 };
 
-// MessageOutput - one place a message goes; deliver() is true only once the message is
-// safely there, and otherwise says why in error ("cannot write /x/y: No space left on device")
-class MessageOutput {
+// ==== 10. Message texts ====
+// A message is held once, as the channel received it. Everything that goes out is made from
+// that copy a chunk at a time (kTextChunk) by a TextSource, so a big message never costs a
+// second copy: what a Maildir file or a command gets (FileText), the --json line (JsonText),
+// the mbox entry (MboxText), what goes upstream (RelayText). The DebuggingServer print-out is
+// made in place instead, as it is the last use of the text.
+//   TextSource, StringText, read_all; session_header_lines; MessageText, LineText; FileText,
+//   borrowed; format_debug_message, debug_text; session_json, JsonText, format_json_message;
+//   MboxText; RelayText
+
+// TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
+// file, a command, a stream or an upstream server without a second copy of it in memory
+class TextSource {
  public:
-  virtual ~MessageOutput() = default;
-  virtual bool deliver(const Envelope& envelope, std::string& error) = 0;
+  virtual ~TextSource() = default;
+  // more - append the next part of the text to out, about `want` bytes (a short line more at
+  // most); false once all of it has been given
+  virtual bool more(std::string& out, std::size_t want) = 0;
 };
 
-// split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
-inline std::vector<std::string_view> split_python_lines(std::string_view data) {
-  std::vector<std::string_view> lines;
-  std::size_t start = 0;
-  while (start < data.size()) {
-    std::size_t end = data.find_first_of("\r\n", start);
-    if (end == std::string_view::npos) {
-      lines.push_back(data.substr(start));
-      break;
-    }
-    lines.push_back(data.substr(start, end - start));
-    start = end + ((data[end] == '\r' && end + 1 < data.size() && data[end + 1] == '\n') ? 2 : 1);
+// StringText - a text already made: handed over whole, and taken over rather than copied when
+// the taker has nothing yet
+class StringText : public TextSource {
+ public:
+  explicit StringText(std::string text) : text_(std::move(text)) {}
+  bool more(std::string& out, std::size_t) override {
+    if (out.empty())
+      out.swap(text_);
+    else
+      out += text_;
+    text_.clear();
+    return false;
   }
-  return lines;
+
+ private:
+  std::string text_;
+};
+
+// read_all - the whole of a text at once (small texts, and tests)
+inline std::string read_all(TextSource& text) {
+  std::string out;
+  while (text.more(out, kTextChunk)) {
+  }
+  return out;
 }
 
 // session_header_lines - what the session adds to a stored message: "X-Auth-User: NAME" for
@@ -2952,6 +3020,200 @@ inline std::unique_ptr<TextSource> debug_text(Envelope envelope) {
   return std::make_unique<StringText>(format_debug_message(std::move(envelope)));
 }
 
+// MboxText - an mbox entry: "From SENDER DATE", the message (the session's lines first) with
+// one more '>' before each line that matches ^>*From  (the mboxrd rule, so a reader can undo
+// it exactly) and "\n" after every line, the last one included, then the empty line that
+// ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white space
+// and control characters in a (quoted) address become '_', so the line stays one line of two
+// fields.
+class MboxText : public LineText {
+ public:
+  MboxText(std::shared_ptr<const Envelope> message, std::int64_t unix_seconds)
+      : LineText(message, from_line(*message, unix_seconds), session_header_lines(*message), "\n") {
+  }
+
+ private:
+  static std::string from_line(const Envelope& envelope, std::int64_t unix_seconds) {
+    std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
+                             ? std::string("MAILER-DAEMON")
+                             : envelope.mailfrom;
+    for (char& c : sender)
+      if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
+    return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n";
+  }
+  const char* line_ends() const override { return "\n"; }
+  void start_line(std::string& out, std::string_view line) override {
+    std::size_t arrows = line.find_first_not_of('>');
+    if (arrows != std::string_view::npos && line.substr(arrows, 5) == "From ") out += '>';
+  }
+  void end_line(std::string& out, bool) override { out += '\n'; }
+};
+
+// RelayText - the message as it goes upstream: the lines `before` it (Mailman's added
+// headers), "X-Peer: <client ip>" before the first empty line (or at the end if there is
+// none), as smtpd.py's PureProxy inserts it; CRLF line ends; dot-stuffing redone (RFC 5321
+// 4.5.2); the final ".".
+// differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
+// (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
+// CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
+// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
+class RelayText : public LineText {
+ public:
+  explicit RelayText(std::shared_ptr<const Envelope> message, std::string before = "")
+      : LineText(std::move(message), "", std::move(before), ".\r\n") {}
+
+ private:
+  const char* line_ends() const override { return "\r\n"; }
+  void start_line(std::string& out, std::string_view line) override {
+    if (line.empty()) add_peer(out);
+    if (!line.empty() && line[0] == '.') out += '.';
+  }
+  void end_line(std::string& out, bool is_last) override {
+    out += "\r\n";
+    if (is_last) add_peer(out);
+  }
+  void add_peer(std::string& out) {
+    if (!std::exchange(is_peer_added_, true)) out += "X-Peer: " + message().peer + "\r\n";
+  }
+
+  bool is_peer_added_ = false;
+};
+
+// ==== 11. Local delivery ====
+// SMTPServer and DebuggingServer: each message goes first to the --exec command, if any, which
+// may refuse it, then to the outputs in order (--maildir, --mbox, the print-out on stdout). The
+// client hears 250 only once every one of them has the message; an output that fails gets it a
+// 451. Standard output and error are queues the loop never waits on.
+//   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
+//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, CommandRun;
+//   not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+
+// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
+// pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
+// dropped and counted; a print-out of a message whole (made a chunk at a time as the stream
+// takes it), and whoever waits on it is told once it is written. The loop polls the stream while
+// text waits (Server::watch_outputs); on a file or terminal every write completes at once.
+class OutputQueue {
+ public:
+  using Written = std::function<void(const std::string& error)>;  // "" when written
+  explicit OutputQueue(int fd) : fd_(fd) {}
+
+  void make_nonblocking() { is_nonblocking_ = set_output_nonblocking(fd_); }
+  bool is_nonblocking() const { return is_nonblocking_; }
+  bool has_pending() const { return !chunks_.empty(); }
+  int fd() const { return fd_; }
+
+  // trace - a line that may be lost rather than waited for
+  void trace(std::string text) {
+    if (queued_ + text.size() > kTraceBacklog) {
+      ++dropped_unsaid_;
+      return;
+    }
+    push(std::move(text), nullptr, nullptr);
+  }
+
+  // print - text that must be written whole; `written` is called from a later flush (or now)
+  std::uint64_t print(std::unique_ptr<TextSource> text, Written written) {
+    return push(std::string(), std::move(text), std::move(written));
+  }
+
+  // forget - whoever waits on print `id` is gone: no call, and text not begun is not written
+  void forget(std::uint64_t id) {
+    for (auto it = chunks_.begin(); it != chunks_.end(); ++it) {
+      if (it->id != id) continue;
+      it->written_to = nullptr;
+      if (it->has_begun) return;
+      queued_ -= it->text.size();
+      chunks_.erase(it);
+      return;
+    }
+  }
+
+  // flush - write what the stream takes now, never waiting
+  void flush() {
+    while (!chunks_.empty()) {
+      Chunk& c = chunks_.front();
+      if (c.done == c.text.size() && c.rest) {
+        make_more(c);
+        continue;
+      }
+      long n = write_output(fd_, c.text.data() + c.done, c.text.size() - c.done);
+      if (n < 0 && would_block(errno)) return;
+      if (n > 0) c.has_begun = true;
+      std::string error;
+      if (n < 0)
+        error = std::string("cannot write to standard ") + (fd_ == 1 ? "output: " : "error: ") +
+                std::strerror(errno);
+      if (n >= 0) c.done += static_cast<std::size_t>(n);
+      if (error.empty() && (c.done < c.text.size() || c.rest)) continue;
+      Written written = std::move(c.written_to);
+      queued_ -= c.text.size();
+      chunks_.pop_front();
+      if (written) written(error);
+    }
+    if (dropped_unsaid_ != 0) {
+      std::string note = "smtpd: " + std::to_string(std::exchange(dropped_unsaid_, 0)) +
+                         " trace lines dropped: standard error was not read\n";
+      push(std::move(note), nullptr, nullptr);
+    }
+  }
+
+  // drain - at exit: wait (at most max_ms) for what is queued to leave
+  void drain(int max_ms) {
+    for (int waited = 0; waited < max_ms && has_pending(); waited += 10) {
+      flush();
+      if (has_pending()) sleep_ms(10);
+    }
+  }
+
+ private:
+  struct Chunk {
+    std::string text;                  // what is to be written now
+    std::unique_ptr<TextSource> rest;  // and what is still to be made after it, if any
+    std::size_t done = 0;              // bytes of text already written
+    bool has_begun = false;            // any of it written: it must be finished
+    std::uint64_t id = 0;
+    Written written_to;
+  };
+
+  std::uint64_t push(std::string text, std::unique_ptr<TextSource> rest, Written written) {
+    queued_ += text.size();
+    chunks_.push_back(
+        Chunk{std::move(text), std::move(rest), 0, false, ++last_id_, std::move(written)});
+    std::uint64_t id = last_id_;
+    flush();
+    return id;
+  }
+
+  // make_more - the next part of a print-out, once what was made before is written
+  void make_more(Chunk& c) {
+    queued_ -= c.text.size();
+    c.text.clear();
+    c.done = 0;
+    if (!c.rest->more(c.text, kTextChunk)) c.rest.reset();
+    queued_ += c.text.size();
+  }
+
+  int fd_;
+  bool is_nonblocking_ = false;
+  std::deque<Chunk> chunks_;
+  std::size_t queued_ = 0;  // bytes in chunks_
+  std::uint64_t last_id_ = 0;
+  std::uint64_t dropped_unsaid_ = 0;  // trace lines dropped and not yet reported
+};
+
+inline OutputQueue& standard_output() {
+  static OutputQueue queue(1);
+  return queue;
+}
+inline OutputQueue& standard_error() {
+  static OutputQueue queue(2);
+  return queue;
+}
+
+// log_line - "smtpd: text" on stderr; dropped (and counted) rather than waited for
+inline void log_line(const std::string& text) { standard_error().trace("smtpd: " + text + "\n"); }
+
 // StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
 // 250 waits until it is written. A reader that does not read for timeout_ms (--timeout) gets
 // the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
@@ -3008,6 +3270,25 @@ class StreamPrinter {
   Format format_;
   long long timeout_ms_;
 };
+
+// MessageOutput - one place a message goes; deliver() is true only once the message is
+// safely there, and otherwise says why in error ("cannot write /x/y: No space left on device")
+class MessageOutput {
+ public:
+  virtual ~MessageOutput() = default;
+  virtual bool deliver(const Envelope& envelope, std::string& error) = 0;
+};
+
+// write_text - all of a text to a file, a chunk at a time
+inline bool write_text(File& file, TextSource& text, std::string& error) {
+  std::string chunk;
+  for (bool has_more = true; has_more;) {
+    chunk.clear();
+    has_more = text.more(chunk, kTextChunk);
+    if (!file.write_all(chunk, error)) return false;
+  }
+  return true;
+}
 
 // maildir_unique_name - "<seconds>.M<usec>P<pid>Q<count>.<host>", the Maildir naming of
 // cr.yp.to/proto/maildir.html, with '/' and ':' in the host name written \057 and \072
@@ -3082,35 +3363,6 @@ class MaildirStore : public MessageOutput {
   std::string dir_;
   std::string host_;
   std::uint64_t count_ = 0;  // messages named by this process: the Q part of the name
-};
-
-// MboxText - an mbox entry: "From SENDER DATE", the message (the session's lines first) with
-// one more '>' before each line that matches ^>*From  (the mboxrd rule, so a reader can undo
-// it exactly) and "\n" after every line, the last one included, then the empty line that
-// ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white space
-// and control characters in a (quoted) address become '_', so the line stays one line of two
-// fields.
-class MboxText : public LineText {
- public:
-  MboxText(std::shared_ptr<const Envelope> message, std::int64_t unix_seconds)
-      : LineText(message, from_line(*message, unix_seconds), session_header_lines(*message), "\n") {
-  }
-
- private:
-  static std::string from_line(const Envelope& envelope, std::int64_t unix_seconds) {
-    std::string sender = envelope.mailfrom == "<>" || envelope.mailfrom.empty()
-                             ? std::string("MAILER-DAEMON")
-                             : envelope.mailfrom;
-    for (char& c : sender)
-      if (static_cast<unsigned char>(c) <= 0x20 || c == 0x7F) c = '_';
-    return "From " + sender + " " + format_asctime_utc(unix_seconds) + "\n";
-  }
-  const char* line_ends() const override { return "\n"; }
-  void start_line(std::string& out, std::string_view line) override {
-    std::size_t arrows = line.find_first_not_of('>');
-    if (arrows != std::string_view::npos && line.substr(arrows, 5) == "From ") out += '>';
-  }
-  void end_line(std::string& out, bool) override { out += '\n'; }
 };
 
 // MboxStore - --mbox FILE: each message appended under an exclusive lock and synced. A write
@@ -3403,7 +3655,7 @@ class DeliveringServer : public ServerMode {
       : outputs_(std::move(outputs)), hook_(std::move(hook)), printer_(std::move(printer)) {}
 
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(*this, reactor);
+    return std::make_unique<DeliverySession>(*this, reactor);
   }
   // keeps_data - a sink with no output and no command throws the text away: never store it
   bool keeps_data() const override {
@@ -3423,9 +3675,9 @@ class DeliveringServer : public ServerMode {
   }
 
  private:
-  class Session : public ModeSession {
+  class DeliverySession : public ModeSession {
    public:
-    Session(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
+    DeliverySession(DeliveringServer& mode, Reactor& reactor) : mode_(mode), reactor_(reactor) {}
 
     void on_message(Envelope envelope, Verdict verdict) override {
       if (mode_.hook_.command.empty()) return keep(envelope, "", verdict);
@@ -3482,6 +3734,14 @@ class DebuggingServer : public DeliveringServer {
                            Hook hook = {})
       : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
+
+// ==== 12. SMTP client ====
+// The client side of SMTP, for the relays. UpstreamClient speaks on a non-blocking socket in
+// the loop (connect, commands and the message out, replies in, a timeout on every wait);
+// UpstreamSession is one session with a server we hand mail to, over SMTP or LMTP; an
+// UpstreamProbe learns at start what the upstream offers, and UpstreamOffer keeps our EHLO to it.
+//   UpstreamReply, UpstreamSettings, UpstreamOffer, UpstreamClient, UpstreamSession,
+//   UpstreamProbe
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
 // failed, closed or timed out) and text says why
@@ -4045,35 +4305,11 @@ class UpstreamProbe {
   std::unique_ptr<UpstreamSession> session_;
 };
 
-// RelayText - the message as it goes upstream: the lines `before` it (Mailman's added
-// headers), "X-Peer: <client ip>" before the first empty line (or at the end if there is
-// none), as smtpd.py's PureProxy inserts it; CRLF line ends; dot-stuffing redone (RFC 5321
-// 4.5.2); the final ".".
-// differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
-// (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
-// CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
-// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
-class RelayText : public LineText {
- public:
-  explicit RelayText(std::shared_ptr<const Envelope> message, std::string before = "")
-      : LineText(std::move(message), "", std::move(before), ".\r\n") {}
-
- private:
-  const char* line_ends() const override { return "\r\n"; }
-  void start_line(std::string& out, std::string_view line) override {
-    if (line.empty()) add_peer(out);
-    if (!line.empty() && line[0] == '.') out += '.';
-  }
-  void end_line(std::string& out, bool is_last) override {
-    out += "\r\n";
-    if (is_last) add_peer(out);
-  }
-  void add_peer(std::string& out) {
-    if (!std::exchange(is_peer_added_, true)) out += "X-Peer: " + message().peer + "\r\n";
-  }
-
-  bool is_peer_added_ = false;
-};
+// ==== 13. Relays ====
+// PureProxy relays each client's transaction to the upstream step by step and answers with the
+// upstream's own replies. MailmanProxy hands list mail to Mailman (3 over LMTP, 2 through its
+// mail wrapper) and relays the rest as PureProxy does.
+//   PureProxy; list_headers, MailmanTarget, mailman2_target, MailmanProxy
 
 // PureProxy - relays each client's transaction to the upstream server step by step, and
 // answers the client with the upstream's own replies: MAIL, each RCPT and the end of DATA.
@@ -4086,16 +4322,16 @@ class PureProxy : public ServerMode {
   explicit PureProxy(UpstreamSettings settings) : settings_(std::move(settings)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, settings_, offer_);
+    return std::make_unique<RelaySession>(reactor, settings_, offer_);
   }
   void start(Reactor& reactor) override { probe_.start(reactor, settings_, offer_); }
   void stop() override { probe_.stop(); }
   void shape(ChannelConfig& config) const override { offer_.shape(config); }
 
  private:
-  class Session : public ModeSession {
+  class RelaySession : public ModeSession {
    public:
-    Session(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer)
+    RelaySession(Reactor& reactor, const UpstreamSettings& settings, UpstreamOffer& offer)
         : upstream_(reactor, settings, UpstreamSession::Greeting::Ehlo, &offer) {}
 
     void on_mail(const MailRequest& mail, Verdict verdict) override {
@@ -4118,16 +4354,6 @@ class PureProxy : public ServerMode {
   UpstreamOffer offer_;
   UpstreamProbe probe_;
 };
-
-// format_rfc5322_date_utc - "Sun, 29 Nov 2026 05:10:00 +0000" (RFC 5322 3.3), from the
-// asctime form above
-inline std::string format_rfc5322_date_utc(std::int64_t t) {
-  std::string a = format_asctime_utc(t);  // "Sun Nov 29 05:10:00 2026"
-  std::string day = a.substr(8, 2);
-  if (day[0] == ' ') day.erase(0, 1);
-  return a.substr(0, 3) + ", " + day + " " + a.substr(4, 3) + " " + a.substr(20) + " " +
-         a.substr(11, 8) + " +0000";
-}
 
 // list_headers - the header lines put before the message as Mailman gets it: Python's
 // MailmanProxy added From: and Date: when missing, as Mailman needs them and MTAs add them;
@@ -4173,8 +4399,9 @@ struct MailmanTarget {
 // The list name holds only Mailman's ACCEPTABLE_LISTNAME_CHARACTERS, so it never leaves lists/.
 inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
                                                     const std::string& rcpt) {
-  static const char* const kCommands[] = {"admin", "bounces", "confirm",   "join",       "leave",
-                                          "owner", "request", "subscribe", "unsubscribe"};
+  static const char* const kWrapperCommands[] = {"admin",   "bounces",   "confirm",
+                                                 "join",    "leave",     "owner",
+                                                 "request", "subscribe", "unsubscribe"};
   std::string local = rcpt.substr(0, rcpt.rfind('@'));
   for (char& c : local) c = ascii_lower(c);
   auto is_list = [&home](const std::string& name) {
@@ -4188,7 +4415,7 @@ inline std::optional<MailmanTarget> mailman2_target(const std::string& home,
   std::size_t dash = local.rfind('-');
   if (dash == std::string::npos) return std::nullopt;
   std::string command = local.substr(dash + 1);
-  for (const char* known : kCommands)
+  for (const char* known : kWrapperCommands)
     if (command == known && is_list(local.substr(0, dash)))
       return MailmanTarget{command, local.substr(0, dash)};
   return std::nullopt;
@@ -4216,7 +4443,7 @@ class MailmanProxy : public ServerMode {
   explicit MailmanProxy(Options options) : options_(std::move(options)) {}
   bool asks_envelope() const override { return true; }
   std::unique_ptr<ModeSession> open_session(Reactor& reactor, const std::string&) override {
-    return std::make_unique<Session>(reactor, options_, offer_);
+    return std::make_unique<MailmanSession>(reactor, options_, offer_);
   }
   void start(Reactor& reactor) override { probe_.start(reactor, options_.relay, offer_); }
   void stop() override { probe_.stop(); }
@@ -4242,9 +4469,9 @@ class MailmanProxy : public ServerMode {
   }
 
  private:
-  class Session : public ModeSession {
+  class MailmanSession : public ModeSession {
    public:
-    Session(Reactor& reactor, const Options& options, UpstreamOffer& offer)
+    MailmanSession(Reactor& reactor, const Options& options, UpstreamOffer& offer)
         : reactor_(reactor),
           options_(options),
           relay_(reactor, options.relay, UpstreamSession::Greeting::Ehlo, &offer),
@@ -4400,241 +4627,12 @@ class MailmanProxy : public ServerMode {
   UpstreamProbe probe_;
 };
 
-// ==== 9. Event loop ====
-// One thread, non-blocking sockets and poll(), in two layers (as Redis's ae.c under its
-// server). PollReactor knows sockets, timers and deferred tasks and nothing of SMTP. Server
-// sits on it: its Acceptor watches the listeners, each client is a Connection (its Transport,
-// its Channel, its ModeSession), and ExitPolicy decides when to end by itself. A slow client,
-// or a slow upstream, only ever holds up the clients it serves.
-//   StartError, Listener, listen_everywhere, open_listeners; PollReactor (turn, run_deferred, the
-//   Reactor); Transport, SocketTransport; Connection; ExitPolicy; ServerOptions; Acceptor;
-//   Server (run; on_accepted; serve, read_some, ask, on_verdict, settle, write_some, close)
-
-class StartError : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
-
-// Listener - one listening socket and the address it is bound to, as "127.0.0.1:8025"
-struct Listener {
-  socket_t socket;
-  std::string bound;
-};
-
-// listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
-// that fails. With several listeners an IPv6 one takes IPv6 only, so [::] beside 0.0.0.0 works.
-inline socket_t listen_at(const SocketAddress& at, bool is_one_of_several, int& err) {
-  socket_t s = socket(at.family, SOCK_STREAM, 0);
-  if (s == kInvalidSocket) return err = last_socket_error(), kInvalidSocket;
-  set_close_on_exec(s);
-  int on = 1;
-  setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
-  if (at.family == AF_INET6 && is_one_of_several)
-    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, reinterpret_cast<const char*>(&on), sizeof on);
-  if (bind(s, reinterpret_cast<const sockaddr*>(&at.storage), at.length) != 0 ||
-      listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
-    err = last_socket_error();
-    close_socket(s);
-    return kInvalidSocket;
-  }
-  return s;
-}
-
-// bound_address - where a socket is bound: "127.0.0.1:8025" or "[::1]:8025", and the port
-inline std::pair<std::string, std::uint16_t> bound_address(socket_t s) {
-  SocketAddress bound;
-  bound.length = sizeof bound.storage;
-  getsockname(s, reinterpret_cast<sockaddr*>(&bound.storage), &bound.length);
-  auto [host, port] = numeric_address(reinterpret_cast<sockaddr*>(&bound.storage), bound.length);
-  return {format_endpoint(host, port), static_cast<std::uint16_t>(port)};
-}
-
-// with_port - the address with another port
-inline SocketAddress with_port(SocketAddress address, std::uint16_t port) {
-  if (address.family == AF_INET6)
-    reinterpret_cast<sockaddr_in6*>(&address.storage)->sin6_port = htons(port);
-  else
-    reinterpret_cast<sockaddr_in*>(&address.storage)->sin_port = htons(port);
-  return address;
-}
-
-// listen_everywhere - a listener at each address, all on one port: the given one, or for port
-// 0 the one the kernel picks for the first address (picked again when another address has it
-// taken). An address this machine lacks (IPv6 turned off) is left out, unless it is the
-// first; any other failure is a StartError naming the address.
-inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>& addresses,
-                                               const std::string& name, std::uint16_t port) {
-  for (int attempt = 0; attempt < kPortAttempts; ++attempt) {
-    std::vector<Listener> listeners;
-    std::uint16_t chosen = port;
-    int err = 0;
-    const SocketAddress* failed = nullptr;
-    for (const SocketAddress& address : addresses) {
-      socket_t s = listen_at(with_port(address, chosen), addresses.size() > 1, err);
-      if (s == kInvalidSocket && !listeners.empty() && address_unavailable(err)) continue;
-      if (s == kInvalidSocket) {
-        failed = &address;
-        break;
-      }
-      auto [text, bound_port] = bound_address(s);
-      listeners.push_back({s, text});
-      chosen = bound_port;
-    }
-    if (failed == nullptr) return listeners;
-    for (const Listener& l : listeners) close_socket(l.socket);
-    if (port == 0 && !listeners.empty() && address_in_use(err)) continue;  // another port
-    auto [host, ignored] =
-        numeric_address(reinterpret_cast<const sockaddr*>(&failed->storage), failed->length);
-    std::string where = format_endpoint(host, chosen);
-    throw StartError("cannot listen on " + where + (where == name ? "" : " (" + name + ")") + ": " +
-                     socket_error_text(err) +
-                     (address_in_use(err) ? " (another server is using this port)" : ""));
-  }
-  throw StartError("cannot find a port that is free on every address of " + name);
-}
-
-// open_listeners - listen on every address the host resolves to, in the resolver's order
-// differs from smtpd.py: Python listens on the first address only, so with localhost
-// resolving to ::1 first a client of 127.0.0.1 was refused.
-inline std::vector<Listener> open_listeners(const Endpoint& where) {
-  std::string error;
-  std::vector<SocketAddress> resolved = resolve_endpoint(where, error);
-  if (resolved.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
-  std::vector<SocketAddress> addresses;  // without repeats (/etc/hosts may list one twice)
-  for (const SocketAddress& a : resolved) {
-    bool is_repeat = std::any_of(addresses.begin(), addresses.end(), [&](const SocketAddress& b) {
-      return a.length == b.length && std::memcmp(&a.storage, &b.storage, a.length) == 0;
-    });
-    if (!is_repeat) addresses.push_back(a);
-  }
-  return listen_everywhere(addresses, format_endpoint(where.host, where.port), where.port);
-}
-
-// PollReactor - the Reactor on poll(): one turn polls every watched socket, runs the handlers
-// of those that are ready, then the timers that are due, then the deferred tasks. Timers are
-// kept by deadline, so starting, restarting or cancelling one costs a map update however many
-// there are (a timer per connection is cheap).
-class PollReactor : public Reactor {
- public:
-  ~PollReactor() override { run_deferred(); }
-
-  void watch(socket_t s, short events, ReadyHandler on_ready) override {
-    watchers_[s] = Watcher{events, std::move(on_ready)};
-  }
-  void set_events(socket_t s, short events) override {
-    auto it = watchers_.find(s);
-    if (it != watchers_.end()) it->second.events = events;
-  }
-  void unwatch(socket_t s) override { watchers_.erase(s); }
-  void release(socket_t s, void (*close)(socket_t)) override {
-    unwatch(s);
-    defer([s, close] { close(s); });
-  }
-  TimerId start_timer(long long delay_ms, Task on_expiry) override {
-    TimerId id = ++last_timer_id_;
-    long long deadline = now_ms() + delay_ms;
-    timers_.emplace(std::make_pair(deadline, id), std::move(on_expiry));
-    deadlines_.emplace(id, deadline);
-    return id;
-  }
-  void restart_timer(TimerId id, long long delay_ms) override {
-    auto at = deadlines_.find(id);
-    if (at == deadlines_.end()) return;
-    auto node = timers_.extract(std::make_pair(at->second, id));
-    at->second = now_ms() + delay_ms;
-    node.key() = std::make_pair(at->second, id);
-    timers_.insert(std::move(node));
-  }
-  void cancel_timer(TimerId id) override {
-    auto at = deadlines_.find(id);
-    if (at == deadlines_.end()) return;
-    timers_.erase(std::make_pair(at->second, id));
-    deadlines_.erase(at);
-  }
-  void defer(Task task) override { deferred_.push_back(std::move(task)); }
-
-  // turn - wait up to max_wait_ms (less when a timer is due sooner), then run what is ready;
-  // false when poll itself fails, with the reason in error()
-  bool turn(int max_wait_ms) {
-    fds_.clear();
-    // A socket that wants no events is left out, not polled with events 0: poll reports POLLHUP
-    // and POLLERR whatever is asked, so a client reset while its verdict is pending would wake
-    // every turn at once and spin the loop (issue 9.5).
-    for (const auto& [s, w] : watchers_)
-      if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
-    if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {
-      int err = last_socket_error();
-      if (interrupted(err)) return true;
-      error_ = "poll failed: " + socket_error_text(err);
-      return false;
-    }
-    for (const pollfd_t& p : fds_)
-      if (p.revents != 0) dispatch(p.fd, p.revents);
-    fire_timers();
-    run_deferred();
-    return true;
-  }
-
-  // run_deferred - the deferred tasks, in order, including those they defer in turn
-  void run_deferred() {
-    while (!deferred_.empty()) {
-      std::vector<Task> batch = std::exchange(deferred_, {});
-      for (Task& task : batch) std::exchange(task, nullptr)();  // each gone before the next
-    }
-  }
-
-  const std::string& error() const { return error_; }
-
-  static long long now_ms() {
-    using namespace std::chrono;
-    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
-  }
-
- private:
-  struct Watcher {
-    short events = 0;
-    ReadyHandler on_ready;
-  };
-
-  int wait_ms(int max_wait_ms) const {
-    if (!deferred_.empty()) return 0;
-    long long wait = max_wait_ms;
-    if (!timers_.empty()) wait = std::min(wait, timers_.begin()->first.first - now_ms());
-    return static_cast<int>(std::max(0LL, wait));
-  }
-
-  // dispatch - a socket unwatched earlier in this turn gets nothing; a handler may replace
-  // or remove itself, so it runs from a copy
-  void dispatch(socket_t s, short revents) {
-    auto it = watchers_.find(s);
-    if (it == watchers_.end()) return;
-    ReadyHandler handler = it->second.on_ready;
-    handler(revents);
-  }
-
-  // fire_timers - those due now, earliest first; one started meanwhile waits for a later turn
-  void fire_timers() {
-    long long now = now_ms();
-    TimerId newest = last_timer_id_;
-    while (!timers_.empty()) {
-      auto first = timers_.begin();
-      auto [deadline, id] = first->first;
-      if (deadline > now || id > newest) break;
-      Task task = std::move(first->second);
-      timers_.erase(first);
-      deadlines_.erase(id);
-      task();
-    }
-  }
-
-  std::unordered_map<socket_t, Watcher> watchers_;
-  std::map<std::pair<long long, TimerId>, Task> timers_;  // by deadline, then by age
-  std::unordered_map<TimerId, long long> deadlines_;      // each timer's key in timers_
-  TimerId last_timer_id_ = 0;
-  std::vector<Task> deferred_;
-  std::vector<pollfd_t> fds_;  // this turn's poll set
-  std::string error_;
-};
+// ==== 14. Transports and TLS ====
+// The one door a connection's bytes go through (as cpp-httplib's Stream): plain TCP is
+// SocketTransport, and with make TLS=1 a TlsTransport wraps it for STARTTLS and --tls-implicit,
+// so every line above the transport is the same for both.
+//   Transport, TransportWrapper, SocketTransport; TlsContext, TlsTransport, tls_wrapper,
+//   tls_error_text (make TLS=1 only); kHasTls
 
 // Transport - the one door a connection's bytes go through (as cpp-httplib's Stream), so a
 // TLS layer can wrap it and every line above stays the same. Plain TCP is SocketTransport.
@@ -4882,6 +4880,127 @@ inline TransportWrapper tls_wrapper(std::shared_ptr<TlsContext> context) {
 constexpr bool kHasTls = false;  // built without TLS: the TLS options say to use make TLS=1
 #endif
 
+// ==== 15. Server ====
+// SMTP on the reactor, one thread and non-blocking sockets. The Acceptor watches the listeners,
+// each client is a Connection (its Transport, its Channel, its ModeSession), and ExitPolicy
+// decides when the server ends by itself. A slow client, or a slow upstream, only ever holds
+// up the clients it serves.
+//   StartError, Listener, listen_everywhere, open_listeners; ServerOptions; Connection;
+//   ExitPolicy; Acceptor; Server (run; on_accepted; serve, read_some, ask, on_verdict, settle,
+//   write_some, close)
+
+class StartError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// Listener - one listening socket and the address it is bound to, as "127.0.0.1:8025"
+struct Listener {
+  socket_t socket;
+  std::string bound;
+};
+
+// listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
+// that fails. With several listeners an IPv6 one takes IPv6 only, so [::] beside 0.0.0.0 works.
+inline socket_t listen_at(const SocketAddress& at, bool is_one_of_several, int& err) {
+  socket_t s = socket(at.family, SOCK_STREAM, 0);
+  if (s == kInvalidSocket) return err = last_socket_error(), kInvalidSocket;
+  set_close_on_exec(s);
+  int on = 1;
+  setsockopt(s, SOL_SOCKET, SO_REUSEADDR, reinterpret_cast<const char*>(&on), sizeof on);
+  if (at.family == AF_INET6 && is_one_of_several)
+    setsockopt(s, IPPROTO_IPV6, IPV6_V6ONLY, reinterpret_cast<const char*>(&on), sizeof on);
+  if (bind(s, reinterpret_cast<const sockaddr*>(&at.storage), at.length) != 0 ||
+      listen(s, kListenBacklog) != 0 || !set_nonblocking(s)) {
+    err = last_socket_error();
+    close_socket(s);
+    return kInvalidSocket;
+  }
+  return s;
+}
+
+// bound_address - where a socket is bound: "127.0.0.1:8025" or "[::1]:8025", and the port
+inline std::pair<std::string, std::uint16_t> bound_address(socket_t s) {
+  SocketAddress bound;
+  bound.length = sizeof bound.storage;
+  getsockname(s, reinterpret_cast<sockaddr*>(&bound.storage), &bound.length);
+  auto [host, port] = numeric_address(reinterpret_cast<sockaddr*>(&bound.storage), bound.length);
+  return {format_endpoint(host, port), static_cast<std::uint16_t>(port)};
+}
+
+// with_port - the address with another port
+inline SocketAddress with_port(SocketAddress address, std::uint16_t port) {
+  if (address.family == AF_INET6)
+    reinterpret_cast<sockaddr_in6*>(&address.storage)->sin6_port = htons(port);
+  else
+    reinterpret_cast<sockaddr_in*>(&address.storage)->sin_port = htons(port);
+  return address;
+}
+
+// listen_everywhere - a listener at each address, all on one port: the given one, or for port
+// 0 the one the kernel picks for the first address (picked again when another address has it
+// taken). An address this machine lacks (IPv6 turned off) is left out, unless it is the
+// first; any other failure is a StartError naming the address.
+inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>& addresses,
+                                               const std::string& name, std::uint16_t port) {
+  for (int attempt = 0; attempt < kPortAttempts; ++attempt) {
+    std::vector<Listener> listeners;
+    std::uint16_t chosen = port;
+    int err = 0;
+    const SocketAddress* failed = nullptr;
+    for (const SocketAddress& address : addresses) {
+      socket_t s = listen_at(with_port(address, chosen), addresses.size() > 1, err);
+      if (s == kInvalidSocket && !listeners.empty() && address_unavailable(err)) continue;
+      if (s == kInvalidSocket) {
+        failed = &address;
+        break;
+      }
+      auto [text, bound_port] = bound_address(s);
+      listeners.push_back({s, text});
+      chosen = bound_port;
+    }
+    if (failed == nullptr) return listeners;
+    for (const Listener& l : listeners) close_socket(l.socket);
+    if (port == 0 && !listeners.empty() && address_in_use(err)) continue;  // another port
+    auto [host, ignored] =
+        numeric_address(reinterpret_cast<const sockaddr*>(&failed->storage), failed->length);
+    std::string where = format_endpoint(host, chosen);
+    throw StartError("cannot listen on " + where + (where == name ? "" : " (" + name + ")") + ": " +
+                     socket_error_text(err) +
+                     (address_in_use(err) ? " (another server is using this port)" : ""));
+  }
+  throw StartError("cannot find a port that is free on every address of " + name);
+}
+
+// open_listeners - listen on every address the host resolves to, in the resolver's order
+// differs from smtpd.py: Python listens on the first address only, so with localhost
+// resolving to ::1 first a client of 127.0.0.1 was refused.
+inline std::vector<Listener> open_listeners(const Endpoint& where) {
+  std::string error;
+  std::vector<SocketAddress> resolved = resolve_endpoint(where, error);
+  if (resolved.empty()) throw StartError("cannot resolve " + where.host + ": " + error);
+  std::vector<SocketAddress> addresses;  // without repeats (/etc/hosts may list one twice)
+  for (const SocketAddress& a : resolved) {
+    bool is_repeat = std::any_of(addresses.begin(), addresses.end(), [&](const SocketAddress& b) {
+      return a.length == b.length && std::memcmp(&a.storage, &b.storage, a.length) == 0;
+    });
+    if (!is_repeat) addresses.push_back(a);
+  }
+  return listen_everywhere(addresses, format_endpoint(where.host, where.port), where.port);
+}
+
+// ServerOptions - the loop's settings; channel is shared read-only by every connection
+struct ServerOptions {
+  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
+  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
+  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
+  bool debug = false;                                // -d
+  std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
+  long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
+  long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
+  std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
+};
+
 // Connection - one client: its transport, its channel, its session with the mode. It ends
 // through Server::close, which stops its events at once and destroys it after the current
 // callbacks; a verdict that comes in between finds it closed.
@@ -4955,18 +5074,6 @@ class ExitPolicy {
   bool is_due_ = false;
   Reactor::TimerId idle_timer_ = 0;
   Reactor::TimerId drain_timer_ = 0;
-};
-
-// ServerOptions - the loop's settings; channel is shared read-only by every connection
-struct ServerOptions {
-  ChannelConfig channel;                             // fqdn, -s, -u, --max-recipients, ...
-  TransportWrapper wrap_in_tls;                      // --tls...: how TLS starts; empty: none
-  bool is_tls_implicit = false;                      // --tls-implicit: TLS from the first byte
-  bool debug = false;                                // -d
-  std::uint64_t max_messages = 0;                    // --max-messages: 0 for no limit
-  long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
-  long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
-  std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
 // Acceptor - the listeners, each one more watched socket. A client that arrives becomes a
@@ -5172,7 +5279,7 @@ class Server {
     Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
     switch (r.status) {
       case Transport::Status::Ok:
-        if (c.channel.tls.empty()) c.channel.tls = c.transport->security();
+        if (c.channel.is_plain_text()) c.channel.set_security(c.transport->security());
         c.channel.feed(std::string_view(buffer, r.bytes));
         return true;
       case Transport::Status::WouldBlock: return false;
@@ -5229,8 +5336,8 @@ class Server {
   // (RFC 2920 3.2 asks servers to send them together).
   void settle(Connection& c) {
     bool is_waiting = c.channel.question() != Channel::Question::None;
-    bool is_holding = is_waiting && !c.channel.received_lines.empty() &&
-                      c.channel.output().size() < kOutputBacklog;
+    bool is_holding =
+        is_waiting && c.channel.has_unread_input() && c.channel.output().size() < kOutputBacklog;
     if (!c.is_closed && !is_holding) write_some(c);
     if (c.is_closed) return;
     if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
@@ -5375,7 +5482,7 @@ class Server {
   std::size_t max_clients_;             // --max-clients: 0 for no limit
 };
 
-// ==== 10. Command line ====
+// ==== 16. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
 // one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
 // every status the program ends with.
@@ -5514,6 +5621,22 @@ inline std::string parse_path(const cxxopts::ParseResult& result, const char* op
   std::string path = result[option].as<std::string>();
   if (path.empty()) throw UsageError("--" + std::string(option) + " needs a path");
   return path;
+}
+
+// split_python_lines - bytes.splitlines(): ends at "\n", "\r" or "\r\n", no empty tail
+inline std::vector<std::string_view> split_python_lines(std::string_view data) {
+  std::vector<std::string_view> lines;
+  std::size_t start = 0;
+  while (start < data.size()) {
+    std::size_t end = data.find_first_of("\r\n", start);
+    if (end == std::string_view::npos) {
+      lines.push_back(data.substr(start));
+      break;
+    }
+    lines.push_back(data.substr(start, end - start));
+    start = end + ((data[end] == '\r' && end + 1 < data.size() && data[end + 1] == '\n') ? 2 : 1);
+  }
+  return lines;
 }
 
 // parse_auth_users - the lines "user:password" of an --auth-file (the password is all after
@@ -6077,7 +6200,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   return is_ok ? kExitOk : kExitLoopFailed;
 }
 
-// ==== 11. main ====
+// ==== 17. main ====
 
 #ifndef SMTPD_NO_MAIN
 int main(int argc, char** argv) { return run_smtpd(argc, argv); }

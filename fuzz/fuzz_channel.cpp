@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       if (c == '\r' && (i + 1 == out.size() || out[i + 1] != '\n')) __builtin_trap();
       if (c == '\n' && (i == 0 || out[i - 1] != '\r')) __builtin_trap();
     }
-    if (channel.received_lines.size() > kLongestCommand + 2 + chunk &&
+    if (channel.unread_input().size() > kLongestCommand + 2 + chunk &&
         channel.smtp_state == Channel::State::Command)
       __builtin_trap();
     channel.consume_output(out.size());

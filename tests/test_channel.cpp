@@ -231,7 +231,7 @@ TEST_CASE("command lines: 512 bytes, more for MAIL after EHLO with SIZE and SMTP
   SUBCASE("an endless line is dropped as it comes, then refused") {
     Session s;
     for (int i = 0; i < 100; ++i) s.send(std::string(10000, 'x'));
-    CHECK(s.channel.received_lines.size() < 1000);
+    CHECK(s.channel.unread_input().size() < 1000);
     CHECK(s.send("\r\nNOOP\r\n") == "500 Error: line too long\r\n250 OK\r\n");
   }
 }
@@ -322,7 +322,7 @@ TEST_CASE("too much data answers 552 and returns to command state") {
   }
   SUBCASE("a huge message is not kept in memory") {
     for (int i = 0; i < 200; ++i) s.send(std::string(5000, 'x') + "\r\n");
-    CHECK(s.channel.received_data.size() <= 12);
+    CHECK(s.channel.received_data().size() <= 12);
     CHECK(s.send(".\r\n") == "552 Error: Too much mail data\r\n");
   }
 }

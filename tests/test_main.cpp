@@ -12,6 +12,7 @@
 #include "test_auth.cpp"
 #include "test_channel.cpp"
 #include "test_compat.cpp"
+#include "test_data_reader.cpp"
 #include "test_e2e.cpp"
 #include "test_exec.cpp"
 #include "test_hostile.cpp"

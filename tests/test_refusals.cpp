@@ -72,7 +72,7 @@ TEST_CASE("--reject refuses at each stage; the first matching rule wins") {
           "354 End data with <CR><LF>.<CR><LF>\r\n554 5.7.1 content refused\r\n250 OK\r\n");
     CHECK_FALSE(s.channel.has_message());
     CHECK(s.channel.mailfrom.empty());
-    CHECK(s.channel.received_data.empty());
+    CHECK(s.channel.received_data().empty());
   }
 }
 

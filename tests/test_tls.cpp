@@ -34,7 +34,7 @@ TEST_CASE("STARTTLS answers 220, drops what was pipelined after it, and the sess
         "220 2.0.0 Ready to start TLS\r\n");
   CHECK(s.channel.question() == Channel::Question::StartTls);
   CHECK_FALSE(s.channel.wants_input());
-  s.channel.tls = "TLSv1.3 TEST";
+  s.channel.set_security("TLSv1.3 TEST");
   s.channel.restart_in_tls();
   CHECK(s.channel.question() == Channel::Question::None);
   CHECK(s.channel.seen_greeting.empty());
