@@ -102,7 +102,7 @@ constexpr std::size_t kSmtpUtf8Extra = 10;   // smtpd.py: MAIL may grow by 10 wi
 constexpr std::size_t kLongestCommand = kCommandSizeLimit + kSizeParamExtra + kSmtpUtf8Extra;
 constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFAULT (32 MiB)
 // --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
-// cap 100,000 long recipients cost 50 MB in one session (issue 9.8).
+// cap, 100,000 long recipients would cost 50 MB in one session.
 constexpr std::size_t kMaxRecipientsDefault = 1000;
 constexpr const char* kDefaultLocal = "localhost:8025";        // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";         // smtpd.py's default upstream
@@ -123,7 +123,7 @@ constexpr long long kConnectTimeoutMs = 30 * 1000;    // --connect-timeout: reac
 // replies, so a 2-minute upstream limit still answers our client (451) before it gives up.
 constexpr long long kReplyTimeoutMs = 120 * 1000;
 // One upstream reply, all its lines: an EHLO reply has about 15 lines and 300 bytes, so these
-// only stop an upstream that never ends its reply (issue 9: 2.1 GB seen before the cap).
+// only stop an upstream that never ends its reply, which would otherwise fill our memory.
 constexpr std::size_t kUpstreamReplyLimit = 64 * 1024;  // bytes
 constexpr std::size_t kUpstreamReplyLines = 200;        // lines
 constexpr std::size_t kUpstreamReadChunk = 16 * 1024;   // bytes read from the upstream at once
@@ -139,25 +139,25 @@ constexpr int kExecReapPollMs = 10;              // how often to look for its ex
 constexpr int kKillWaitRounds = 100;             // after a kill, looked for this often (1 s)
 // --exec: SMTPD_RCPTTOS is left out above this size (Linux refuses a variable over 128 KiB
 // and all of them over about 2 MB: the command would not start); SMTPD_RCPTTOS_FILE always
-// has the list (issue 9.11)
+// has the list
 constexpr std::size_t kExecVariableLimit = 64 * 1024;
 constexpr int kExitFlushRounds = 20;   // at exit, queued replies get this many tries to leave,
 constexpr int kExitFlushPauseMs = 50;  // this far apart (1 s in all)
 // --timeout: RFC 5321 4.5.3.2 gives a server at least 5 minutes for each command; a client
-// that trickles bytes cannot stretch one command past it (issue 9.7). In DATA the time runs
+// that trickles bytes cannot stretch one command past it. In DATA the time runs
 // between reads, and the whole message gets kDataDeadlineFactor times as long.
 constexpr long long kCommandTimeoutMs = 300 * 1000;
 constexpr long long kDataDeadlineFactor = 10;
 constexpr int kDrainGraceMs = 5000;
 // SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
-// finish before they hear 421; idle ones hear it at once (issue 9.9)
+// finish before they hear 421; idle ones hear it at once
 constexpr int kShutdownGraceMs = 5000;
-// stdout and stderr on a pipe nobody reads (issue 9.6): trace lines queue up to this much,
+// stdout and stderr on a pipe nobody reads: trace lines queue up to this much,
 // then are dropped and counted; at exit, what is queued gets this long to leave
 constexpr std::size_t kTraceBacklog = 256 * 1024;
 // A message on its way out (to a file, a command, a stream or an upstream server) is made a
 // chunk of this many bytes at a time from the one copy held, never as a second whole copy
-// (issue 9.8: 100 MB printed as JSON cost 411 MB before)
+// (a whole JSON copy of a message is 1.33 times its size, and the escaping more)
 constexpr std::size_t kTextChunk = 1 << 16;
 constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
@@ -305,7 +305,7 @@ inline bool running_as_root() { return geteuid() == 0; }
 inline void binary_stdout() {}  // POSIX streams have no text mode
 
 // set_output_nonblocking - stdout or stderr on a pipe or socket could wait forever for its
-// reader: its writes fail with EAGAIN instead (issue 9.6). Files and terminals stay blocking
+// reader: its writes fail with EAGAIN instead. Files and terminals stay blocking
 // (O_NONBLOCK on a terminal would reach the shell that shares it).
 inline bool set_output_nonblocking(int fd) {
   struct stat st {};
@@ -317,7 +317,7 @@ inline long write_output(int fd, const char* data, std::size_t size) {
   return static_cast<long>(::write(fd, data, size));
 }
 
-// open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed (issue 9.1).
+// open_standard_descriptors - 0, 1 and 2 on /dev/null where they are closed.
 // Started with them closed (smtpd <&- >&-), the listener and the first clients would take
 // those numbers, and a message printed on "stdout" would go to another client's socket.
 inline void open_standard_descriptors() {
@@ -1570,10 +1570,10 @@ constexpr const char* kReplyHelpList = "250 Supported commands: ";     // + the 
 constexpr const char* kReplyHelpUnknown = "501 Supported commands: ";  // + the verbs
 // Our own replies, for what smtpd.py never had to say:
 constexpr const char* kReplyNotStored = "451 Error: could not store the message: ";  // + reason
-constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2; issue 9.2
+constexpr const char* kReplyControlInAddress =  // RFC 5321 4.1.2
     "501 Error: control characters are not allowed in an address";
 constexpr const char* kReplyTooManyRecipients = "452 Error: too many recipients";    // 4.5.3.1.10
-constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // issue 9.10
+constexpr const char* kReplyNotSmtp = "221 Error: this is an SMTP server; closing";  // HTTP
 constexpr const char* kClosingLimitReached = "closing: message limit reached";  // 421 <fqdn> ...
 constexpr const char* kClosingTimeout = "Error: timeout exceeded";  // as Postfix says it
 constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
@@ -1746,6 +1746,13 @@ struct Envelope {
   std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
 };
 
+// MailRequest - what a relay needs to know of an accepted-looking MAIL command
+struct MailRequest {
+  std::string address;               // "<>" for the null sender
+  std::vector<std::string> options;  // upper-cased, as the channel keeps them
+  bool smtputf8 = false;
+};
+
 // DataReader - the message text after DATA's 354 (RFC 5321 4.5.2): line by line, a leading
 // dot taken off, until the line "." ends it. Bytes are stored as they arrive (CRLF as "\n"),
 // so memory follows the size limit: past it they are only counted, and a reader that keeps no
@@ -1856,6 +1863,7 @@ class Channel {
   Question question() const { return question_; }
   bool has_message() const { return question_ == Question::Message; }
   const std::string& pending_address() const { return pending_address_; }  // MAIL/RCPT asked
+  MailRequest mail_request() const { return {pending_address_, mail_options, require_smtputf8}; }
   Envelope take_message();
   void answer(const std::string& reply);
   void close_with(const std::string& reply);
@@ -2154,7 +2162,7 @@ void Channel::close_with(const std::string& reply) {
   enter_state(State::Closing);
 }
 
-// is_http_verb - the methods a browser's request line starts with (issue 9.10)
+// is_http_verb - the methods a browser's request line starts with
 inline bool is_http_verb(std::string_view verb) {
   for (const char* method : {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
     if (verb == method) return true;
@@ -2331,7 +2339,7 @@ std::optional<ParsedAddress> Channel::address_argument(const Arg& arg, const cha
   if (ascii_upper(text.substr(0, keylen)) == keyword) after = python_strip(text.substr(keylen));
   std::optional<ParsedAddress> parsed = parse_address(after);
   // differs from smtpd.py: Python accepts control characters in a quoted local part, which a
-  // relay would pass on (a bare LF there smuggles a command to the upstream; issue 9.2)
+  // relay would pass on (a bare LF there smuggles a command to the upstream)
   if (has_control_character(text, true) || (parsed && has_control_character(parsed->address))) {
     push(kReplyControlInAddress);
     return std::nullopt;
@@ -2623,7 +2631,7 @@ class PollReactor : public Reactor {
     fds_.clear();
     // A socket that wants no events is left out, not polled with events 0: poll reports POLLHUP
     // and POLLERR whatever is asked, so a client reset while its verdict is pending would wake
-    // every turn at once and spin the loop (issue 9.5).
+    // every turn at once and spin the loop.
     for (const auto& [s, w] : watchers_)
       if (w.events != 0) fds_.push_back(pollfd_t{s, w.events, 0});
     if (poll_sockets(fds_.data(), fds_.size(), wait_ms(max_wait_ms)) < 0) {
@@ -2706,16 +2714,9 @@ class PollReactor : public Reactor {
 // Verdict, at once (the printer) or later (--exec, or a relay once its upstream has replied).
 // An empty verdict means the usual success reply; a mode that cannot keep a message answers
 // 4xx, so the client keeps it and retries.
-//   Verdict, MailRequest, ModeSession, ServerMode
+//   Verdict, ModeSession, ServerMode (MailRequest is the channel's)
 
 using Verdict = std::function<void(const std::string& reply)>;
-
-// MailRequest - what a relay needs to know of an accepted-looking MAIL command
-struct MailRequest {
-  std::string address;               // "<>" for the null sender
-  std::vector<std::string> options;  // upper-cased, as the channel keeps them
-  bool smtputf8 = false;
-};
 
 // ModeSession - one client's dealings with the mode; only relays care about MAIL and RCPT
 class ModeSession {
@@ -2884,8 +2885,8 @@ class LineText : public MessageText {
   }
 
   // find_line_end - the next line end from at_ (line_ends() has one or two characters): a
-  // plain scan, as find_first_of looks each byte up in its set one by one (100 MB of 100-byte
-  // lines: RelayText 300 -> 1300 MB/s, MboxText 500 -> 3300 MB/s)
+  // plain scan, as find_first_of looks each byte up in its set one by one, several times
+  // slower on a message of short lines
   std::size_t find_line_end(std::string_view text) const {
     const char* ends = line_ends();
     if (ends[1] == '\0') return text.find(ends[0], at_);
@@ -2933,7 +2934,7 @@ inline std::shared_ptr<const Envelope> borrowed(const Envelope& envelope) {
 // (and after it the session's own lines, session_header_lines)
 // differs from smtpd.py: lines are written as the bytes they are, not as Python's b'...' repr.
 // It works on the message text in place (it is usually the last use of it), so printing a
-// message costs little more memory than the message itself (issue 9.8).
+// message costs little more memory than the message itself.
 inline std::string format_debug_message(Envelope envelope) {
   std::string head = "---------- MESSAGE FOLLOWS ----------\n";
   if (!envelope.mail_options.empty())
@@ -2960,7 +2961,7 @@ inline std::string format_debug_message(Envelope envelope) {
 
 // session_json - with AUTH offered, ", "auth_user": NAME" (null for a client that did not log
 // in), and with TLS on, ", "tls": "VERSION CIPHER"" (null for a plain session); nothing
-// otherwise, so the line stays as it was without those options
+// otherwise, so without those options the line has Python's fields only
 inline std::string session_json(const Envelope& envelope) {
   auto key = [](const char* name, const std::optional<std::string>& value) {
     if (!value) return std::string();
@@ -3056,7 +3057,7 @@ class MboxText : public LineText {
 // differs from smtpd.py: a bare CR or bare LF from the client ends a line here, as CRLF does
 // (a CR right before a line end merges with it), so the upstream sees no CR or LF outside a
 // CRLF and a "." after one is stuffed: no "<LF>.<LF>" can end the message early there (SMTP
-// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize; issue 9.3).
+// smuggling, RFC 5321 2.3.8; Postfix's smtpd_forbid_bare_newline = normalize).
 class RelayText : public LineText {
  public:
   explicit RelayText(std::shared_ptr<const Envelope> message, std::string before = "")
@@ -3088,7 +3089,7 @@ class RelayText : public LineText {
 //   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, CommandRun;
 //   not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
 
-// OutputQueue - stdout or stderr, written without ever stopping the loop (issue 9.6). On a
+// OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
 // dropped and counted; a print-out of a message whole (made a chunk at a time as the stream
 // takes it), and whoever waits on it is told once it is written. The loop polls the stream while
@@ -3216,7 +3217,7 @@ inline void log_line(const std::string& text) { standard_error().trace("smtpd: "
 
 // StreamPrinter - each message, formatted, on a stream (stdout) through its OutputQueue; the
 // 250 waits until it is written. A reader that does not read for timeout_ms (--timeout) gets
-// the client 451 instead, and a print-out not yet begun is not written (issue 9.6).
+// the client 451 instead, and a print-out not yet begun is not written.
 class StreamPrinter {
  public:
   using Format = std::unique_ptr<TextSource> (*)(Envelope);    // may take the text over
@@ -3388,7 +3389,7 @@ class MboxStore : public MessageOutput {
 
 // RecipientsFile - SMTPD_RCPTTOS_FILE: the recipients, one a line, in a new file under
 // $TMPDIR (or /tmp) that only we can read, removed when the run ends. No length limit applies
-// to a file, so a command can see 10,000 recipients (issue 9.11).
+// to a file, so a command can see 10,000 recipients.
 class RecipientsFile {
  public:
   RecipientsFile() = default;
@@ -3567,7 +3568,7 @@ class CommandRun {
   }
 
   // wait_for_exit - look for the exit status until it comes. The exit, not the end of the
-  // output, ends the run: a background child may keep the output open long after (issue 9.11).
+  // output, ends the run: a background child may keep the output open long after.
   void wait_for_exit() {
     int exit_code = 0;
     if (!reap_child(child_, exit_code)) {
@@ -4362,7 +4363,7 @@ class PureProxy : public ServerMode {
 inline std::string list_headers(const std::string& data, const std::string& mailfrom,
                                 const std::string& our_name, std::int64_t unix_us) {
   // the header lines: up to the first empty line, all of a message that has none; looked at
-  // in place, as a message of 100 MB may have no empty line (issue 9.8)
+  // in place, as a message of 100 MB may have no empty line
   std::string_view head(data);
   head = head.substr(0, head.rfind('\n', 0) == 0 ? 0 : head.find("\n\n"));
   auto lacks = [head](std::string_view name) {  // NAME: at the start of a line, in any case
@@ -5001,42 +5002,27 @@ struct ServerOptions {
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
 };
 
-// Connection - one client: its transport, its channel, its session with the mode. It ends
-// through Server::close, which stops its events at once and destroys it after the current
-// callbacks; a verdict that comes in between finds it closed.
-struct Connection {
-  Connection(std::unique_ptr<Transport> io, std::shared_ptr<const ChannelConfig> config,
-             std::string peer_ip)
-      : transport(std::move(io)), channel(std::move(config), std::move(peer_ip)) {}
-  ~Connection() { session.reset(); }  // first, while the socket number is still ours
-  Connection(const Connection&) = delete;
-  Connection& operator=(const Connection&) = delete;
-
-  std::unique_ptr<Transport> transport;
-  Channel channel;
-  std::unique_ptr<ModeSession> session;
-  std::list<Connection>::iterator self;  // its place in Server::connections_
-  bool is_input_closed = false;          // the client sent EOF; finish what it asked, then close
-  bool is_closed = false;                // no more events; destroyed after the current callbacks
-  Reactor::TimerId command_timer = 0;    // --timeout for the command (or DATA read) awaited
-  Reactor::TimerId data_timer = 0;       // --timeout times kDataDeadlineFactor for all of DATA
-  std::uint64_t progress_seen = 0;       // channel.progress() when command_timer last started
-};
-
-// ExitPolicy - --max-messages N and --idle-exit SECONDS: when the server ends by itself.
-// After the N-th delivered message (its 250 queued) the server stops listening; the sessions
-// still open may go on (and send more) until they quit, for at most kDrainGraceMs, then get a
-// 421. With --idle-exit the loop ends once no client has been connected for that long,
-// counted from the start or from when the last client left.
+// ExitPolicy - when the server ends by itself, and how it stops. --max-messages N: after the
+// N-th delivered message (its 250 queued) no new clients are taken; the sessions still open may
+// go on (and send more) until they quit, for at most kDrainGraceMs, then hear 421. --idle-exit
+// SECONDS: the loop ends once no client has been connected for that long, counted from the
+// start or from when the last client left. SIGTERM/SIGINT (begin_shutdown): no new clients;
+// idle sessions hear 421 at once, those in a transaction get kShutdownGraceMs to finish.
 class ExitPolicy {
  public:
-  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms)
-      : reactor_(reactor), max_messages_(max_messages), idle_exit_ms_(idle_exit_ms) {
+  using Task = std::function<void()>;
+  // stop_accepting is called once, when the message limit is reached or shutdown begins
+  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms,
+             Task stop_accepting)
+      : reactor_(reactor),
+        max_messages_(max_messages),
+        idle_exit_ms_(idle_exit_ms),
+        stop_accepting_(std::move(stop_accepting)) {
     on_clients(0);
   }
   ~ExitPolicy() {
-    reactor_.cancel_timer(idle_timer_);
-    reactor_.cancel_timer(drain_timer_);
+    for (Reactor::TimerId timer : {idle_timer_, drain_timer_, shutdown_timer_})
+      reactor_.cancel_timer(timer);
   }
   ExitPolicy(const ExitPolicy&) = delete;
   ExitPolicy& operator=(const ExitPolicy&) = delete;
@@ -5044,36 +5030,271 @@ class ExitPolicy {
   // on_clients - a client came or went; `count` are connected now
   void on_clients(std::size_t count) {
     clients_ = count;
-    if (is_draining_ && count == 0) is_due_ = true;
+    if (is_stopping() && count == 0) is_due_ = true;
     reactor_.cancel_timer(std::exchange(idle_timer_, 0));
     if (count == 0 && idle_exit_ms_ > 0)
       idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
   }
 
-  // on_delivered - one more message accepted with 2xx; true when it is the last one wanted
-  bool on_delivered() {
+  // on_delivered - one more message accepted with 2xx; the last one wanted stops accepting
+  void on_delivered() {
     ++delivered_;
-    if (max_messages_ == 0 || delivered_ < max_messages_ || is_draining_) return false;
+    if (max_messages_ == 0 || delivered_ < max_messages_ || is_stopping()) return;
     is_draining_ = true;
-    drain_timer_ = reactor_.start_timer(kDrainGraceMs, [this] { is_due_ = true; });
-    if (clients_ == 0) is_due_ = true;
-    return true;
+    stop(kDrainGraceMs, drain_timer_);
   }
 
-  bool is_draining() const { return is_draining_; }  // the limit is reached: no new clients
-  bool is_due() const { return is_due_; }            // time to end the loop
+  // begin_shutdown - SIGTERM/SIGINT: stop accepting, and end once the sessions have
+  void begin_shutdown() {
+    if (is_shutting_down_) return;
+    is_shutting_down_ = true;
+    stop(kShutdownGraceMs, shutdown_timer_);  // a drain under way keeps its own end too
+  }
+
+  bool is_draining() const { return is_draining_; }  // the message limit is reached
+  bool is_shutting_down() const { return is_shutting_down_; }
+  bool is_due() const { return is_due_; }  // time to end the loop
   std::uint64_t delivered() const { return delivered_; }
+  // closing_reason - what the sessions still open at the end hear after "421 <fqdn>"
+  const char* closing_reason() const {
+    return is_shutting_down_ ? kClosingShutdown : kClosingLimitReached;
+  }
 
  private:
+  // stop - no new clients; the end comes when the last one leaves, or after grace_ms
+  void stop(int grace_ms, Reactor::TimerId& timer) {
+    timer = reactor_.start_timer(grace_ms, [this] { is_due_ = true; });
+    if (clients_ == 0) is_due_ = true;
+    if (stop_accepting_) std::exchange(stop_accepting_, nullptr)();
+  }
+  bool is_stopping() const { return is_draining_ || is_shutting_down_; }
+
   Reactor& reactor_;
   std::uint64_t max_messages_;  // 0 for no limit
   long long idle_exit_ms_;      // 0 for never
+  Task stop_accepting_;
   std::uint64_t delivered_ = 0;
   std::size_t clients_ = 0;
   bool is_draining_ = false;
+  bool is_shutting_down_ = false;
   bool is_due_ = false;
   Reactor::TimerId idle_timer_ = 0;
-  Reactor::TimerId drain_timer_ = 0;
+  Reactor::TimerId drain_timer_ = 0;     // the end of the drain after the message limit
+  Reactor::TimerId shutdown_timer_ = 0;  // the end of the shutdown grace
+};
+
+// ConnectionContext - what every connection of a server shares: the reactor, our name, the
+// --timeout, how TLS starts, -d, and the exit policy that counts deliveries and says when
+// the server is stopping
+struct ConnectionContext {
+  Reactor& reactor;
+  ExitPolicy& exit;
+  std::string fqdn;
+  long long command_timeout_ms;
+  TransportWrapper wrap_in_tls;  // STARTTLS; empty without TLS
+  bool is_debug;
+  void trace(const std::string& text) const {
+    if (is_debug) log_line(text);
+  }
+};
+
+// Connection - one client, which does its own I/O (as OpenSMTPD's smtp_session): it moves
+// bytes between its transport and its channel, hands the channel's questions to its mode
+// session, and keeps the client's time. A question is asked once, right after the bytes or the
+// answer that raised it; a verdict (given at once or later) reaches the channel in a deferred
+// task, so nothing here calls itself back. It ends through close(), which stops its events at
+// once; the server destroys it after the current callbacks, so a verdict that comes in between
+// finds it closed.
+class Connection {
+ public:
+  using Closed = std::function<void()>;
+  Connection(const ConnectionContext& context, std::unique_ptr<Transport> transport,
+             std::shared_ptr<const ChannelConfig> config, std::string peer_ip,
+             std::unique_ptr<ModeSession> session)
+      : context_(context),
+        transport_(std::move(transport)),
+        channel_(std::move(config), std::move(peer_ip)),
+        session_(std::move(session)) {}
+  ~Connection() { session_.reset(); }  // first, while the socket number is still ours
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+
+  // start - watch the socket and send the greeting; on_closed runs when the connection ends
+  void start(Closed on_closed) {
+    on_closed_ = std::move(on_closed);
+    context_.reactor.watch(transport_->socket(), 0, [this](short revents) { serve(revents); });
+    settle();
+  }
+
+  // settle - write what is queued, close when the conversation is over, else poll for what
+  // the connection waits on. While the mode decides and more of the client's commands wait
+  // behind the question, the replies wait too, so a pipelined group is answered in one write
+  // (RFC 2920 3.2 asks servers to send them together). At shutdown an idle session hears 421.
+  void settle() {
+    bool is_waiting = channel_.question() != Channel::Question::None;
+    bool is_holding =
+        is_waiting && channel_.has_unread_input() && channel_.output().size() < kOutputBacklog;
+    if (!is_closed_ && !is_holding) write_some();
+    if (is_closed_) return;
+    is_waiting = channel_.question() != Channel::Question::None;
+    bool is_done = channel_.is_closing() || (is_input_closed_ && !is_waiting);
+    if (is_done && channel_.output().empty()) return close("");
+    if (context_.exit.is_shutting_down() && channel_.is_idle())
+      return say_and_close(kClosingShutdown, "");
+    watch_time();
+    short events = 0;
+    if (!is_input_closed_ && channel_.wants_input()) events |= POLLIN;
+    if (!channel_.output().empty() && !is_holding) events |= POLLOUT;
+    context_.reactor.set_events(transport_->socket(), transport_->poll_events(events));
+  }
+
+  // close_with - the server is ending: queue this reply (a 421); flush() sends it
+  void close_with(const std::string& reply) {
+    if (!is_closed_ && !channel_.is_closing()) channel_.close_with(reply);
+  }
+
+  // flush - one try to send what is queued; true while some of it still waits
+  bool flush() {
+    if (is_closed_ || channel_.output().empty()) return false;
+    write_some();
+    return !is_closed_ && !channel_.output().empty();
+  }
+
+  bool is_closed() const { return is_closed_; }
+
+ private:
+  // serve - the socket is ready
+  void serve(short revents) {
+    short read_events = transport_->poll_events(POLLIN) | POLLHUP | POLLERR;
+    if ((revents & read_events) && read_some()) ask();
+    settle();
+  }
+
+  // read_some - true when bytes went to the channel
+  bool read_some() {
+    static char buffer[kReadChunk];
+    if (is_input_closed_ || !channel_.wants_input()) return false;
+    Transport::Result r = transport_->read_some(buffer, sizeof buffer);
+    switch (r.status) {
+      case Transport::Status::Ok:
+        if (channel_.is_plain_text()) channel_.set_security(transport_->security());
+        channel_.feed(std::string_view(buffer, r.bytes));
+        return true;
+      case Transport::Status::WouldBlock: return false;
+      case Transport::Status::Failed: close("failed: " + r.error); return false;
+      case Transport::Status::Closed:
+        // The client may still wait for replies to what it sent (a half-close after QUIT).
+        // A message not finished with "." was never answered 250, so nothing is lost.
+        context_.trace(channel_.peer + " closed its side of the connection");
+        is_input_closed_ = true;
+        return false;
+    }
+    return false;
+  }
+
+  // ask - hand the channel's question, if it has one, to the mode (the verdict comes to
+  // on_verdict); STARTTLS starts once its 220 has been written
+  void ask() {
+    Verdict verdict = [this](const std::string& reply) { on_verdict(reply); };
+    switch (channel_.question()) {
+      case Channel::Question::Mail: return session_->on_mail(channel_.mail_request(), verdict);
+      case Channel::Question::Rcpt: return session_->on_rcpt(channel_.pending_address(), verdict);
+      case Channel::Question::Message: {
+        ExitPolicy& exit = context_.exit;
+        Verdict counted = [&exit, verdict](const std::string& reply) {
+          if (is_accepting(reply)) exit.on_delivered();
+          verdict(reply);
+        };
+        return session_->on_message(channel_.take_message(), counted);
+      }
+      case Channel::Question::StartTls: is_tls_due_ = true; return;
+      case Channel::Question::None: return;
+    }
+  }
+
+  // on_verdict - the mode answered, now or later. The channel takes the answer after the
+  // current callbacks: the answer may raise the next question (pipelined commands), asked
+  // then, and what the verdict set off (the listeners closing at the message limit) is done
+  // before the reply leaves.
+  void on_verdict(const std::string& reply) {
+    if (is_closed_) return;  // the client is gone; the connection only waits to be destroyed
+    context_.reactor.defer([this, reply] {
+      if (is_closed_) return;
+      channel_.answer(reply);
+      ask();
+      settle();
+    });
+  }
+
+  // start_tls - the 220 to STARTTLS is out: TLS from the next byte, and the session anew
+  void start_tls() {
+    is_tls_due_ = false;
+    transport_ = context_.wrap_in_tls(std::move(transport_));
+    channel_.restart_in_tls();
+  }
+
+  // watch_time - --timeout: the client has that long for each command line (bytes alone do
+  // not count, so trickling does not help) and, in DATA, between two reads; the whole of DATA
+  // has kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
+  void watch_time() {
+    Reactor& reactor = context_.reactor;
+    long long ms = context_.command_timeout_ms;
+    bool is_in_data = channel_.is_in_data();
+    if (!is_in_data) reactor.cancel_timer(std::exchange(data_timer_, 0));
+    if (is_in_data && data_timer_ == 0)
+      data_timer_ = reactor.start_timer(ms * kDataDeadlineFactor, [this] {
+        data_timer_ = 0;
+        say_and_close(kClosingTimeout, "took too long over DATA");
+      });
+    if (command_timer_ != 0 && progress_seen_ == channel_.progress()) return;
+    progress_seen_ = channel_.progress();
+    if (command_timer_ != 0) return reactor.restart_timer(command_timer_, ms);
+    command_timer_ = reactor.start_timer(ms, [this] {
+      command_timer_ = 0;
+      if (channel_.question() != Channel::Question::None) return watch_time();
+      say_and_close(kClosingTimeout, "timed out");
+    });
+  }
+
+  // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
+  void say_and_close(const char* text, const std::string& why) {
+    if (is_closed_) return;
+    channel_.close_with(reply_closing(context_.fqdn, text));
+    write_some();
+    if (!is_closed_) close(why);
+  }
+
+  void write_some() {
+    const std::string& out = channel_.output();
+    if (out.empty()) return;
+    Transport::Result r = transport_->write_some(out);
+    if (r.status == Transport::Status::WouldBlock) return;
+    if (r.status != Transport::Status::Ok) return close("failed: " + r.error);
+    channel_.consume_output(r.bytes);
+    if (is_tls_due_ && channel_.output().empty()) start_tls();
+  }
+
+  // close - no more events now; the server destroys it after the current callbacks
+  void close(const std::string& why) {
+    if (!why.empty()) context_.trace(channel_.peer + " " + why);
+    is_closed_ = true;
+    context_.reactor.cancel_timer(std::exchange(command_timer_, 0));
+    context_.reactor.cancel_timer(std::exchange(data_timer_, 0));
+    context_.reactor.unwatch(transport_->socket());
+    if (on_closed_) std::exchange(on_closed_, nullptr)();
+  }
+
+  const ConnectionContext& context_;
+  std::unique_ptr<Transport> transport_;
+  Channel channel_;
+  std::unique_ptr<ModeSession> session_;
+  Closed on_closed_;
+  bool is_input_closed_ = false;        // the client sent EOF; finish what it asked, then close
+  bool is_closed_ = false;              // no more events; destroyed after the current callbacks
+  bool is_tls_due_ = false;             // STARTTLS was answered: TLS once the 220 is written
+  Reactor::TimerId command_timer_ = 0;  // --timeout for the command (or DATA read) awaited
+  Reactor::TimerId data_timer_ = 0;     // --timeout times kDataDeadlineFactor for all of DATA
+  std::uint64_t progress_seen_ = 0;     // channel_.progress() when command_timer_ last started
 };
 
 // Acceptor - the listeners, each one more watched socket. A client that arrives becomes a
@@ -5154,25 +5375,23 @@ class Acceptor {
   bool is_failing_ = false;
 };
 
-// Server - SMTP on the reactor: accepts clients on its listeners, and for each one moves
-// bytes between its transport and its channel and the channel's questions to the mode. A
-// question is asked once, right after the bytes or the answer that raised it; a verdict
-// (given at once or later) reaches the channel in a deferred task, so nothing here calls
-// itself back.
+// Server - SMTP on the reactor: the Acceptor hands it each new client, which becomes a
+// Connection with the channel settings as the mode shapes them and a session with the mode;
+// the server counts them, and ends them all when the exit policy says so.
 class Server {
  public:
   Server(std::vector<socket_t> listeners, const ServerOptions& options, ServerMode& mode)
       : channel_(channel_config(options, mode)),
-        wrap_in_tls_(options.wrap_in_tls),
         is_tls_implicit_(options.is_tls_implicit),
-        is_debug_(options.debug),
         mode_(mode),
         acceptor_(
             reactor_, std::move(listeners),
             [this](socket_t s, const std::string& ip, unsigned port) { on_accepted(s, ip, port); },
             [this] { return connections_.size(); }),
-        exit_(reactor_, options.max_messages, options.idle_exit_ms),
-        command_timeout_ms_(options.command_timeout_ms),
+        exit_(reactor_, options.max_messages, options.idle_exit_ms, [this] { stop_accepting(); }),
+        context_{
+            reactor_,     exit_, channel_->fqdn, options.command_timeout_ms, options.wrap_in_tls,
+            options.debug},
         max_clients_(options.max_clients) {
     mode_.start(reactor_);
   }
@@ -5187,12 +5406,12 @@ class Server {
   // run - serve until a stop is requested or the exit policy says so, then give queued
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
-    while (!exit_.is_due() && !is_shutdown_over()) {
-      if (g_stop_requested && shutdown_deadline_ms_ == 0) begin_shutdown();
+    while (!exit_.is_due()) {
+      if (g_stop_requested && !exit_.is_shutting_down()) begin_shutdown();
       watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
     }
-    if (exit_.is_draining() || shutdown_deadline_ms_ != 0) close_remaining();
+    if (exit_.is_draining() || exit_.is_shutting_down()) close_remaining();
     flush_before_exit();
     return true;
   }
@@ -5223,14 +5442,10 @@ class Server {
     return config;
   }
 
-  void trace(const std::string& text) const {
-    if (is_debug_) log_line(text);
-  }
-
   // -- Accepting: the Acceptor hands over each new client --
 
   void on_accepted(socket_t s, const std::string& ip, unsigned port) {
-    trace("connection from " + format_endpoint(ip, port));
+    context_.trace("connection from " + format_endpoint(ip, port));
     if (is_full()) return turn_away(s, format_endpoint(ip, port));
     add_client(std::make_unique<SocketTransport>(s), ip);
   }
@@ -5239,171 +5454,32 @@ class Server {
   // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
   bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
   void turn_away(socket_t s, const std::string& who) {
-    trace(who + " turned away: " + std::to_string(connections_.size()) + " clients connected");
+    context_.trace(who + " turned away: " + std::to_string(connections_.size()) +
+                   " clients connected");
     std::string reply = reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n";
     (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
     close_socket(s);
   }
 
-  // stop_listening - the message limit is reached: no new clients
-  void stop_listening() {
-    trace("message limit reached (" + std::to_string(exit_.delivered()) +
-          "); no new clients, exiting when the open sessions end");
-    acceptor_.close();
-  }
-
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
-    socket_t s = transport->socket();
-    if (is_tls_implicit_) transport = wrap_in_tls_(std::move(transport));
-    Connection& c = connections_.emplace_back(std::move(transport), channel_for_client(), ip);
-    c.self = std::prev(connections_.end());
-    c.session = mode_.open_session(reactor_, ip);
-    reactor_.watch(s, 0, [this, conn = &c](short revents) { serve(*conn, revents); });
+    if (is_tls_implicit_) transport = context_.wrap_in_tls(std::move(transport));
+    Connection& c = connections_.emplace_back(context_, std::move(transport), channel_for_client(),
+                                              ip, mode_.open_session(reactor_, ip));
     exit_.on_clients(connections_.size());
-    settle(c);  // the greeting
-  }
-
-  // -- One connection: bytes in, questions to the mode, replies out --
-
-  // serve - the connection's socket is ready
-  void serve(Connection& c, short revents) {
-    short read_events = c.transport->poll_events(POLLIN) | POLLHUP | POLLERR;
-    if ((revents & read_events) && read_some(c)) ask(c);
-    settle(c);
-  }
-
-  // read_some - true when bytes went to the channel
-  bool read_some(Connection& c) {
-    static char buffer[kReadChunk];
-    if (c.is_input_closed || !c.channel.wants_input()) return false;
-    Transport::Result r = c.transport->read_some(buffer, sizeof buffer);
-    switch (r.status) {
-      case Transport::Status::Ok:
-        if (c.channel.is_plain_text()) c.channel.set_security(c.transport->security());
-        c.channel.feed(std::string_view(buffer, r.bytes));
-        return true;
-      case Transport::Status::WouldBlock: return false;
-      case Transport::Status::Failed: close(c, "failed: " + r.error); return false;
-      case Transport::Status::Closed:
-        // The client may still wait for replies to what it sent (a half-close after QUIT).
-        // A message not finished with "." was never answered 250, so nothing is lost.
-        trace(c.channel.peer + " closed its side of the connection");
-        c.is_input_closed = true;
-        return false;
-    }
-    return false;
-  }
-
-  // ask - hand the channel's question, if it has one, to the mode; the verdict comes to
-  // on_verdict
-  void ask(Connection& c) {
-    Verdict verdict = [this, conn = &c](const std::string& reply) { on_verdict(*conn, reply); };
-    switch (c.channel.question()) {
-      case Channel::Question::Mail:
-        return c.session->on_mail(MailRequest{c.channel.pending_address(), c.channel.mail_options,
-                                              c.channel.require_smtputf8},
-                                  verdict);
-      case Channel::Question::Rcpt: return c.session->on_rcpt(c.channel.pending_address(), verdict);
-      case Channel::Question::Message: {
-        Verdict counted = [this, verdict](const std::string& reply) {
-          if (is_accepting(reply) && exit_.on_delivered()) stop_listening();
-          verdict(reply);
-        };
-        return c.session->on_message(c.channel.take_message(), counted);
-      }
-      case Channel::Question::StartTls:  // settle starts it once the 220 is out
-      case Channel::Question::None: return;
-    }
-  }
-
-  // on_verdict - the mode answered, now or later. The channel takes the answer after the
-  // current callbacks: the answer may raise the next question (pipelined commands), asked
-  // then, and what the verdict set off (the listeners closing at the message limit) is done
-  // before the reply leaves.
-  void on_verdict(Connection& c, const std::string& reply) {
-    if (c.is_closed) return;  // the client is gone; the connection only waits to be destroyed
-    reactor_.defer([this, conn = &c, reply] {
-      if (conn->is_closed) return;
-      conn->channel.answer(reply);
-      ask(*conn);
-      settle(*conn);
-    });
-  }
-
-  // settle - write what is queued, close when the conversation is over, else poll for what
-  // the connection waits on. While the mode decides and more of the client's commands wait
-  // behind the question, the replies wait too, so a pipelined group is answered in one write
-  // (RFC 2920 3.2 asks servers to send them together).
-  void settle(Connection& c) {
-    bool is_waiting = c.channel.question() != Channel::Question::None;
-    bool is_holding =
-        is_waiting && c.channel.has_unread_input() && c.channel.output().size() < kOutputBacklog;
-    if (!c.is_closed && !is_holding) write_some(c);
-    if (c.is_closed) return;
-    if (c.channel.question() == Channel::Question::StartTls && c.channel.output().empty()) {
-      c.transport = wrap_in_tls_(std::move(c.transport));
-      c.channel.restart_in_tls();
-      is_waiting = false;
-    }
-    bool is_done = c.channel.is_closing() || (c.is_input_closed && !is_waiting);
-    if (is_done && c.channel.output().empty()) return close(c, "");
-    if (shutdown_deadline_ms_ != 0 && is_idle(c)) return say_and_close(c, kClosingShutdown, "");
-    watch_time(c);
-    short events = 0;
-    if (!c.is_input_closed && c.channel.wants_input()) events |= POLLIN;
-    if (!c.channel.output().empty() && !is_holding) events |= POLLOUT;
-    reactor_.set_events(c.transport->socket(), c.transport->poll_events(events));
-  }
-
-  // watch_time - --timeout: the client has that long for each command line (bytes alone do not
-  // count, so trickling does not help) and, in DATA, between two reads; the whole of DATA has
-  // kDataDeadlineFactor times as long. Time spent waiting for the mode is not the client's.
-  void watch_time(Connection& c) {
-    long long ms = command_timeout_ms_;
-    bool is_in_data = c.channel.smtp_state == Channel::State::Data;
-    if (!is_in_data) reactor_.cancel_timer(std::exchange(c.data_timer, 0));
-    if (is_in_data && c.data_timer == 0)
-      c.data_timer = reactor_.start_timer(ms * kDataDeadlineFactor, [this, conn = &c] {
-        conn->data_timer = 0;
-        say_and_close(*conn, kClosingTimeout, "took too long over DATA");
+    c.start([this, place = std::prev(connections_.end())] {
+      reactor_.defer([this, place] {
+        connections_.erase(place);
+        exit_.on_clients(connections_.size());
       });
-    if (c.command_timer != 0 && c.progress_seen == c.channel.progress()) return;
-    c.progress_seen = c.channel.progress();
-    if (c.command_timer != 0) return reactor_.restart_timer(c.command_timer, ms);
-    c.command_timer = reactor_.start_timer(ms, [this, conn = &c] {
-      conn->command_timer = 0;
-      if (conn->channel.question() != Channel::Question::None) return watch_time(*conn);
-      say_and_close(*conn, kClosingTimeout, "timed out");
     });
   }
 
-  // say_and_close - "421 <fqdn> <text>" and close, whether or not the client reads it
-  void say_and_close(Connection& c, const char* text, const std::string& why) {
-    if (c.is_closed) return;
-    c.channel.close_with(reply_closing(channel_->fqdn, text));
-    write_some(c);
-    if (!c.is_closed) close(c, why);
-  }
-
-  void write_some(Connection& c) {
-    const std::string& out = c.channel.output();
-    if (out.empty()) return;
-    Transport::Result r = c.transport->write_some(out);
-    if (r.status == Transport::Status::Ok) return c.channel.consume_output(r.bytes);
-    if (r.status != Transport::Status::WouldBlock) close(c, "failed: " + r.error);
-  }
-
-  // close - no more events now; destroyed (socket closed) after the current callbacks
-  void close(Connection& c, const std::string& why) {
-    if (!why.empty()) trace(c.channel.peer + " " + why);
-    c.is_closed = true;
-    reactor_.cancel_timer(std::exchange(c.command_timer, 0));
-    reactor_.cancel_timer(std::exchange(c.data_timer, 0));
-    reactor_.unwatch(c.transport->socket());
-    reactor_.defer([this, place = c.self] {
-      connections_.erase(place);
-      exit_.on_clients(connections_.size());
-    });
+  // stop_accepting - the message limit is reached, or shutdown began: no new clients
+  void stop_accepting() {
+    if (!exit_.is_shutting_down())
+      context_.trace("message limit reached (" + std::to_string(exit_.delivered()) +
+                     "); no new clients, exiting when the open sessions end");
+    acceptor_.close();
   }
 
   // watch_outputs - stdout and stderr are polled while text waits for their reader
@@ -5420,48 +5496,27 @@ class Server {
   // -- Ending --
 
   // begin_shutdown - SIGTERM/SIGINT: no new clients; idle sessions hear 421 now, those in
-  // DATA or waiting for its verdict when they are done (settle), or when the grace is over
+  // DATA or waiting for its verdict when they are done, or when the grace is over
   void begin_shutdown() {
-    trace("stopping: no new clients; open transactions get " + seconds_text(kShutdownGraceMs) +
-          " s to finish");
-    acceptor_.close();
-    shutdown_deadline_ms_ = PollReactor::now_ms() + kShutdownGraceMs;
-    reactor_.start_timer(kShutdownGraceMs, [] {});  // wakes the loop at the deadline
+    context_.trace("stopping: no new clients; open transactions get " +
+                   seconds_text(kShutdownGraceMs) + " s to finish");
+    exit_.begin_shutdown();
     for (Connection& c : connections_)
-      if (!c.is_closed) settle(c);
-  }
-
-  // is_idle - between transactions' commands: nothing of a message would be lost by closing
-  static bool is_idle(const Connection& c) {
-    return c.channel.smtp_state == Channel::State::Command &&
-           c.channel.question() == Channel::Question::None;
-  }
-
-  bool is_shutdown_over() const {
-    if (shutdown_deadline_ms_ == 0) return false;
-    bool is_open = std::any_of(connections_.begin(), connections_.end(),
-                               [](const Connection& c) { return !c.is_closed; });
-    return !is_open || PollReactor::now_ms() >= shutdown_deadline_ms_;
+      if (!c.is_closed()) c.settle();
   }
 
   // close_remaining - after the message limit or the shutdown grace, a 421 to the sessions
   // that are still open; a message not finished is not kept, and was never answered 250
   void close_remaining() {
-    const char* why = shutdown_deadline_ms_ != 0 ? kClosingShutdown : kClosingLimitReached;
-    std::string reply = reply_closing(channel_->fqdn, why);
-    for (Connection& c : connections_)
-      if (!c.is_closed && !c.channel.is_closing()) c.channel.close_with(reply);
+    std::string reply = reply_closing(channel_->fqdn, exit_.closing_reason());
+    for (Connection& c : connections_) c.close_with(reply);
   }
 
   // flush_before_exit - give queued replies (a 250 already earned) a moment to leave
   void flush_before_exit() {
     for (int round = 0; round < kExitFlushRounds; ++round) {
       bool is_pending = false;
-      for (Connection& c : connections_) {
-        if (c.is_closed || c.channel.output().empty()) continue;
-        write_some(c);
-        is_pending = is_pending || (!c.is_closed && !c.channel.output().empty());
-      }
+      for (Connection& c : connections_) is_pending = c.flush() || is_pending;
       if (!is_pending) break;
       sleep_ms(kExitFlushPauseMs);
     }
@@ -5470,16 +5525,13 @@ class Server {
   PollReactor reactor_;  // first: destroyed last, after everything that uses it
   std::shared_ptr<const ChannelConfig> channel_;
   std::shared_ptr<const ChannelConfig> shaped_;  // channel_ as the mode last shaped it
-  TransportWrapper wrap_in_tls_;  // TLS for STARTTLS and --tls-implicit; empty without TLS
-  bool is_tls_implicit_;
-  bool is_debug_;
+  bool is_tls_implicit_;                         // --tls-implicit: TLS from the first byte
   ServerMode& mode_;
   Acceptor acceptor_;
   ExitPolicy exit_;
+  ConnectionContext context_;  // shared by every connection
   std::list<Connection> connections_;
-  long long shutdown_deadline_ms_ = 0;  // set by SIGTERM/SIGINT: the end of the grace period
-  long long command_timeout_ms_;        // --timeout
-  std::size_t max_clients_;             // --max-clients: 0 for no limit
+  std::size_t max_clients_;  // --max-clients: 0 for no limit
 };
 
 // ==== 16. Command line ====
