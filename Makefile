@@ -40,6 +40,10 @@ TLS_ON       := $(filter 1 yes on true,$(TLS))
 TLS_CPPFLAGS := $(if $(TLS_ON),-DSMTPD_TLS)
 TLS_LDLIBS   := $(if $(TLS_ON),-lssl -lcrypto)
 
+# iconv(3), for charsets the mail reader has no table for: in the C library on glibc, musl
+# and the BSDs, in libiconv on macOS
+ICONV_LDLIBS := $(if $(filter Darwin,$(shell uname -s 2>/dev/null)),-liconv)
+
 SMTPD_CXXFLAGS := $(STD) -O2 $(WARNINGS) -pthread
 TEST_CXXFLAGS  := $(STD) -g -O1 $(WARNINGS) -pthread
 
@@ -81,20 +85,20 @@ BUILD_ID := $(CXX) | $(STATIC_LDFLAGS) | $(TLS_CPPFLAGS) | $(CPPFLAGS) | $(CXXFL
 
 smtpd: smtpd.cpp .build-flags | deps
 	$(CXX) $(SMTPD_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(STATIC_LDFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(ICONV_LDLIBS) $(LDLIBS)
 
 smtpd-asan: smtpd.cpp .build-flags | deps
 	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
+	    smtpd.cpp -o $@ $(TLS_LDLIBS) $(ICONV_LDLIBS) $(LDLIBS)
 
 # One translation unit: tests/test_main.cpp includes ../smtpd.cpp and the test files.
 tests/run_tests: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
 	$(CXX) $(TEST_CXXFLAGS) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(ICONV_LDLIBS) $(LDLIBS)
 
 tests/run_tests_asan: smtpd.cpp $(TEST_SOURCES) .build-flags | deps
 	$(CXX) $(TEST_CXXFLAGS) $(SANITIZE) $(TLS_CPPFLAGS) $(CPPFLAGS) $(CXXFLAGS) $(LDFLAGS) \
-	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(LDLIBS)
+	    tests/test_main.cpp -o $@ $(TLS_LDLIBS) $(ICONV_LDLIBS) $(LDLIBS)
 
 run: smtpd
 	./smtpd -n -c DebuggingServer localhost:8025
@@ -160,7 +164,7 @@ FUZZ_SECONDS ?= 60
 FUZZ_CXX ?= clang++
 FUZZ_TARGETS := $(patsubst %.cpp,%,$(wildcard fuzz/fuzz_*.cpp))
 fuzz/fuzz_%: fuzz/fuzz_%.cpp smtpd.cpp | deps
-	$(FUZZ_CXX) $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) $< -o $@
+	$(FUZZ_CXX) $(STD) -g -O1 -fsanitize=fuzzer,address,undefined $(CPPFLAGS) $< -o $@ $(ICONV_LDLIBS)
 
 fuzz: $(FUZZ_TARGETS)
 	@status=0; for target in $(FUZZ_TARGETS); do \

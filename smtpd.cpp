@@ -19,15 +19,16 @@
 //   7. SMTP channel          (the pure state machine: bytes in, replies and questions out)
 //   8. Reactor               (sockets, timers and deferred tasks; PollReactor on poll())
 //   9. Modes                 (what the server asks a mode, and how the mode answers)
-//  10. Message texts         (a message held once, made into what goes out a chunk at a time)
-//  11. Local delivery        (stdout and stderr, the print-out, Maildir, mbox, --exec;
+//  10. Reading mail          (headers, MIME parts, charsets: what a mail client would show)
+//  11. Message texts         (a message held once, made into what goes out a chunk at a time)
+//  12. Local delivery        (stdout and stderr, the print-out, Maildir, mbox, --exec;
 //                             SMTPServer and DebuggingServer)
-//  12. SMTP client           (a non-blocking client session with an upstream server)
-//  13. Relays                (PureProxy, MailmanProxy)
-//  14. Transports and TLS    (plain TCP, and OpenSSL with make TLS=1)
-//  15. Server                (listeners, connections, the exit policy, the server loop)
-//  16. Command line          (options, addresses, validation, the start in order)
-//  17. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
+//  13. SMTP client           (a non-blocking client session with an upstream server)
+//  14. Relays                (PureProxy, MailmanProxy)
+//  15. Transports and TLS    (plain TCP, and OpenSSL with make TLS=1)
+//  16. Server                (listeners, connections, the exit policy, the server loop)
+//  17. Command line          (options, addresses, validation, the start in order)
+//  18. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
 // ==== 1. Includes ====
 
@@ -51,6 +52,7 @@
 #include <string>
 #include <string_view>
 #include <unordered_map>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -81,6 +83,16 @@
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#endif
+
+// iconv(3), for the charsets section 10 has no table for: in the C library of glibc, musl and
+// the BSDs, in libiconv on macOS (the Makefile links it there). MinGW has none: on Windows a
+// body in such a charset is kept undecoded.
+#if !defined(_WIN32) && defined(__has_include)
+#if __has_include(<iconv.h>)
+#include <iconv.h>
+#define SMTPD_ICONV 1
+#endif
 #endif
 
 #include <cxxopts.hpp>
@@ -172,6 +184,20 @@ constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another progr
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
 constexpr int kLockRetryMs = 10;       // --mbox: pause between two attempts to take the lock
+// Reading mail (section 10): what one message may cost the reader. Real mail nests 3 or 4
+// deep (mixed > alternative > related, a forwarded message one more) and has a few dozen
+// parts; Postfix stops at 100 levels (mime_nesting_limit). Each level reads its lines once
+// for its boundary, so the depth also bounds the work: at most 32 passes over a message.
+constexpr std::size_t kMimeDepthLimit = 32;     // multipart levels read; a deeper one is listed
+constexpr std::size_t kMimePartLimit = 1000;    // parts read; past it the rest are not read
+constexpr std::size_t kMimeHeaderLimit = 1000;  // fields kept of one part (a long relay path's
+                                                // Received lines fit); the rest are skipped
+constexpr std::size_t kMimeParamLimit = 64;     // parameters of one Content-Type: 1 to 3 in real
+                                                // mail, a long RFC 2231 file name a few dozen
+// bytes of text and HTML bodies decoded and held for one message: the default message size
+// (kDataSizeDefault), so any message at the default limit is decoded; a part past it is not
+constexpr std::size_t kMimeDecodedLimit = 32 * 1024 * 1024;
+constexpr std::size_t kMimeLinkLimit = 1000;  // links kept of one message
 constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; RFC 5321 4.5.3.1.5
                                            // allows 512 per reply line
 
@@ -2843,7 +2869,1058 @@ class ServerMode {
   virtual void shape(ChannelConfig&) const {}  // what a new client's EHLO offers
 };
 
-// ==== 10. Message texts ====
+// ==== 10. Reading mail ====
+// What a mail client shows of a message, read from Envelope::data as the channel stores it
+// (lines joined with "\n", dot-unstuffed): the headers unfolded, with RFC 2047 encoded words
+// decoded; the MIME tree (RFC 2045, 2046, 2231); bodies decoded to UTF-8; and a MailSummary with
+// the text, the HTML, the attachments and the links. Pure: bytes in, values out, no I/O.
+// Python 3.11's email package (policy.default) is the reference; every departure is marked
+// "differs from Python's email". A hostile message costs at most what the kMime* limits allow:
+// what is past a cap is listed, not decoded, and the summary says it is not complete.
+//   append_utf8, invalid_utf8_length, replace_invalid_utf8; Charset, charset_kind,
+//   charset_to_utf8 (tables, iconv); ByteSink, decode_base64_loose, decode_quoted_printable,
+//   decode_q_word; EncodedWordText, decode_header_text; MimeHeader, line_at,
+//   read_header_block; MimeValue, parse_mime_value (RFC 2231); MimePart, MimeTree;
+//   DecodedBody, transfer_decode, decoded_size, decode_text_body; related_root, find_body,
+//   MailAttachment, AttachmentFinder; LinkList, url_end, find_text_links, entity_code_point,
+//   decode_html_entities, tag_end, find_html_links; MailSummary, summarize_mail
+
+constexpr const char* kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD, for what is not UTF-8
+
+// append_utf8 - code point cp (at most U+10FFFF, no surrogate) as UTF-8, appended to out
+inline void append_utf8(std::string& out, std::uint32_t cp) {
+  auto put = [&](std::uint32_t byte) { out += static_cast<char>(byte); };
+  if (cp < 0x80) return put(cp);
+  if (cp < 0x800) {
+    put(0xC0 | cp >> 6);
+  } else if (cp < 0x10000) {
+    put(0xE0 | cp >> 12), put(0x80 | (cp >> 6 & 0x3F));
+  } else {
+    put(0xF0 | cp >> 18), put(0x80 | (cp >> 12 & 0x3F)), put(0x80 | (cp >> 6 & 0x3F));
+  }
+  put(0x80 | (cp & 0x3F));
+}
+
+// invalid_utf8_length - bytes of the malformed sequence at s[i] that one U+FFFD stands for:
+// the longest start of a well-formed sequence, or 1, as Python's errors='replace' counts them
+inline std::size_t invalid_utf8_length(std::string_view s, std::size_t i) {
+  unsigned char lead = static_cast<unsigned char>(s[i]);
+  std::size_t want = lead >= 0xC2 && lead <= 0xDF   ? 2
+                     : lead >= 0xE0 && lead <= 0xEF ? 3
+                     : lead >= 0xF0 && lead <= 0xF4 ? 4
+                                                    : 1;
+  std::size_t k = 1;
+  for (; k < want && i + k < s.size(); ++k) {
+    unsigned char c = static_cast<unsigned char>(s[i + k]);
+    unsigned char lo = k == 1 && lead == 0xE0 ? 0xA0 : k == 1 && lead == 0xF0 ? 0x90 : 0x80;
+    unsigned char hi = k == 1 && lead == 0xED ? 0x9F : k == 1 && lead == 0xF4 ? 0x8F : 0xBF;
+    if (c < lo || c > hi) break;
+  }
+  return k;
+}
+
+// replace_invalid_utf8 - s with each malformed UTF-8 sequence replaced by U+FFFD
+inline std::string replace_invalid_utf8(std::string_view s) {
+  std::string out;
+  out.reserve(s.size());
+  std::uint32_t cp;
+  std::size_t len;
+  for (std::size_t i = 0; i < s.size(); i += len) {
+    if (decode_utf8_at(s, i, cp, len)) {
+      out.append(s.data() + i, len);
+    } else {
+      out += kReplacementChar;
+      len = invalid_utf8_length(s, i);
+    }
+  }
+  return out;
+}
+
+// Charset - how a charset named in a message becomes UTF-8: as it is, by one of three tables,
+// or through iconv(3)
+enum class Charset { Utf8, Latin1, Latin9, Windows1252, Other };
+
+// charset_kind - the Charset for a name as messages write it (Python's aliases, any case)
+// differs from Python's email: US-ASCII (and text with no charset) is read as UTF-8, so an
+// 8-bit body a client forgot to label keeps its letters; Python gives U+FFFD for each byte.
+inline Charset charset_kind(std::string_view name) {
+  static const std::pair<const char*, Charset> kNames[] = {{"", Charset::Utf8},
+                                                           {"utf-8", Charset::Utf8},
+                                                           {"utf8", Charset::Utf8},
+                                                           {"us-ascii", Charset::Utf8},
+                                                           {"ascii", Charset::Utf8},
+                                                           {"iso-8859-1", Charset::Latin1},
+                                                           {"iso8859-1", Charset::Latin1},
+                                                           {"latin1", Charset::Latin1},
+                                                           {"latin-1", Charset::Latin1},
+                                                           {"l1", Charset::Latin1},
+                                                           {"iso-8859-15", Charset::Latin9},
+                                                           {"iso8859-15", Charset::Latin9},
+                                                           {"latin-9", Charset::Latin9},
+                                                           {"latin9", Charset::Latin9},
+                                                           {"l9", Charset::Latin9},
+                                                           {"windows-1252", Charset::Windows1252},
+                                                           {"cp1252", Charset::Windows1252}};
+  std::string lower;
+  for (char c : python_strip(name)) lower += c == '_' ? '-' : ascii_lower(c);
+  for (const auto& [known, kind] : kNames)
+    if (lower == known) return kind;
+  return Charset::Other;
+}
+
+// table_code_point - byte b in ISO-8859-1, ISO-8859-15 or Windows-1252; U+FFFD for the five
+// bytes Windows-1252 leaves undefined (Python's cp1252 refuses them too)
+inline std::uint32_t table_code_point(Charset charset, unsigned char b) {
+  static const std::uint16_t kWindows1252[32] = {
+      0x20AC, 0xFFFD, 0x201A, 0x0192, 0x201E, 0x2026, 0x2020, 0x2021, 0x02C6, 0x2030, 0x0160,
+      0x2039, 0x0152, 0xFFFD, 0x017D, 0xFFFD, 0xFFFD, 0x2018, 0x2019, 0x201C, 0x201D, 0x2022,
+      0x2013, 0x2014, 0x02DC, 0x2122, 0x0161, 0x203A, 0x0153, 0xFFFD, 0x017E, 0x0178};
+  static const std::pair<unsigned char, std::uint16_t> kLatin9[] = {
+      {0xA4, 0x20AC}, {0xA6, 0x0160}, {0xA8, 0x0161}, {0xB4, 0x017D},
+      {0xB8, 0x017E}, {0xBC, 0x0152}, {0xBD, 0x0153}, {0xBE, 0x0178}};
+  if (charset == Charset::Windows1252 && b >= 0x80 && b < 0xA0) return kWindows1252[b - 0x80];
+  if (charset == Charset::Latin9)
+    for (const auto& [byte, cp] : kLatin9)
+      if (b == byte) return cp;
+  return b;
+}
+
+#ifdef SMTPD_ICONV
+// iconv_to_utf8 - bytes in a charset only the C library knows, as UTF-8; nothing when it does
+// not know the name. A malformed sequence costs one U+FFFD and one byte, as errors='replace'
+// does in Python; a sequence cut short at the end, one U+FFFD.
+inline std::optional<std::string> iconv_to_utf8(std::string_view bytes, const std::string& name) {
+  iconv_t cd = iconv_open("UTF-8", name.c_str());
+  if (cd == reinterpret_cast<iconv_t>(-1)) return std::nullopt;
+  std::string out;
+  char buffer[4096];
+  char* in = const_cast<char*>(bytes.data());  // iconv does not write to its input
+  std::size_t in_left = bytes.size();
+  for (bool is_flushed = false; !is_flushed;) {
+    char* to = buffer;
+    std::size_t to_left = sizeof buffer;
+    is_flushed = in_left == 0;  // with no input left, iconv ends a stateful charset's shift
+    std::size_t done = is_flushed ? iconv(cd, nullptr, nullptr, &to, &to_left)
+                                  : iconv(cd, &in, &in_left, &to, &to_left);
+    out.append(buffer, static_cast<std::size_t>(to - buffer));
+    if (done != static_cast<std::size_t>(-1) || errno == E2BIG) continue;
+    out += kReplacementChar;  // EILSEQ: skip one byte; EINVAL: the rest is a cut sequence
+    std::size_t skip = errno == EILSEQ ? 1 : in_left;
+    in += skip, in_left -= std::min(skip, in_left);
+    iconv(cd, nullptr, nullptr, nullptr, nullptr);
+    is_flushed = false;
+  }
+  iconv_close(cd);
+  return out;
+}
+#endif
+
+// charset_to_utf8 - bytes in the named charset as UTF-8, malformed input as U+FFFD; nothing
+// for a charset neither the tables nor iconv know (on Windows: none but the tables')
+inline std::optional<std::string> charset_to_utf8(std::string_view bytes, std::string_view name) {
+  Charset kind = charset_kind(name);
+  if (kind == Charset::Utf8) return replace_invalid_utf8(bytes);
+  if (kind == Charset::Other) {
+#ifdef SMTPD_ICONV
+    std::string clean(python_strip(name));  // a name, not iconv's "//TRANSLIT" suffixes
+    bool is_name =
+        !clean.empty() && clean.size() <= 40 && std::all_of(clean.begin(), clean.end(), [](char c) {
+          return is_ascii_alnum(c) || (c != '\0' && std::strchr("-_.:+", c) != nullptr);
+        });
+    if (is_name) return iconv_to_utf8(bytes, clean);
+#endif
+    return std::nullopt;
+  }
+  std::string out;
+  out.reserve(bytes.size() + bytes.size() / 2);
+  for (char c : bytes) append_utf8(out, table_code_point(kind, static_cast<unsigned char>(c)));
+  return out;
+}
+
+// ByteSink - where a decoder puts its bytes: a string, or only a count when nothing is kept
+// (an attachment's size needs no copy of it)
+struct ByteSink {
+  std::string* out = nullptr;
+  std::size_t size = 0;
+  void put(char c) {
+    ++size;
+    if (out != nullptr) *out += c;
+  }
+};
+
+// base64_value - the 6 bits of a base64 character, or -1
+inline int base64_value(char c) {
+  return c >= 'A' && c <= 'Z'   ? c - 'A'
+         : c >= 'a' && c <= 'z' ? c - 'a' + 26
+         : c >= '0' && c <= '9' ? c - '0' + 52
+         : c == '+'             ? 62
+         : c == '/'             ? 63
+                                : -1;
+}
+
+// decode_base64_loose - a base64 body or B encoded word as Python's email reads one
+// (binascii.a2b_base64 without strict_mode): other characters skipped, the text ends where
+// padding completes a group, a group cut short gives the bytes it has.
+// differs from Python's email: a body with one character too many (1 more than a multiple
+// of 4) is decoded without it; Python gives the base64 text itself.
+inline void decode_base64_loose(std::string_view text, ByteSink& sink) {
+  std::uint32_t bits = 0;
+  std::size_t in_group = 0, pads = 0;
+  for (char c : text) {
+    if (c == '=') {
+      if (in_group >= 2 && in_group + ++pads >= 4) return;
+      continue;
+    }
+    int value = base64_value(c);
+    if (value < 0) continue;
+    pads = 0;
+    bits = (bits << 6) | static_cast<std::uint32_t>(value);
+    if (in_group > 0) sink.put(static_cast<char>((bits >> (6 - 2 * in_group)) & 0xFF));
+    in_group = (in_group + 1) % 4;
+  }
+}
+
+inline int hex_value(char c) {
+  return c >= '0' && c <= '9'   ? c - '0'
+         : c >= 'a' && c <= 'f' ? c - 'a' + 10
+         : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                                : -1;
+}
+
+// decode_quoted_printable - a quoted-printable body (RFC 2045 6.7) as Python's quopri reads
+// one (binascii.a2b_qp): "=" at a line end joins the lines, =XX is a byte, anything else
+// after "=" is kept as written; a lone "=" at the very end is dropped
+inline void decode_quoted_printable(std::string_view text, ByteSink& sink) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] != '=') {
+      sink.put(text[i]);
+    } else if (i + 1 < text.size() && (text[i + 1] == '\n' || text[i + 1] == '\r')) {
+      i = std::min(text.find('\n', i + 1), text.size() - 1);  // a soft line break
+    } else if (i + 1 < text.size() && text[i + 1] == '=') {
+      sink.put('='), ++i;  // "==": what an old Python encoder wrote for "="
+    } else if (i + 2 < text.size() && hex_value(text[i + 1]) >= 0 && hex_value(text[i + 2]) >= 0) {
+      sink.put(static_cast<char>(hex_value(text[i + 1]) * 16 + hex_value(text[i + 2])));
+      i += 2;
+    } else if (i + 1 < text.size()) {
+      sink.put('=');
+    }
+  }
+}
+
+// decode_q_word - the text of a Q encoded word (RFC 2047 4.2): "_" is a space, =XX a byte,
+// anything else as written
+inline std::string decode_q_word(std::string_view text) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == '=' && i + 2 < text.size() && hex_value(text[i + 1]) >= 0 &&
+        hex_value(text[i + 2]) >= 0) {
+      out += static_cast<char>(hex_value(text[i + 1]) * 16 + hex_value(text[i + 2]));
+      i += 2;
+    } else {
+      out += text[i] == '_' ? ' ' : text[i];
+    }
+  }
+  return out;
+}
+
+// EncodedWordText - a header value with its encoded words decoded (RFC 2047), built a piece
+// at a time: plain text, white space, encoded words. White space between two encoded words is
+// dropped (RFC 2047 6.2); the bytes of adjacent words in one charset are joined before they
+// are converted, so a character split between two words survives.
+// differs from Python's email: Python converts each word alone, so a split character becomes
+// U+FFFD there.
+class EncodedWordText {
+ public:
+  void add_text(std::string_view text) {
+    flush();
+    out_ += replace_invalid_utf8(std::exchange(space_, std::string_view()));
+    out_ += replace_invalid_utf8(text);
+  }
+  void add_space(std::string_view space) {
+    if (is_after_word_) {
+      space_ = space;  // kept only if plain text follows
+    } else {
+      out_ += space;
+    }
+  }
+  void add_word(std::string_view charset, std::string bytes) {
+    space_ = {};
+    if (!is_after_word_ || charset != charset_) flush();
+    charset_ = charset, is_after_word_ = true;
+    bytes_ += bytes;
+  }
+  std::string take() {
+    flush();
+    out_ += space_;
+    return std::move(out_);
+  }
+
+ private:
+  void flush() {
+    if (!bytes_.empty()) {  // an unknown charset: the bytes kept, what is not UTF-8 as U+FFFD
+      std::optional<std::string> text = charset_to_utf8(bytes_, charset_);
+      out_ += text ? *text : replace_invalid_utf8(bytes_);
+    }
+    bytes_.clear();
+    is_after_word_ = false;
+  }
+
+  std::string out_;
+  std::string bytes_;  // of the encoded words not yet converted
+  std::string_view charset_;
+  std::string_view space_;  // white space after an encoded word, not yet known to stay
+  bool is_after_word_ = false;
+};
+
+// encoded_word_at - the encoded word "=?charset?B|Q?text?=" at s[i]: its charset (an RFC 2231
+// language "*en" taken off), its decoded bytes and where it ends; nothing if there is none.
+// Like Python's email, a word is read even inside other text; no white space or "?" inside it.
+inline std::optional<std::size_t> encoded_word_at(std::string_view s, std::size_t i,
+                                                  std::string_view& charset, std::string& bytes) {
+  if (s.compare(i, 2, "=?") != 0) return std::nullopt;
+  auto field_end = [&](std::size_t from) {
+    std::size_t at = from;
+    while (at < s.size() && s[at] != '?' && s[at] != ' ' && s[at] != '\t') ++at;
+    return at;
+  };
+  std::size_t charset_end = field_end(i + 2);
+  if (charset_end + 2 >= s.size() || s[charset_end] != '?' || s[charset_end + 2] != '?')
+    return std::nullopt;
+  char encoding = ascii_lower(s[charset_end + 1]);
+  std::size_t text_end = field_end(charset_end + 3);
+  if ((encoding != 'b' && encoding != 'q') || s.compare(text_end, 2, "?=") != 0)
+    return std::nullopt;
+  charset = s.substr(i + 2, charset_end - i - 2);
+  charset = charset.substr(0, charset.find('*'));
+  std::string_view text = s.substr(charset_end + 3, text_end - charset_end - 3);
+  if (encoding == 'q') {
+    bytes = decode_q_word(text);
+  } else {
+    ByteSink sink{&bytes};
+    decode_base64_loose(text, sink);
+  }
+  return text_end + 2;
+}
+
+// decode_header_text - a header's value as a mail client shows it: unfolded (the line breaks
+// taken out, the white space after them kept, as RFC 5322 2.2.3 says), leading white space
+// dropped, encoded words decoded, and what is not UTF-8 as U+FFFD (Python's policy.default)
+inline std::string decode_header_text(std::string_view raw) {
+  std::string value;
+  for (char c : raw)
+    if (c != '\r' && c != '\n') value += c;
+  std::string_view s = value;
+  s.remove_prefix(std::min(s.find_first_not_of(" \t"), s.size()));
+  EncodedWordText text;
+  std::size_t i = 0;
+  while (i < s.size()) {
+    std::string_view charset;
+    std::string bytes;
+    if (s[i] == ' ' || s[i] == '\t') {
+      std::size_t end = std::min(s.find_first_not_of(" \t", i), s.size());
+      text.add_space(s.substr(i, end - i));
+      i = end;
+    } else if (std::optional<std::size_t> word_end = encoded_word_at(s, i, charset, bytes)) {
+      text.add_word(charset, std::move(bytes));
+      i = *word_end;
+    } else {  // plain text up to white space or the next "=?" (not the one it starts with)
+      std::size_t end = i + 1;
+      while (end < s.size() && s[end] != ' ' && s[end] != '\t' && s.compare(end, 2, "=?") != 0)
+        ++end;
+      text.add_text(s.substr(i, end - i));
+      i = end;
+    }
+  }
+  return text.take();
+}
+
+// MimeHeader - one header field as it stands in the message: its name, and its value from
+// after the colon with its line breaks (a view into the message data)
+struct MimeHeader {
+  std::string_view name;
+  std::string_view raw;
+};
+
+// LineSpan - one line of the message: its text without the line end, and where the next
+// line starts
+struct LineSpan {
+  std::string_view text;
+  std::size_t next;
+};
+
+// line_at - the line that starts at data[at], looked for no further than end
+inline LineSpan line_at(std::string_view data, std::size_t at, std::size_t end) {
+  std::size_t line_end = std::min(data.substr(0, end).find('\n', at), end);
+  std::string_view text = data.substr(at, line_end - at);
+  if (!text.empty() && text.back() == '\r') text.remove_suffix(1);
+  return {text, std::min(line_end + 1, end)};
+}
+
+// is_header_name - could this be a field name? Printable ASCII but the colon (RFC 5322 2.2),
+// and at least one character
+inline bool is_header_name(std::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(),
+                                      [](char c) { return c > ' ' && c < 0x7F && c != ':'; });
+}
+
+// read_header_block - the header fields from data[begin] to the empty line that ends them,
+// at most kMimeHeaderLimit kept (the rest skipped); returns where the body begins. As in
+// Python's feedparser, a line that is no header field (and no continuation) begins the body,
+// a continuation with no field before it and a "From " line are skipped.
+inline std::size_t read_header_block(std::string_view data, std::size_t begin, std::size_t end,
+                                     std::vector<MimeHeader>& headers) {
+  bool is_kept = false;  // the last field read is in headers
+  for (std::size_t at = begin; at < end;) {
+    LineSpan line = line_at(data, at, end);
+    if (line.text.empty()) return line.next;
+    char first = line.text[0];
+    std::size_t colon = line.text.find(':');
+    if (first == ' ' || first == '\t') {
+      if (is_kept) {
+        MimeHeader& last = headers.back();
+        last.raw = std::string_view(last.raw.data(),
+                                    static_cast<std::size_t>(line.text.end() - last.raw.begin()));
+      }
+    } else if (line.text.compare(0, 5, "From ") == 0) {
+      is_kept = false;
+    } else if (colon != std::string_view::npos && is_header_name(line.text.substr(0, colon))) {
+      is_kept = headers.size() < kMimeHeaderLimit;
+      if (is_kept) headers.push_back({line.text.substr(0, colon), line.text.substr(colon + 1)});
+    } else if (colon != 0) {
+      return at;
+    }
+    at = line.next;
+  }
+  return end;
+}
+
+// find_header - the first field of that name (any case), as Python's msg[name]
+inline const MimeHeader* find_header(const std::vector<MimeHeader>& headers,
+                                     std::string_view name) {
+  for (const MimeHeader& header : headers)
+    if (header.name.size() == name.size() &&
+        std::equal(name.begin(), name.end(), header.name.begin(),
+                   [](char a, char b) { return ascii_lower(a) == ascii_lower(b); }))
+      return &header;
+  return nullptr;
+}
+
+// MimeParam - one parameter of a Content-Type or Content-Disposition field; an RFC 2231 one
+// (name*=charset'lang'%XX, name*0*=, name*1=...) joined and decoded to UTF-8, a plain one as
+// written (quotes and backslashes taken off)
+struct MimeParam {
+  std::string name;  // lower case, without the RFC 2231 stars and section numbers
+  std::string value;
+  bool is_rfc2231 = false;
+};
+
+// MimeValue - a Content-Type or Content-Disposition field: its value in lower case
+// ("text/plain", "attachment") and its parameters
+struct MimeValue {
+  std::string value;
+  std::vector<MimeParam> params;
+  // param - the parameter of that name (an RFC 2231 one before a plain one), or nothing
+  const MimeParam* param(std::string_view name) const {
+    const MimeParam* found = nullptr;
+    for (const MimeParam& p : params)
+      if (p.name == name && (found == nullptr || (p.is_rfc2231 && !found->is_rfc2231))) found = &p;
+    return found;
+  }
+};
+
+// ParamPiece - one name=value as written; RFC 2231 4.1 cuts a long value into sections
+struct ParamPiece {
+  std::string name;          // without its stars and section number
+  int section = -1;          // -1 for a value in one piece
+  bool is_extended = false;  // name*= or name*N*=: charset'lang' and %XX (RFC 2231 4)
+  std::string text;
+};
+
+// lower_stripped - s without white space around it, ASCII letters in lower case
+inline std::string lower_stripped(std::string_view s) {
+  std::string out;
+  for (char c : python_strip(s)) out += ascii_lower(c);
+  return out;
+}
+
+// param_piece - name and text as ParamPiece: "name*2*" is section 2, extended
+inline ParamPiece param_piece(std::string_view name, std::string text) {
+  ParamPiece piece{lower_stripped(name), -1, false, std::move(text)};
+  std::size_t star = piece.name.find('*');
+  if (star == std::string::npos) return piece;
+  std::string rest = piece.name.substr(star + 1);
+  piece.name.resize(star);
+  piece.is_extended = rest.empty() || rest.back() == '*';  // "name*" or "name*N*"
+  if (!rest.empty() && piece.is_extended) rest.pop_back();
+  if (is_decimal(rest) && rest.size() <= 4) piece.section = std::stoi(rest);
+  if (!rest.empty() && piece.section < 0) piece.name += "*" + rest;  // not RFC 2231: as it is
+  return piece;
+}
+
+// read_param_pieces - the value before the first ";" (lower case) and the name=value pieces
+// after it, at most kMimeParamLimit; a quoted value may hold ";" and backslash escapes
+inline std::vector<ParamPiece> read_param_pieces(std::string_view s, std::string& value) {
+  std::size_t i = std::min(s.find(';'), s.size());
+  value = lower_stripped(s.substr(0, i));
+  std::vector<ParamPiece> pieces;
+  while (i < s.size() && pieces.size() < kMimeParamLimit) {
+    std::size_t name_begin = i + 1;
+    std::size_t equals = std::min(s.find_first_of("=;", name_begin), s.size());
+    i = equals;
+    if (equals == s.size() || s[equals] == ';') continue;
+    std::size_t at = std::min(s.find_first_not_of(" \t", equals + 1), s.size());
+    std::string text;
+    if (at < s.size() && s[at] == '"') {
+      for (i = at + 1; i < s.size() && s[i] != '"'; ++i) {
+        if (s[i] == '\\' && i + 1 < s.size()) ++i;  // a quoted-pair: the next character as is
+        text += s[i];
+      }
+      i = std::min(s.find(';', i), s.size());
+    } else {
+      i = std::min(s.find(';', at), s.size());
+      text = python_strip(s.substr(at, i - at));
+    }
+    pieces.push_back(param_piece(s.substr(name_begin, equals - name_begin), std::move(text)));
+  }
+  return pieces;
+}
+
+// percent_decoded - RFC 2231's %XX undone; a "%" not followed by two hex digits kept
+inline std::string percent_decoded(std::string_view s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    bool is_escape =
+        s[i] == '%' && i + 2 < s.size() && hex_value(s[i + 1]) >= 0 && hex_value(s[i + 2]) >= 0;
+    out += is_escape ? static_cast<char>(hex_value(s[i + 1]) * 16 + hex_value(s[i + 2])) : s[i];
+    if (is_escape) i += 2;
+  }
+  return out;
+}
+
+// join_sections - the sections of one RFC 2231 parameter, in order of their numbers, as one
+// UTF-8 value: the charset comes from the first (charset'lang'text), %XX is undone in the
+// extended ones; a charset no one knows leaves the bytes, what is not UTF-8 as U+FFFD
+inline std::string join_sections(std::vector<const ParamPiece*> sections) {
+  std::stable_sort(sections.begin(), sections.end(), [](const ParamPiece* a, const ParamPiece* b) {
+    return a->section < b->section;
+  });
+  std::string charset, bytes;
+  for (const ParamPiece* piece : sections) {
+    std::string_view text = piece->text;
+    if (piece == sections.front() && piece->is_extended) {
+      std::size_t quote = text.find('\''), second = text.find('\'', quote + 1);
+      if (quote != std::string_view::npos && second != std::string_view::npos) {
+        charset = text.substr(0, quote);
+        text.remove_prefix(second + 1);
+      }
+    }
+    bytes += piece->is_extended ? percent_decoded(text) : std::string(text);
+  }
+  std::optional<std::string> value = charset_to_utf8(bytes, charset);
+  return value ? *value : replace_invalid_utf8(bytes);
+}
+
+// parse_mime_value - a Content-Type or Content-Disposition field (RFC 2045 5.1, RFC 2183,
+// RFC 2231) as MimeValue
+inline MimeValue parse_mime_value(std::string_view raw) {
+  std::string unfolded;
+  for (char c : raw)
+    if (c != '\r' && c != '\n') unfolded += c;
+  MimeValue result;
+  std::vector<ParamPiece> pieces = read_param_pieces(unfolded, result.value);
+  for (const ParamPiece& piece : pieces) {
+    if (piece.section < 0 && !piece.is_extended) {
+      result.params.push_back({piece.name, piece.text, false});
+      continue;
+    }
+    if (result.param(piece.name) != nullptr && result.param(piece.name)->is_rfc2231) continue;
+    std::vector<const ParamPiece*> sections;
+    for (const ParamPiece& other : pieces)
+      if (other.name == piece.name && (other.section >= 0 || other.is_extended))
+        sections.push_back(&other);
+    result.params.push_back({piece.name, join_sections(std::move(sections)), true});
+  }
+  return result;
+}
+
+// MimePart - one part of a message as a mail client sees it (parts()[0] is the message itself)
+struct MimePart {
+  std::string content_type = "text/plain";  // lower case, as Python's get_content_type()
+  std::string charset;                      // the charset parameter, "" when there is none
+  std::string boundary;                     // of a multipart, "" when there is none
+  std::string start;                        // of a multipart/related: its root's Content-ID
+  std::string transfer_encoding;            // lower case, "" when there is none (7bit)
+  std::string disposition;                  // lower case: "inline", "attachment", or ""
+  std::optional<std::string> filename;      // decoded, from Content-Disposition or type's name
+  std::optional<std::string> content_id;    // as written: "<id@host>"
+  std::size_t body_begin = 0;               // the body as it stands in the message data
+  std::size_t body_end = 0;
+  std::size_t depth = 0;              // 0 for the message, 1 for its parts, and so on
+  std::vector<std::size_t> children;  // of a multipart: indices into MimeTree::parts()
+  bool is_multipart() const { return content_type.compare(0, 10, "multipart/") == 0; }
+};
+
+// MimeTree - the MIME structure of one message (RFC 2045, 2046): its header fields and its
+// parts, in the order they stand. Each multipart's lines are read once for its boundary, so
+// reading costs at most kMimeDepthLimit passes over the message; a multipart deeper than that
+// is a part whose own parts are not read, and past kMimePartLimit parts no more are read.
+class MimeTree {
+ public:
+  explicit MimeTree(std::string_view data) : data_(data) { read_part(0, data.size(), 0, false); }
+
+  const std::vector<MimeHeader>& headers() const { return headers_; }
+  const std::vector<MimePart>& parts() const { return parts_; }
+  const MimePart& part(std::size_t index) const { return parts_[index]; }
+  std::string_view body(const MimePart& part) const {
+    return data_.substr(part.body_begin, part.body_end - part.body_begin);
+  }
+  // header - the message's first field of that name, decoded; nothing when it has none
+  std::optional<std::string> header(std::string_view name) const {
+    const MimeHeader* found = find_header(headers_, name);
+    if (found == nullptr) return std::nullopt;
+    return decode_header_text(found->raw);
+  }
+  // is_complete - false when a cap left a multipart's parts unread
+  bool is_complete() const { return is_complete_; }
+
+ private:
+  // read_part - the part in data_[begin, end): its header fields, then its own parts
+  std::size_t read_part(std::size_t begin, std::size_t end, std::size_t depth, bool is_digest) {
+    std::size_t index = parts_.size();
+    parts_.emplace_back();
+    std::vector<MimeHeader> own;
+    std::vector<MimeHeader>& headers = index == 0 ? headers_ : own;
+    std::size_t body = read_header_block(data_, begin, end, headers);
+    MimePart& part = parts_[index];
+    part.body_begin = body, part.body_end = end, part.depth = depth;
+    if (is_digest) part.content_type = "message/rfc822";  // RFC 2046 5.1.5
+    describe(part, headers);
+    if (part.is_multipart() && !part.boundary.empty()) read_children(index);
+    return index;
+  }
+
+  // describe - what a part's Content-* fields say of it
+  static void describe(MimePart& part, const std::vector<MimeHeader>& headers) {
+    std::optional<std::string> name;
+    if (const MimeHeader* field = find_header(headers, "content-type")) {
+      MimeValue type = parse_mime_value(field->raw);
+      // Python: a type that is not "type/subtype" is text/plain, whatever the default
+      bool is_type = std::count(type.value.begin(), type.value.end(), '/') == 1;
+      part.content_type = is_type ? type.value : "text/plain";
+      auto param = [&](const char* key) {
+        const MimeParam* p = type.param(key);
+        return p ? p->value : std::string();
+      };
+      part.charset = param("charset"), part.start = param("start");
+      part.boundary = python_strip(param("boundary"));  // Python: get_boundary().rstrip()
+      if (const MimeParam* p = type.param("name")) name = filename_text(*p);
+    }
+    if (const MimeHeader* field = find_header(headers, "content-transfer-encoding"))
+      part.transfer_encoding = lower_stripped(decode_header_text(field->raw));
+    if (const MimeHeader* field = find_header(headers, "content-disposition")) {
+      MimeValue disposition = parse_mime_value(field->raw);
+      part.disposition = disposition.value;
+      if (const MimeParam* p = disposition.param("filename")) part.filename = filename_text(*p);
+    }
+    if (!part.filename) part.filename = name;
+    if (const MimeHeader* field = find_header(headers, "content-id"))
+      part.content_id = std::string(python_strip(decode_header_text(field->raw)));
+  }
+
+  // filename_text - a file name as Python's get_filename() gives it: RFC 2231 decoded, or
+  // with encoded words decoded (not standard, but what Outlook and others write), stripped
+  static std::string filename_text(const MimeParam& param) {
+    return std::string(
+        python_strip(param.is_rfc2231 ? param.value : decode_header_text(param.value)));
+  }
+
+  // read_children - the parts of the multipart parts_[index], each read as a part
+  void read_children(std::size_t index) {
+    if (parts_[index].depth >= kMimeDepthLimit) {
+      is_complete_ = false;
+      return;
+    }
+    bool is_digest = parts_[index].content_type == "multipart/digest";
+    for (auto [begin, end] : split_multipart(parts_[index])) {
+      if (parts_.size() >= kMimePartLimit) {
+        is_complete_ = false;
+        return;
+      }
+      std::size_t child = read_part(begin, end, parts_[index].depth + 1, is_digest);
+      parts_[index].children.push_back(child);
+    }
+  }
+
+  // split_multipart - where the parts of a multipart's body are (RFC 2046 5.1.1): between
+  // its delimiter lines, each without the line end before the next delimiter; the preamble
+  // and the epilogue left out. With no close delimiter the last part runs to the end, as in
+  // Python's feedparser; with no delimiter at all there are no parts.
+  std::vector<std::pair<std::size_t, std::size_t>> split_multipart(const MimePart& part) const {
+    std::vector<std::pair<std::size_t, std::size_t>> ranges;
+    std::size_t part_begin = std::string_view::npos;
+    for (std::size_t at = part.body_begin; at < part.body_end;) {
+      LineSpan line = line_at(data_, at, part.body_end);
+      bool is_close = false;
+      if (is_delimiter(line.text, part.boundary, is_close)) {
+        if (part_begin != std::string_view::npos) ranges.emplace_back(part_begin, at);
+        if (is_close || ranges.size() > kMimePartLimit) return without_line_ends(ranges);
+        part_begin = line.next;
+      }
+      at = line.next;
+    }
+    if (part_begin != std::string_view::npos) ranges.emplace_back(part_begin, part.body_end);
+    return without_line_ends(ranges);
+  }
+
+  // is_delimiter - is the line "--boundary", or the close delimiter "--boundary--", with only
+  // spaces and tabs after it (RFC 2046 5.1.1 transport padding)?
+  static bool is_delimiter(std::string_view line, std::string_view boundary, bool& is_close) {
+    if (line.size() < boundary.size() + 2 || line.compare(0, 2, "--") != 0 ||
+        line.compare(2, boundary.size(), boundary) != 0)
+      return false;
+    line.remove_prefix(boundary.size() + 2);
+    is_close = line.compare(0, 2, "--") == 0;
+    if (is_close) line.remove_prefix(2);
+    return line.find_first_not_of(" \t") == std::string_view::npos;
+  }
+
+  // without_line_ends - each range without the line end it ends with (it belongs to the
+  // delimiter that follows, RFC 2046 5.1.1)
+  std::vector<std::pair<std::size_t, std::size_t>> without_line_ends(
+      std::vector<std::pair<std::size_t, std::size_t>> ranges) const {
+    for (auto& [begin, end] : ranges) {
+      if (end > begin && data_[end - 1] == '\n') --end;
+      if (end > begin && data_[end - 1] == '\r') --end;
+    }
+    return ranges;
+  }
+
+  std::string_view data_;
+  std::vector<MimeHeader> headers_;  // the message's own; a part's are read and let go
+  std::vector<MimePart> parts_;
+  bool is_complete_ = true;
+};
+
+// DecodedBody - a text part's body: UTF-8 when is_decoded; else the bytes as the transfer
+// encoding gave them (a charset neither the tables nor iconv know), or nothing (a part past
+// kMimeDecodedLimit)
+struct DecodedBody {
+  std::string text;
+  bool is_decoded = true;
+};
+
+// transfer_decode - a body with its Content-Transfer-Encoding undone (RFC 2045 6), into the
+// sink; 7bit, 8bit, binary and encodings no one knows are taken as they are, as Python does
+inline void transfer_decode(std::string_view body, std::string_view encoding, ByteSink& sink) {
+  if (encoding == "base64") return decode_base64_loose(body, sink);
+  if (encoding == "quoted-printable") return decode_quoted_printable(body, sink);
+  if (sink.out != nullptr) sink.out->append(body);
+  sink.size += body.size();
+}
+
+// decoded_size - a part's size once its transfer encoding is undone, counted without a copy
+inline std::size_t decoded_size(const MimeTree& tree, const MimePart& part) {
+  ByteSink counter;
+  transfer_decode(tree.body(part), part.transfer_encoding, counter);
+  return counter.size;
+}
+
+// decode_text_body - a text part's body as UTF-8 (Python's get_content()). `budget` is what
+// is left of kMimeDecodedLimit, counted in raw bytes (undoing a transfer encoding never makes
+// a body longer; its UTF-8 is at most 3 times as long); a larger part is not decoded.
+inline DecodedBody decode_text_body(const MimeTree& tree, const MimePart& part,
+                                    std::size_t& budget) {
+  std::string_view body = tree.body(part);
+  if (body.size() > budget) return {"", false};
+  budget -= body.size();
+  std::string bytes;
+  ByteSink sink{&bytes};
+  transfer_decode(body, part.transfer_encoding, sink);
+  std::optional<std::string> text = charset_to_utf8(bytes, part.charset);
+  if (!text) return {std::move(bytes), false};
+  return {std::move(*text), true};
+}
+
+// related_root - the root part of a multipart/related (RFC 2387 3.2): the one its start
+// parameter names, else the first; nothing when it has no parts
+inline std::optional<std::size_t> related_root(const MimeTree& tree, const MimePart& related) {
+  if (related.children.empty()) return std::nullopt;
+  for (std::size_t child : related.children)
+    if (!related.start.empty() && tree.part(child).content_id == related.start) return child;
+  return related.children.front();
+}
+
+// find_body - Python's get_body((subtype,)) from the part at index: the first text/SUBTYPE
+// part that is not an attachment, looking into multiparts, in a multipart/related into its
+// root only
+inline std::optional<std::size_t> find_body(const MimeTree& tree, std::size_t index,
+                                            std::string_view type) {
+  const MimePart& part = tree.part(index);
+  if (part.disposition == "attachment") return std::nullopt;
+  if (part.content_type == type) return index;
+  if (!part.is_multipart()) return std::nullopt;
+  if (part.content_type == "multipart/related") {
+    std::optional<std::size_t> root = related_root(tree, part);
+    return root ? find_body(tree, *root, type) : std::nullopt;
+  }
+  for (std::size_t child : part.children)
+    if (std::optional<std::size_t> found = find_body(tree, child, type)) return found;
+  return std::nullopt;
+}
+
+// MailAttachment - a part a mail client lists as a file
+struct MailAttachment {
+  std::optional<std::string> filename;
+  std::string content_type;
+  std::size_t size = 0;  // decoded bytes
+  std::optional<std::string> content_id;
+  std::string disposition;  // "attachment", "inline", or "" when the part says nothing
+};
+
+// AttachmentFinder - the attachments of a message: Python's iter_attachments() of each
+// multipart, and again inside every multipart it passes over (the body's) or yields.
+// differs from Python's email: iter_attachments() reads the top multipart only, so it does
+// not list an image inside multipart/related inside multipart/alternative, nor the part of a
+// message that is not multipart (a bare PDF); both are listed here.
+class AttachmentFinder {
+ public:
+  explicit AttachmentFinder(const MimeTree& tree) : tree_(tree) {}
+
+  std::vector<MailAttachment> find() {
+    const MimePart& message = tree_.part(0);
+    if (message.is_multipart()) {
+      look_into(0);
+    } else if (!find_body(tree_, 0, "text/plain") && !find_body(tree_, 0, "text/html")) {
+      add(0);
+    }
+    return std::move(found_);
+  }
+
+ private:
+  // look_into - the attachments of the multipart at index (Python's iter_attachments)
+  void look_into(std::size_t index) {
+    const MimePart& part = tree_.part(index);
+    if (part.content_type == "multipart/alternative") {  // each part is the body in a form
+      for (std::size_t child : part.children)
+        if (tree_.part(child).is_multipart()) look_into(child);
+      return;
+    }
+    std::optional<std::size_t> root;
+    if (part.content_type == "multipart/related") root = related_root(tree_, part);
+    std::vector<std::string> seen;  // kinds of body already passed over once
+    for (std::size_t child : part.children) {
+      const MimePart& p = tree_.part(child);
+      bool is_body = root ? child == *root : is_body_kind(p) && !contains(seen, p.content_type);
+      if (is_body && !root) seen.push_back(p.content_type);
+      if (is_body && !p.is_multipart()) continue;
+      if (p.is_multipart() && !p.children.empty()) {
+        look_into(child);
+      } else {
+        add(child);
+      }
+    }
+  }
+
+  // is_body_kind - what Python's iter_attachments() takes for the body the first time
+  static bool is_body_kind(const MimePart& p) {
+    static const char* const kKinds[] = {"text/plain", "text/html", "multipart/related",
+                                         "multipart/alternative"};
+    return p.disposition != "attachment" &&
+           std::find(std::begin(kKinds), std::end(kKinds), p.content_type) != std::end(kKinds);
+  }
+  static bool contains(const std::vector<std::string>& list, const std::string& item) {
+    return std::find(list.begin(), list.end(), item) != list.end();
+  }
+
+  void add(std::size_t index) {
+    const MimePart& p = tree_.part(index);
+    found_.push_back(
+        {p.filename, p.content_type, decoded_size(tree_, p), p.content_id, p.disposition});
+  }
+
+  const MimeTree& tree_;
+  std::vector<MailAttachment> found_;
+};
+
+// LinkList - links in the order found, each once, at most kMimeLinkLimit
+class LinkList {
+ public:
+  void add(std::string_view url) {
+    if (links_.size() < kMimeLinkLimit && seen_.emplace(url).second) links_.emplace_back(url);
+  }
+  std::vector<std::string> take() { return std::move(links_); }
+
+ private:
+  std::vector<std::string> links_;
+  std::unordered_set<std::string> seen_;
+};
+
+// is_http_at - does an http:// or https:// URL (any case) start at s[i]?
+inline bool is_http_at(std::string_view s, std::size_t i) {
+  auto is_prefix = [&](std::string_view scheme) {
+    if (s.size() - i < scheme.size() + 1) return false;  // and one character after it
+    for (std::size_t k = 0; k < scheme.size(); ++k)
+      if (ascii_lower(s[i + k]) != scheme[k]) return false;
+    return true;
+  };
+  return is_prefix("http://") || is_prefix("https://");
+}
+
+// url_end - where the URL that starts at text[i] ends: at white space, a control character
+// or one of <>"' (RFC 3986 appendix C: what delimits a URL in text), then without the
+// punctuation that ends a sentence, and without a ")" it did not open
+inline std::size_t url_end(std::string_view text, std::size_t i) {
+  std::size_t end = i;
+  long open = 0;  // "(" less ")" in text[i, end)
+  for (; end < text.size(); ++end) {
+    char c = text[end];
+    if (static_cast<unsigned char>(c) <= ' ' || c == 0x7F || std::strchr("<>\"'", c)) break;
+    open += c == '(' ? 1 : c == ')' ? -1 : 0;
+  }
+  for (; end > i; --end) {
+    char last = text[end - 1];
+    if (last == ')' && open < 0) {
+      ++open;
+    } else if (std::strchr(".,;:!?", last) == nullptr) {
+      break;
+    }
+  }
+  return end;
+}
+
+// find_text_links - every http and https URL in plain text
+inline void find_text_links(std::string_view text, LinkList& links) {
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    bool is_word_start = i == 0 || !is_ascii_alnum(text[i - 1]);
+    if (!is_word_start || ascii_lower(text[i]) != 'h' || !is_http_at(text, i)) continue;
+    std::size_t end = url_end(text, i);
+    if (end > text.find("//", i) + 2) links.add(text.substr(i, end - i));
+    i = std::max(i, end);
+  }
+}
+
+// entity_code_point - the character an HTML entity's name stands for ("amp", "#38", "#x26"):
+// the few an href holds, and numbers (U+FFFD for one that is no character); 0 for others
+inline std::uint32_t entity_code_point(std::string_view name) {
+  static const std::pair<const char*, std::uint32_t> kNames[] = {
+      {"amp", '&'}, {"lt", '<'}, {"gt", '>'}, {"quot", '"'}, {"apos", '\''}, {"nbsp", 0xA0}};
+  for (const auto& [known, value] : kNames)
+    if (name == known) return value;
+  if (name.size() < 2 || name[0] != '#') return 0;
+  bool is_hex = name[1] == 'x' || name[1] == 'X';
+  std::string digits(name.substr(is_hex ? 2 : 1));
+  char* stop = nullptr;
+  unsigned long n = std::strtoul(digits.c_str(), &stop, is_hex ? 16 : 10);
+  if (digits.empty() || *stop != '\0' || !is_ascii_alnum(digits[0])) return 0;
+  return n == 0 || n > 0x10FFFF || (n >= 0xD800 && n <= 0xDFFF) ? 0xFFFD : n;
+}
+
+// decode_html_entities - the entities entity_code_point knows as characters; others as written
+inline std::string decode_html_entities(std::string_view s) {
+  std::string out;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    std::size_t semi = s[i] == '&' ? s.substr(i, 12).find(';') : std::string_view::npos;
+    std::uint32_t cp =
+        semi == std::string_view::npos ? 0 : entity_code_point(s.substr(i + 1, semi - 1));
+    if (cp == 0) {
+      out += s[i];
+    } else {
+      append_utf8(out, cp);
+      i += semi;
+    }
+  }
+  return out;
+}
+
+inline bool is_html_space(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f';
+}
+
+// attribute_value - the value of an attribute after its "=" at html[i] (quoted or not), and
+// where the tag goes on after it
+inline std::pair<std::string_view, std::size_t> attribute_value(std::string_view html,
+                                                                std::size_t i) {
+  for (++i; i < html.size() && is_html_space(html[i]);) ++i;
+  if (i < html.size() && (html[i] == '"' || html[i] == '\'')) {
+    std::size_t end = std::min(html.find(html[i], i + 1), html.size());
+    return {html.substr(i + 1, end - i - 1), std::min(end + 1, html.size())};
+  }
+  std::size_t end = i;
+  while (end < html.size() && !is_html_space(html[end]) && html[end] != '>') ++end;
+  return {html.substr(i, end - i), end};
+}
+
+// tag_end - where the tag whose name starts at html[i] ends, with each href in it added to
+// links when it is an http or https URL (entities decoded, white space around taken off, as a
+// browser does)
+inline std::size_t tag_end(std::string_view html, std::size_t i, LinkList& links) {
+  while (i < html.size() && !is_html_space(html[i]) && html[i] != '>') ++i;  // the tag's name
+  while (i < html.size() && html[i] != '>') {
+    std::size_t name = i;
+    while (i < html.size() && !is_html_space(html[i]) && html[i] != '>' && html[i] != '=') ++i;
+    std::string attribute = lower_stripped(html.substr(name, i - name));
+    while (i < html.size() && is_html_space(html[i])) ++i;
+    if (i == html.size() || html[i] != '=') continue;  // an attribute with no value
+    auto [value, next] = attribute_value(html, i);
+    i = next;
+    if (attribute != "href") continue;
+    std::string url = decode_html_entities(value);
+    std::string_view trimmed = python_strip(url);
+    if (is_http_at(trimmed, 0)) links.add(trimmed);
+  }
+  return i;
+}
+
+// find_html_links - every http and https URL in an href attribute of HTML, comments skipped
+inline void find_html_links(std::string_view html, LinkList& links) {
+  for (std::size_t i = html.find('<'); i < html.size(); i = html.find('<', i)) {
+    if (html.compare(i, 4, "<!--") == 0) {
+      i = html.find("-->", i + 4);
+      if (i == std::string_view::npos) return;
+      continue;
+    }
+    i = tag_end(html, i + 1, links);
+  }
+}
+
+// MailSummary - what a mail client shows of a message; header fields decoded, nothing where
+// the message has no such field or part
+// differs from Python's email: address fields (from, to, cc, reply_to) and date are given as
+// written, decoded; Python's str(msg['from']) writes the addresses again (quotes it does not
+// need dropped, comments dropped) and str(msg['date']) the date in its own form.
+struct MailSummary {
+  std::optional<std::string> subject, from, to, cc, reply_to, date, message_id;
+  std::optional<DecodedBody> text;  // the text/plain body (Python's get_body(('plain',)))
+  std::optional<DecodedBody> html;  // the text/html body (get_body(('html',)))
+  std::vector<MailAttachment> attachments;
+  std::vector<std::string> links;  // of the text, then of the HTML's href attributes
+  bool is_complete = true;         // false: a cap was reached, or a body's charset was not known
+};
+
+// summarize_mail - the MailSummary of a message as smtpd stores it (Envelope::data)
+inline MailSummary summarize_mail(std::string_view data) {
+  MimeTree tree(data);
+  MailSummary mail;
+  mail.subject = tree.header("subject"), mail.from = tree.header("from");
+  mail.to = tree.header("to"), mail.cc = tree.header("cc");
+  mail.reply_to = tree.header("reply-to"), mail.date = tree.header("date");
+  mail.message_id = tree.header("message-id");
+  std::size_t budget = kMimeDecodedLimit;
+  if (std::optional<std::size_t> text = find_body(tree, 0, "text/plain"))
+    mail.text = decode_text_body(tree, tree.part(*text), budget);
+  if (std::optional<std::size_t> html = find_body(tree, 0, "text/html"))
+    mail.html = decode_text_body(tree, tree.part(*html), budget);
+  mail.attachments = AttachmentFinder(tree).find();
+  LinkList links;
+  if (mail.text && mail.text->is_decoded) find_text_links(mail.text->text, links);
+  if (mail.html && mail.html->is_decoded) find_html_links(mail.html->text, links);
+  mail.links = links.take();
+  mail.is_complete = tree.is_complete() && (!mail.text || mail.text->is_decoded) &&
+                     (!mail.html || mail.html->is_decoded);
+  return mail;
+}
+
+// ==== 11. Message texts ====
 // A message is held once, as the channel received it. Everything that goes out is made from
 // that copy a chunk at a time (kTextChunk) by a TextSource, so a big message never costs a
 // second copy: what a Maildir file or a command gets (FileText), the --json line (JsonText),
@@ -3185,7 +4262,7 @@ class RelayText : public LineText {
   bool is_peer_added_ = false;
 };
 
-// ==== 11. Local delivery ====
+// ==== 12. Local delivery ====
 // SMTPServer and DebuggingServer: each message goes first to the --exec command, if any, which
 // may refuse it, then to the outputs in order (--maildir, --mbox, the print-out on stdout). The
 // client hears 250 only once every one of them has the message; an output that fails gets it a
@@ -3841,7 +4918,7 @@ class DebuggingServer : public DeliveringServer {
       : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
 };
 
-// ==== 12. SMTP client ====
+// ==== 13. SMTP client ====
 // The client side of SMTP, for the relays. UpstreamClient speaks on a non-blocking socket in
 // the loop (connect, commands and the message out, replies in, a timeout on every wait);
 // UpstreamSession is one session with a server we hand mail to, over SMTP or LMTP; an
@@ -4411,7 +5488,7 @@ class UpstreamProbe {
   std::unique_ptr<UpstreamSession> session_;
 };
 
-// ==== 13. Relays ====
+// ==== 14. Relays ====
 // PureProxy relays each client's transaction to the upstream step by step and answers with the
 // upstream's own replies. MailmanProxy hands list mail to Mailman (3 over LMTP, 2 through its
 // mail wrapper) and relays the rest as PureProxy does.
@@ -4733,7 +5810,7 @@ class MailmanProxy : public ServerMode {
   UpstreamProbe probe_;
 };
 
-// ==== 14. Transports and TLS ====
+// ==== 15. Transports and TLS ====
 // The one door a connection's bytes go through (as cpp-httplib's Stream): plain TCP is
 // SocketTransport, and with make TLS=1 a TlsTransport wraps it for STARTTLS and --tls-implicit,
 // so every line above the transport is the same for both.
@@ -4986,7 +6063,7 @@ inline TransportWrapper tls_wrapper(std::shared_ptr<TlsContext> context) {
 constexpr bool kHasTls = false;  // built without TLS: the TLS options say to use make TLS=1
 #endif
 
-// ==== 15. Server ====
+// ==== 16. Server ====
 // SMTP on the reactor, one thread and non-blocking sockets. The Acceptor watches the listeners,
 // each client is a Connection (its Transport, its Channel, its ModeSession), and ExitPolicy
 // decides when the server ends by itself. A slow client, or a slow upstream, only ever holds
@@ -5698,7 +6775,7 @@ class Server {
   TurnAway turn_away_;       // the clients over max_clients_
 };
 
-// ==== 16. Command line ====
+// ==== 17. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
 // one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
 // every status the program ends with.
@@ -6419,7 +7496,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
   return is_ok ? kExitOk : kExitLoopFailed;
 }
 
-// ==== 17. main ====
+// ==== 18. main ====
 
 #ifndef SMTPD_NO_MAIN
 int main(int argc, char** argv) { return run_smtpd(argc, argv); }
