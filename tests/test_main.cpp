@@ -21,6 +21,7 @@
 #include "test_loop.cpp"
 #include "test_mailman.cpp"
 #include "test_message_text.cpp"
+#include "test_mime.cpp"
 #include "test_outputs.cpp"
 #include "test_pipelining.cpp"
 #include "test_proxy.cpp"
