@@ -158,7 +158,8 @@ windows: build-win/smtpd.exe build-win/run_tests.exe
 
 # fuzz: every fuzz/fuzz_*.cpp target under libFuzzer (clang, libclang-rt-14-dev on Debian),
 # FUZZ_SECONDS each (FUZZ_SECONDS=600 for a long run), from the seeds in fuzz/seeds/TARGET;
-# the channel, the address parser and the proxy's client side (the upstream's replies).
+# the channel, the address parser, the proxy's client side (the upstream's replies) and the
+# mail reader (MIME).
 # A crash or broken invariant stops a target with a non-zero status, and make fuzz fails.
 FUZZ_SECONDS ?= 60
 FUZZ_CXX ?= clang++
