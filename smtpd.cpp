@@ -5536,12 +5536,14 @@ class Server {
 
 // ==== 16. Command line ====
 // smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
+// one Settings value; complete_settings then adds what the start needs, and nothing changes
+// the Settings after. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
 // every status the program ends with.
 //   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
 //   parse_path, load_auth_users, parse_refusal, add_*_options (a group of rows each),
 //   build_options, help_text, parse_command_line;
-//   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
+//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
+//   run_smtpd (the start, in order)
 
 enum ExitStatus {
   kExitOk = 0,
@@ -5554,7 +5556,9 @@ enum ExitStatus {
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
 // Settings - everything the command line decides, each value in the struct of the part that
-// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook
+// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook.
+// parse_command_line fills it from the options; complete_settings adds what the start needs
+// (our name, resolved upstreams, the TLS context, seeded refusals); nothing changes it after.
 struct Settings {
   bool setuid = true;
   ModeKind mode = ModeKind::Debugging;
@@ -5562,16 +5566,17 @@ struct Settings {
   Endpoint remote;
   ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
                          // --max-clients
-  UpstreamSettings upstream;                 // --connect-timeout, --reply-timeout
-  DeliveringServer::Hook exec;               // --exec, --exec-timeout
-  std::string maildir;                       // --maildir: empty for none
-  std::string mbox;                          // --mbox: empty for none
-  bool json = false;                         // --json
+  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout; complete_settings resolves it
+  DeliveringServer::Hook exec;  // --exec, --exec-timeout
+  std::string maildir;          // --maildir: empty for none
+  std::string mbox;             // --mbox: empty for none
+  bool json = false;            // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
-  std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
   Endpoint mailman_lmtp;                     // --mailman-lmtp: Mailman 3's LMTP runner
-  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  std::string mailman_home;        // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
 class UsageError : public std::runtime_error {
@@ -6088,11 +6093,54 @@ inline UpstreamSettings resolved(UpstreamSettings upstream, const Endpoint& wher
   return upstream;
 }
 
-// resolve_upstream - the relay's upstream as the loop uses it: resolved, named, traced with -d
-inline void resolve_upstream(Settings& s) {
+// resolve_upstreams - a relay's upstream, and MailmanProxy's LMTP runner of Mailman 3, as the
+// loop uses them: resolved, named, traced with -d
+inline void resolve_upstreams(Settings& s) {
+  if (s.mode != ModeKind::PureProxy && s.mode != ModeKind::MailmanProxy) return;
   s.upstream.fqdn = s.server.channel.fqdn;
   if (s.server.debug) s.upstream.trace = [](const std::string& line) { log_line(line); };
   s.upstream = resolved(s.upstream, s.remote);
+  if (s.mode != ModeKind::MailmanProxy || !s.mailman_home.empty()) return;
+  UpstreamSettings lmtp = s.upstream;
+  lmtp.role = "Mailman LMTP server";
+  lmtp.tag = "mailman";
+  s.lmtp_upstream = resolved(lmtp, s.mailman_lmtp);
+}
+
+// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
+inline void configure_tls([[maybe_unused]] Settings& s) {
+#ifdef SMTPD_TLS
+  if (!s.server.channel.records_tls) return;
+  try {
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
+                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
+  } catch (const std::runtime_error& e) {
+    throw UsageError(e.what());
+  }
+#endif
+}
+
+// seed_refusals - the --reject rules with their random source. Without --reject-seed the
+// seed comes from the system's random source and the clock, and is kept in reject_seed, so
+// -d can print it and a run worth repeating can be.
+inline void seed_refusals(Settings& s) {
+  if (s.refusals.empty()) return;
+  if (!s.reject_seed)
+    s.reject_seed = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
+                    static_cast<std::uint64_t>(unix_time_us());
+  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, *s.reject_seed);
+}
+
+// complete_settings - the parsed Settings with what the start needs besides: our name, the
+// upstreams resolved (StartError if one does not resolve), the TLS context (UsageError if its
+// files will not do), the --reject rules seeded. Nothing changes the Settings after this.
+inline Settings complete_settings(Settings s) {
+  s.server.channel.fqdn = getfqdn();
+  resolve_upstreams(s);
+  configure_tls(s);
+  seed_refusals(s);
+  return s;
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -6103,39 +6151,31 @@ inline MessageOutputs make_stores(const Settings& s) {
   return stores;
 }
 
-// make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
-// stores come before the printer, so a message on stdout is already in the files.
-inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
+// make_mode - the ServerMode for complete Settings. The stores come before the printer, so a
+// message on stdout is already in the files.
+inline std::unique_ptr<ServerMode> make_mode(const Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : debug_text;
   auto printer =
       std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
-  const DeliveringServer::Hook& hook = s.exec;
-  switch (s.mode) {
+  switch (s.mode) {  // no default: -Wswitch names a ModeKind left out
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
       if (!s.json) printer.reset();
-      return std::make_unique<SinkServer>(std::move(outputs), hook, std::move(printer));
+      return std::make_unique<SinkServer>(std::move(outputs), s.exec, std::move(printer));
     }
-    case ModeKind::Debugging:
-      return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
-    case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
+    case ModeKind::PureProxy: return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: {
-      resolve_upstream(s);
       MailmanProxy::Options options;
       options.relay = s.upstream;
-      if (s.mailman_home.empty()) {
-        UpstreamSettings lmtp = s.upstream;
-        lmtp.role = "Mailman LMTP server";
-        lmtp.tag = "mailman";
-        options.lmtp = resolved(lmtp, s.mailman_lmtp);
-      }
+      options.lmtp = s.lmtp_upstream;
       options.home = s.mailman_home;
       options.wrapper_timeout_ms = s.exec.timeout_ms;
       options.our_name = s.server.channel.fqdn;
       return std::make_unique<MailmanProxy>(std::move(options));
     }
+    case ModeKind::Debugging: break;
   }
-  throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
+  return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), s.exec);
 }
 
 // warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
@@ -6161,55 +6201,9 @@ inline std::string mailman_text(const Settings& s) {
   return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
-// seed_refusals - the --reject rules with their random source. Without --reject-seed the
-// seed comes from the system's random source and the clock; -d prints it, so a run worth
-// repeating can be.
-inline void seed_refusals(Settings& s) {
-  if (s.refusals.empty()) return;
-  std::uint64_t seed = s.reject_seed ? *s.reject_seed
-                                     : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
-                                           static_cast<std::uint64_t>(unix_time_us());
-  if (s.server.debug) log_line("--reject-seed " + std::to_string(seed));
-  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
-}
-
-// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
-inline void configure_tls([[maybe_unused]] Settings& s) {
-#ifdef SMTPD_TLS
-  if (!s.server.channel.records_tls) return;
-  try {
-    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
-                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
-    s.server.wrap_in_tls = tls_wrapper(std::move(context));
-  } catch (const std::runtime_error& e) {
-    throw UsageError(e.what());
-  }
-#endif
-}
-
-// run_smtpd - the whole program after argument parsing; returns the exit status
-inline int run_smtpd(int argc, const char* const* argv) {
-  open_standard_descriptors();  // first: before anything can make a socket or open a file
-  [[maybe_unused]] SocketRuntime sockets;
-  Settings settings;
-  std::unique_ptr<ServerMode> mode;
-  try {
-    CommandLine cl = parse_command_line(argc, argv);
-    if (!cl.settings) {
-      std::fputs(cl.text_for_stdout.c_str(), stdout);
-      return kExitOk;
-    }
-    settings = *cl.settings;
-    settings.server.channel.fqdn = getfqdn();
-    mode = make_mode(settings);
-    configure_tls(settings);
-  } catch (const UsageError& e) {
-    log_line(e.what());
-    return kExitUsage;
-  } catch (const StartError& e) {
-    log_line(e.what());
-    return kExitCannotListen;
-  }
+// serve - from complete Settings: listen, drop privileges, serve until the end; the exit status
+inline int serve(const Settings& settings) {
+  std::unique_ptr<ServerMode> mode = make_mode(settings);
   install_stop_handlers();
   raise_descriptor_limit();
   binary_stdout();
@@ -6229,7 +6223,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
     }
   }
   prepare_outputs(settings);
-  seed_refusals(settings);
+  if (settings.server.debug && settings.server.channel.refusals)
+    log_line("--reject-seed " + std::to_string(*settings.reject_seed));
   // One "listening on" line, as scripts expect; the other addresses after it
   std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
@@ -6250,6 +6245,29 @@ inline int run_smtpd(int argc, const char* const* argv) {
   standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
   standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
   return is_ok ? kExitOk : kExitLoopFailed;
+}
+
+// run_smtpd - the whole program: the command line, complete_settings, then serve; returns the
+// exit status
+inline int run_smtpd(int argc, const char* const* argv) {
+  open_standard_descriptors();  // first: before anything can make a socket or open a file
+  [[maybe_unused]] SocketRuntime sockets;
+  std::optional<Settings> settings;
+  try {
+    CommandLine cl = parse_command_line(argc, argv);
+    if (!cl.settings) {
+      std::fputs(cl.text_for_stdout.c_str(), stdout);
+      return kExitOk;
+    }
+    settings = complete_settings(std::move(*cl.settings));
+  } catch (const UsageError& e) {
+    log_line(e.what());
+    return kExitUsage;
+  } catch (const StartError& e) {
+    log_line(e.what());
+    return kExitCannotListen;
+  }
+  return serve(*settings);
 }
 
 // ==== 17. main ====
