@@ -26,7 +26,7 @@
 //  13. Relays                (PureProxy, MailmanProxy)
 //  14. Transports and TLS    (plain TCP, and OpenSSL with make TLS=1)
 //  15. Server                (listeners, connections, the exit policy, the server loop)
-//  16. Command line          (options, addresses, validation, the start in order)
+//  16. Command line          (the option table, addresses, validation, the start in order)
 //  17. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
 // ==== 1. Includes ====
@@ -5535,13 +5535,15 @@ class Server {
 };
 
 // ==== 16. Command line ====
-// smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value; complete_settings then adds what the start needs, and nothing changes
-// the Settings after. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
-// every status the program ends with.
-//   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
-//   parse_path, load_auth_users, parse_refusal, add_*_options (a group of rows each),
-//   build_options, help_text, parse_command_line;
+// smtpd.py's options and positional addresses. Each option is one OptionRow, which feeds
+// cxxopts, --help and the parse into Settings; complete_settings then adds what the start
+// needs, and nothing changes the Settings after. Errors are one line and exit status 1
+// (kExitUsage); ExitStatus lists every status the program ends with.
+//   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
+//   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
+//   load_auth_users, parse_refusal, parse_reject_seed (one value each);
+//   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
+//   help_text, apply_options, finish_tls, parse_command_line;
 //   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
 //   run_smtpd (the start, in order)
 
@@ -5651,32 +5653,28 @@ inline std::uint64_t parse_size(const std::string& text) {
 }
 
 // parse_seconds - a positive number of seconds (fractions allowed) as milliseconds
-inline long long parse_seconds(const std::string& text, const char* option) {
+inline long long parse_seconds(const std::string& text, const std::string& option) {
   std::size_t dot = text.find('.');
   bool is_number = is_decimal(text.substr(0, dot)) &&
                    (dot == std::string::npos || is_decimal(text.substr(dot + 1)));
   double seconds = is_number ? std::strtod(text.c_str(), nullptr) : 0;
   if (!is_number || !(seconds > 0) || seconds > 86400)
-    throw UsageError(std::string("invalid ") + option + ": " + text +
+    throw UsageError("invalid " + option + ": " + text +
                      " (expected seconds, more than 0 and at most 86400)");
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
 // parse_count - a whole number for --max-messages, --max-recipients, --max-clients or
-// --idle-exit; nine
-// digits at most, so seconds still fit in milliseconds
-inline std::uint64_t parse_count(const std::string& text, const char* option) {
+// --idle-exit; nine digits at most, so seconds still fit in milliseconds
+inline std::uint64_t parse_count(const std::string& text, const std::string& option) {
   if (!is_decimal(text) || text.size() > 9)
-    throw UsageError("invalid " + std::string(option) + ": '" + text +
-                     "' (expected a whole number)");
+    throw UsageError("invalid " + option + ": '" + text + "' (expected a whole number)");
   return std::stoull(text);
 }
 
-// parse_path - the argument of --maildir or --mbox, which must not be empty
-inline std::string parse_path(const cxxopts::ParseResult& result, const char* option) {
-  if (!result.count(option)) return "";
-  std::string path = result[option].as<std::string>();
-  if (path.empty()) throw UsageError("--" + std::string(option) + " needs a path");
+// parse_path - the argument of --maildir, --mbox, --auth-file and the like: not empty
+inline std::string parse_path(const std::string& path, const std::string& option) {
+  if (path.empty()) throw UsageError(option + " needs a path");
   return path;
 }
 
@@ -5774,15 +5772,59 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
-// parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
-inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+// OptionArgument - an option as given: its name as the user writes it ("--timeout") and its
+// argument ("" for a flag)
+struct OptionArgument {
+  std::string option;
+  std::string value;
+};
+
+// check_local_delivery - --maildir, --mbox, --json and --exec deliver here, so not in a relay
+inline void check_local_delivery(const Settings& s) {
+  if (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy)
+    throw UsageError(
+        "--maildir, --mbox, --json and --exec work with SMTPServer and "
+        "DebuggingServer, not with " +
+        std::string(mode_name(s.mode)));
+}
+
+// local_output_path - the path of --maildir or --mbox, for a mode that delivers here
+inline std::string local_output_path(const OptionArgument& given, const Settings& s) {
+  std::string path = parse_path(given.value, given.option);
+  check_local_delivery(s);
+  return path;
+}
+
+// check_mailman - --mailman-lmtp and --mailman-home say which Mailman MailmanProxy asks
+inline void check_mailman(const Settings& s) {
+  if (s.mode != ModeKind::MailmanProxy)
+    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
+}
+
+// set_mailman_home - --mailman-home DIR: a Mailman 2 with its mail wrapper, instead of Mailman 3
+inline void set_mailman_home(const std::string& dir, Settings& s) {
+  s.mailman_home = parse_path(dir, "--mailman-home");
+  check_mailman(s);
+  if (!s.mailman_lmtp.host.empty())
+    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
+  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
+  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
+  if (!path_exists(s.mailman_home + "/mail/mailman"))
+    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
+                     "/mail/mailman");
+}
+
+// parse_reject_seed - --reject-seed N: any whole number that fits in 64 bits
+inline std::uint64_t parse_reject_seed(const std::string& seed) {
+  if (!is_decimal(seed) || seed.size() > 19)
+    throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
+  return std::stoull(seed);
+}
+
+// finish_tls - what the --tls... options say together: STARTTLS unless --tls-implicit, and
+// only in a build with TLS and with both of --tls-cert and --tls-key, or neither
+inline void finish_tls(Settings& s) {
   ChannelConfig& channel = s.server.channel;
-  s.tls_cert = parse_path(result, "tls-cert");
-  s.tls_key = parse_path(result, "tls-key");
-  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
-  channel.tls_required = result.count("tls-required") > 0;
-  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
-                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
   channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
   if (channel.records_tls && !kHasTls)
     throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
@@ -5790,184 +5832,203 @@ inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
     throw UsageError("--tls-cert and --tls-key go together");
 }
 
-struct CommandLine {
-  std::optional<Settings> settings;  // empty when --help or --version was answered
-  std::string text_for_stdout;       // the help or version text
+// OptionRow - one option, declared once: its names and argument for cxxopts, its help text
+// (which README.md and smtpd.1 repeat, as the tests check) and what it does to Settings
+struct OptionRow {
+  char short_name;         // 's' for -s, or 0 for none
+  const char* long_name;   // "size" for --size
+  const char* value_name;  // the argument in --help ("LIMIT"), or nullptr for a flag
+  std::string help;
+  void (*apply)(const OptionArgument& given, Settings& s);  // nullptr: --help and --version
+  bool is_repeatable = false;  // applied once each time it is given, in order (--reject)
 };
 
-// add_*_options - the option table, a group of rows each, in the order --help lists them.
-// All rows go into cxxopts' one unnamed group: a named group would put a heading into --help.
-// The help texts are the ones README.md and smtpd.1 repeat.
-
-// add_python_options - smtpd.py's own options: -n, -V, -c, -s, -u
-inline void add_python_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("n,nosetuid", "Do not change to user nobody after binding (only done when started as root).");
-  add("V,version", "Print the version and exit.");
-  add("c,class",
-      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
-      "PureProxy (proxy) or MailmanProxy (mailman).",
-      cxxopts::value<std::string>(), "CLASS");
-  add("s,size",
-      "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-      "limit (default " +
-          std::to_string(kDataSizeDefault) + ").",
-      cxxopts::value<std::string>(), "LIMIT");
-  add("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).");
+// option_rows - the option table, in the order --help lists them and the parse applies them.
+// -c comes early, so the rows after it may check the mode.
+inline const std::vector<OptionRow>& option_rows() {
+  using Arg = const OptionArgument&;
+  static const std::vector<OptionRow> rows = {
+      // smtpd.py's own options
+      {'n', "nosetuid", nullptr,
+       "Do not change to user nobody after binding (only done when started as root).",
+       [](Arg, Settings& s) { s.setuid = false; }},
+      {'V', "version", nullptr, "Print the version and exit.", nullptr},
+      {'c', "class", "CLASS",
+       "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
+       "PureProxy (proxy) or MailmanProxy (mailman).",
+       [](Arg a, Settings& s) { s.mode = parse_mode(a.value); }},
+      {'s', "size", "LIMIT",
+       "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
+       "limit (default " +
+           std::to_string(kDataSizeDefault) + ").",
+       [](Arg a, Settings& s) { s.server.channel.data_size_limit = parse_size(a.value); }},
+      {'u', "smtputf8", nullptr, "Enable the SMTPUTF8 extension (RFC 6531).",
+       [](Arg, Settings& s) { s.server.channel.enable_smtputf8 = true; }},
+      // how long PureProxy and MailmanProxy wait for the servers they relay to
+      {0, "connect-timeout", "SECONDS",
+       "PureProxy: seconds to wait for the upstream server to accept the "
+       "connection (default " +
+           seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+       [](Arg a, Settings& s) {
+         s.upstream.connect_timeout_ms = parse_seconds(a.value, a.option);
+       }},
+      {0, "reply-timeout", "SECONDS",
+       "PureProxy: seconds to wait for each reply of the upstream server "
+       "(default " +
+           seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
+       [](Arg a, Settings& s) { s.upstream.reply_timeout_ms = parse_seconds(a.value, a.option); }},
+      // the trace on stderr, and where messages go besides the mode's print-out
+      {'d', "debug", nullptr, "Trace the SMTP dialogue and connections on stderr.",
+       [](Arg, Settings& s) { s.server.debug = true; }},
+      {0, "maildir", "DIR",
+       "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+       "if missing), synced before the 250 reply.",
+       [](Arg a, Settings& s) { s.maildir = local_output_path(a, s); }},
+      {0, "mbox", "FILE",
+       "Also append each message to FILE in mboxrd format, locked, synced before the "
+       "250 reply.",
+       [](Arg a, Settings& s) { s.mbox = local_output_path(a, s); }},
+      {0, "json", nullptr,
+       "Print each message as one line of JSON instead of the DebuggingServer layout; "
+       "SMTPServer prints it too.",
+       [](Arg, Settings& s) {
+         s.json = true;
+         check_local_delivery(s);
+       }},
+      // --exec and its time limit
+      {0, "exec", "COMMAND",
+       "Run COMMAND with sh -c for each message, the message on its standard input and "
+       "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+       "is the reply), anything else gives 451.",
+       [](Arg a, Settings& s) {
+         check_local_delivery(s);
+         s.exec.command = a.value;
+         if (s.exec.command.empty()) throw UsageError("--exec needs a command");
+         if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
+       }},
+      {0, "exec-timeout", "SECONDS",
+       "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+       "it is killed and the client gets 451 (default " +
+           seconds_text(kExecTimeoutMs) + ").",
+       [](Arg a, Settings& s) { s.exec.timeout_ms = parse_seconds(a.value, a.option); }},
+      // counts and timeouts for clients, messages and the whole run
+      {0, "max-messages", "N",
+       "Exit with status 0 once N messages are delivered and the open "
+       "sessions have ended (after at most " +
+           seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
+       [](Arg a, Settings& s) { s.server.max_messages = parse_count(a.value, a.option); }},
+      {0, "max-clients", "N",
+       "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+       "limit (the default).",
+       [](Arg a, Settings& s) { s.server.max_clients = parse_count(a.value, a.option); }},
+      {0, "timeout", "SECONDS",
+       "Seconds a client has for each command, and in DATA between two reads, before it "
+       "hears 421 and is closed (default " +
+           std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+           std::to_string(kDataDeadlineFactor) + " times as long.",
+       [](Arg a, Settings& s) { s.server.command_timeout_ms = parse_seconds(a.value, a.option); }},
+      {0, "max-recipients", "N",
+       "Most recipients in one message; further RCPT commands get 452 (default " +
+           std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+       [](Arg a, Settings& s) {
+         s.server.channel.max_recipients = parse_count(a.value, a.option);
+       }},
+      {0, "idle-exit", "SECONDS",
+       "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+       "never (the default).",
+       [](Arg a, Settings& s) {
+         s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(a.value, a.option));
+       }},
+      // the opt-in ESMTP extensions AUTH and PIPELINING
+      {0, "auth", nullptr,
+       "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+       "the user name is recorded with each message.",
+       [](Arg, Settings& s) { s.server.channel.offer_auth = true; }},
+      {0, "auth-file", "FILE",
+       "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+       "other logins get 535 5.7.8.",
+       [](Arg a, Settings& s) {
+         s.server.channel.offer_auth = true;
+         s.server.channel.auth_users = load_auth_users(parse_path(a.value, a.option));
+       }},
+      {0, "auth-required", nullptr,
+       "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+       "as --auth does unless --auth-file is given).",
+       [](Arg, Settings& s) {
+         s.server.channel.auth_required = s.server.channel.offer_auth = true;
+       }},
+      {0, "pipelining", nullptr,
+       "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+       "commands go out together.",
+       [](Arg, Settings& s) { s.server.channel.offer_pipelining = true; }},
+      // refusals on purpose, for testing clients
+      {0, "reject", "STAGE:PATTERN=REPLY",
+       "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+       "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+       "of the time when PATTERN is N%; repeatable, the first match wins.",
+       [](Arg a, Settings& s) { s.refusals.push_back(parse_refusal(a.value)); }, true},
+      {0, "reject-seed", "N",
+       "Seed for the N% rules of --reject, so a run refuses the same commands again "
+       "(default: a new seed at each start).",
+       [](Arg a, Settings& s) { s.reject_seed = parse_reject_seed(a.value); }},
+      // which Mailman MailmanProxy asks
+      {0, "mailman-lmtp", "HOST:PORT",
+       "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+       "address is a list's (default 127.0.0.1:8024).",
+       [](Arg a, Settings& s) {
+         check_mailman(s);
+         s.mailman_lmtp = parse_endpoint(a.value, "Mailman LMTP");
+       }},
+      {0, "mailman-home", "DIR",
+       "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+       "mail/mailman wrapper).",
+       [](Arg a, Settings& s) { set_mailman_home(a.value, s); }},
+      // STARTTLS and SMTPS; finish_tls checks them together
+      {0, "tls", nullptr,
+       "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+       "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).",
+       [](Arg, Settings& s) { s.server.channel.records_tls = true; }},
+      {0, "tls-cert", "FILE",
+       "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+       [](Arg a, Settings& s) {
+         s.tls_cert = parse_path(a.value, a.option);
+         s.server.channel.records_tls = true;
+       }},
+      {0, "tls-key", "FILE", "The PEM private key for --tls-cert.",
+       [](Arg a, Settings& s) {
+         s.tls_key = parse_path(a.value, a.option);
+         s.server.channel.records_tls = true;
+       }},
+      {0, "tls-implicit", nullptr,
+       "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).",
+       [](Arg, Settings& s) { s.server.is_tls_implicit = s.server.channel.records_tls = true; }},
+      {0, "tls-required", nullptr,
+       "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).",
+       [](Arg, Settings& s) {
+         s.server.channel.tls_required = s.server.channel.records_tls = true;
+       }},
+      {'h', "help", nullptr, "Print this help and exit.", nullptr},
+  };
+  return rows;
 }
 
-// add_upstream_options - how long PureProxy and MailmanProxy wait for the servers they relay to
-inline void add_upstream_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("connect-timeout",
-      "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default " +
-          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
-      cxxopts::value<std::string>(), "SECONDS");
-  add("reply-timeout",
-      "PureProxy: seconds to wait for each reply of the upstream server "
-      "(default " +
-          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_output_options - the trace on stderr, and where messages go besides the mode's print-out
-inline void add_output_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("d,debug", "Trace the SMTP dialogue and connections on stderr.");
-  add("maildir",
-      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
-      "if missing), synced before the 250 reply.",
-      cxxopts::value<std::string>(), "DIR");
-  add("mbox",
-      "Also append each message to FILE in mboxrd format, locked, synced before the "
-      "250 reply.",
-      cxxopts::value<std::string>(), "FILE");
-  add("json",
-      "Print each message as one line of JSON instead of the DebuggingServer layout; "
-      "SMTPServer prints it too.");
-}
-
-// add_exec_options - --exec and its time limit
-inline void add_exec_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("exec",
-      "Run COMMAND with sh -c for each message, the message on its standard input and "
-      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
-      "is the reply), anything else gives 451.",
-      cxxopts::value<std::string>(), "COMMAND");
-  add("exec-timeout",
-      "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
-      "it is killed and the client gets 451 (default " +
-          seconds_text(kExecTimeoutMs) + ").",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_limit_options - counts and timeouts for clients, messages and the whole run
-inline void add_limit_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("max-messages",
-      "Exit with status 0 once N messages are delivered and the open "
-      "sessions have ended (after at most " +
-          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
-      cxxopts::value<std::string>(), "N");
-  add("max-clients",
-      "Most clients connected at once; one more hears 421 and is closed; 0 means no "
-      "limit (the default).",
-      cxxopts::value<std::string>(), "N");
-  add("timeout",
-      "Seconds a client has for each command, and in DATA between two reads, before it "
-      "hears 421 and is closed (default " +
-          std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
-          std::to_string(kDataDeadlineFactor) + " times as long.",
-      cxxopts::value<std::string>(), "SECONDS");
-  add("max-recipients",
-      "Most recipients in one message; further RCPT commands get 452 (default " +
-          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
-      cxxopts::value<std::string>(), "N");
-  add("idle-exit",
-      "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-      "never (the default).",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_extension_options - the opt-in ESMTP extensions AUTH and PIPELINING
-inline void add_extension_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("auth",
-      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
-      "the user name is recorded with each message.");
-  add("auth-file",
-      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
-      "other logins get 535 5.7.8.",
-      cxxopts::value<std::string>(), "FILE");
-  add("auth-required",
-      "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
-      "as --auth does unless --auth-file is given).");
-  add("pipelining",
-      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
-      "commands go out together.");
-}
-
-// add_refusal_options - refusals on purpose, for testing clients
-inline void add_refusal_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("reject",
-      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
-      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
-      "of the time when PATTERN is N%; repeatable, the first match wins.",
-      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY");
-  add("reject-seed",
-      "Seed for the N% rules of --reject, so a run refuses the same commands again "
-      "(default: a new seed at each start).",
-      cxxopts::value<std::string>(), "N");
-}
-
-// add_mailman_options - which Mailman MailmanProxy asks
-inline void add_mailman_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("mailman-lmtp",
-      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
-      "address is a list's (default 127.0.0.1:8024).",
-      cxxopts::value<std::string>(), "HOST:PORT");
-  add("mailman-home",
-      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-      "mail/mailman wrapper).",
-      cxxopts::value<std::string>(), "DIR");
-}
-
-// add_tls_options - STARTTLS and SMTPS
-inline void add_tls_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("tls",
-      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
-      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).");
-  add("tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
-      cxxopts::value<std::string>(), "FILE");
-  add("tls-key", "The PEM private key for --tls-cert.", cxxopts::value<std::string>(), "FILE");
-  add("tls-implicit",
-      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).");
-  add("tls-required",
-      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).");
-}
-
-// build_options - the whole option table, then --help and the positional addresses
+// build_options - the cxxopts table: every row, in one unnamed group (a named group would put
+// a heading into --help), then the positional addresses
 inline cxxopts::Options build_options() {
   cxxopts::Options options(
       "smtpd", std::string(kVersion) + " - an SMTP server for tests, debugging and relaying");
   options.custom_help("[options]");
   options.positional_help("[localhost:localport [remotehost:remoteport]]");
-  add_python_options(options);
-  add_upstream_options(options);
-  add_output_options(options);
-  add_exec_options(options);
-  add_limit_options(options);
-  add_extension_options(options);
-  add_refusal_options(options);
-  add_mailman_options(options);
-  add_tls_options(options);
-  options.add_options()("h,help", "Print this help and exit.");
-  options.add_options()("addresses", "", cxxopts::value<std::vector<std::string>>());
+  cxxopts::OptionAdder add = options.add_options();
+  for (const OptionRow& row : option_rows()) {
+    std::string names = row.long_name;
+    if (row.short_name != 0) names = std::string(1, row.short_name) + "," + names;
+    if (row.value_name == nullptr)
+      add(names, row.help);
+    else
+      add(names, row.help, cxxopts::value<std::string>(), row.value_name);
+  }
+  add("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -5979,24 +6040,27 @@ inline std::string help_text(cxxopts::Options& options) {
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
 
-// parse_mailman_options - --mailman-lmtp or --mailman-home, for MailmanProxy only
-inline void parse_mailman_options(const cxxopts::ParseResult& result, Settings& s) {
-  bool has_lmtp = result.count("mailman-lmtp") > 0;
-  s.mailman_home = parse_path(result, "mailman-home");
-  bool has_home = !s.mailman_home.empty();
-  if ((has_lmtp || has_home) && s.mode != ModeKind::MailmanProxy)
-    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
-  if (has_lmtp && has_home)
-    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
-  s.mailman_lmtp = parse_endpoint(
-      has_lmtp ? result["mailman-lmtp"].as<std::string>() : kDefaultMailmanLmtp, "Mailman LMTP");
-  if (!has_home) return;
-  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
-  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
-  if (!path_exists(s.mailman_home + "/mail/mailman"))
-    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
-                     "/mail/mailman");
+// apply_options - each given option's row on s, in table order (the last value of an option
+// given twice, except a repeatable one, which is applied for each value in turn)
+inline void apply_options(const cxxopts::ParseResult& result, Settings& s) {
+  for (const OptionRow& row : option_rows()) {
+    if (row.apply == nullptr || result.count(row.long_name) == 0) continue;
+    std::string option = std::string("--") + row.long_name;
+    if (row.value_name == nullptr) {
+      row.apply({option, ""}, s);
+    } else if (!row.is_repeatable) {
+      row.apply({option, result[row.long_name].as<std::string>()}, s);
+    } else {
+      for (const cxxopts::KeyValue& argument : result.arguments())
+        if (argument.key() == row.long_name) row.apply({option, argument.value()}, s);
+    }
+  }
 }
+
+struct CommandLine {
+  std::optional<Settings> settings;  // empty when --help or --version was answered
+  std::string text_for_stdout;       // the help or version text
+};
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
 inline CommandLine parse_command_line(int argc, const char* const* argv) {
@@ -6014,62 +6078,10 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   if (result.count("help")) return {std::nullopt, help_text(options)};
   if (result.count("version")) return {std::nullopt, std::string(kVersion) + "\n"};
   Settings s;
-  s.setuid = result.count("nosetuid") == 0;
-  s.server.debug = result.count("debug") > 0;
-  s.server.channel.enable_smtputf8 = result.count("smtputf8") > 0;
-  if (result.count("size"))
-    s.server.channel.data_size_limit = parse_size(result["size"].as<std::string>());
-  if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
-  if (result.count("connect-timeout"))
-    s.upstream.connect_timeout_ms =
-        parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
-  if (result.count("reply-timeout"))
-    s.upstream.reply_timeout_ms =
-        parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
-  s.maildir = parse_path(result, "maildir");
-  s.mbox = parse_path(result, "mbox");
-  s.json = result.count("json") > 0;
-  bool has_outputs = !s.maildir.empty() || !s.mbox.empty() || s.json || result.count("exec");
-  if (has_outputs && (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy))
-    throw UsageError(
-        "--maildir, --mbox, --json and --exec work with SMTPServer and "
-        "DebuggingServer, not with " +
-        std::string(mode_name(s.mode)));
-  if (result.count("exec")) {
-    s.exec.command = result["exec"].as<std::string>();
-    if (s.exec.command.empty()) throw UsageError("--exec needs a command");
-    if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
-  }
-  if (result.count("exec-timeout"))
-    s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
-  if (result.count("max-messages"))
-    s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
-  if (result.count("max-clients"))
-    s.server.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
-  if (result.count("timeout"))
-    s.server.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
-  if (result.count("max-recipients"))
-    s.server.channel.max_recipients =
-        parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
-  if (result.count("idle-exit"))
-    s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(
-                                       result["idle-exit"].as<std::string>(), "--idle-exit"));
-  s.server.channel.offer_pipelining = result.count("pipelining") > 0;
-  s.server.channel.auth_required = result.count("auth-required") > 0;
-  s.server.channel.offer_auth =
-      s.server.channel.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
-  if (result.count("auth-file"))
-    s.server.channel.auth_users = load_auth_users(parse_path(result, "auth-file"));
-  for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
-    if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
-  if (result.count("reject-seed")) {
-    std::string seed = result["reject-seed"].as<std::string>();
-    if (!is_decimal(seed) || seed.size() > 19)
-      throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
-    s.reject_seed = std::stoull(seed);
-  }
-  parse_mailman_options(result, s);
-  parse_tls_options(result, s);
+  apply_options(result, s);
+  finish_tls(s);
+  if (s.mailman_lmtp.host.empty())  // no --mailman-lmtp: parse_endpoint never leaves it empty
+    s.mailman_lmtp = parse_endpoint(kDefaultMailmanLmtp, "Mailman LMTP");
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
