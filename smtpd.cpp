@@ -104,6 +104,9 @@ constexpr std::uint64_t kDataSizeDefault = 33554432;  // smtpd.py DATA_SIZE_DEFA
 // --max-recipients: RFC 5321 4.5.3.1.8 asks for at least 100; Postfix allows 1000. Without a
 // cap, 100,000 long recipients would cost 50 MB in one session.
 constexpr std::size_t kMaxRecipientsDefault = 1000;
+// AUTH: failed attempts a session gets before it hears 421 and is closed. A client that knows
+// its password needs one try per mechanism; Postfix closes after 20 errors of any kind.
+constexpr unsigned kAuthFailureLimit = 10;
 constexpr const char* kDefaultLocal = "localhost:8025";        // smtpd.py's default local address
 constexpr const char* kDefaultRemote = "localhost:25";         // smtpd.py's default upstream
 constexpr const char* kDefaultMailmanLmtp = "127.0.0.1:8024";  // Mailman 3's lmtp_host/port
@@ -152,6 +155,11 @@ constexpr int kDrainGraceMs = 5000;
 // SIGTERM/SIGINT: sessions in the middle of DATA (or waiting for its verdict) get this long to
 // finish before they hear 421; idle ones hear it at once
 constexpr int kShutdownGraceMs = 5000;
+// --max-clients with --tls-implicit: a client over the limit is told so inside TLS, so the
+// handshake runs first; this many at once, each for at most this long. Past that it is
+// closed without a word (a flood of handshakes must not cost more than the clients served).
+constexpr std::size_t kTurnAwayHandshakes = 64;
+constexpr long long kTurnAwayTimeoutMs = 10 * 1000;
 // stdout and stderr on a pipe nobody reads: trace lines queue up to this much,
 // then are dropped and counted; at exit, what is queued gets this long to leave
 constexpr std::size_t kTraceBacklog = 256 * 1024;
@@ -1578,6 +1586,7 @@ constexpr const char* kClosingLimitReached = "closing: message limit reached";  
 constexpr const char* kClosingTimeout = "Error: timeout exceeded";  // as Postfix says it
 constexpr const char* kClosingShutdown = "Error: shutting down; try again later";
 constexpr const char* kClosingTooMany = "Error: too many connections; try again later";
+constexpr const char* kClosingAuthFailures = "Error: too many failed AUTH attempts";
 // AUTH (RFC 4954), offered with --auth, --auth-file or --auth-required; the 334 challenges
 // of LOGIN are "Username:" and "Password:" in base64, as every client expects.
 constexpr const char* kReplyAuthOk = "235 2.7.0 Authentication successful";
@@ -1673,8 +1682,11 @@ inline std::string reply_upstream_lost(const std::string& role, const std::strin
 // SMTPChannel (smtp_state, seen_greeting, mailfrom, rcpttos, received_data, fqdn, peer).
 // A mode that must consult someone else (a relay asks its upstream) sets ask_envelope, and
 // then MAIL and RCPT wait for a verdict too, through the same question() and answer().
-//   Channel::feed, output, consume_output, question, take_message, answer, close_with,
-//   wants_input, is_closing; one cmd_* handler per verb, listed in kVerbTable.
+// The DATA text and the AUTH exchange are readers of their own, which the channel drives.
+//   Refusals; ChannelConfig, Envelope, MailRequest; DataReader; AuthExchange,
+//   is_header_safe_name; Channel (feed, output, consume_output, question, take_message,
+//   answer, close_with, wants_input, is_closing; one cmd_* handler per verb, listed in
+//   kVerbTable); rename_client_auth_headers
 
 // Refusals - the --reject rules: at a stage of the session, the first rule whose pattern
 // matches (a shell-style pattern on the client IP, the HELO name, the sender or a recipient,
@@ -1846,6 +1858,131 @@ class DataReader {
   bool at_line_start_ = true;  // the next byte begins a line
 };
 
+// AuthExchange - one AUTH command and the lines that answer its 334 challenges (RFC 4954), a
+// state machine of its own beside the channel: PLAIN (RFC 4616) and LOGIN, each with or
+// without an initial response. It ends in a 235 and the user name, or in a failure. Failures
+// are counted over the session, so a client trying password after password is stopped: the
+// kAuthFailureLimit-th failure closes the session instead of answering.
+class AuthExchange {
+ public:
+  // Outcome - what the channel does next: send the challenge and read the next line as a
+  // response, log the user in, send the failure and go on, or say 421 and close
+  enum class Outcome { Challenge, LoggedIn, Failed, TooManyFailures };
+  struct Result {
+    Outcome outcome;
+    std::string reply;  // empty for TooManyFailures: the channel's 421 names the server
+    std::string user;   // LoggedIn: the user name, one printable line
+  };
+
+  explicit AuthExchange(const AuthUsers* users) : users_(users) {}  // null: anyone logs in
+
+  // is_waiting - the next line answers a challenge: it is a response, not a command
+  bool is_waiting() const { return waiting_for_ != Waiting::None; }
+  // start - AUTH MECHANISM [INITIAL-RESPONSE]
+  Result start(const std::string& mechanism, const std::optional<std::string>& initial);
+  // respond - the line after a challenge; is_too_long when it was cut at the line limit
+  Result respond(std::string_view line, bool is_too_long);
+
+ private:
+  enum class Waiting { None, PlainResponse, LoginUser, LoginPassword };
+
+  Result challenge(Waiting next, const char* reply);
+  Result fail(const char* reply);
+  Result plain(std::string_view response);
+  Result login_user(std::string_view response);
+  Result log_in(const std::string& user, const std::string& password);
+
+  const AuthUsers* users_;
+  Waiting waiting_for_ = Waiting::None;
+  std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
+  unsigned failures_ = 0;   // in this session
+};
+
+// is_header_safe_name - a user name that can go into a header line and the environment as
+// it is: UTF-8 without C0 or C1 controls, DEL, or the Unicode line and paragraph separators
+// (U+0085, U+2028 and U+2029 end a line for readers that split on Unicode line breaks)
+inline bool is_header_safe_name(std::string_view name) {
+  if (name.empty() || !is_valid_utf8(name)) return false;
+  for (std::size_t i = 0; i < name.size(); ++i) {
+    auto c = static_cast<unsigned char>(name[i]);
+    auto next = i + 1 < name.size() ? static_cast<unsigned char>(name[i + 1]) : 0;
+    if (c < 0x20 || c == 0x7F) return false;
+    if (c == 0xC2 && next >= 0x80 && next <= 0x9F) return false;  // U+0080..U+009F
+    if (c == 0xE2 && next == 0x80 && i + 2 < name.size() &&
+        (name[i + 2] == '\xA8' || name[i + 2] == '\xA9'))
+      return false;  // U+2028, U+2029
+  }
+  return true;
+}
+
+AuthExchange::Result AuthExchange::start(const std::string& mechanism,
+                                         const std::optional<std::string>& initial) {
+  std::string name = ascii_upper(mechanism);
+  if (name == "PLAIN" && initial) return plain(*initial);
+  if (name == "LOGIN" && initial) return login_user(*initial);
+  if (name == "PLAIN") return challenge(Waiting::PlainResponse, kChallengeEmpty);
+  if (name == "LOGIN") return challenge(Waiting::LoginUser, kChallengeUsername);
+  return fail(kReplyAuthMechanism);
+}
+
+// respond - "*" cancels (RFC 4954 4)
+AuthExchange::Result AuthExchange::respond(std::string_view line, bool is_too_long) {
+  Waiting step = std::exchange(waiting_for_, Waiting::None);
+  std::string user = std::exchange(login_user_, "");
+  if (is_too_long) return fail(kReplyLineTooLong);
+  if (line == "*") return fail(kReplyAuthCancelled);
+  if (step == Waiting::PlainResponse) return plain(line);
+  if (step == Waiting::LoginUser) return login_user(line);
+  std::optional<std::string> password = base64_decode(line);
+  if (!password) return fail(kReplyAuthUndecodable);
+  return log_in(user, *password);
+}
+
+AuthExchange::Result AuthExchange::challenge(Waiting next, const char* reply) {
+  waiting_for_ = next;
+  return {Outcome::Challenge, reply, ""};
+}
+
+AuthExchange::Result AuthExchange::fail(const char* reply) {
+  if (++failures_ >= kAuthFailureLimit) return {Outcome::TooManyFailures, "", ""};
+  return {Outcome::Failed, reply, ""};
+}
+
+// plain - RFC 4616: authorization identity, NUL, user name, NUL, password; "=" is an empty
+// initial response. Logging in as someone else (a different authorization identity) is
+// refused.
+AuthExchange::Result AuthExchange::plain(std::string_view response) {
+  std::optional<std::string> decoded = response == "=" ? std::string() : base64_decode(response);
+  std::size_t first = decoded ? decoded->find('\0') : std::string::npos;
+  std::size_t second = first == std::string::npos ? first : decoded->find('\0', first + 1);
+  if (second == std::string::npos || decoded->find('\0', second + 1) != std::string::npos)
+    return fail(kReplyAuthUndecodable);
+  std::string authzid = decoded->substr(0, first);
+  std::string user = decoded->substr(first + 1, second - first - 1);
+  if (!authzid.empty() && authzid != user) return fail(kReplyAuthInvalid);
+  return log_in(user, decoded->substr(second + 1));
+}
+
+// login_user - the user name of AUTH LOGIN; the password is asked for next
+AuthExchange::Result AuthExchange::login_user(std::string_view response) {
+  std::optional<std::string> user = base64_decode(response);
+  if (!user) return fail(kReplyAuthUndecodable);
+  login_user_ = *user;
+  return challenge(Waiting::LoginPassword, kChallengePassword);
+}
+
+// log_in - check a user name and password: with --auth-file against its lines, else any
+// will do. The name goes into header lines and the environment: is_header_safe_name.
+AuthExchange::Result AuthExchange::log_in(const std::string& user, const std::string& password) {
+  bool is_known = true;
+  if (users_) {
+    auto it = users_->find(user);
+    is_known = it != users_->end() && it->second == password;
+  }
+  if (!is_header_safe_name(user) || !is_known) return fail(kReplyAuthInvalid);
+  return {Outcome::LoggedIn, kReplyAuthOk, user};
+}
+
 class Channel {
  public:
   // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
@@ -1910,8 +2047,6 @@ class Channel {
     bool ChannelConfig::*offered;          // the option that turns it on; nullptr: always on
     Keyword keyword;                       // how EHLO announces it
   };
-  // The steps of an AUTH exchange: the next line is a response to our 334, not a command.
-  enum class AuthStep { None, PlainResponse, LoginUser, LoginPassword };
   static const Command kVerbTable[];
 
   void push(const std::string& reply);
@@ -1946,9 +2081,7 @@ class Channel {
   void cmd_auth(const Arg& arg);
   void cmd_starttls(const Arg& arg);
   void auth_response(std::string_view line, std::size_t size);
-  void auth_plain(std::string_view response);
-  void auth_login_user(std::string_view response);
-  void log_in(const std::string& user, const std::string& password);
+  void follow(const AuthExchange::Result& result);
   bool is_offered(const Command& command) const;
   std::string ehlo_keyword(const Command& command) const;
   bool is_refused(Refusals::Stage stage, const std::vector<std::string>& subjects);
@@ -1964,8 +2097,7 @@ class Channel {
   DataReader data_;                // the message text, in DATA
   std::string tls_;                // the session's TLS version and cipher; empty before TLS
   std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
-  AuthStep auth_step_ = AuthStep::None;
-  std::string login_user_;  // AUTH LOGIN: the user name, while the password is asked for
+  AuthExchange auth_;              // AUTH's challenges and responses, and its failures
 };
 
 // kVerbTable - the protocol's index: every verb and every EHLO keyword, once. HELP lists
@@ -1995,7 +2127,8 @@ Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_a
     : fqdn(config->fqdn),
       peer(std::move(peer_address)),
       config_(std::move(config)),
-      data_(config_->data_size_limit, config_->keep_data) {
+      data_(config_->data_size_limit, config_->keep_data),
+      auth_(config_->auth_users.get()) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
   if (is_refused(Refusals::Stage::Connect, {peer}))
@@ -2120,6 +2253,22 @@ void Channel::ask(Question question, const std::string& address) {
   enter_state(State::Waiting);
 }
 
+// rename_client_auth_headers - with AUTH offered, "X-Auth-User:" is the server's line (the
+// user who logged in), and a client's own header of that name would pass for a login: in the
+// header section it becomes "X-Original-Auth-User:", its value kept
+inline void rename_client_auth_headers(std::string& data) {
+  constexpr std::string_view kName = "X-AUTH-USER";
+  for (std::size_t at = 0; at < data.size() && data[at] != '\n';) {
+    std::size_t after = at + kName.size();
+    while (after < data.size() && (data[after] == ' ' || data[after] == '\t')) ++after;
+    bool is_ours = after < data.size() && data[after] == ':' &&
+                   ascii_upper(std::string_view(data).substr(at, kName.size())) == kName;
+    if (is_ours) data.replace(at, kName.size(), "X-Original-Auth-User");
+    std::size_t end = data.find('\n', at);
+    at = end == std::string::npos ? data.size() : end + 1;
+  }
+}
+
 Envelope Channel::take_message() {
   Envelope envelope;
   envelope.peer = peer;
@@ -2129,7 +2278,10 @@ Envelope Channel::take_message() {
   envelope.rcpt_options = rcpt_options;
   envelope.data = data_.take_text();
   envelope.smtputf8 = require_smtputf8;
-  if (config_->offer_auth) envelope.auth_user = auth_user;
+  if (config_->offer_auth) {
+    envelope.auth_user = auth_user;
+    rename_client_auth_headers(envelope.data);
+  }
   if (config_->records_tls) envelope.tls = tls_;
   return envelope;
 }
@@ -2192,7 +2344,7 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
   ++progress_;
-  if (auth_step_ != AuthStep::None) return auth_response(line, size);
+  if (auth_.is_waiting()) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
   std::string_view shown = line.substr(0, kTraceLineLimit);
   if (ascii_upper(line.substr(0, 5)) == "AUTH ") shown = line.substr(0, line.find(' ', 5));
@@ -2470,8 +2622,7 @@ void Channel::restart_in_tls() {
   auth_user.clear();
 }
 
-// cmd_auth - RFC 4954: PLAIN and LOGIN, with or without an initial response; once per session
-// and not inside a transaction
+// cmd_auth - AUTH once per session and not inside a transaction; AuthExchange does the rest
 void Channel::cmd_auth(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (config_->tls_required && tls_.empty()) return push(kReplyTlsRequired);
@@ -2479,69 +2630,23 @@ void Channel::cmd_auth(const Arg& arg) {
   if (!mailfrom.empty()) return push(kReplyAuthInMail);
   std::vector<std::string> words = python_split(arg.value_or(""));
   if (words.empty() || words.size() > 2) return push(syntax_reply("AUTH"));
-  std::string mechanism = ascii_upper(words[0]);
-  bool has_initial = words.size() == 2;
-  if (mechanism == "PLAIN" && has_initial) return auth_plain(words[1]);
-  if (mechanism == "LOGIN" && has_initial) return auth_login_user(words[1]);
-  if (mechanism != "PLAIN" && mechanism != "LOGIN") return push(kReplyAuthMechanism);
-  auth_step_ = mechanism == "PLAIN" ? AuthStep::PlainResponse : AuthStep::LoginUser;
-  push(mechanism == "PLAIN" ? kChallengeEmpty : kChallengeUsername);
+  std::optional<std::string> initial;
+  if (words.size() == 2) initial = words[1];
+  follow(auth_.start(words[0], initial));
 }
 
-// auth_response - a line answering our 334 challenge; "*" cancels (RFC 4954 4). Never
-// traced: it holds a password.
+// auth_response - a line answering our 334 challenge. Never traced: it holds a password.
 void Channel::auth_response(std::string_view line, std::size_t size) {
   if (config_->trace) config_->trace(peer + " <- (AUTH response, not shown)");
-  AuthStep step = std::exchange(auth_step_, AuthStep::None);
-  if (size > line.size()) return push(kReplyLineTooLong);
-  if (line == "*") return push(kReplyAuthCancelled);
-  if (step == AuthStep::PlainResponse) return auth_plain(line);
-  if (step == AuthStep::LoginUser) return auth_login_user(line);
-  std::optional<std::string> password = base64_decode(line);
-  if (!password) return push(kReplyAuthUndecodable);
-  log_in(std::exchange(login_user_, ""), *password);
+  follow(auth_.respond(line, size > line.size()));
 }
 
-// auth_plain - RFC 4616: authorization identity, NUL, user name, NUL, password; "=" is an
-// empty initial response. Logging in as someone else (a different authorization identity) is
-// refused.
-void Channel::auth_plain(std::string_view response) {
-  std::optional<std::string> decoded = response == "=" ? std::string() : base64_decode(response);
-  std::size_t first = decoded ? decoded->find('\0') : std::string::npos;
-  std::size_t second = first == std::string::npos ? first : decoded->find('\0', first + 1);
-  if (second == std::string::npos || decoded->find('\0', second + 1) != std::string::npos)
-    return push(kReplyAuthUndecodable);
-  std::string authzid = decoded->substr(0, first);
-  std::string user = decoded->substr(first + 1, second - first - 1);
-  if (!authzid.empty() && authzid != user) return push(kReplyAuthInvalid);
-  log_in(user, decoded->substr(second + 1));
-}
-
-// auth_login_user - the user name of AUTH LOGIN; the password is asked for next
-void Channel::auth_login_user(std::string_view response) {
-  std::optional<std::string> user = base64_decode(response);
-  if (!user) return push(kReplyAuthUndecodable);
-  login_user_ = *user;
-  auth_step_ = AuthStep::LoginPassword;
-  push(kChallengePassword);
-}
-
-// log_in - check a user name and password: with --auth-file against its lines, else any
-// will do. The name goes into header lines and the environment, so it must be one line of
-// printable UTF-8.
-void Channel::log_in(const std::string& user, const std::string& password) {
-  bool is_clean =
-      !user.empty() && is_valid_utf8(user) && std::none_of(user.begin(), user.end(), [](char c) {
-        return static_cast<unsigned char>(c) < 0x20 || c == 0x7F;
-      });
-  bool is_known = true;
-  if (config_->auth_users) {
-    auto it = config_->auth_users->find(user);
-    is_known = it != config_->auth_users->end() && it->second == password;
-  }
-  if (!is_clean || !is_known) return push(kReplyAuthInvalid);
-  auth_user = user;
-  push(kReplyAuthOk);
+// follow - do what a step of the AUTH exchange says
+void Channel::follow(const AuthExchange::Result& result) {
+  if (result.outcome == AuthExchange::Outcome::TooManyFailures)
+    return close_with(reply_closing(fqdn, kClosingAuthFailures));
+  if (result.outcome == AuthExchange::Outcome::LoggedIn) auth_user = result.user;
+  push(result.reply);
 }
 
 // ==== 8. Reactor ====
@@ -4886,9 +4991,9 @@ constexpr bool kHasTls = false;  // built without TLS: the TLS options say to us
 // each client is a Connection (its Transport, its Channel, its ModeSession), and ExitPolicy
 // decides when the server ends by itself. A slow client, or a slow upstream, only ever holds
 // up the clients it serves.
-//   StartError, Listener, listen_everywhere, open_listeners; ServerOptions; Connection;
-//   ExitPolicy; Acceptor; Server (run; on_accepted; serve, read_some, ask, on_verdict, settle,
-//   write_some, close)
+//   StartError, Listener, listen_everywhere, open_listeners; ServerOptions; ExitPolicy;
+//   ConnectionContext, Connection (serve, read_some, ask, on_verdict, settle, write_some,
+//   close); TurnAway; Acceptor; Server (run, on_accepted, add_client, begin_shutdown)
 
 class StartError : public std::runtime_error {
  public:
@@ -5297,6 +5402,66 @@ class Connection {
   std::uint64_t progress_seen_ = 0;     // channel_.progress() when command_timer_ last started
 };
 
+// TurnAway - --max-clients: a client over the limit hears "421 ... too many connections" and
+// is closed, and the listener goes on. In plain text that is one send on a fresh socket, which
+// its buffer takes. Under --tls-implicit a client expects TLS from the first byte and would
+// take a plain 421 for a TLS error, not for a reason to come back later: the handshake is
+// finished and the 421 sent inside TLS, bounded by kTurnAwayHandshakes and kTurnAwayTimeoutMs.
+class TurnAway {
+ public:
+  TurnAway(Reactor& reactor, TransportWrapper wrap_in_tls)
+      : reactor_(reactor), wrap_in_tls_(std::move(wrap_in_tls)) {}
+  TurnAway(const TurnAway&) = delete;
+  TurnAway& operator=(const TurnAway&) = delete;
+
+  // refuse - say the reply (one line, CRLF included) on this new client's socket, then close
+  void refuse(socket_t s, const std::string& reply) {
+    if (!wrap_in_tls_) {
+      (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
+      return close_socket(s);
+    }
+    if (farewells_.size() >= kTurnAwayHandshakes) return close_socket(s);
+    auto transport = wrap_in_tls_(std::make_unique<SocketTransport>(s));
+    auto place = farewells_.insert(farewells_.end(), Farewell{std::move(transport), reply, 0});
+    place->timer = reactor_.start_timer(kTurnAwayTimeoutMs, [this, place] {
+      place->timer = 0;
+      end(place);
+    });
+    reactor_.watch(s, place->transport->poll_events(POLLOUT),
+                   [this, place](short) { write_some(place); });
+  }
+
+ private:
+  struct Farewell {
+    std::unique_ptr<Transport> transport;  // TLS over the client's socket
+    std::string unsent;                    // what is left of the 421
+    Reactor::TimerId timer;
+  };
+  using Place = std::list<Farewell>::iterator;
+
+  // write_some - the handshake runs inside the first writes; the end comes after the 421
+  void write_some(Place place) {
+    Transport::Result r = place->transport->write_some(place->unsent);
+    if (r.status == Transport::Status::Ok) place->unsent.erase(0, r.bytes);
+    if (r.status == Transport::Status::WouldBlock)
+      return reactor_.set_events(place->transport->socket(),
+                                 place->transport->poll_events(POLLOUT));
+    if (r.status != Transport::Status::Ok || place->unsent.empty()) end(place);
+  }
+
+  // end - no more events; the farewell goes after the current callbacks (one of its own may
+  // be running)
+  void end(Place place) {
+    reactor_.cancel_timer(std::exchange(place->timer, 0));
+    reactor_.unwatch(place->transport->socket());
+    reactor_.defer([this, place] { farewells_.erase(place); });
+  }
+
+  Reactor& reactor_;
+  TransportWrapper wrap_in_tls_;  // --tls-implicit only; empty: the 421 goes in plain text
+  std::list<Farewell> farewells_;
+};
+
 // Acceptor - the listeners, each one more watched socket. A client that arrives becomes a
 // non-blocking socket with TCP_NODELAY, handed to on_client. Out of descriptors, the
 // listeners rest for kAcceptPauseMs instead of spinning, and the failure is logged once per
@@ -5392,7 +5557,8 @@ class Server {
         context_{
             reactor_,     exit_, channel_->fqdn, options.command_timeout_ms, options.wrap_in_tls,
             options.debug},
-        max_clients_(options.max_clients) {
+        max_clients_(options.max_clients),
+        turn_away_(reactor_, options.is_tls_implicit ? options.wrap_in_tls : TransportWrapper()) {
     mode_.start(reactor_);
   }
   ~Server() {
@@ -5450,15 +5616,12 @@ class Server {
     add_client(std::make_unique<SocketTransport>(s), ip);
   }
 
-  // is_full, turn_away - --max-clients: a client over the limit hears 421 (best effort: one
-  // send on a fresh socket, which its buffer takes) and is closed; the listener goes on
+  // is_full, turn_away - --max-clients: a client over the limit hears 421 (TurnAway)
   bool is_full() const { return max_clients_ != 0 && connections_.size() >= max_clients_; }
   void turn_away(socket_t s, const std::string& who) {
     context_.trace(who + " turned away: " + std::to_string(connections_.size()) +
                    " clients connected");
-    std::string reply = reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n";
-    (void)!send(s, reply.data(), static_cast<int>(reply.size()), kSendFlags);
-    close_socket(s);
+    turn_away_.refuse(s, reply_closing(channel_->fqdn, kClosingTooMany) + "\r\n");
   }
 
   void add_client(std::unique_ptr<Transport> transport, const std::string& ip) {
@@ -5532,6 +5695,7 @@ class Server {
   ConnectionContext context_;  // shared by every connection
   std::list<Connection> connections_;
   std::size_t max_clients_;  // --max-clients: 0 for no limit
+  TurnAway turn_away_;       // the clients over max_clients_
 };
 
 // ==== 16. Command line ====
@@ -5581,9 +5745,12 @@ struct Settings {
   UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
+// UsageError - a bad command line: one line on stderr, exit status 1. The text quotes what
+// was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
+// argument cannot start a line of its own.
 class UsageError : public std::runtime_error {
  public:
-  using std::runtime_error::runtime_error;
+  explicit UsageError(const std::string& what) : std::runtime_error(printable(what)) {}
 };
 
 // parse_endpoint - "host:port" or "[v6]:port"; port 0 asks the kernel for a free port

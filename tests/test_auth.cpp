@@ -117,6 +117,90 @@ TEST_CASE("AUTH answers 535 to a user name that would break a header line") {
         "235 2.7.0 Authentication successful\r\n");
 }
 
+TEST_CASE("AUTH answers 535 to a user name with C1 controls or Unicode line separators") {
+  Session s(auth_config());
+  s.send("EHLO c\r\n");
+  // U+0085 (NEL), U+009F, U+2028 and U+2029 end a line for readers that split on Unicode
+  // line breaks, so "eve<NEL>Bcc: x" would be a second header line there
+  const std::string nel = "\xc2\x85", c1_last = "\xc2\x9f", c1_first = "\xc2\x80";
+  const std::string line_separator = "\xe2\x80\xa8", paragraph_separator = "\xe2\x80\xa9";
+  for (const std::string& name : {"eve" + nel + "Bcc: x@evil.example", "a" + c1_last, c1_first,
+                                  "a" + line_separator + "b", "a" + paragraph_separator + "b"}) {
+    CAPTURE(printable(name));
+    CHECK(s.send("AUTH PLAIN " + auth_plain(name, "pw") + "\r\n") ==
+          "535 5.7.8 Authentication credentials invalid\r\n");
+  }
+  // their neighbours are ordinary text: U+00A0 (no-break space) and U+2027, U+202A
+  CHECK(s.send("AUTH PLAIN " + auth_plain("a\xc2\xa0\xe2\x80\xa7\xe2\x80\xaa", "pw") + "\r\n") ==
+        "235 2.7.0 Authentication successful\r\n");
+  CHECK(s.channel.auth_user == "a\xc2\xa0\xe2\x80\xa7\xe2\x80\xaa");
+}
+
+TEST_CASE("the tenth failed AUTH of a session is answered 421 and the session closes") {
+  Session s(auth_config(alice_only()));
+  s.send("EHLO c\r\n");
+  // every kind of failure counts: wrong passwords, bad base64, a cancel, an unknown mechanism
+  CHECK(s.send("AUTH PLAIN " + auth_plain("alice", "guess1") + "\r\n") ==
+        "535 5.7.8 Authentication credentials invalid\r\n");
+  CHECK(s.send("AUTH PLAIN not*base64\r\n") == "501 5.5.2 Cannot decode response\r\n");
+  CHECK(s.send("AUTH LOGIN\r\n*\r\n") ==
+        "334 VXNlcm5hbWU6\r\n501 5.7.0 Authentication cancelled\r\n");
+  CHECK(s.send("AUTH CRAM-MD5\r\n") == "504 5.5.4 Unrecognized authentication type\r\n");
+  for (int i = 5; i <= 9; ++i)
+    CHECK(s.send("AUTH PLAIN " + auth_plain("alice", "guess" + std::to_string(i)) + "\r\n") ==
+          "535 5.7.8 Authentication credentials invalid\r\n");
+  CHECK_FALSE(s.channel.is_closing());
+  // the tenth, even with the right password, and whatever was pipelined after it
+  CHECK(s.send("AUTH PLAIN " + auth_plain("alice", "guess10") + "\r\nAUTH PLAIN " +
+               auth_plain("alice", "s3cret:pw") + "\r\nNOOP\r\n") ==
+        "421 test.example Error: too many failed AUTH attempts\r\n");
+  CHECK(s.channel.is_closing());
+  CHECK(s.channel.auth_user.empty());
+}
+
+TEST_CASE("a successful AUTH after nine failures logs in; the count is per session") {
+  Session s(auth_config(alice_only()));
+  s.send("EHLO c\r\n");
+  for (int i = 1; i <= 9; ++i)
+    s.send("AUTH PLAIN " + auth_plain("alice", "guess" + std::to_string(i)) + "\r\n");
+  CHECK(s.send("AUTH PLAIN " + auth_plain("alice", "s3cret:pw") + "\r\n") ==
+        "235 2.7.0 Authentication successful\r\n");
+  Session other(auth_config(alice_only()));
+  other.send("EHLO c\r\n");
+  CHECK(other.send("AUTH PLAIN " + auth_plain("alice", "x") + "\r\n") ==
+        "535 5.7.8 Authentication credentials invalid\r\n");
+}
+
+TEST_CASE("with AUTH offered a client's own X-Auth-User header becomes X-Original-Auth-User") {
+  const std::string message =
+      "X-Auth-User: admin\r\nx-auth-user :root\r\nSubject: hi\r\n\r\nX-Auth-User: body text\r\n"
+      ".\r\n";
+  const std::string renamed =
+      "X-Original-Auth-User: admin\nX-Original-Auth-User :root\nSubject: hi\n\n"
+      "X-Auth-User: body text";
+  SUBCASE("a session that never logged in") {
+    Session s(auth_config());
+    s.send("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + message);
+    Envelope e = s.deliver();
+    CHECK(e.data == renamed);
+    CHECK(e.auth_user == std::optional<std::string>(""));
+  }
+  SUBCASE("a session that logged in as bob") {
+    Session s(auth_config());
+    s.send("EHLO c\r\nAUTH PLAIN " + auth_plain("bob", "pw") +
+           "\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + message);
+    Envelope e = s.deliver();
+    CHECK(e.data == renamed);
+    CHECK(e.auth_user == std::optional<std::string>("bob"));
+  }
+  SUBCASE("without --auth the message is Python's: untouched") {
+    Session s;
+    s.send("EHLO c\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\nDATA\r\n" + message);
+    CHECK(s.deliver().data ==
+          "X-Auth-User: admin\nx-auth-user :root\nSubject: hi\n\nX-Auth-User: body text");
+  }
+}
+
 TEST_CASE("--auth-required answers MAIL with 530 until AUTH succeeded") {
   Session s(auth_config(alice_only(), true));
   s.send("EHLO c\r\n");
@@ -254,6 +338,32 @@ TEST_CASE("--exec gets SMTPD_AUTH_USER and the header; --mbox has the header too
   std::string mbox = read_file(hook / "mbox");
   CHECK(mbox.find("\nX-Auth-User: erin\nSubject: from smtplib\n\nHello.\n\n") != std::string::npos);
   CHECK(count(mbox, "X-Auth-User") == 1);
+}
+
+TEST_CASE("--auth end to end: the print-out's only X-Auth-User line is the server's") {
+  auto srv = start_smtpd({"--auth"});
+  auto send_as = [&](const std::string& user) {
+    Client c = srv.connect();
+    REQUIRE(starts_with(c.read_reply(), "220 "));
+    REQUIRE(starts_with(c.command("EHLO c"), "250-"));
+    if (!user.empty())
+      REQUIRE(c.command("AUTH PLAIN " + auth_plain(user, "pw")) ==
+              "235 2.7.0 Authentication successful");
+    REQUIRE(c.command("MAIL FROM:<a@example.com>") == "250 OK");
+    REQUIRE(c.command("RCPT TO:<b@example.com>") == "250 OK");
+    REQUIRE(starts_with(c.command("DATA"), "354 "));
+    CHECK(c.command("X-Auth-User: admin\r\nSubject: from " + user + "\r\n\r\nHello.\r\n.") ==
+          "250 OK");
+  };
+  send_as("");
+  REQUIRE(srv.wait_stdout("Subject: from \n"));
+  send_as("alice");
+  REQUIRE(srv.wait_stdout("Subject: from alice\n"));
+  std::string out = srv.stdout_text();
+  CHECK(count(out, "X-Original-Auth-User: admin\n") == 2);
+  CHECK(count(out, "\nX-Auth-User: ") == 1);
+  CHECK(out.find("\nX-Auth-User: alice\n") != std::string::npos);
+  CHECK(out.find("X-Auth-User: admin") == std::string::npos);
 }
 
 TEST_CASE("PureProxy with --auth: the user name goes nowhere upstream") {

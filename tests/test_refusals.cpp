@@ -128,6 +128,18 @@ TEST_CASE("--reject STAGE:PATTERN=REPLY is parsed, in order, and checked") {
   CHECK_FALSE(settings_of({}).reject_seed.has_value());
 }
 
+TEST_CASE("a bad --reject is one line on stderr: a CR or LF in it is shown as \\x0d, \\x0a") {
+  auto r = run_command({smtpd_bin(), "-n", "--reject",
+                        "bogus\r\nsmtpd: listening on 127.0.0.1:25\n=550 no", "127.0.0.1:0"});
+  INFO(r.describe());
+  CHECK(r.status.code == 1);
+  CHECK(count(r.err, "\n") == 1);
+  CHECK(starts_with(r.err,
+                    "smtpd: bad --reject 'bogus\\x0d\\x0asmtpd: listening on 127.0.0.1:25\\x0a"
+                    "=550 no': "));
+  CHECK(r.err.find('\r') == std::string::npos);
+}
+
 // ==== End to end, with real clients ====
 
 TEST_CASE("--reject end to end: swaks and smtplib hear the scripted reply at each stage") {

@@ -229,6 +229,49 @@ TEST_CASE("over a socket, commands pipelined after STARTTLS are dropped, not run
   CHECK(r.out ==
         "220\n220 2.0.0 Ready to start TLS\n503 Error: send HELO first\n250 HELP\n221 Bye\n");
 }
+
+// kTurnedAwayInTls - python3 -c script; argv: port. One SMTPS client stays; a second hears
+// the --max-clients 421 inside TLS; 64 silent clients hold the handshakes a server gives the
+// turned away, so one more is closed without a word, and a silent one is closed in time.
+constexpr const char* kTurnedAwayInTls = R"PY(
+import socket, ssl, sys, time
+port = int(sys.argv[1])
+context = ssl.create_default_context()
+context.check_hostname = False
+context.verify_mode = ssl.CERT_NONE
+def first_line():
+    t = context.wrap_socket(socket.create_connection(('127.0.0.1', port), timeout=10))
+    return t, t.makefile('rb').readline().decode().rstrip('\r\n')
+kept, greeting = first_line()
+print(greeting[:4])
+refused, refusal = first_line()
+print(refusal)
+silent = [socket.create_connection(('127.0.0.1', port), timeout=30) for _ in range(64)]
+# the server accepts in the order of arrival, so these 64 are in before the next one
+extra = socket.create_connection(('127.0.0.1', port), timeout=5)
+print('extra closed' if extra.recv(1) == b'' else 'extra answered')
+start = time.monotonic()
+print('silent closed' if silent[0].recv(1) == b'' else 'silent answered',
+      'within 15 s' if time.monotonic() - start < 15 else 'late')
+kept.sendall(b'QUIT\r\n')
+print(kept.makefile('rb').readline().decode().rstrip('\r\n')[:4])
+)PY";
+
+TEST_CASE("--tls-implicit --max-clients 1: the client over the limit hears 421 inside TLS") {
+  auto srv = start_smtpd({"--tls-implicit", "--max-clients", "1"});
+  auto r = run_command(
+      {require_tool("python3", "python3"), "-c", kTurnedAwayInTls, std::to_string(srv.port())});
+  INFO(r.describe());
+  CHECK(r.ok());
+  auto lines = lines_of(r.out);
+  REQUIRE(lines.size() == 5);
+  CHECK(lines[0] == "220 ");
+  CHECK(starts_with(lines[1], "421 "));
+  CHECK(lines[1].find(" Error: too many connections; try again later") != std::string::npos);
+  CHECK(lines[2] == "extra closed");
+  CHECK(lines[3] == "silent closed within 15 s");
+  CHECK(lines[4] == "221 ");
+}
 #else
 TEST_CASE("a build without TLS answers a TLS option with one line and status 1") {
   for (const char* option : {"--tls", "--tls-implicit", "--tls-required"}) {
