@@ -3096,8 +3096,8 @@ class RelayText : public LineText {
 // client hears 250 only once every one of them has the message; an output that fails gets it a
 // 451. Standard output and error are queues the loop never waits on.
 //   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
-//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, CommandRun;
-//   not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, ChildRun,
+//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
 
 // OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
@@ -3432,15 +3432,12 @@ class RecipientsFile {
   static inline std::uint64_t count_ = 0;  // files named by this process
 };
 
-// CommandRun - one run of the --exec command for one message, inside the loop: the message
-// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
-// first line of output become the reply (smtpd.py's process_message, as a program).
-//   exit 0, no reply code printed   -> "" (250 OK)
-//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
-//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
-class CommandRun {
+// ChildRun - one child process inside the loop: `sh -c command` with extra environment
+// variables, its input written to its standard input a chunk at a time as it takes it, its
+// output read (the first kExecOutputLimit bytes kept), and killed at the timeout. What the
+// outcome means is its user's business (CommandRun for --exec, MailmanProxy's wrappers).
+class ChildRun {
  public:
-  using Done = std::function<void(const std::string& reply)>;
   using Environment = std::vector<std::pair<std::string, std::string>>;
   // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
   // exited with exit_code after printing output
@@ -3453,32 +3450,14 @@ class CommandRun {
   };
   using Finished = std::function<void(const Outcome&)>;
 
-  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+  ChildRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
-  ~CommandRun() { stop(); }
-  CommandRun(const CommandRun&) = delete;
-  CommandRun& operator=(const CommandRun&) = delete;
+  ~ChildRun() { stop(); }
+  ChildRun(const ChildRun&) = delete;
+  ChildRun& operator=(const ChildRun&) = delete;
 
-  // start - run the --exec command for this message; `done` gets the client's reply, once,
-  // later or at once
-  void start(std::shared_ptr<const Envelope> message, Done done) {
-    const Envelope& envelope = *message;
-    std::string error;
-    auto environment = environment_for(envelope);
-    if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return done(cannot_run("cannot write the recipients to a file: " + error));
-    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    long long timeout_ms = timeout_ms_;
-    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
-    run(std::move(input), environment,  // as --maildir writes it
-        [done, timeout_ms](const Outcome& outcome) {
-          if (!outcome.has_started) return done(cannot_run(outcome.error));
-          if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
-          done(reply_for(outcome.exit_code, outcome.output));
-        });
-  }
-
-  // run - the command with `input` on its standard input; `finished` is called once
+  // run - the command with `input` on its standard input; `finished` is called once, later
+  // or at once
   void run(std::unique_ptr<TextSource> input, const Environment& environment, Finished finished) {
     finished_ = std::move(finished);
     input_ = std::move(input);
@@ -3492,40 +3471,6 @@ class CommandRun {
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
     wait_for_exit();
-  }
-
-  static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
-    auto joined = [](const std::vector<std::string>& items) {
-      std::string out;
-      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
-      return out;
-    };
-    std::vector<std::pair<std::string, std::string>> environment{
-        {"SMTPD_PEER", e.peer},
-        {"SMTPD_MAILFROM", e.mailfrom},
-        {"SMTPD_RCPTTOS", joined(e.rcpttos)},
-        {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
-        {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
-    if (environment[2].second.size() > kExecVariableLimit)
-      environment.erase(environment.begin() + 2);
-    if (e.auth_user && !e.auth_user->empty())
-      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
-    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
-    return environment;
-  }
-
-  // reply_for - the reply for an exit status and what the command printed. Only the first
-  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
-  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
-  static std::string reply_for(int exit_code, const std::string& output) {
-    if (exit_code != 0) return reply_exec_failed(exit_code);
-    std::string line = output.substr(0, output.find('\n'));
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    int code = reply_code(line);
-    if (code == 0) return "";
-    if (code / 100 == 1 || code / 100 == 3) return reply_exec_not_final(line.substr(0, 3));
-    if (line.size() > 3) line[3] = ' ';
-    return printable(line).substr(0, kReplyLineLimit);
   }
 
  private:
@@ -3593,11 +3538,6 @@ class CommandRun {
     finish();
   }
 
-  static std::string cannot_run(const std::string& why) {
-    log_line("cannot run the --exec command: " + why);
-    return reply_exec_cannot_run(why);
-  }
-
   void on_timeout() {
     timer_ = 0;
     kill_child(child_);
@@ -3612,7 +3552,6 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
     close_output();
-    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
@@ -3631,7 +3570,6 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
-  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::unique_ptr<TextSource> input_;  // what is still to be made of the input
   std::string chunk_;                  // the part of it being written
@@ -3640,6 +3578,87 @@ class CommandRun {
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
   Finished finished_;
+};
+
+// CommandRun - one run of the --exec command for one message, inside the loop: the message
+// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
+// first line of output become the reply (smtpd.py's process_message, as a program). This is
+// the policy; a ChildRun runs the command.
+//   exit 0, no reply code printed   -> "" (250 OK)
+//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
+//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
+class CommandRun {
+ public:
+  using Done = std::function<void(const std::string& reply)>;
+
+  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+      : child_(reactor, command, timeout_ms), timeout_ms_(timeout_ms) {}
+
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
+  void start(std::shared_ptr<const Envelope> message, Done done) {
+    const Envelope& envelope = *message;
+    std::string error;
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return done(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    long long timeout_ms = timeout_ms_;
+    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
+    child_.run(std::move(input), environment,  // as --maildir writes it
+               [this, done, timeout_ms](const ChildRun::Outcome& outcome) {
+                 rcpttos_file_.remove();
+                 if (!outcome.has_started) return done(cannot_run(outcome.error));
+                 if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
+                 done(reply_for(outcome.exit_code, outcome.output));
+               });
+  }
+
+  // environment_for - the SMTPD_* variables the command gets for a message (the recipients
+  // file's comes on top); SMTPD_RCPTTOS is left out when it would be longer than
+  // kExecVariableLimit, as the file has them all
+  static ChildRun::Environment environment_for(const Envelope& e) {
+    auto joined = [](const std::vector<std::string>& items) {
+      std::string out;
+      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
+      return out;
+    };
+    ChildRun::Environment environment{{"SMTPD_PEER", e.peer},
+                                      {"SMTPD_MAILFROM", e.mailfrom},
+                                      {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+                                      {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+                                      {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
+    if (e.auth_user && !e.auth_user->empty())
+      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
+    return environment;
+  }
+
+  // reply_for - the reply for an exit status and what the command printed. Only the first
+  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
+  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
+  static std::string reply_for(int exit_code, const std::string& output) {
+    if (exit_code != 0) return reply_exec_failed(exit_code);
+    std::string line = output.substr(0, output.find('\n'));
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    int code = reply_code(line);
+    if (code == 0) return "";
+    if (code / 100 == 1 || code / 100 == 3) return reply_exec_not_final(line.substr(0, 3));
+    if (line.size() > 3) line[3] = ' ';
+    return printable(line).substr(0, kReplyLineLimit);
+  }
+
+ private:
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return reply_exec_cannot_run(why);
+  }
+
+  RecipientsFile rcpttos_file_;  // before child_, so a command still running goes first
+  ChildRun child_;
+  long long timeout_ms_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -4531,7 +4550,7 @@ class MailmanProxy : public ServerMode {
 
   // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
   // scripts' "list not found"), anything else, or no exit in time, a failure for now
-  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+  static std::string wrapper_reply(const ChildRun::Outcome& outcome, const std::string& what) {
     if (!outcome.has_started)
       return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
     if (outcome.has_timed_out)
@@ -4650,12 +4669,12 @@ class MailmanProxy : public ServerMode {
       const MailmanTarget& target = targets_[next];
       std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
       reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
-      run_ = std::make_unique<CommandRun>(reactor_,
-                                          MailmanProxy::wrapper_command(options_.home, target),
-                                          options_.wrapper_timeout_ms);
+      run_ =
+          std::make_unique<ChildRun>(reactor_, MailmanProxy::wrapper_command(options_.home, target),
+                                     options_.wrapper_timeout_ms);
       run_->run(
           std::make_unique<FileText>(message, added), {},
-          [this, message, added, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+          [this, message, added, next, replies, finish, what](const ChildRun::Outcome& outcome) {
             std::vector<std::string> so_far = replies;
             so_far.push_back(wrapper_reply(outcome, what));
             run_wrappers(message, added, next + 1, so_far, finish);
@@ -4694,7 +4713,7 @@ class MailmanProxy : public ServerMode {
     std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
     std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
     std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
-    std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<ChildRun> run_;
   };
 
   Options options_;
