@@ -1547,7 +1547,7 @@ inline std::optional<std::vector<std::pair<std::string, std::optional<std::strin
 // Every reply we send, as smtpd.py words it, so code and tests share one spelling: constants,
 // and for replies that carry a value, the small functions that build them. A verb's syntax
 // text lives in the channel's verb table (kVerbTable) and is quoted from there.
-//   the kReply* constants; is_accepting; reply_greeting, reply_unknown_command,
+//   the kReply* constants; is_accepting, reply_code; reply_greeting, reply_unknown_command,
 //   reply_cannot_vrfy; reply_closing; reply_exec_*; reply_upstream_*
 
 constexpr const char* kReplyOk = "250 OK";
@@ -1609,6 +1609,16 @@ constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS comma
 
 // is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
 inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
+
+// reply_code - the code a reply line starts with, or 0 when it starts with none: three digits,
+// the first 1 to 5 (RFC 5321 4.2; "000" would read as no reply at all), then the line's end,
+// a space or, inside a multiline reply, a hyphen. Read here, with the replies, as both the
+// upstream's replies (ReplyParser) and the --exec command's (CommandRun) are read with it.
+inline int reply_code(std::string_view line) {
+  bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' &&
+                  line[0] <= '5' && (line.size() == 3 || line[3] == ' ' || line[3] == '-');
+  return has_code ? (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0') : 0;
+}
 
 inline std::string reply_greeting(const std::string& fqdn) {
   return "220 " + fqdn + " " + kVersion;
@@ -3191,8 +3201,8 @@ class RelayText : public LineText {
 // client hears 250 only once every one of them has the message; an output that fails gets it a
 // 451. Standard output and error are queues the loop never waits on.
 //   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
-//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, CommandRun;
-//   not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, ChildRun,
+//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
 
 // OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
@@ -3527,15 +3537,12 @@ class RecipientsFile {
   static inline std::uint64_t count_ = 0;  // files named by this process
 };
 
-// CommandRun - one run of the --exec command for one message, inside the loop: the message
-// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
-// first line of output become the reply (smtpd.py's process_message, as a program).
-//   exit 0, no reply code printed   -> "" (250 OK)
-//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
-//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
-class CommandRun {
+// ChildRun - one child process inside the loop: `sh -c command` with extra environment
+// variables, its input written to its standard input a chunk at a time as it takes it, its
+// output read (the first kExecOutputLimit bytes kept), and killed at the timeout. What the
+// outcome means is its user's business (CommandRun for --exec, MailmanProxy's wrappers).
+class ChildRun {
  public:
-  using Done = std::function<void(const std::string& reply)>;
   using Environment = std::vector<std::pair<std::string, std::string>>;
   // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
   // exited with exit_code after printing output
@@ -3548,32 +3555,14 @@ class CommandRun {
   };
   using Finished = std::function<void(const Outcome&)>;
 
-  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+  ChildRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
-  ~CommandRun() { stop(); }
-  CommandRun(const CommandRun&) = delete;
-  CommandRun& operator=(const CommandRun&) = delete;
+  ~ChildRun() { stop(); }
+  ChildRun(const ChildRun&) = delete;
+  ChildRun& operator=(const ChildRun&) = delete;
 
-  // start - run the --exec command for this message; `done` gets the client's reply, once,
-  // later or at once
-  void start(std::shared_ptr<const Envelope> message, Done done) {
-    const Envelope& envelope = *message;
-    std::string error;
-    auto environment = environment_for(envelope);
-    if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return done(cannot_run("cannot write the recipients to a file: " + error));
-    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    long long timeout_ms = timeout_ms_;
-    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
-    run(std::move(input), environment,  // as --maildir writes it
-        [done, timeout_ms](const Outcome& outcome) {
-          if (!outcome.has_started) return done(cannot_run(outcome.error));
-          if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
-          done(reply_for(outcome.exit_code, outcome.output));
-        });
-  }
-
-  // run - the command with `input` on its standard input; `finished` is called once
+  // run - the command with `input` on its standard input; `finished` is called once, later
+  // or at once
   void run(std::unique_ptr<TextSource> input, const Environment& environment, Finished finished) {
     finished_ = std::move(finished);
     input_ = std::move(input);
@@ -3587,42 +3576,6 @@ class CommandRun {
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
     wait_for_exit();
-  }
-
-  static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
-    auto joined = [](const std::vector<std::string>& items) {
-      std::string out;
-      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
-      return out;
-    };
-    std::vector<std::pair<std::string, std::string>> environment{
-        {"SMTPD_PEER", e.peer},
-        {"SMTPD_MAILFROM", e.mailfrom},
-        {"SMTPD_RCPTTOS", joined(e.rcpttos)},
-        {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
-        {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
-    if (environment[2].second.size() > kExecVariableLimit)
-      environment.erase(environment.begin() + 2);
-    if (e.auth_user && !e.auth_user->empty())
-      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
-    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
-    return environment;
-  }
-
-  // reply_for - the reply for an exit status and what the command printed. Only the first
-  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
-  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
-  static std::string reply_for(int exit_code, const std::string& output) {
-    if (exit_code != 0) return reply_exec_failed(exit_code);
-    std::string line = output.substr(0, output.find('\n'));
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
-                    (line.size() == 3 || line[3] == ' ' || line[3] == '-') && line[0] >= '1' &&
-                    line[0] <= '5';
-    if (!has_code) return "";
-    if (line[0] == '1' || line[0] == '3') return reply_exec_not_final(line.substr(0, 3));
-    if (line.size() > 3) line[3] = ' ';
-    return printable(line).substr(0, kReplyLineLimit);
   }
 
  private:
@@ -3690,11 +3643,6 @@ class CommandRun {
     finish();
   }
 
-  static std::string cannot_run(const std::string& why) {
-    log_line("cannot run the --exec command: " + why);
-    return reply_exec_cannot_run(why);
-  }
-
   void on_timeout() {
     timer_ = 0;
     kill_child(child_);
@@ -3709,7 +3657,6 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
     close_output();
-    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
@@ -3728,7 +3675,6 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
-  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::unique_ptr<TextSource> input_;  // what is still to be made of the input
   std::string chunk_;                  // the part of it being written
@@ -3737,6 +3683,87 @@ class CommandRun {
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
   Finished finished_;
+};
+
+// CommandRun - one run of the --exec command for one message, inside the loop: the message
+// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
+// first line of output become the reply (smtpd.py's process_message, as a program). This is
+// the policy; a ChildRun runs the command.
+//   exit 0, no reply code printed   -> "" (250 OK)
+//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
+//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
+class CommandRun {
+ public:
+  using Done = std::function<void(const std::string& reply)>;
+
+  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+      : child_(reactor, command, timeout_ms), timeout_ms_(timeout_ms) {}
+
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
+  void start(std::shared_ptr<const Envelope> message, Done done) {
+    const Envelope& envelope = *message;
+    std::string error;
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return done(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    long long timeout_ms = timeout_ms_;
+    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
+    child_.run(std::move(input), environment,  // as --maildir writes it
+               [this, done, timeout_ms](const ChildRun::Outcome& outcome) {
+                 rcpttos_file_.remove();
+                 if (!outcome.has_started) return done(cannot_run(outcome.error));
+                 if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
+                 done(reply_for(outcome.exit_code, outcome.output));
+               });
+  }
+
+  // environment_for - the SMTPD_* variables the command gets for a message (the recipients
+  // file's comes on top); SMTPD_RCPTTOS is left out when it would be longer than
+  // kExecVariableLimit, as the file has them all
+  static ChildRun::Environment environment_for(const Envelope& e) {
+    auto joined = [](const std::vector<std::string>& items) {
+      std::string out;
+      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
+      return out;
+    };
+    ChildRun::Environment environment{{"SMTPD_PEER", e.peer},
+                                      {"SMTPD_MAILFROM", e.mailfrom},
+                                      {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+                                      {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+                                      {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
+    if (e.auth_user && !e.auth_user->empty())
+      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
+    return environment;
+  }
+
+  // reply_for - the reply for an exit status and what the command printed. Only the first
+  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
+  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
+  static std::string reply_for(int exit_code, const std::string& output) {
+    if (exit_code != 0) return reply_exec_failed(exit_code);
+    std::string line = output.substr(0, output.find('\n'));
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    int code = reply_code(line);
+    if (code == 0) return "";
+    if (code / 100 == 1 || code / 100 == 3) return reply_exec_not_final(line.substr(0, 3));
+    if (line.size() > 3) line[3] = ' ';
+    return printable(line).substr(0, kReplyLineLimit);
+  }
+
+ private:
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return reply_exec_cannot_run(why);
+  }
+
+  RecipientsFile rcpttos_file_;  // before child_, so a command still running goes first
+  ChildRun child_;
+  long long timeout_ms_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -3843,11 +3870,12 @@ class DebuggingServer : public DeliveringServer {
 
 // ==== 12. SMTP client ====
 // The client side of SMTP, for the relays. UpstreamClient speaks on a non-blocking socket in
-// the loop (connect, commands and the message out, replies in, a timeout on every wait);
+// the loop (connect, commands and the message out, replies in, a timeout on every wait); what
+// it sends waits in an UpstreamOutbox and what it hears is read by a ReplyParser, both pure.
 // UpstreamSession is one session with a server we hand mail to, over SMTP or LMTP; an
 // UpstreamProbe learns at start what the upstream offers, and UpstreamOffer keeps our EHLO to it.
-//   UpstreamReply, UpstreamSettings, UpstreamOffer, UpstreamClient, UpstreamSession,
-//   UpstreamProbe
+//   UpstreamReply, UpstreamSettings, UpstreamOffer, ReplyParser, trace_goodbye, UpstreamOutbox,
+//   UpstreamClient, UpstreamSession, UpstreamProbe
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
 // failed, closed or timed out) and text says why
@@ -3887,6 +3915,167 @@ struct UpstreamOffer {
   }
 };
 
+// ReplyParser - an upstream's replies from the bytes it sends: feed() takes them as they come,
+// next() gives one complete reply at a time, or says that one is malformed or too long. A
+// line ends at LF (a CR before it is dropped); a reply is lines "NNN-text" ending in a line
+// "NNN text" or "NNN", every one with the same code (RFC 5321 4.2.1), and with the line still
+// arriving at most kUpstreamReplyLimit bytes and kUpstreamReplyLines lines. A bad reply is
+// the end: the parser stays there, and problem() says why ("sent a malformed reply: ...").
+// It is apart from UpstreamClient, which only moves the bytes, so that tests and fuzz_upstream
+// drive it with no socket and no loop.
+class ReplyParser {
+ public:
+  enum class Status { Reply, NeedMore, Malformed, TooLong };
+
+  void feed(std::string_view bytes) {
+    if (problem_.empty()) in_.append(bytes.data(), bytes.size());
+  }
+
+  // next - the next complete reply into `reply`, if the bytes fed so far hold one
+  Status next(UpstreamReply& reply) {
+    if (!problem_.empty()) return status_;
+    while (std::optional<std::string> line = take_line(in_)) {
+      // Every line of a multiline reply carries the same code: a "125-" line inside a 250
+      // reply would reach our client as is. A CR or other control character inside a line
+      // would too (both found by fuzz_upstream): that is as malformed as a missing code.
+      bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, *line, 0, 3) != 0;
+      if (reply_code(*line) == 0 || is_other_code || has_control_character(*line, true))
+        return bad(Status::Malformed,
+                   "sent a malformed reply: " + printable(line->substr(0, kQuotedLineLimit)));
+      if (!reply_.text.empty()) reply_.text += "\r\n";
+      reply_.text += *line;
+      if (reply_.text.size() > kUpstreamReplyLimit) return bad(Status::TooLong, too_long());
+      if (++lines_ > kUpstreamReplyLines)
+        return bad(Status::TooLong,
+                   "sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines");
+      if (line->size() > 3 && (*line)[3] == '-') continue;
+      reply_.code = reply_code(*line);
+      lines_ = 0;
+      reply = std::exchange(reply_, UpstreamReply{});
+      return Status::Reply;
+    }
+    if (in_.size() + reply_.text.size() > kUpstreamReplyLimit)
+      return bad(Status::TooLong, too_long());
+    return Status::NeedMore;
+  }
+
+  // problem - why the reply was bad, after Malformed or TooLong; "" before
+  const std::string& problem() const { return problem_; }
+
+  void clear() { *this = ReplyParser(); }
+
+  // take_line - the first complete line of `in`, taken out of it, without its LF or CRLF
+  static std::optional<std::string> take_line(std::string& in) {
+    std::size_t end = in.find('\n');
+    if (end == std::string::npos) return std::nullopt;
+    std::string line = in.substr(0, end);
+    in.erase(0, end + 1);
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    return line;
+  }
+
+ private:
+  Status bad(Status status, std::string why) {
+    status_ = status;
+    problem_ = std::move(why);
+    in_.clear();
+    reply_ = UpstreamReply{};
+    return status;
+  }
+
+  static std::string too_long() {
+    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
+  }
+
+  std::string in_;       // bytes not yet taken as lines
+  UpstreamReply reply_;  // the lines of a multiline reply so far
+  std::size_t lines_ = 0;
+  Status status_ = Status::NeedMore;
+  std::string problem_;
+};
+
+// trace_goodbye - watch `socket` after QUIT: trace the reply to it under -d (each line as it
+// comes, malformed or not), and close the socket at its last line, at the end of the
+// connection or after `timeout_ms`. The loop owns the watcher, so the client can go at once.
+inline void trace_goodbye(Reactor& reactor, socket_t socket, std::string prefix,
+                          std::function<void(const std::string&)> trace, long long timeout_ms) {
+  struct Goodbye {
+    socket_t socket = kInvalidSocket;
+    std::string prefix;
+    std::function<void(const std::string&)> trace;
+    std::string in;
+    Reactor::TimerId timer = 0;
+    ~Goodbye() {
+      if (socket != kInvalidSocket) close_socket(socket);
+    }
+  };
+  auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
+  goodbye->socket = socket;
+  goodbye->prefix = std::move(prefix);
+  goodbye->trace = std::move(trace);
+  auto end = [&reactor, goodbye] {
+    reactor.cancel_timer(goodbye->timer);
+    reactor.unwatch(goodbye->socket);
+  };
+  reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
+    char buffer[1024];
+    auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
+    if (n < 0 && would_block(last_socket_error())) return;
+    if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
+    while (std::optional<std::string> line = ReplyParser::take_line(goodbye->in)) {
+      goodbye->trace(goodbye->prefix + " -> " + printable(*line));
+      if (line->size() < 4 || (*line)[3] != '-') return end();
+    }
+    if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
+  });
+  goodbye->timer = reactor.start_timer(timeout_ms, [goodbye, end] {
+    goodbye->trace(goodbye->prefix + " did not answer QUIT");
+    end();
+  });
+}
+
+// UpstreamOutbox - what a client still has to send upstream: command lines, and a message made
+// a chunk at a time as the socket takes it. A command queued while a message is still going
+// out waits for its end (the upstream may answer the message before it has all of it).
+class UpstreamOutbox {
+ public:
+  using MessageMade = std::function<void(std::size_t bytes)>;
+
+  void add(const std::string& command) { (message_ ? after_message_ : out_) += command; }
+  void add(std::unique_ptr<TextSource> message) {
+    message_ = std::move(message);
+    message_bytes_ = 0;
+  }
+
+  // pending - the bytes to send next, the message's next chunk made once the others are out
+  // (and `made` told its size once it is all made); empty when nothing is left to send
+  std::string_view pending(const MessageMade& made) {
+    while (sent_ == out_.size()) {
+      out_.clear();
+      sent_ = 0;
+      if (!message_) break;
+      bool has_more = message_->more(out_, kUpstreamSendChunk);
+      message_bytes_ += out_.size();
+      if (has_more) continue;
+      message_.reset();
+      out_ += std::exchange(after_message_, std::string());
+      made(message_bytes_);
+    }
+    return std::string_view(out_).substr(sent_);
+  }
+
+  void sent(std::size_t bytes) { sent_ += bytes; }
+  bool is_empty() const { return sent_ == out_.size() && !message_; }
+  void clear() { *this = UpstreamOutbox(); }
+
+ private:
+  std::string out_;                      // to send: commands, or a part of the message
+  std::size_t sent_ = 0;                 // bytes of out_ sent
+  std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
+  std::size_t message_bytes_ = 0;        // bytes of it made so far
+  std::string after_message_;            // commands to send once the message has been made
+};
+
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
 // send one command (or the message text), wait for its reply or replies (LMTP answers the
 // message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
@@ -3915,8 +4104,7 @@ class UpstreamClient {
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       printable(command.substr(0, command.size() - 2)));
-    // after a message the upstream answered before its end, the command waits for the rest
-    (message_ ? after_message_ : out_) += command;
+    outbox_.add(command);
     await(1, std::move(one));
   }
 
@@ -3924,19 +4112,22 @@ class UpstreamClient {
   // replies; those that never come are code 0
   void send(std::unique_ptr<TextSource> message, std::size_t count, RepliesHandler on_replies) {
     if (!is_connected(count, on_replies)) return;
-    message_ = std::move(message);
-    message_bytes_ = 0;
+    outbox_.add(std::move(message));
     await(count, std::move(on_replies));
   }
 
   // quit - say goodbye without waiting for the answer, then close; with -d the answer is
   // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
-    if (socket_ != kInvalidSocket && !is_connecting_ && sent_ == out_.size() && !message_) {
+    if (socket_ != kInvalidSocket && !is_connecting_ && outbox_.is_empty()) {
       static const char kQuit[] = "QUIT\r\n";
       if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
-      if (settings_.trace) trace_goodbye();
+      if (settings_.trace) {
+        trace_goodbye(reactor_, std::exchange(socket_, kInvalidSocket),
+                      settings_.tag + " " + settings_.name, settings_.trace,
+                      settings_.reply_timeout_ms);
+      }
     }
     close();
   }
@@ -4001,24 +4192,22 @@ class UpstreamClient {
   void update_watch() {
     if (socket_ == kInvalidSocket) return;
     short events = POLLIN;
-    if (sent_ < out_.size() || message_) events |= POLLOUT;
+    if (!outbox_.is_empty()) events |= POLLOUT;
     reactor_.set_events(socket_, events);
   }
 
+  // flush - send what the socket takes now; the end of the message is traced with its size
   void flush() {
-    for (;;) {
-      if (sent_ == out_.size()) {
-        out_.clear();
-        sent_ = 0;
-        if (!message_) break;
-        make_more();
-        continue;
-      }
-      auto n =
-          ::send(socket_, out_.data() + sent_,
-                 static_cast<int>(std::min(out_.size() - sent_, kUpstreamSendChunk)), kSendFlags);
+    auto made = [this](std::size_t bytes) {
+      if (settings_.trace)
+        settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
+                        std::to_string(bytes) + " bytes)");
+    };
+    for (std::string_view bytes; !(bytes = outbox_.pending(made)).empty();) {
+      auto n = ::send(socket_, bytes.data(),
+                      static_cast<int>(std::min(bytes.size(), kUpstreamSendChunk)), kSendFlags);
       if (n > 0) {
-        sent_ += static_cast<std::size_t>(n);
+        outbox_.sent(static_cast<std::size_t>(n));
         continue;
       }
       int err = last_socket_error();
@@ -4028,71 +4217,30 @@ class UpstreamClient {
     update_watch();
   }
 
-  // make_more - the next part of the message; its end is traced with its size
-  void make_more() {
-    bool has_more = message_->more(out_, kUpstreamSendChunk);
-    message_bytes_ += out_.size();
-    if (has_more) return;
-    message_.reset();
-    out_ += std::exchange(after_message_, std::string());
-    if (settings_.trace)
-      settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
-                      std::to_string(message_bytes_) + " bytes)");
-  }
-
   // read_replies - one read per turn of the loop, so an upstream that writes without end
   // cannot keep the loop from other clients and from the timer that ends its reply
   void read_replies() {
     char buffer[kUpstreamReadChunk];
     auto n = recv(socket_, buffer, sizeof buffer, 0);
     if (n > 0) {
-      in_.append(buffer, static_cast<std::size_t>(n));
-      if (!take_replies()) return;  // a handler closed us, or the reply was bad
-      if (in_.size() + reply_.text.size() > kUpstreamReplyLimit) fail(too_long());
-      return;
+      parser_.feed(std::string_view(buffer, static_cast<std::size_t>(n)));
+      return take_replies();
     }
     int err = n < 0 ? last_socket_error() : 0;
     if (n < 0 && would_block(err)) return;
     fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
   }
 
-  static std::string too_long() {
-    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
-  }
-
-  // take_replies - complete reply lines; false when this client should stop reading
-  bool take_replies() {
-    std::size_t end;
-    while ((end = in_.find('\n')) != std::string::npos) {
-      std::string line = in_.substr(0, end);
-      in_.erase(0, end + 1);
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
-      bool is_code =
-          line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
-      // RFC 5321 4.2.1: every line of a multiline reply carries the same code; a "125-" line
-      // inside a 250 reply would reach our client as is (found by fuzz_upstream)
-      bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, line, 0, 3) != 0;
-      // A CR or other control character inside a line would reach our client in the relayed
-      // reply (found by fuzz_upstream): that is as malformed as a missing code.
-      if (!is_code || is_other_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
-          has_control_character(line, true)) {
-        fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
-        return false;
-      }
-      if (!reply_.text.empty()) reply_.text += "\r\n";
-      reply_.text += line;
-      if (reply_.text.size() > kUpstreamReplyLimit) return fail(too_long()), false;
-      if (++reply_lines_ > kUpstreamReplyLines)
-        return fail("sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines"),
-               false;
-      if (line.size() > 3 && line[3] == '-') continue;
-      reply_.code = std::stoi(line.substr(0, 3));
-      reply_lines_ = 0;
-      UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
-      if (!deliver(reply)) return false;
+  // take_replies - each complete reply to whoever waits, until a handler closes this client
+  // or a reply is bad
+  void take_replies() {
+    UpstreamReply reply;
+    for (;;) {
+      ReplyParser::Status status = parser_.next(reply);
+      if (status == ReplyParser::Status::NeedMore) return;
+      if (status != ReplyParser::Status::Reply) return fail(std::string(parser_.problem()));
+      if (!deliver(reply)) return;
     }
-    return true;
   }
 
   // deliver - hand a reply to whoever waits, once all the replies it waits for are in; an
@@ -4139,50 +4287,6 @@ class UpstreamClient {
     std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
-  // trace_goodbye - hand the socket to a watcher of its own that traces the reply to QUIT
-  // and closes it then, or after the reply timeout; the loop owns it, so this client can go
-  void trace_goodbye() {
-    struct Goodbye {
-      socket_t socket = kInvalidSocket;
-      std::string prefix;
-      std::function<void(const std::string&)> trace;
-      std::string in;
-      Reactor::TimerId timer = 0;
-      ~Goodbye() {
-        if (socket != kInvalidSocket) close_socket(socket);
-      }
-    };
-    auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
-    goodbye->socket = socket_;
-    goodbye->prefix = settings_.tag + " " + settings_.name;
-    goodbye->trace = settings_.trace;
-    Reactor& reactor = reactor_;
-    socket_ = kInvalidSocket;  // the watcher's now
-    auto end = [&reactor, goodbye] {
-      reactor.cancel_timer(goodbye->timer);
-      reactor.unwatch(goodbye->socket);
-    };
-    reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
-      char buffer[1024];
-      auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
-      if (n < 0 && would_block(last_socket_error())) return;
-      if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
-      std::size_t line_end;
-      while ((line_end = goodbye->in.find('\n')) != std::string::npos) {
-        std::string line = goodbye->in.substr(0, line_end);
-        goodbye->in.erase(0, line_end + 1);
-        if (!line.empty() && line.back() == '\r') line.pop_back();
-        goodbye->trace(goodbye->prefix + " -> " + printable(line));
-        if (line.size() < 4 || line[3] != '-') return end();
-      }
-      if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
-    });
-    goodbye->timer = reactor.start_timer(settings_.reply_timeout_ms, [goodbye, end] {
-      goodbye->trace(goodbye->prefix + " did not answer QUIT");
-      end();
-    });
-  }
-
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
     reactor_.release(socket_, close_socket);
@@ -4193,13 +4297,8 @@ class UpstreamClient {
   void close() {
     close_socket_only();
     reactor_.cancel_timer(std::exchange(timer_, 0));
-    out_.clear();
-    sent_ = 0;
-    message_.reset();
-    after_message_.clear();
-    in_.clear();
-    reply_ = UpstreamReply{};
-    reply_lines_ = 0;
+    outbox_.clear();
+    parser_.clear();
   }
 
   Reactor& reactor_;
@@ -4208,14 +4307,8 @@ class UpstreamClient {
   bool is_connecting_ = false;
   std::size_t address_index_ = 0;
   Reactor::TimerId timer_ = 0;
-  std::string out_;                      // to send: commands, or a part of the message
-  std::size_t sent_ = 0;                 // bytes of out_ sent
-  std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
-  std::size_t message_bytes_ = 0;        // bytes of it made so far
-  std::string after_message_;            // commands to send once the message has been made
-  std::string in_;
-  UpstreamReply reply_;          // the lines of a multi-line reply so far
-  std::size_t reply_lines_ = 0;  // and how many
+  UpstreamOutbox outbox_;  // what is still to be sent
+  ReplyParser parser_;     // the replies in what the upstream sent
   RepliesHandler waiting_;
   std::size_t expected_ = 0;        // replies waiting_ wants
   std::vector<UpstreamReply> got_;  // those of them already in
@@ -4562,7 +4655,7 @@ class MailmanProxy : public ServerMode {
 
   // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
   // scripts' "list not found"), anything else, or no exit in time, a failure for now
-  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+  static std::string wrapper_reply(const ChildRun::Outcome& outcome, const std::string& what) {
     if (!outcome.has_started)
       return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
     if (outcome.has_timed_out)
@@ -4681,12 +4774,12 @@ class MailmanProxy : public ServerMode {
       const MailmanTarget& target = targets_[next];
       std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
       reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
-      run_ = std::make_unique<CommandRun>(reactor_,
-                                          MailmanProxy::wrapper_command(options_.home, target),
-                                          options_.wrapper_timeout_ms);
+      run_ =
+          std::make_unique<ChildRun>(reactor_, MailmanProxy::wrapper_command(options_.home, target),
+                                     options_.wrapper_timeout_ms);
       run_->run(
           std::make_unique<FileText>(message, added), {},
-          [this, message, added, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+          [this, message, added, next, replies, finish, what](const ChildRun::Outcome& outcome) {
             std::vector<std::string> so_far = replies;
             so_far.push_back(wrapper_reply(outcome, what));
             run_wrappers(message, added, next + 1, so_far, finish);
@@ -4725,7 +4818,7 @@ class MailmanProxy : public ServerMode {
     std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
     std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
     std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
-    std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<ChildRun> run_;
   };
 
   Options options_;
