@@ -1612,8 +1612,9 @@ inline bool is_accepting(const std::string& reply) { return reply.empty() || rep
 
 // reply_code - the code a reply line starts with, or 0 when it starts with none: three digits,
 // the first 1 to 5 (RFC 5321 4.2; "000" would read as no reply at all), then the line's end,
-// a space or, inside a multiline reply, a hyphen. Read here, with the replies, as both the
-// upstream's replies (ReplyParser) and the --exec command's (CommandRun) are read with it.
+// a space or, inside a multiline reply, a hyphen. Read here, with the replies, as the
+// upstream's replies (ReplyParser), the --exec command's (CommandRun) and the --reject rules'
+// (is_refusal_reply) are all read with it.
 inline int reply_code(std::string_view line) {
   bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' &&
                   line[0] <= '5' && (line.size() == 3 || line[3] == ' ' || line[3] == '-');
@@ -5988,8 +5989,7 @@ inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path)
 
 // is_refusal_reply - "4xx text" or "5xx text" (or the bare code), printable ASCII, one line
 inline bool is_refusal_reply(const std::string& reply) {
-  bool is_code = reply.size() >= 3 && (reply[0] == '4' || reply[0] == '5') &&
-                 is_decimal(reply.substr(0, 3)) && (reply.size() == 3 || reply[3] == ' ');
+  bool is_code = reply_code(reply) >= 400 && (reply.size() == 3 || reply[3] == ' ');
   return is_code && reply.size() <= kReplyLineLimit &&
          std::all_of(reply.begin(), reply.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
 }
