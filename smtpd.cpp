@@ -27,7 +27,7 @@
 //  14. Relays                (PureProxy, MailmanProxy)
 //  15. Transports and TLS    (plain TCP, and OpenSSL with make TLS=1)
 //  16. Server                (listeners, connections, the exit policy, the server loop)
-//  17. Command line          (options, addresses, validation, the start in order)
+//  17. Command line          (the option table, addresses, validation, the start in order)
 //  18. main                  (left out when SMTPD_NO_MAIN is defined, for the unit tests)
 
 // ==== 1. Includes ====
@@ -1573,7 +1573,7 @@ inline std::optional<std::vector<std::pair<std::string, std::optional<std::strin
 // Every reply we send, as smtpd.py words it, so code and tests share one spelling: constants,
 // and for replies that carry a value, the small functions that build them. A verb's syntax
 // text lives in the channel's verb table (kVerbTable) and is quoted from there.
-//   the kReply* constants; is_accepting; reply_greeting, reply_unknown_command,
+//   the kReply* constants; is_accepting, reply_code; reply_greeting, reply_unknown_command,
 //   reply_cannot_vrfy; reply_closing; reply_exec_*; reply_upstream_*
 
 constexpr const char* kReplyOk = "250 OK";
@@ -1635,6 +1635,17 @@ constexpr const char* kReplyTlsRequired = "530 5.7.0 Must issue a STARTTLS comma
 
 // is_accepting - a verdict that accepts: empty (the usual 250 OK) or any 2xx
 inline bool is_accepting(const std::string& reply) { return reply.empty() || reply[0] == '2'; }
+
+// reply_code - the code a reply line starts with, or 0 when it starts with none: three digits,
+// the first 1 to 5 (RFC 5321 4.2; "000" would read as no reply at all), then the line's end,
+// a space or, inside a multiline reply, a hyphen. Read here, with the replies, as the
+// upstream's replies (ReplyParser), the --exec command's (CommandRun) and the --reject rules'
+// (is_refusal_reply) are all read with it.
+inline int reply_code(std::string_view line) {
+  bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' &&
+                  line[0] <= '5' && (line.size() == 3 || line[3] == ' ' || line[3] == '-');
+  return has_code ? (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0') : 0;
+}
 
 inline std::string reply_greeting(const std::string& fqdn) {
   return "220 " + fqdn + " " + kVersion;
@@ -4268,8 +4279,8 @@ class RelayText : public LineText {
 // client hears 250 only once every one of them has the message; an output that fails gets it a
 // 451. Standard output and error are queues the loop never waits on.
 //   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
-//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, CommandRun;
-//   not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+//   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, ChildRun,
+//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
 
 // OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
@@ -4604,15 +4615,12 @@ class RecipientsFile {
   static inline std::uint64_t count_ = 0;  // files named by this process
 };
 
-// CommandRun - one run of the --exec command for one message, inside the loop: the message
-// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
-// first line of output become the reply (smtpd.py's process_message, as a program).
-//   exit 0, no reply code printed   -> "" (250 OK)
-//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
-//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
-class CommandRun {
+// ChildRun - one child process inside the loop: `sh -c command` with extra environment
+// variables, its input written to its standard input a chunk at a time as it takes it, its
+// output read (the first kExecOutputLimit bytes kept), and killed at the timeout. What the
+// outcome means is its user's business (CommandRun for --exec, MailmanProxy's wrappers).
+class ChildRun {
  public:
-  using Done = std::function<void(const std::string& reply)>;
   using Environment = std::vector<std::pair<std::string, std::string>>;
   // Outcome - how a run ended: not started (error says why), stopped at the timeout, or
   // exited with exit_code after printing output
@@ -4625,32 +4633,14 @@ class CommandRun {
   };
   using Finished = std::function<void(const Outcome&)>;
 
-  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+  ChildRun(Reactor& reactor, const std::string& command, long long timeout_ms)
       : reactor_(reactor), command_(command), timeout_ms_(timeout_ms) {}
-  ~CommandRun() { stop(); }
-  CommandRun(const CommandRun&) = delete;
-  CommandRun& operator=(const CommandRun&) = delete;
+  ~ChildRun() { stop(); }
+  ChildRun(const ChildRun&) = delete;
+  ChildRun& operator=(const ChildRun&) = delete;
 
-  // start - run the --exec command for this message; `done` gets the client's reply, once,
-  // later or at once
-  void start(std::shared_ptr<const Envelope> message, Done done) {
-    const Envelope& envelope = *message;
-    std::string error;
-    auto environment = environment_for(envelope);
-    if (!rcpttos_file_.create(envelope.rcpttos, error))
-      return done(cannot_run("cannot write the recipients to a file: " + error));
-    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
-    long long timeout_ms = timeout_ms_;
-    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
-    run(std::move(input), environment,  // as --maildir writes it
-        [done, timeout_ms](const Outcome& outcome) {
-          if (!outcome.has_started) return done(cannot_run(outcome.error));
-          if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
-          done(reply_for(outcome.exit_code, outcome.output));
-        });
-  }
-
-  // run - the command with `input` on its standard input; `finished` is called once
+  // run - the command with `input` on its standard input; `finished` is called once, later
+  // or at once
   void run(std::unique_ptr<TextSource> input, const Environment& environment, Finished finished) {
     finished_ = std::move(finished);
     input_ = std::move(input);
@@ -4664,42 +4654,6 @@ class CommandRun {
     reactor_.watch(child_.to_child, POLLOUT, [this](short) { write_input(); });
     reactor_.watch(child_.from_child, POLLIN, [this](short) { read_output(); });
     wait_for_exit();
-  }
-
-  static std::vector<std::pair<std::string, std::string>> environment_for(const Envelope& e) {
-    auto joined = [](const std::vector<std::string>& items) {
-      std::string out;
-      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
-      return out;
-    };
-    std::vector<std::pair<std::string, std::string>> environment{
-        {"SMTPD_PEER", e.peer},
-        {"SMTPD_MAILFROM", e.mailfrom},
-        {"SMTPD_RCPTTOS", joined(e.rcpttos)},
-        {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
-        {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
-    if (environment[2].second.size() > kExecVariableLimit)
-      environment.erase(environment.begin() + 2);
-    if (e.auth_user && !e.auth_user->empty())
-      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
-    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
-    return environment;
-  }
-
-  // reply_for - the reply for an exit status and what the command printed. Only the first
-  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
-  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
-  static std::string reply_for(int exit_code, const std::string& output) {
-    if (exit_code != 0) return reply_exec_failed(exit_code);
-    std::string line = output.substr(0, output.find('\n'));
-    if (!line.empty() && line.back() == '\r') line.pop_back();
-    bool has_code = line.size() >= 3 && is_decimal(line.substr(0, 3)) &&
-                    (line.size() == 3 || line[3] == ' ' || line[3] == '-') && line[0] >= '1' &&
-                    line[0] <= '5';
-    if (!has_code) return "";
-    if (line[0] == '1' || line[0] == '3') return reply_exec_not_final(line.substr(0, 3));
-    if (line.size() > 3) line[3] = ' ';
-    return printable(line).substr(0, kReplyLineLimit);
   }
 
  private:
@@ -4767,11 +4721,6 @@ class CommandRun {
     finish();
   }
 
-  static std::string cannot_run(const std::string& why) {
-    log_line("cannot run the --exec command: " + why);
-    return reply_exec_cannot_run(why);
-  }
-
   void on_timeout() {
     timer_ = 0;
     kill_child(child_);
@@ -4786,7 +4735,6 @@ class CommandRun {
     reactor_.cancel_timer(std::exchange(reap_timer_, 0));
     close_input();
     close_output();
-    rcpttos_file_.remove();
     if (is_running_) {
       int exit_code;
       kill_child(child_);
@@ -4805,7 +4753,6 @@ class CommandRun {
   std::string command_;
   long long timeout_ms_;
   ChildProcess child_;
-  RecipientsFile rcpttos_file_;
   bool is_running_ = false;
   std::unique_ptr<TextSource> input_;  // what is still to be made of the input
   std::string chunk_;                  // the part of it being written
@@ -4814,6 +4761,87 @@ class CommandRun {
   Reactor::TimerId timer_ = 0;
   Reactor::TimerId reap_timer_ = 0;
   Finished finished_;
+};
+
+// CommandRun - one run of the --exec command for one message, inside the loop: the message
+// goes to its standard input, the envelope into SMTPD_* variables, and its exit status and
+// first line of output become the reply (smtpd.py's process_message, as a program). This is
+// the policy; a ChildRun runs the command.
+//   exit 0, no reply code printed   -> "" (250 OK)
+//   exit 0, first line "NNN text"   -> that reply, NNN from 200 to 599
+//   any other exit, or the timeout  -> 451, so the client keeps the message and retries
+class CommandRun {
+ public:
+  using Done = std::function<void(const std::string& reply)>;
+
+  CommandRun(Reactor& reactor, const std::string& command, long long timeout_ms)
+      : child_(reactor, command, timeout_ms), timeout_ms_(timeout_ms) {}
+
+  // start - run the --exec command for this message; `done` gets the client's reply, once,
+  // later or at once
+  void start(std::shared_ptr<const Envelope> message, Done done) {
+    const Envelope& envelope = *message;
+    std::string error;
+    auto environment = environment_for(envelope);
+    if (!rcpttos_file_.create(envelope.rcpttos, error))
+      return done(cannot_run("cannot write the recipients to a file: " + error));
+    environment.emplace_back("SMTPD_RCPTTOS_FILE", rcpttos_file_.path());
+    long long timeout_ms = timeout_ms_;
+    auto input = std::make_unique<FileText>(message, session_header_lines(envelope));
+    child_.run(std::move(input), environment,  // as --maildir writes it
+               [this, done, timeout_ms](const ChildRun::Outcome& outcome) {
+                 rcpttos_file_.remove();
+                 if (!outcome.has_started) return done(cannot_run(outcome.error));
+                 if (outcome.has_timed_out) return done(reply_exec_timed_out(timeout_ms));
+                 done(reply_for(outcome.exit_code, outcome.output));
+               });
+  }
+
+  // environment_for - the SMTPD_* variables the command gets for a message (the recipients
+  // file's comes on top); SMTPD_RCPTTOS is left out when it would be longer than
+  // kExecVariableLimit, as the file has them all
+  static ChildRun::Environment environment_for(const Envelope& e) {
+    auto joined = [](const std::vector<std::string>& items) {
+      std::string out;
+      for (const std::string& item : items) out += (out.empty() ? "" : " ") + item;
+      return out;
+    };
+    ChildRun::Environment environment{{"SMTPD_PEER", e.peer},
+                                      {"SMTPD_MAILFROM", e.mailfrom},
+                                      {"SMTPD_RCPTTOS", joined(e.rcpttos)},
+                                      {"SMTPD_MAIL_OPTIONS", joined(e.mail_options)},
+                                      {"SMTPD_RCPT_OPTIONS", joined(e.rcpt_options)}};
+    if (environment[2].second.size() > kExecVariableLimit)
+      environment.erase(environment.begin() + 2);
+    if (e.auth_user && !e.auth_user->empty())
+      environment.emplace_back("SMTPD_AUTH_USER", *e.auth_user);
+    if (e.tls && !e.tls->empty()) environment.emplace_back("SMTPD_TLS", *e.tls);
+    return environment;
+  }
+
+  // reply_for - the reply for an exit status and what the command printed. Only the first
+  // line counts: "550-first" becomes "550 first", so the client never waits for more lines;
+  // a code that is not a final reply (1xx, 3xx) is the command's mistake: 451.
+  static std::string reply_for(int exit_code, const std::string& output) {
+    if (exit_code != 0) return reply_exec_failed(exit_code);
+    std::string line = output.substr(0, output.find('\n'));
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    int code = reply_code(line);
+    if (code == 0) return "";
+    if (code / 100 == 1 || code / 100 == 3) return reply_exec_not_final(line.substr(0, 3));
+    if (line.size() > 3) line[3] = ' ';
+    return printable(line).substr(0, kReplyLineLimit);
+  }
+
+ private:
+  static std::string cannot_run(const std::string& why) {
+    log_line("cannot run the --exec command: " + why);
+    return reply_exec_cannot_run(why);
+  }
+
+  RecipientsFile rcpttos_file_;  // before child_, so a command still running goes first
+  ChildRun child_;
+  long long timeout_ms_;
 };
 
 // not_stored_reply - the 451 for a message an output could not keep, with its reason
@@ -4920,11 +4948,12 @@ class DebuggingServer : public DeliveringServer {
 
 // ==== 13. SMTP client ====
 // The client side of SMTP, for the relays. UpstreamClient speaks on a non-blocking socket in
-// the loop (connect, commands and the message out, replies in, a timeout on every wait);
+// the loop (connect, commands and the message out, replies in, a timeout on every wait); what
+// it sends waits in an UpstreamOutbox and what it hears is read by a ReplyParser, both pure.
 // UpstreamSession is one session with a server we hand mail to, over SMTP or LMTP; an
 // UpstreamProbe learns at start what the upstream offers, and UpstreamOffer keeps our EHLO to it.
-//   UpstreamReply, UpstreamSettings, UpstreamOffer, UpstreamClient, UpstreamSession,
-//   UpstreamProbe
+//   UpstreamReply, UpstreamSettings, UpstreamOffer, ReplyParser, trace_goodbye, UpstreamOutbox,
+//   UpstreamClient, UpstreamSession, UpstreamProbe
 
 // UpstreamReply - one reply from the upstream server; code 0 means none came (the connection
 // failed, closed or timed out) and text says why
@@ -4964,6 +4993,167 @@ struct UpstreamOffer {
   }
 };
 
+// ReplyParser - an upstream's replies from the bytes it sends: feed() takes them as they come,
+// next() gives one complete reply at a time, or says that one is malformed or too long. A
+// line ends at LF (a CR before it is dropped); a reply is lines "NNN-text" ending in a line
+// "NNN text" or "NNN", every one with the same code (RFC 5321 4.2.1), and with the line still
+// arriving at most kUpstreamReplyLimit bytes and kUpstreamReplyLines lines. A bad reply is
+// the end: the parser stays there, and problem() says why ("sent a malformed reply: ...").
+// It is apart from UpstreamClient, which only moves the bytes, so that tests and fuzz_upstream
+// drive it with no socket and no loop.
+class ReplyParser {
+ public:
+  enum class Status { Reply, NeedMore, Malformed, TooLong };
+
+  void feed(std::string_view bytes) {
+    if (problem_.empty()) in_.append(bytes.data(), bytes.size());
+  }
+
+  // next - the next complete reply into `reply`, if the bytes fed so far hold one
+  Status next(UpstreamReply& reply) {
+    if (!problem_.empty()) return status_;
+    while (std::optional<std::string> line = take_line(in_)) {
+      // Every line of a multiline reply carries the same code: a "125-" line inside a 250
+      // reply would reach our client as is. A CR or other control character inside a line
+      // would too (both found by fuzz_upstream): that is as malformed as a missing code.
+      bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, *line, 0, 3) != 0;
+      if (reply_code(*line) == 0 || is_other_code || has_control_character(*line, true))
+        return bad(Status::Malformed,
+                   "sent a malformed reply: " + printable(line->substr(0, kQuotedLineLimit)));
+      if (!reply_.text.empty()) reply_.text += "\r\n";
+      reply_.text += *line;
+      if (reply_.text.size() > kUpstreamReplyLimit) return bad(Status::TooLong, too_long());
+      if (++lines_ > kUpstreamReplyLines)
+        return bad(Status::TooLong,
+                   "sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines");
+      if (line->size() > 3 && (*line)[3] == '-') continue;
+      reply_.code = reply_code(*line);
+      lines_ = 0;
+      reply = std::exchange(reply_, UpstreamReply{});
+      return Status::Reply;
+    }
+    if (in_.size() + reply_.text.size() > kUpstreamReplyLimit)
+      return bad(Status::TooLong, too_long());
+    return Status::NeedMore;
+  }
+
+  // problem - why the reply was bad, after Malformed or TooLong; "" before
+  const std::string& problem() const { return problem_; }
+
+  void clear() { *this = ReplyParser(); }
+
+  // take_line - the first complete line of `in`, taken out of it, without its LF or CRLF
+  static std::optional<std::string> take_line(std::string& in) {
+    std::size_t end = in.find('\n');
+    if (end == std::string::npos) return std::nullopt;
+    std::string line = in.substr(0, end);
+    in.erase(0, end + 1);
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    return line;
+  }
+
+ private:
+  Status bad(Status status, std::string why) {
+    status_ = status;
+    problem_ = std::move(why);
+    in_.clear();
+    reply_ = UpstreamReply{};
+    return status;
+  }
+
+  static std::string too_long() {
+    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
+  }
+
+  std::string in_;       // bytes not yet taken as lines
+  UpstreamReply reply_;  // the lines of a multiline reply so far
+  std::size_t lines_ = 0;
+  Status status_ = Status::NeedMore;
+  std::string problem_;
+};
+
+// trace_goodbye - watch `socket` after QUIT: trace the reply to it under -d (each line as it
+// comes, malformed or not), and close the socket at its last line, at the end of the
+// connection or after `timeout_ms`. The loop owns the watcher, so the client can go at once.
+inline void trace_goodbye(Reactor& reactor, socket_t socket, std::string prefix,
+                          std::function<void(const std::string&)> trace, long long timeout_ms) {
+  struct Goodbye {
+    socket_t socket = kInvalidSocket;
+    std::string prefix;
+    std::function<void(const std::string&)> trace;
+    std::string in;
+    Reactor::TimerId timer = 0;
+    ~Goodbye() {
+      if (socket != kInvalidSocket) close_socket(socket);
+    }
+  };
+  auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
+  goodbye->socket = socket;
+  goodbye->prefix = std::move(prefix);
+  goodbye->trace = std::move(trace);
+  auto end = [&reactor, goodbye] {
+    reactor.cancel_timer(goodbye->timer);
+    reactor.unwatch(goodbye->socket);
+  };
+  reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
+    char buffer[1024];
+    auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
+    if (n < 0 && would_block(last_socket_error())) return;
+    if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
+    while (std::optional<std::string> line = ReplyParser::take_line(goodbye->in)) {
+      goodbye->trace(goodbye->prefix + " -> " + printable(*line));
+      if (line->size() < 4 || (*line)[3] != '-') return end();
+    }
+    if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
+  });
+  goodbye->timer = reactor.start_timer(timeout_ms, [goodbye, end] {
+    goodbye->trace(goodbye->prefix + " did not answer QUIT");
+    end();
+  });
+}
+
+// UpstreamOutbox - what a client still has to send upstream: command lines, and a message made
+// a chunk at a time as the socket takes it. A command queued while a message is still going
+// out waits for its end (the upstream may answer the message before it has all of it).
+class UpstreamOutbox {
+ public:
+  using MessageMade = std::function<void(std::size_t bytes)>;
+
+  void add(const std::string& command) { (message_ ? after_message_ : out_) += command; }
+  void add(std::unique_ptr<TextSource> message) {
+    message_ = std::move(message);
+    message_bytes_ = 0;
+  }
+
+  // pending - the bytes to send next, the message's next chunk made once the others are out
+  // (and `made` told its size once it is all made); empty when nothing is left to send
+  std::string_view pending(const MessageMade& made) {
+    while (sent_ == out_.size()) {
+      out_.clear();
+      sent_ = 0;
+      if (!message_) break;
+      bool has_more = message_->more(out_, kUpstreamSendChunk);
+      message_bytes_ += out_.size();
+      if (has_more) continue;
+      message_.reset();
+      out_ += std::exchange(after_message_, std::string());
+      made(message_bytes_);
+    }
+    return std::string_view(out_).substr(sent_);
+  }
+
+  void sent(std::size_t bytes) { sent_ += bytes; }
+  bool is_empty() const { return sent_ == out_.size() && !message_; }
+  void clear() { *this = UpstreamOutbox(); }
+
+ private:
+  std::string out_;                      // to send: commands, or a part of the message
+  std::size_t sent_ = 0;                 // bytes of out_ sent
+  std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
+  std::size_t message_bytes_ = 0;        // bytes of it made so far
+  std::string after_message_;            // commands to send once the message has been made
+};
+
 // UpstreamClient - the client side of SMTP on a non-blocking socket in the loop: connect,
 // send one command (or the message text), wait for its reply or replies (LMTP answers the
 // message once per recipient, RFC 2033 4.2), and so on. One question at a time; every wait
@@ -4992,8 +5182,7 @@ class UpstreamClient {
     if (settings_.trace)
       settings_.trace(settings_.tag + " " + settings_.name + " <- " +
                       printable(command.substr(0, command.size() - 2)));
-    // after a message the upstream answered before its end, the command waits for the rest
-    (message_ ? after_message_ : out_) += command;
+    outbox_.add(command);
     await(1, std::move(one));
   }
 
@@ -5001,19 +5190,22 @@ class UpstreamClient {
   // replies; those that never come are code 0
   void send(std::unique_ptr<TextSource> message, std::size_t count, RepliesHandler on_replies) {
     if (!is_connected(count, on_replies)) return;
-    message_ = std::move(message);
-    message_bytes_ = 0;
+    outbox_.add(std::move(message));
     await(count, std::move(on_replies));
   }
 
   // quit - say goodbye without waiting for the answer, then close; with -d the answer is
   // still traced, by a watcher the loop owns (see trace_goodbye)
   void quit() {
-    if (socket_ != kInvalidSocket && !is_connecting_ && sent_ == out_.size() && !message_) {
+    if (socket_ != kInvalidSocket && !is_connecting_ && outbox_.is_empty()) {
       static const char kQuit[] = "QUIT\r\n";
       if (settings_.trace) settings_.trace(settings_.tag + " " + settings_.name + " <- QUIT");
       ::send(socket_, kQuit, sizeof kQuit - 1, kSendFlags);
-      if (settings_.trace) trace_goodbye();
+      if (settings_.trace) {
+        trace_goodbye(reactor_, std::exchange(socket_, kInvalidSocket),
+                      settings_.tag + " " + settings_.name, settings_.trace,
+                      settings_.reply_timeout_ms);
+      }
     }
     close();
   }
@@ -5078,24 +5270,22 @@ class UpstreamClient {
   void update_watch() {
     if (socket_ == kInvalidSocket) return;
     short events = POLLIN;
-    if (sent_ < out_.size() || message_) events |= POLLOUT;
+    if (!outbox_.is_empty()) events |= POLLOUT;
     reactor_.set_events(socket_, events);
   }
 
+  // flush - send what the socket takes now; the end of the message is traced with its size
   void flush() {
-    for (;;) {
-      if (sent_ == out_.size()) {
-        out_.clear();
-        sent_ = 0;
-        if (!message_) break;
-        make_more();
-        continue;
-      }
-      auto n =
-          ::send(socket_, out_.data() + sent_,
-                 static_cast<int>(std::min(out_.size() - sent_, kUpstreamSendChunk)), kSendFlags);
+    auto made = [this](std::size_t bytes) {
+      if (settings_.trace)
+        settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
+                        std::to_string(bytes) + " bytes)");
+    };
+    for (std::string_view bytes; !(bytes = outbox_.pending(made)).empty();) {
+      auto n = ::send(socket_, bytes.data(),
+                      static_cast<int>(std::min(bytes.size(), kUpstreamSendChunk)), kSendFlags);
       if (n > 0) {
-        sent_ += static_cast<std::size_t>(n);
+        outbox_.sent(static_cast<std::size_t>(n));
         continue;
       }
       int err = last_socket_error();
@@ -5105,71 +5295,30 @@ class UpstreamClient {
     update_watch();
   }
 
-  // make_more - the next part of the message; its end is traced with its size
-  void make_more() {
-    bool has_more = message_->more(out_, kUpstreamSendChunk);
-    message_bytes_ += out_.size();
-    if (has_more) return;
-    message_.reset();
-    out_ += std::exchange(after_message_, std::string());
-    if (settings_.trace)
-      settings_.trace(settings_.tag + " " + settings_.name + " <- (message, " +
-                      std::to_string(message_bytes_) + " bytes)");
-  }
-
   // read_replies - one read per turn of the loop, so an upstream that writes without end
   // cannot keep the loop from other clients and from the timer that ends its reply
   void read_replies() {
     char buffer[kUpstreamReadChunk];
     auto n = recv(socket_, buffer, sizeof buffer, 0);
     if (n > 0) {
-      in_.append(buffer, static_cast<std::size_t>(n));
-      if (!take_replies()) return;  // a handler closed us, or the reply was bad
-      if (in_.size() + reply_.text.size() > kUpstreamReplyLimit) fail(too_long());
-      return;
+      parser_.feed(std::string_view(buffer, static_cast<std::size_t>(n)));
+      return take_replies();
     }
     int err = n < 0 ? last_socket_error() : 0;
     if (n < 0 && would_block(err)) return;
     fail(n == 0 ? "closed the connection" : "failed: " + socket_error_text(err));
   }
 
-  static std::string too_long() {
-    return "sent a reply longer than " + std::to_string(kUpstreamReplyLimit) + " bytes";
-  }
-
-  // take_replies - complete reply lines; false when this client should stop reading
-  bool take_replies() {
-    std::size_t end;
-    while ((end = in_.find('\n')) != std::string::npos) {
-      std::string line = in_.substr(0, end);
-      in_.erase(0, end + 1);
-      if (!line.empty() && line.back() == '\r') line.pop_back();
-      // RFC 5321 4.2: the first digit is 1 to 5; "000" would read as "no reply" (fuzz_upstream)
-      bool is_code =
-          line.size() >= 3 && is_decimal(line.substr(0, 3)) && line[0] >= '1' && line[0] <= '5';
-      // RFC 5321 4.2.1: every line of a multiline reply carries the same code; a "125-" line
-      // inside a 250 reply would reach our client as is (found by fuzz_upstream)
-      bool is_other_code = !reply_.text.empty() && reply_.text.compare(0, 3, line, 0, 3) != 0;
-      // A CR or other control character inside a line would reach our client in the relayed
-      // reply (found by fuzz_upstream): that is as malformed as a missing code.
-      if (!is_code || is_other_code || (line.size() > 3 && line[3] != ' ' && line[3] != '-') ||
-          has_control_character(line, true)) {
-        fail("sent a malformed reply: " + printable(line.substr(0, kQuotedLineLimit)));
-        return false;
-      }
-      if (!reply_.text.empty()) reply_.text += "\r\n";
-      reply_.text += line;
-      if (reply_.text.size() > kUpstreamReplyLimit) return fail(too_long()), false;
-      if (++reply_lines_ > kUpstreamReplyLines)
-        return fail("sent a reply of more than " + std::to_string(kUpstreamReplyLines) + " lines"),
-               false;
-      if (line.size() > 3 && line[3] == '-') continue;
-      reply_.code = std::stoi(line.substr(0, 3));
-      reply_lines_ = 0;
-      UpstreamReply reply = std::exchange(reply_, UpstreamReply{});
-      if (!deliver(reply)) return false;
+  // take_replies - each complete reply to whoever waits, until a handler closes this client
+  // or a reply is bad
+  void take_replies() {
+    UpstreamReply reply;
+    for (;;) {
+      ReplyParser::Status status = parser_.next(reply);
+      if (status == ReplyParser::Status::NeedMore) return;
+      if (status != ReplyParser::Status::Reply) return fail(std::string(parser_.problem()));
+      if (!deliver(reply)) return;
     }
-    return true;
   }
 
   // deliver - hand a reply to whoever waits, once all the replies it waits for are in; an
@@ -5216,50 +5365,6 @@ class UpstreamClient {
     std::exchange(waiting_, nullptr)(std::move(replies));
   }
 
-  // trace_goodbye - hand the socket to a watcher of its own that traces the reply to QUIT
-  // and closes it then, or after the reply timeout; the loop owns it, so this client can go
-  void trace_goodbye() {
-    struct Goodbye {
-      socket_t socket = kInvalidSocket;
-      std::string prefix;
-      std::function<void(const std::string&)> trace;
-      std::string in;
-      Reactor::TimerId timer = 0;
-      ~Goodbye() {
-        if (socket != kInvalidSocket) close_socket(socket);
-      }
-    };
-    auto goodbye = std::make_shared<Goodbye>();  // built in place: a copy would close it
-    goodbye->socket = socket_;
-    goodbye->prefix = settings_.tag + " " + settings_.name;
-    goodbye->trace = settings_.trace;
-    Reactor& reactor = reactor_;
-    socket_ = kInvalidSocket;  // the watcher's now
-    auto end = [&reactor, goodbye] {
-      reactor.cancel_timer(goodbye->timer);
-      reactor.unwatch(goodbye->socket);
-    };
-    reactor.watch(goodbye->socket, POLLIN, [goodbye, end](short) {
-      char buffer[1024];
-      auto n = recv(goodbye->socket, buffer, sizeof buffer, 0);
-      if (n < 0 && would_block(last_socket_error())) return;
-      if (n > 0) goodbye->in.append(buffer, static_cast<std::size_t>(n));
-      std::size_t line_end;
-      while ((line_end = goodbye->in.find('\n')) != std::string::npos) {
-        std::string line = goodbye->in.substr(0, line_end);
-        goodbye->in.erase(0, line_end + 1);
-        if (!line.empty() && line.back() == '\r') line.pop_back();
-        goodbye->trace(goodbye->prefix + " -> " + printable(line));
-        if (line.size() < 4 || line[3] != '-') return end();
-      }
-      if (n <= 0 || goodbye->in.size() > kUpstreamReplyLimit) end();
-    });
-    goodbye->timer = reactor.start_timer(settings_.reply_timeout_ms, [goodbye, end] {
-      goodbye->trace(goodbye->prefix + " did not answer QUIT");
-      end();
-    });
-  }
-
   void close_socket_only() {
     if (socket_ == kInvalidSocket) return;
     reactor_.release(socket_, close_socket);
@@ -5270,13 +5375,8 @@ class UpstreamClient {
   void close() {
     close_socket_only();
     reactor_.cancel_timer(std::exchange(timer_, 0));
-    out_.clear();
-    sent_ = 0;
-    message_.reset();
-    after_message_.clear();
-    in_.clear();
-    reply_ = UpstreamReply{};
-    reply_lines_ = 0;
+    outbox_.clear();
+    parser_.clear();
   }
 
   Reactor& reactor_;
@@ -5285,14 +5385,8 @@ class UpstreamClient {
   bool is_connecting_ = false;
   std::size_t address_index_ = 0;
   Reactor::TimerId timer_ = 0;
-  std::string out_;                      // to send: commands, or a part of the message
-  std::size_t sent_ = 0;                 // bytes of out_ sent
-  std::unique_ptr<TextSource> message_;  // the rest of the message, still to be made
-  std::size_t message_bytes_ = 0;        // bytes of it made so far
-  std::string after_message_;            // commands to send once the message has been made
-  std::string in_;
-  UpstreamReply reply_;          // the lines of a multi-line reply so far
-  std::size_t reply_lines_ = 0;  // and how many
+  UpstreamOutbox outbox_;  // what is still to be sent
+  ReplyParser parser_;     // the replies in what the upstream sent
   RepliesHandler waiting_;
   std::size_t expected_ = 0;        // replies waiting_ wants
   std::vector<UpstreamReply> got_;  // those of them already in
@@ -5639,7 +5733,7 @@ class MailmanProxy : public ServerMode {
 
   // wrapper_reply - the wrapper's exit status as a verdict: 0 delivered, 1 no such list (its
   // scripts' "list not found"), anything else, or no exit in time, a failure for now
-  static std::string wrapper_reply(const CommandRun::Outcome& outcome, const std::string& what) {
+  static std::string wrapper_reply(const ChildRun::Outcome& outcome, const std::string& what) {
     if (!outcome.has_started)
       return "451 Error: cannot run Mailman 2's " + what + ": " + outcome.error;
     if (outcome.has_timed_out)
@@ -5758,12 +5852,12 @@ class MailmanProxy : public ServerMode {
       const MailmanTarget& target = targets_[next];
       std::string what = "mail wrapper (" + target.command + " " + target.list + ")";
       reactor_.dispose(std::move(run_));  // a finished run: its end may have led here
-      run_ = std::make_unique<CommandRun>(reactor_,
-                                          MailmanProxy::wrapper_command(options_.home, target),
-                                          options_.wrapper_timeout_ms);
+      run_ =
+          std::make_unique<ChildRun>(reactor_, MailmanProxy::wrapper_command(options_.home, target),
+                                     options_.wrapper_timeout_ms);
       run_->run(
           std::make_unique<FileText>(message, added), {},
-          [this, message, added, next, replies, finish, what](const CommandRun::Outcome& outcome) {
+          [this, message, added, next, replies, finish, what](const ChildRun::Outcome& outcome) {
             std::vector<std::string> so_far = replies;
             so_far.push_back(wrapper_reply(outcome, what));
             run_wrappers(message, added, next + 1, so_far, finish);
@@ -5802,7 +5896,7 @@ class MailmanProxy : public ServerMode {
     std::size_t relay_accepted_ = 0;      // recipients the upstream accepted
     std::size_t lmtp_accepted_ = 0;       // recipients Mailman 3 accepted: its replies at the dot
     std::vector<MailmanTarget> targets_;  // Mailman 2's, each once
-    std::unique_ptr<CommandRun> run_;
+    std::unique_ptr<ChildRun> run_;
   };
 
   Options options_;
@@ -6776,13 +6870,17 @@ class Server {
 };
 
 // ==== 17. Command line ====
-// smtpd.py's options and positional addresses, parsed with cxxopts, checked, and turned into
-// one Settings value. Errors are one line and exit status 1 (kExitUsage); ExitStatus lists
-// every status the program ends with.
-//   ExitStatus, Settings; parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count,
-//   parse_path, load_auth_users, parse_refusal, add_*_options (a group of rows each),
-//   build_options, help_text, parse_command_line;
-//   resolve_upstream, make_mode, seed_refusals, run_smtpd (the start, in order)
+// smtpd.py's options and positional addresses. Each option is one OptionRow, which feeds
+// cxxopts, --help and the parse into Settings; complete_settings then adds what the start
+// needs, and nothing changes the Settings after. Errors are one line and exit status 1
+// (kExitUsage); ExitStatus lists every status the program ends with.
+//   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
+//   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
+//   load_auth_users, parse_refusal, parse_reject_seed (one value each);
+//   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
+//   help_text, apply_options, finish_tls, parse_command_line;
+//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
+//   run_smtpd (the start, in order)
 
 enum ExitStatus {
   kExitOk = 0,
@@ -6795,7 +6893,9 @@ enum ExitStatus {
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
 // Settings - everything the command line decides, each value in the struct of the part that
-// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook
+// uses it (one name, one path): the loop and the channel, the upstream, the --exec hook.
+// parse_command_line fills it from the options; complete_settings adds what the start needs
+// (our name, resolved upstreams, the TLS context, seeded refusals); nothing changes it after.
 struct Settings {
   bool setuid = true;
   ModeKind mode = ModeKind::Debugging;
@@ -6803,16 +6903,17 @@ struct Settings {
   Endpoint remote;
   ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
                          // --max-clients
-  UpstreamSettings upstream;                 // --connect-timeout, --reply-timeout
-  DeliveringServer::Hook exec;               // --exec, --exec-timeout
-  std::string maildir;                       // --maildir: empty for none
-  std::string mbox;                          // --mbox: empty for none
-  bool json = false;                         // --json
+  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout; complete_settings resolves it
+  DeliveringServer::Hook exec;  // --exec, --exec-timeout
+  std::string maildir;          // --maildir: empty for none
+  std::string mbox;             // --mbox: empty for none
+  bool json = false;            // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
-  std::optional<std::uint64_t> reject_seed;  // --reject-seed
+  std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
   Endpoint mailman_lmtp;                     // --mailman-lmtp: Mailman 3's LMTP runner
-  std::string mailman_home;  // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  std::string mailman_home;        // --mailman-home: Mailman 2's prefix; empty for Mailman 3
+  UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
 // UsageError - a bad command line: one line on stderr, exit status 1. The text quotes what
@@ -6890,32 +6991,28 @@ inline std::uint64_t parse_size(const std::string& text) {
 }
 
 // parse_seconds - a positive number of seconds (fractions allowed) as milliseconds
-inline long long parse_seconds(const std::string& text, const char* option) {
+inline long long parse_seconds(const std::string& text, const std::string& option) {
   std::size_t dot = text.find('.');
   bool is_number = is_decimal(text.substr(0, dot)) &&
                    (dot == std::string::npos || is_decimal(text.substr(dot + 1)));
   double seconds = is_number ? std::strtod(text.c_str(), nullptr) : 0;
   if (!is_number || !(seconds > 0) || seconds > 86400)
-    throw UsageError(std::string("invalid ") + option + ": " + text +
+    throw UsageError("invalid " + option + ": " + text +
                      " (expected seconds, more than 0 and at most 86400)");
   return std::max(1LL, static_cast<long long>(seconds * 1000));
 }
 
 // parse_count - a whole number for --max-messages, --max-recipients, --max-clients or
-// --idle-exit; nine
-// digits at most, so seconds still fit in milliseconds
-inline std::uint64_t parse_count(const std::string& text, const char* option) {
+// --idle-exit; nine digits at most, so seconds still fit in milliseconds
+inline std::uint64_t parse_count(const std::string& text, const std::string& option) {
   if (!is_decimal(text) || text.size() > 9)
-    throw UsageError("invalid " + std::string(option) + ": '" + text +
-                     "' (expected a whole number)");
+    throw UsageError("invalid " + option + ": '" + text + "' (expected a whole number)");
   return std::stoull(text);
 }
 
-// parse_path - the argument of --maildir or --mbox, which must not be empty
-inline std::string parse_path(const cxxopts::ParseResult& result, const char* option) {
-  if (!result.count(option)) return "";
-  std::string path = result[option].as<std::string>();
-  if (path.empty()) throw UsageError("--" + std::string(option) + " needs a path");
+// parse_path - the argument of --maildir, --mbox, --auth-file and the like: not empty
+inline std::string parse_path(const std::string& path, const std::string& option) {
+  if (path.empty()) throw UsageError(option + " needs a path");
   return path;
 }
 
@@ -6969,8 +7066,7 @@ inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path)
 
 // is_refusal_reply - "4xx text" or "5xx text" (or the bare code), printable ASCII, one line
 inline bool is_refusal_reply(const std::string& reply) {
-  bool is_code = reply.size() >= 3 && (reply[0] == '4' || reply[0] == '5') &&
-                 is_decimal(reply.substr(0, 3)) && (reply.size() == 3 || reply[3] == ' ');
+  bool is_code = reply_code(reply) >= 400 && (reply.size() == 3 || reply[3] == ' ');
   return is_code && reply.size() <= kReplyLineLimit &&
          std::all_of(reply.begin(), reply.end(), [](char c) { return c >= 0x20 && c < 0x7F; });
 }
@@ -7013,15 +7109,59 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
-// parse_tls_options - --tls, --tls-cert, --tls-key, --tls-implicit, --tls-required
-inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
+// OptionArgument - an option as given: its name as the user writes it ("--timeout") and its
+// argument ("" for a flag)
+struct OptionArgument {
+  std::string option;
+  std::string value;
+};
+
+// check_local_delivery - --maildir, --mbox, --json and --exec deliver here, so not in a relay
+inline void check_local_delivery(const Settings& s) {
+  if (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy)
+    throw UsageError(
+        "--maildir, --mbox, --json and --exec work with SMTPServer and "
+        "DebuggingServer, not with " +
+        std::string(mode_name(s.mode)));
+}
+
+// local_output_path - the path of --maildir or --mbox, for a mode that delivers here
+inline std::string local_output_path(const OptionArgument& given, const Settings& s) {
+  std::string path = parse_path(given.value, given.option);
+  check_local_delivery(s);
+  return path;
+}
+
+// check_mailman - --mailman-lmtp and --mailman-home say which Mailman MailmanProxy asks
+inline void check_mailman(const Settings& s) {
+  if (s.mode != ModeKind::MailmanProxy)
+    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
+}
+
+// set_mailman_home - --mailman-home DIR: a Mailman 2 with its mail wrapper, instead of Mailman 3
+inline void set_mailman_home(const std::string& dir, Settings& s) {
+  s.mailman_home = parse_path(dir, "--mailman-home");
+  check_mailman(s);
+  if (!s.mailman_lmtp.host.empty())
+    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
+  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
+  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
+  if (!path_exists(s.mailman_home + "/mail/mailman"))
+    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
+                     "/mail/mailman");
+}
+
+// parse_reject_seed - --reject-seed N: any whole number that fits in 64 bits
+inline std::uint64_t parse_reject_seed(const std::string& seed) {
+  if (!is_decimal(seed) || seed.size() > 19)
+    throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
+  return std::stoull(seed);
+}
+
+// finish_tls - what the --tls... options say together: STARTTLS unless --tls-implicit, and
+// only in a build with TLS and with both of --tls-cert and --tls-key, or neither
+inline void finish_tls(Settings& s) {
   ChannelConfig& channel = s.server.channel;
-  s.tls_cert = parse_path(result, "tls-cert");
-  s.tls_key = parse_path(result, "tls-key");
-  s.server.is_tls_implicit = result.count("tls-implicit") > 0;
-  channel.tls_required = result.count("tls-required") > 0;
-  channel.records_tls = s.server.is_tls_implicit || channel.tls_required ||
-                        result.count("tls") > 0 || !s.tls_cert.empty() || !s.tls_key.empty();
   channel.offer_starttls = channel.records_tls && !s.server.is_tls_implicit;
   if (channel.records_tls && !kHasTls)
     throw UsageError("this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls");
@@ -7029,184 +7169,203 @@ inline void parse_tls_options(const cxxopts::ParseResult& result, Settings& s) {
     throw UsageError("--tls-cert and --tls-key go together");
 }
 
-struct CommandLine {
-  std::optional<Settings> settings;  // empty when --help or --version was answered
-  std::string text_for_stdout;       // the help or version text
+// OptionRow - one option, declared once: its names and argument for cxxopts, its help text
+// (which README.md and smtpd.1 repeat, as the tests check) and what it does to Settings
+struct OptionRow {
+  char short_name;         // 's' for -s, or 0 for none
+  const char* long_name;   // "size" for --size
+  const char* value_name;  // the argument in --help ("LIMIT"), or nullptr for a flag
+  std::string help;
+  void (*apply)(const OptionArgument& given, Settings& s);  // nullptr: --help and --version
+  bool is_repeatable = false;  // applied once each time it is given, in order (--reject)
 };
 
-// add_*_options - the option table, a group of rows each, in the order --help lists them.
-// All rows go into cxxopts' one unnamed group: a named group would put a heading into --help.
-// The help texts are the ones README.md and smtpd.1 repeat.
-
-// add_python_options - smtpd.py's own options: -n, -V, -c, -s, -u
-inline void add_python_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("n,nosetuid", "Do not change to user nobody after binding (only done when started as root).");
-  add("V,version", "Print the version and exit.");
-  add("c,class",
-      "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
-      "PureProxy (proxy) or MailmanProxy (mailman).",
-      cxxopts::value<std::string>(), "CLASS");
-  add("s,size",
-      "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
-      "limit (default " +
-          std::to_string(kDataSizeDefault) + ").",
-      cxxopts::value<std::string>(), "LIMIT");
-  add("u,smtputf8", "Enable the SMTPUTF8 extension (RFC 6531).");
+// option_rows - the option table, in the order --help lists them and the parse applies them.
+// -c comes early, so the rows after it may check the mode.
+inline const std::vector<OptionRow>& option_rows() {
+  using Arg = const OptionArgument&;
+  static const std::vector<OptionRow> rows = {
+      // smtpd.py's own options
+      {'n', "nosetuid", nullptr,
+       "Do not change to user nobody after binding (only done when started as root).",
+       [](Arg, Settings& s) { s.setuid = false; }},
+      {'V', "version", nullptr, "Print the version and exit.", nullptr},
+      {'c', "class", "CLASS",
+       "Server mode: DebuggingServer (debug; the default), SMTPServer (sink), "
+       "PureProxy (proxy) or MailmanProxy (mailman).",
+       [](Arg a, Settings& s) { s.mode = parse_mode(a.value); }},
+      {'s', "size", "LIMIT",
+       "Largest message accepted, in bytes, announced with SIZE in EHLO; 0 means no "
+       "limit (default " +
+           std::to_string(kDataSizeDefault) + ").",
+       [](Arg a, Settings& s) { s.server.channel.data_size_limit = parse_size(a.value); }},
+      {'u', "smtputf8", nullptr, "Enable the SMTPUTF8 extension (RFC 6531).",
+       [](Arg, Settings& s) { s.server.channel.enable_smtputf8 = true; }},
+      // how long PureProxy and MailmanProxy wait for the servers they relay to
+      {0, "connect-timeout", "SECONDS",
+       "PureProxy: seconds to wait for the upstream server to accept the "
+       "connection (default " +
+           seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
+       [](Arg a, Settings& s) {
+         s.upstream.connect_timeout_ms = parse_seconds(a.value, a.option);
+       }},
+      {0, "reply-timeout", "SECONDS",
+       "PureProxy: seconds to wait for each reply of the upstream server "
+       "(default " +
+           seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
+       [](Arg a, Settings& s) { s.upstream.reply_timeout_ms = parse_seconds(a.value, a.option); }},
+      // the trace on stderr, and where messages go besides the mode's print-out
+      {'d', "debug", nullptr, "Trace the SMTP dialogue and connections on stderr.",
+       [](Arg, Settings& s) { s.server.debug = true; }},
+      {0, "maildir", "DIR",
+       "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
+       "if missing), synced before the 250 reply.",
+       [](Arg a, Settings& s) { s.maildir = local_output_path(a, s); }},
+      {0, "mbox", "FILE",
+       "Also append each message to FILE in mboxrd format, locked, synced before the "
+       "250 reply.",
+       [](Arg a, Settings& s) { s.mbox = local_output_path(a, s); }},
+      {0, "json", nullptr,
+       "Print each message as one line of JSON instead of the DebuggingServer layout; "
+       "SMTPServer prints it too.",
+       [](Arg, Settings& s) {
+         s.json = true;
+         check_local_delivery(s);
+       }},
+      // --exec and its time limit
+      {0, "exec", "COMMAND",
+       "Run COMMAND with sh -c for each message, the message on its standard input and "
+       "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
+       "is the reply), anything else gives 451.",
+       [](Arg a, Settings& s) {
+         check_local_delivery(s);
+         s.exec.command = a.value;
+         if (s.exec.command.empty()) throw UsageError("--exec needs a command");
+         if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
+       }},
+      {0, "exec-timeout", "SECONDS",
+       "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
+       "it is killed and the client gets 451 (default " +
+           seconds_text(kExecTimeoutMs) + ").",
+       [](Arg a, Settings& s) { s.exec.timeout_ms = parse_seconds(a.value, a.option); }},
+      // counts and timeouts for clients, messages and the whole run
+      {0, "max-messages", "N",
+       "Exit with status 0 once N messages are delivered and the open "
+       "sessions have ended (after at most " +
+           seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
+       [](Arg a, Settings& s) { s.server.max_messages = parse_count(a.value, a.option); }},
+      {0, "max-clients", "N",
+       "Most clients connected at once; one more hears 421 and is closed; 0 means no "
+       "limit (the default).",
+       [](Arg a, Settings& s) { s.server.max_clients = parse_count(a.value, a.option); }},
+      {0, "timeout", "SECONDS",
+       "Seconds a client has for each command, and in DATA between two reads, before it "
+       "hears 421 and is closed (default " +
+           std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
+           std::to_string(kDataDeadlineFactor) + " times as long.",
+       [](Arg a, Settings& s) { s.server.command_timeout_ms = parse_seconds(a.value, a.option); }},
+      {0, "max-recipients", "N",
+       "Most recipients in one message; further RCPT commands get 452 (default " +
+           std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
+       [](Arg a, Settings& s) {
+         s.server.channel.max_recipients = parse_count(a.value, a.option);
+       }},
+      {0, "idle-exit", "SECONDS",
+       "Exit with status 0 when no client has been connected for SECONDS; 0 means "
+       "never (the default).",
+       [](Arg a, Settings& s) {
+         s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(a.value, a.option));
+       }},
+      // the opt-in ESMTP extensions AUTH and PIPELINING
+      {0, "auth", nullptr,
+       "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
+       "the user name is recorded with each message.",
+       [](Arg, Settings& s) { s.server.channel.offer_auth = true; }},
+      {0, "auth-file", "FILE",
+       "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
+       "other logins get 535 5.7.8.",
+       [](Arg a, Settings& s) {
+         s.server.channel.offer_auth = true;
+         s.server.channel.auth_users = load_auth_users(parse_path(a.value, a.option));
+       }},
+      {0, "auth-required", nullptr,
+       "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
+       "as --auth does unless --auth-file is given).",
+       [](Arg, Settings& s) {
+         s.server.channel.auth_required = s.server.channel.offer_auth = true;
+       }},
+      {0, "pipelining", nullptr,
+       "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
+       "commands go out together.",
+       [](Arg, Settings& s) { s.server.channel.offer_pipelining = true; }},
+      // refusals on purpose, for testing clients
+      {0, "reject", "STAGE:PATTERN=REPLY",
+       "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
+       "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
+       "of the time when PATTERN is N%; repeatable, the first match wins.",
+       [](Arg a, Settings& s) { s.refusals.push_back(parse_refusal(a.value)); }, true},
+      {0, "reject-seed", "N",
+       "Seed for the N% rules of --reject, so a run refuses the same commands again "
+       "(default: a new seed at each start).",
+       [](Arg a, Settings& s) { s.reject_seed = parse_reject_seed(a.value); }},
+      // which Mailman MailmanProxy asks
+      {0, "mailman-lmtp", "HOST:PORT",
+       "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
+       "address is a list's (default 127.0.0.1:8024).",
+       [](Arg a, Settings& s) {
+         check_mailman(s);
+         s.mailman_lmtp = parse_endpoint(a.value, "Mailman LMTP");
+       }},
+      {0, "mailman-home", "DIR",
+       "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
+       "mail/mailman wrapper).",
+       [](Arg a, Settings& s) { set_mailman_home(a.value, s); }},
+      // STARTTLS and SMTPS; finish_tls checks them together
+      {0, "tls", nullptr,
+       "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
+       "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).",
+       [](Arg, Settings& s) { s.server.channel.records_tls = true; }},
+      {0, "tls-cert", "FILE",
+       "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
+       [](Arg a, Settings& s) {
+         s.tls_cert = parse_path(a.value, a.option);
+         s.server.channel.records_tls = true;
+       }},
+      {0, "tls-key", "FILE", "The PEM private key for --tls-cert.",
+       [](Arg a, Settings& s) {
+         s.tls_key = parse_path(a.value, a.option);
+         s.server.channel.records_tls = true;
+       }},
+      {0, "tls-implicit", nullptr,
+       "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).",
+       [](Arg, Settings& s) { s.server.is_tls_implicit = s.server.channel.records_tls = true; }},
+      {0, "tls-required", nullptr,
+       "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).",
+       [](Arg, Settings& s) {
+         s.server.channel.tls_required = s.server.channel.records_tls = true;
+       }},
+      {'h', "help", nullptr, "Print this help and exit.", nullptr},
+  };
+  return rows;
 }
 
-// add_upstream_options - how long PureProxy and MailmanProxy wait for the servers they relay to
-inline void add_upstream_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("connect-timeout",
-      "PureProxy: seconds to wait for the upstream server to accept the "
-      "connection (default " +
-          seconds_text(kConnectTimeoutMs) + "); MailmanProxy: the upstream and Mailman.",
-      cxxopts::value<std::string>(), "SECONDS");
-  add("reply-timeout",
-      "PureProxy: seconds to wait for each reply of the upstream server "
-      "(default " +
-          seconds_text(kReplyTimeoutMs) + "); MailmanProxy: of the upstream and of Mailman.",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_output_options - the trace on stderr, and where messages go besides the mode's print-out
-inline void add_output_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("d,debug", "Trace the SMTP dialogue and connections on stderr.");
-  add("maildir",
-      "Also deliver each message into the Maildir DIR (made with tmp, new and cur "
-      "if missing), synced before the 250 reply.",
-      cxxopts::value<std::string>(), "DIR");
-  add("mbox",
-      "Also append each message to FILE in mboxrd format, locked, synced before the "
-      "250 reply.",
-      cxxopts::value<std::string>(), "FILE");
-  add("json",
-      "Print each message as one line of JSON instead of the DebuggingServer layout; "
-      "SMTPServer prints it too.");
-}
-
-// add_exec_options - --exec and its time limit
-inline void add_exec_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("exec",
-      "Run COMMAND with sh -c for each message, the message on its standard input and "
-      "the envelope in SMTPD_* variables; exit 0 accepts (or its first output line "
-      "is the reply), anything else gives 451.",
-      cxxopts::value<std::string>(), "COMMAND");
-  add("exec-timeout",
-      "Seconds the --exec command (or Mailman 2's mail wrapper) may run before "
-      "it is killed and the client gets 451 (default " +
-          seconds_text(kExecTimeoutMs) + ").",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_limit_options - counts and timeouts for clients, messages and the whole run
-inline void add_limit_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("max-messages",
-      "Exit with status 0 once N messages are delivered and the open "
-      "sessions have ended (after at most " +
-          seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
-      cxxopts::value<std::string>(), "N");
-  add("max-clients",
-      "Most clients connected at once; one more hears 421 and is closed; 0 means no "
-      "limit (the default).",
-      cxxopts::value<std::string>(), "N");
-  add("timeout",
-      "Seconds a client has for each command, and in DATA between two reads, before it "
-      "hears 421 and is closed (default " +
-          std::to_string(kCommandTimeoutMs / 1000) + "); the whole message gets " +
-          std::to_string(kDataDeadlineFactor) + " times as long.",
-      cxxopts::value<std::string>(), "SECONDS");
-  add("max-recipients",
-      "Most recipients in one message; further RCPT commands get 452 (default " +
-          std::to_string(kMaxRecipientsDefault) + "); 0 means no limit.",
-      cxxopts::value<std::string>(), "N");
-  add("idle-exit",
-      "Exit with status 0 when no client has been connected for SECONDS; 0 means "
-      "never (the default).",
-      cxxopts::value<std::string>(), "SECONDS");
-}
-
-// add_extension_options - the opt-in ESMTP extensions AUTH and PIPELINING
-inline void add_extension_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("auth",
-      "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
-      "the user name is recorded with each message.");
-  add("auth-file",
-      "Offer AUTH as --auth does, but accept only the user:password lines of FILE; "
-      "other logins get 535 5.7.8.",
-      cxxopts::value<std::string>(), "FILE");
-  add("auth-required",
-      "Answer MAIL with 530 5.7.0 until the client has logged in with AUTH (offers AUTH "
-      "as --auth does unless --auth-file is given).");
-  add("pipelining",
-      "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
-      "commands go out together.");
-}
-
-// add_refusal_options - refusals on purpose, for testing clients
-inline void add_refusal_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("reject",
-      "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "
-      "shell-style PATTERN matches the client IP, HELO name, sender or a recipient, or N% "
-      "of the time when PATTERN is N%; repeatable, the first match wins.",
-      cxxopts::value<std::string>(), "STAGE:PATTERN=REPLY");
-  add("reject-seed",
-      "Seed for the N% rules of --reject, so a run refuses the same commands again "
-      "(default: a new seed at each start).",
-      cxxopts::value<std::string>(), "N");
-}
-
-// add_mailman_options - which Mailman MailmanProxy asks
-inline void add_mailman_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("mailman-lmtp",
-      "MailmanProxy: the LMTP runner of Mailman 3, asked at each RCPT whether the "
-      "address is a list's (default 127.0.0.1:8024).",
-      cxxopts::value<std::string>(), "HOST:PORT");
-  add("mailman-home",
-      "MailmanProxy: use the Mailman 2 installed in DIR instead (its lists/ and "
-      "mail/mailman wrapper).",
-      cxxopts::value<std::string>(), "DIR");
-}
-
-// add_tls_options - STARTTLS and SMTPS
-inline void add_tls_options(cxxopts::Options& options) {
-  cxxopts::OptionAdder add = options.add_options();
-  add("tls",
-      "Offer STARTTLS (RFC 3207) with a throwaway self-signed certificate made at start, "
-      "unless --tls-cert and --tls-key are given (TLS needs a build with make TLS=1).");
-  add("tls-cert", "Offer STARTTLS with the PEM certificate (chain) in FILE; needs --tls-key.",
-      cxxopts::value<std::string>(), "FILE");
-  add("tls-key", "The PEM private key for --tls-cert.", cxxopts::value<std::string>(), "FILE");
-  add("tls-implicit",
-      "Serve SMTPS instead: TLS from the first byte, as on port 465 (implies --tls).");
-  add("tls-required",
-      "Answer MAIL and AUTH with 530 5.7.0 until the client has started TLS (implies --tls).");
-}
-
-// build_options - the whole option table, then --help and the positional addresses
+// build_options - the cxxopts table: every row, in one unnamed group (a named group would put
+// a heading into --help), then the positional addresses
 inline cxxopts::Options build_options() {
   cxxopts::Options options(
       "smtpd", std::string(kVersion) + " - an SMTP server for tests, debugging and relaying");
   options.custom_help("[options]");
   options.positional_help("[localhost:localport [remotehost:remoteport]]");
-  add_python_options(options);
-  add_upstream_options(options);
-  add_output_options(options);
-  add_exec_options(options);
-  add_limit_options(options);
-  add_extension_options(options);
-  add_refusal_options(options);
-  add_mailman_options(options);
-  add_tls_options(options);
-  options.add_options()("h,help", "Print this help and exit.");
-  options.add_options()("addresses", "", cxxopts::value<std::vector<std::string>>());
+  cxxopts::OptionAdder add = options.add_options();
+  for (const OptionRow& row : option_rows()) {
+    std::string names = row.long_name;
+    if (row.short_name != 0) names = std::string(1, row.short_name) + "," + names;
+    if (row.value_name == nullptr)
+      add(names, row.help);
+    else
+      add(names, row.help, cxxopts::value<std::string>(), row.value_name);
+  }
+  add("addresses", "", cxxopts::value<std::vector<std::string>>());
   options.parse_positional({"addresses"});
   return options;
 }
@@ -7218,24 +7377,27 @@ inline std::string help_text(cxxopts::Options& options) {
          "as 'listening on HOST:PORT'. See man smtpd for modes, outputs and exit statuses.\n";
 }
 
-// parse_mailman_options - --mailman-lmtp or --mailman-home, for MailmanProxy only
-inline void parse_mailman_options(const cxxopts::ParseResult& result, Settings& s) {
-  bool has_lmtp = result.count("mailman-lmtp") > 0;
-  s.mailman_home = parse_path(result, "mailman-home");
-  bool has_home = !s.mailman_home.empty();
-  if ((has_lmtp || has_home) && s.mode != ModeKind::MailmanProxy)
-    throw UsageError("--mailman-lmtp and --mailman-home work with MailmanProxy only");
-  if (has_lmtp && has_home)
-    throw UsageError("use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not both");
-  s.mailman_lmtp = parse_endpoint(
-      has_lmtp ? result["mailman-lmtp"].as<std::string>() : kDefaultMailmanLmtp, "Mailman LMTP");
-  if (!has_home) return;
-  if (!kCanRunCommands) throw UsageError("--mailman-home is not available on this system yet");
-  while (s.mailman_home.size() > 1 && s.mailman_home.back() == '/') s.mailman_home.pop_back();
-  if (!path_exists(s.mailman_home + "/mail/mailman"))
-    throw UsageError("--mailman-home " + s.mailman_home + ": no mail wrapper " + s.mailman_home +
-                     "/mail/mailman");
+// apply_options - each given option's row on s, in table order (the last value of an option
+// given twice, except a repeatable one, which is applied for each value in turn)
+inline void apply_options(const cxxopts::ParseResult& result, Settings& s) {
+  for (const OptionRow& row : option_rows()) {
+    if (row.apply == nullptr || result.count(row.long_name) == 0) continue;
+    std::string option = std::string("--") + row.long_name;
+    if (row.value_name == nullptr) {
+      row.apply({option, ""}, s);
+    } else if (!row.is_repeatable) {
+      row.apply({option, result[row.long_name].as<std::string>()}, s);
+    } else {
+      for (const cxxopts::KeyValue& argument : result.arguments())
+        if (argument.key() == row.long_name) row.apply({option, argument.value()}, s);
+    }
+  }
 }
+
+struct CommandLine {
+  std::optional<Settings> settings;  // empty when --help or --version was answered
+  std::string text_for_stdout;       // the help or version text
+};
 
 // parse_command_line - argv to Settings; throws UsageError with a one-line reason
 inline CommandLine parse_command_line(int argc, const char* const* argv) {
@@ -7253,62 +7415,10 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   if (result.count("help")) return {std::nullopt, help_text(options)};
   if (result.count("version")) return {std::nullopt, std::string(kVersion) + "\n"};
   Settings s;
-  s.setuid = result.count("nosetuid") == 0;
-  s.server.debug = result.count("debug") > 0;
-  s.server.channel.enable_smtputf8 = result.count("smtputf8") > 0;
-  if (result.count("size"))
-    s.server.channel.data_size_limit = parse_size(result["size"].as<std::string>());
-  if (result.count("class")) s.mode = parse_mode(result["class"].as<std::string>());
-  if (result.count("connect-timeout"))
-    s.upstream.connect_timeout_ms =
-        parse_seconds(result["connect-timeout"].as<std::string>(), "--connect-timeout");
-  if (result.count("reply-timeout"))
-    s.upstream.reply_timeout_ms =
-        parse_seconds(result["reply-timeout"].as<std::string>(), "--reply-timeout");
-  s.maildir = parse_path(result, "maildir");
-  s.mbox = parse_path(result, "mbox");
-  s.json = result.count("json") > 0;
-  bool has_outputs = !s.maildir.empty() || !s.mbox.empty() || s.json || result.count("exec");
-  if (has_outputs && (s.mode == ModeKind::PureProxy || s.mode == ModeKind::MailmanProxy))
-    throw UsageError(
-        "--maildir, --mbox, --json and --exec work with SMTPServer and "
-        "DebuggingServer, not with " +
-        std::string(mode_name(s.mode)));
-  if (result.count("exec")) {
-    s.exec.command = result["exec"].as<std::string>();
-    if (s.exec.command.empty()) throw UsageError("--exec needs a command");
-    if (!kCanRunCommands) throw UsageError("--exec is not available on this system yet");
-  }
-  if (result.count("exec-timeout"))
-    s.exec.timeout_ms = parse_seconds(result["exec-timeout"].as<std::string>(), "--exec-timeout");
-  if (result.count("max-messages"))
-    s.server.max_messages = parse_count(result["max-messages"].as<std::string>(), "--max-messages");
-  if (result.count("max-clients"))
-    s.server.max_clients = parse_count(result["max-clients"].as<std::string>(), "--max-clients");
-  if (result.count("timeout"))
-    s.server.command_timeout_ms = parse_seconds(result["timeout"].as<std::string>(), "--timeout");
-  if (result.count("max-recipients"))
-    s.server.channel.max_recipients =
-        parse_count(result["max-recipients"].as<std::string>(), "--max-recipients");
-  if (result.count("idle-exit"))
-    s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(
-                                       result["idle-exit"].as<std::string>(), "--idle-exit"));
-  s.server.channel.offer_pipelining = result.count("pipelining") > 0;
-  s.server.channel.auth_required = result.count("auth-required") > 0;
-  s.server.channel.offer_auth =
-      s.server.channel.auth_required || result.count("auth") > 0 || result.count("auth-file") > 0;
-  if (result.count("auth-file"))
-    s.server.channel.auth_users = load_auth_users(parse_path(result, "auth-file"));
-  for (const cxxopts::KeyValue& argument : result.arguments())  // every --reject, in order
-    if (argument.key() == "reject") s.refusals.push_back(parse_refusal(argument.value()));
-  if (result.count("reject-seed")) {
-    std::string seed = result["reject-seed"].as<std::string>();
-    if (!is_decimal(seed) || seed.size() > 19)
-      throw UsageError("invalid --reject-seed: '" + seed + "' (expected a whole number)");
-    s.reject_seed = std::stoull(seed);
-  }
-  parse_mailman_options(result, s);
-  parse_tls_options(result, s);
+  apply_options(result, s);
+  finish_tls(s);
+  if (s.mailman_lmtp.host.empty())  // no --mailman-lmtp: parse_endpoint never leaves it empty
+    s.mailman_lmtp = parse_endpoint(kDefaultMailmanLmtp, "Mailman LMTP");
   std::vector<std::string> addresses;
   if (result.count("addresses")) addresses = result["addresses"].as<std::vector<std::string>>();
   if (addresses.size() > 2) {
@@ -7332,11 +7442,54 @@ inline UpstreamSettings resolved(UpstreamSettings upstream, const Endpoint& wher
   return upstream;
 }
 
-// resolve_upstream - the relay's upstream as the loop uses it: resolved, named, traced with -d
-inline void resolve_upstream(Settings& s) {
+// resolve_upstreams - a relay's upstream, and MailmanProxy's LMTP runner of Mailman 3, as the
+// loop uses them: resolved, named, traced with -d
+inline void resolve_upstreams(Settings& s) {
+  if (s.mode != ModeKind::PureProxy && s.mode != ModeKind::MailmanProxy) return;
   s.upstream.fqdn = s.server.channel.fqdn;
   if (s.server.debug) s.upstream.trace = [](const std::string& line) { log_line(line); };
   s.upstream = resolved(s.upstream, s.remote);
+  if (s.mode != ModeKind::MailmanProxy || !s.mailman_home.empty()) return;
+  UpstreamSettings lmtp = s.upstream;
+  lmtp.role = "Mailman LMTP server";
+  lmtp.tag = "mailman";
+  s.lmtp_upstream = resolved(lmtp, s.mailman_lmtp);
+}
+
+// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
+inline void configure_tls([[maybe_unused]] Settings& s) {
+#ifdef SMTPD_TLS
+  if (!s.server.channel.records_tls) return;
+  try {
+    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
+                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
+    s.server.wrap_in_tls = tls_wrapper(std::move(context));
+  } catch (const std::runtime_error& e) {
+    throw UsageError(e.what());
+  }
+#endif
+}
+
+// seed_refusals - the --reject rules with their random source. Without --reject-seed the
+// seed comes from the system's random source and the clock, and is kept in reject_seed, so
+// -d can print it and a run worth repeating can be.
+inline void seed_refusals(Settings& s) {
+  if (s.refusals.empty()) return;
+  if (!s.reject_seed)
+    s.reject_seed = (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
+                    static_cast<std::uint64_t>(unix_time_us());
+  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, *s.reject_seed);
+}
+
+// complete_settings - the parsed Settings with what the start needs besides: our name, the
+// upstreams resolved (StartError if one does not resolve), the TLS context (UsageError if its
+// files will not do), the --reject rules seeded. Nothing changes the Settings after this.
+inline Settings complete_settings(Settings s) {
+  s.server.channel.fqdn = getfqdn();
+  resolve_upstreams(s);
+  configure_tls(s);
+  seed_refusals(s);
+  return s;
 }
 
 // make_stores - the --maildir and --mbox outputs, in that order
@@ -7347,39 +7500,31 @@ inline MessageOutputs make_stores(const Settings& s) {
   return stores;
 }
 
-// make_mode - the ServerMode for a Settings; modes not yet built are refused by name. The
-// stores come before the printer, so a message on stdout is already in the files.
-inline std::unique_ptr<ServerMode> make_mode(Settings& s) {
+// make_mode - the ServerMode for complete Settings. The stores come before the printer, so a
+// message on stdout is already in the files.
+inline std::unique_ptr<ServerMode> make_mode(const Settings& s) {
   StreamPrinter::Format format = s.json ? format_json_message : debug_text;
   auto printer =
       std::make_unique<StreamPrinter>(standard_output(), format, s.server.command_timeout_ms);
-  const DeliveringServer::Hook& hook = s.exec;
-  switch (s.mode) {
+  switch (s.mode) {  // no default: -Wswitch names a ModeKind left out
     case ModeKind::Sink: {
       MessageOutputs outputs = make_stores(s);
       if (!s.json) printer.reset();
-      return std::make_unique<SinkServer>(std::move(outputs), hook, std::move(printer));
+      return std::make_unique<SinkServer>(std::move(outputs), s.exec, std::move(printer));
     }
-    case ModeKind::Debugging:
-      return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), hook);
-    case ModeKind::PureProxy: resolve_upstream(s); return std::make_unique<PureProxy>(s.upstream);
+    case ModeKind::PureProxy: return std::make_unique<PureProxy>(s.upstream);
     case ModeKind::MailmanProxy: {
-      resolve_upstream(s);
       MailmanProxy::Options options;
       options.relay = s.upstream;
-      if (s.mailman_home.empty()) {
-        UpstreamSettings lmtp = s.upstream;
-        lmtp.role = "Mailman LMTP server";
-        lmtp.tag = "mailman";
-        options.lmtp = resolved(lmtp, s.mailman_lmtp);
-      }
+      options.lmtp = s.lmtp_upstream;
       options.home = s.mailman_home;
       options.wrapper_timeout_ms = s.exec.timeout_ms;
       options.our_name = s.server.channel.fqdn;
       return std::make_unique<MailmanProxy>(std::move(options));
     }
+    case ModeKind::Debugging: break;
   }
-  throw UsageError(std::string(mode_name(s.mode)) + " is not implemented yet");
+  return std::make_unique<DebuggingServer>(std::move(printer), make_stores(s), s.exec);
 }
 
 // warn_if_open_relay - a relay reachable from other hosts relays for anyone who connects
@@ -7405,55 +7550,9 @@ inline std::string mailman_text(const Settings& s) {
   return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
-// seed_refusals - the --reject rules with their random source. Without --reject-seed the
-// seed comes from the system's random source and the clock; -d prints it, so a run worth
-// repeating can be.
-inline void seed_refusals(Settings& s) {
-  if (s.refusals.empty()) return;
-  std::uint64_t seed = s.reject_seed ? *s.reject_seed
-                                     : (static_cast<std::uint64_t>(std::random_device{}()) << 32) ^
-                                           static_cast<std::uint64_t>(unix_time_us());
-  if (s.server.debug) log_line("--reject-seed " + std::to_string(seed));
-  s.server.channel.refusals = std::make_shared<Refusals>(s.refusals, seed);
-}
-
-// configure_tls - the TLS context for --tls...: from the files, or self-signed for our name
-inline void configure_tls([[maybe_unused]] Settings& s) {
-#ifdef SMTPD_TLS
-  if (!s.server.channel.records_tls) return;
-  try {
-    auto context = s.tls_cert.empty() ? TlsContext::self_signed(s.server.channel.fqdn)
-                                      : TlsContext::from_files(s.tls_cert, s.tls_key);
-    s.server.wrap_in_tls = tls_wrapper(std::move(context));
-  } catch (const std::runtime_error& e) {
-    throw UsageError(e.what());
-  }
-#endif
-}
-
-// run_smtpd - the whole program after argument parsing; returns the exit status
-inline int run_smtpd(int argc, const char* const* argv) {
-  open_standard_descriptors();  // first: before anything can make a socket or open a file
-  [[maybe_unused]] SocketRuntime sockets;
-  Settings settings;
-  std::unique_ptr<ServerMode> mode;
-  try {
-    CommandLine cl = parse_command_line(argc, argv);
-    if (!cl.settings) {
-      std::fputs(cl.text_for_stdout.c_str(), stdout);
-      return kExitOk;
-    }
-    settings = *cl.settings;
-    settings.server.channel.fqdn = getfqdn();
-    mode = make_mode(settings);
-    configure_tls(settings);
-  } catch (const UsageError& e) {
-    log_line(e.what());
-    return kExitUsage;
-  } catch (const StartError& e) {
-    log_line(e.what());
-    return kExitCannotListen;
-  }
+// serve - from complete Settings: listen, drop privileges, serve until the end; the exit status
+inline int serve(const Settings& settings) {
+  std::unique_ptr<ServerMode> mode = make_mode(settings);
   install_stop_handlers();
   raise_descriptor_limit();
   binary_stdout();
@@ -7473,7 +7572,8 @@ inline int run_smtpd(int argc, const char* const* argv) {
     }
   }
   prepare_outputs(settings);
-  seed_refusals(settings);
+  if (settings.server.debug && settings.server.channel.refusals)
+    log_line("--reject-seed " + std::to_string(*settings.reject_seed));
   // One "listening on" line, as scripts expect; the other addresses after it
   std::string bound = listeners.front().bound;
   std::fprintf(stderr, "listening on %s\n", bound.c_str());
@@ -7494,6 +7594,29 @@ inline int run_smtpd(int argc, const char* const* argv) {
   standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
   standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
   return is_ok ? kExitOk : kExitLoopFailed;
+}
+
+// run_smtpd - the whole program: the command line, complete_settings, then serve; returns the
+// exit status
+inline int run_smtpd(int argc, const char* const* argv) {
+  open_standard_descriptors();  // first: before anything can make a socket or open a file
+  [[maybe_unused]] SocketRuntime sockets;
+  std::optional<Settings> settings;
+  try {
+    CommandLine cl = parse_command_line(argc, argv);
+    if (!cl.settings) {
+      std::fputs(cl.text_for_stdout.c_str(), stdout);
+      return kExitOk;
+    }
+    settings = complete_settings(std::move(*cl.settings));
+  } catch (const UsageError& e) {
+    log_line(e.what());
+    return kExitUsage;
+  } catch (const StartError& e) {
+    log_line(e.what());
+    return kExitCannotListen;
+  }
+  return serve(*settings);
 }
 
 // ==== 18. main ====

@@ -1,180 +1,114 @@
 // fuzz_upstream.cpp - libFuzzer target for the proxy's client side: arbitrary bytes as all
-// that an upstream server ever says (greeting, EHLO, MAIL, RCPT, DATA and end-of-data
-// replies) must never crash UpstreamClient's reply parser or UpstreamSession, and every step
-// must end in a reply fit for our client: one or more lines "NNN text" (NNN from 200 to 599),
-// CRLF between them and no other CR or LF, called exactly once.
+// that an upstream server ever says, read by ReplyParser (no socket, no loop), must never
+// crash it, and every reply it gives must be fit to relay to our client: lines "NNN-text" and
+// a last "NNN text" or "NNN", one code from 100 to 599, CRLF between them and no other control
+// character but tab, within kUpstreamReplyLimit bytes and kUpstreamReplyLines lines. A bad
+// reply is the end: the parser says why and says the same ever after.
 //
-// The upstream is the other end of a Unix socket pair reached through the real connect path
-// (an abstract-namespace address, so no file is made); the bytes are written at once and the
-// socket shut, so the client sees them in whatever reads the kernel gives. A small Reactor
-// polls the socket and fires timers early, so every timeout path runs too.
+// After the first byte comes what the upstream says. It is fed whole, then (unless the first
+// byte is 0) in pieces of 1 to 64 bytes, their sizes drawn from the first byte; both give the
+// same replies and the same end, but for one case: a line still arriving is too long as soon
+// as it passes the bound (its CR counted too), before its end could show it malformed or,
+// short of that one CR, within the bound. So where in pieces a reply is too long, the replies
+// before it are the first of those fed whole.
 //
 //   make fuzz                 (runs every fuzz/fuzz_*.cpp target in turn)
 #define SMTPD_NO_MAIN
-#include <sys/un.h>
-
 #include "../smtpd.cpp"
 
 namespace {
 
-// FuzzReactor - watches and timers; run() polls the watched sockets and, when none is ready,
-// fires the earliest timer at once
-class FuzzReactor : public Reactor {
- public:
-  void watch(socket_t s, short events, ReadyHandler on_ready) override {
-    watches_[s] = {events, std::move(on_ready)};
-  }
-  void set_events(socket_t s, short events) override { watches_[s].first = events; }
-  void unwatch(socket_t s) override { watches_.erase(s); }
-  void release(socket_t s, void (*close)(socket_t)) override {
-    unwatch(s);
-    defer([s, close] { close(s); });
-  }
-  TimerId start_timer(long long delay_ms, Task on_expiry) override {
-    timers_[++last_id_] = {delay_ms, std::move(on_expiry)};
-    return last_id_;
-  }
-  void restart_timer(TimerId id, long long delay_ms) override {
-    auto it = timers_.find(id);
-    if (it != timers_.end()) it->second.first = delay_ms;
-  }
-  void cancel_timer(TimerId id) override { timers_.erase(id); }
-  void defer(Task task) override { deferred_.push_back(std::move(task)); }
-
-  // run - until nothing is watched, no timer and no deferred task is left, or `turns` turns
-  void run(int turns) {
-    for (int turn = 0; turn < turns; ++turn) {
-      if (!deferred_.empty()) {
-        std::vector<Task> tasks;
-        tasks.swap(deferred_);
-        for (Task& task : tasks) task();
-        continue;
-      }
-      if (watches_.empty() && timers_.empty()) break;
-      std::vector<pollfd> fds;
-      for (const auto& [s, w] : watches_)
-        if (w.first != 0) fds.push_back({s, w.first, 0});
-      if (!fds.empty() && ::poll(fds.data(), fds.size(), 0) > 0) {
-        for (const pollfd& p : fds) {
-          auto it = watches_.find(p.fd);
-          if (p.revents == 0 || it == watches_.end()) continue;
-          ReadyHandler handler = it->second.second;  // it may unwatch itself
-          handler(p.revents);
-        }
-        continue;
-      }
-      if (timers_.empty()) break;
-      auto first = std::min_element(timers_.begin(), timers_.end(), [](auto& a, auto& b) {
-        return a.second.first < b.second.first;
-      });
-      Task handler = std::move(first->second.second);
-      timers_.erase(first);
-      handler();
-    }
-  }
-
- private:
-  std::map<socket_t, std::pair<short, ReadyHandler>> watches_;
-  std::map<TimerId, std::pair<long long, Task>> timers_;
-  std::vector<Task> deferred_;
-  TimerId last_id_ = 0;
-};
-
-// is_client_reply - one or more reply lines, CRLF between them, codes 200 to 599
-bool is_client_reply(const std::string& reply) {
-  std::size_t start = 0;
-  for (;;) {
-    std::size_t end = reply.find("\r\n", start);
-    std::string_view line(reply.data() + start,
-                          (end == std::string::npos ? reply.size() : end) - start);
-    if (line.size() < 3 || !is_decimal(line.substr(0, 3)) || line[0] < '2' || line[0] > '5')
-      return false;
-    if (line.find_first_of("\r\n") != std::string_view::npos) return false;
-    if (end == std::string::npos) return true;
-    start = end + 2;
-  }
-}
-
-void check_reply(const std::string& reply, int& answered) {
-  ++answered;
-  if (is_client_reply(reply)) return;
-  std::fprintf(stderr, "not a reply for the client: %s\n", python_repr(reply).c_str());
+void fail(const char* why, const std::string& text) {
+  std::fprintf(stderr, "%s: %s\n", why, python_repr(text).c_str());
   __builtin_trap();
 }
 
-// the listening end, made once: an abstract Unix socket named after our pid
-socket_t listener(SocketAddress& address) {
-  static socket_t s = kInvalidSocket;
-  static SocketAddress bound;
-  if (s == kInvalidSocket) {
-    sockaddr_un un{};
-    un.sun_family = AF_UNIX;
-    std::string name = "smtpd-fuzz-upstream-" + std::to_string(::getpid());
-    std::memcpy(un.sun_path + 1, name.data(), name.size());
-    bound.family = AF_UNIX;
-    bound.length = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
-    std::memcpy(&bound.storage, &un, sizeof un);
-    s = ::socket(AF_UNIX, SOCK_STREAM, 0);
-    if (s < 0 || ::bind(s, reinterpret_cast<const sockaddr*>(&bound.storage), bound.length) != 0 ||
-        ::listen(s, 16) != 0)
-      __builtin_trap();
+// check_reply - one reply as UpstreamClient hands it on
+void check_reply(const UpstreamReply& reply) {
+  if (reply.code < 100 || reply.code > 599) fail("code out of range", reply.text);
+  if (reply.text.size() > kUpstreamReplyLimit) fail("reply too long", reply.text);
+  std::size_t start = 0, lines = 0;
+  for (;;) {
+    std::size_t end = reply.text.find("\r\n", start);
+    std::string_view line(reply.text.data() + start,
+                          (end == std::string::npos ? reply.text.size() : end) - start);
+    ++lines;
+    if (reply_code(line) != reply.code) fail("a line with another code", reply.text);
+    if (has_control_character(line, true)) fail("a control character", reply.text);
+    bool is_last = end == std::string::npos;
+    bool is_continued = line.size() > 3 && line[3] == '-';
+    if (is_continued == is_last) fail("a reply that ends in the wrong place", reply.text);
+    if (is_last) break;
+    start = end + 2;
   }
-  address = bound;
-  return s;
+  if (lines > kUpstreamReplyLines) fail("too many lines", reply.text);
+}
+
+struct Parsed {
+  std::vector<UpstreamReply> replies;
+  ReplyParser::Status status = ReplyParser::Status::NeedMore;
+  std::string problem;
+};
+
+// take - the replies the parser has now, each checked; false once one is bad
+bool take(ReplyParser& parser, Parsed& p) {
+  UpstreamReply reply;
+  while ((p.status = parser.next(reply)) == ReplyParser::Status::Reply) {
+    check_reply(reply);
+    p.replies.push_back(reply);
+  }
+  return p.status == ReplyParser::Status::NeedMore;
+}
+
+// parse - feed `input` whole (seed 0) or in pieces of 1 to 64 bytes, their sizes drawn from
+// `seed`, taking the replies after each; then check that a bad reply is bad for good
+Parsed parse(std::string_view input, unsigned seed) {
+  ReplyParser parser;
+  Parsed p;
+  std::minstd_rand sizes(seed);
+  std::string_view rest = input;
+  bool is_good = true;
+  while (is_good && !rest.empty()) {
+    std::size_t n = std::min<std::size_t>(seed == 0 ? rest.size() : 1 + sizes() % 64, rest.size());
+    parser.feed(rest.substr(0, n));
+    rest.remove_prefix(n);
+    is_good = take(parser, p);
+  }
+  p.problem = parser.problem();
+  if (is_good == !p.problem.empty()) fail("a problem without a bad reply, or none", p.problem);
+  if (!is_good) {
+    parser.feed("250 OK\r\n");
+    UpstreamReply reply;
+    if (parser.next(reply) != p.status || parser.problem() != p.problem)
+      fail("a bad reply forgotten", p.problem);
+  }
+  return p;
+}
+
+bool same_replies(const std::vector<UpstreamReply>& a, const std::vector<UpstreamReply>& b,
+                  std::size_t count) {
+  for (std::size_t i = 0; i < count; ++i)
+    if (a[i].code != b[i].code || a[i].text != b[i].text) return false;
+  return true;
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 1) return 0;
-  bool lmtp = (data[0] & 1) != 0;
-  std::size_t recipients = 1 + (data[0] >> 1) % 3;
-  UpstreamSettings settings;
-  settings.name = "fuzz";
-  settings.fqdn = "fuzz.example";
-  socket_t ears = listener(settings.addresses.emplace_back());
-
-  FuzzReactor reactor;
-  int asked = 0, answered = 0;
-  {
-    UpstreamSession session(
-        reactor, settings,
-        lmtp ? UpstreamSession::Greeting::Lhlo : UpstreamSession::Greeting::Ehlo);
-    ++asked;
-    session.mail(MailRequest{"a@example.org", {"SIZE=10", "BODY=8BITMIME"}, false},
-                 [&](const std::string& reply) { check_reply(reply, answered); });
-    socket_t server = ::accept(ears, nullptr, nullptr);
-    if (server < 0) __builtin_trap();
-    // up to 200 kB fits the socket buffer; larger inputs are cut, not blocked on
-    std::size_t sent = 0;
-    ::fcntl(server, F_SETFL, O_NONBLOCK);
-    while (sent < size - 1) {
-      auto n = ::send(server, data + 1 + sent, size - 1 - sent, MSG_NOSIGNAL);
-      if (n <= 0) break;
-      sent += static_cast<std::size_t>(n);
-    }
-    ::shutdown(server, SHUT_WR);
-    reactor.run(64);
-    for (std::size_t i = 0; i < recipients; ++i) {
-      ++asked;
-      session.rcpt("r" + std::to_string(i) + "@example.org",
-                   [&](const std::string& reply) { check_reply(reply, answered); });
-      reactor.run(64);
-    }
-    ++asked;
-    Envelope message;
-    message.data = "Subject: x\n\nbody";
-    message.peer = "192.0.2.1";
-    session.data(std::make_unique<RelayText>(std::make_shared<const Envelope>(message)),
-                 lmtp ? recipients : 1, [&](const std::vector<std::string>& replies) {
-                   if (replies.size() != (lmtp ? recipients : 1)) __builtin_trap();
-                   for (const std::string& reply : replies) check_reply(reply, answered);
-                   answered -= static_cast<int>(replies.size()) - 1;
-                 });
-    reactor.run(64);
-    ::close(server);
+  std::string_view input(reinterpret_cast<const char*>(data) + 1, size - 1);
+  Parsed whole = parse(input, 0);
+  if (data[0] == 0) return 0;
+  Parsed pieces = parse(input, data[0]);  // minstd_rand takes 1 to 255 as they are
+  if (pieces.status == ReplyParser::Status::TooLong) {
+    if (pieces.replies.size() > whole.replies.size() ||
+        !same_replies(pieces.replies, whole.replies, pieces.replies.size()))
+      fail("other replies in pieces", pieces.problem);
+    return 0;
   }
-  reactor.run(64);
-  if (answered != asked) __builtin_trap();  // every step answered once, none twice
+  if (pieces.status != whole.status || pieces.problem != whole.problem ||
+      pieces.replies.size() != whole.replies.size() ||
+      !same_replies(pieces.replies, whole.replies, whole.replies.size()))
+    fail("in pieces another end", pieces.problem + " / " + whole.problem);
   return 0;
 }

@@ -26,5 +26,6 @@
 #include "test_pipelining.cpp"
 #include "test_proxy.cpp"
 #include "test_refusals.cpp"
+#include "test_reply_parser.cpp"
 #include "test_tls.cpp"
 #include "test_upstream.cpp"

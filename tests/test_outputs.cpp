@@ -9,6 +9,7 @@
 #include <dirent.h>
 #include <doctest/doctest.h>
 
+#include <cctype>
 #include <climits>
 #include <fstream>
 #include <iterator>
@@ -684,6 +685,45 @@ TEST_CASE("--help, the man page and README.md describe every option in the same 
   for (std::string o :
        {"--maildir DIR", "--mbox FILE", "--json", "--max-messages N", "--idle-exit SECONDS"})
     CHECK_MESSAGE(r.out.find(o) != std::string::npos, "--help does not list " << o);
+}
+
+// folded_spaces - text with each run of white space as one space, as cxxopts' wrapping undoes
+inline std::string folded_spaces(const std::string& text) {
+  std::string folded;
+  for (char ch : text) {
+    bool is_space = std::isspace(static_cast<unsigned char>(ch)) != 0;
+    if (!(is_space && !folded.empty() && folded.back() == ' ')) folded += is_space ? ' ' : ch;
+  }
+  return folded;
+}
+
+TEST_CASE("each option is one row of option_rows, declared, applied and shown in --help from it") {
+  cxxopts::Options options = build_options();  // group_help refers into it
+  std::vector<cxxopts::HelpOptionDetails> declared;
+  for (const auto& option : options.group_help("").options)
+    if (!option.desc.empty()) declared.push_back(option);  // not the positional addresses
+  const std::vector<OptionRow>& rows = option_rows();
+  REQUIRE(declared.size() == rows.size());  // no option declared outside the table
+  auto r = run_command({smtpd_bin(), "--help"});
+  REQUIRE(r.ok());
+  std::string help = folded_spaces(r.out);
+  for (std::size_t i = 0; i < rows.size(); ++i) {
+    const OptionRow& row = rows[i];
+    CAPTURE(row.long_name);
+    CHECK(declared[i].l == std::vector<std::string>{row.long_name});
+    CHECK(declared[i].s == (row.short_name != 0 ? std::string(1, row.short_name) : ""));
+    CHECK(declared[i].desc == row.help);
+    CHECK(declared[i].arg_help == (row.value_name != nullptr ? row.value_name : ""));
+    CHECK(declared[i].is_boolean == (row.value_name == nullptr));
+    std::string shown = "--" + std::string(row.long_name) +
+                        (row.value_name != nullptr ? " " + std::string(row.value_name) : "") + " " +
+                        row.help;
+    CHECK_MESSAGE(help.find(shown) != std::string::npos, "--help does not show: " << shown);
+    bool is_answered =
+        row.long_name == std::string("help") || row.long_name == std::string("version");
+    CHECK((row.apply == nullptr) == is_answered);  // every other row changes Settings
+    CHECK((!row.is_repeatable || row.value_name != nullptr));
+  }
 }
 
 // man_exit_statuses - the EXIT STATUS section of the man page: for each status number its

@@ -687,6 +687,42 @@ TEST_CASE("an upstream host that does not resolve exits 2 with one line") {
   CHECK(r.err.find("no-such-host.invalid") != std::string::npos);
 }
 
+TEST_CASE("complete_settings names us, resolves the upstreams and seeds --reject, once at start") {
+  Settings parsed = settings_of(
+      {"-c", "MailmanProxy", "--reject", "rcpt:*=550", "127.0.0.1:0", "127.0.0.1:2525"});
+  CHECK(parsed.upstream.addresses.empty());  // parsing looks nothing up
+  CHECK(parsed.server.channel.refusals == nullptr);
+  const Settings s = complete_settings(parsed);
+  CHECK(!s.server.channel.fqdn.empty());
+  CHECK(s.upstream.fqdn == s.server.channel.fqdn);
+  CHECK(s.upstream.name == "127.0.0.1:2525");
+  CHECK(!s.upstream.addresses.empty());
+  CHECK(!s.upstream.trace);  // no -d
+  CHECK(s.lmtp_upstream.name == "127.0.0.1:8024");
+  CHECK(s.lmtp_upstream.role == "Mailman LMTP server");
+  CHECK(s.lmtp_upstream.fqdn == s.server.channel.fqdn);
+  CHECK(!s.lmtp_upstream.addresses.empty());
+  CHECK(s.server.channel.refusals != nullptr);
+  CHECK(s.reject_seed.has_value());  // drawn once, kept so that -d can print it
+  CHECK(make_mode(s)->asks_envelope());
+
+  Settings seeded =
+      complete_settings(settings_of({"--reject", "rcpt:*=550", "--reject-seed", "7"}));
+  CHECK(seeded.reject_seed == std::optional<std::uint64_t>(7));
+  CHECK(seeded.server.channel.refusals != nullptr);
+  Settings plain = complete_settings(settings_of({"-d", "127.0.0.1:0", "127.0.0.1:2525"}));
+  CHECK(plain.server.channel.refusals == nullptr);
+  CHECK(plain.upstream.addresses.empty());  // no relay: nothing to resolve
+  CHECK_FALSE(make_mode(plain)->asks_envelope());
+  Settings proxy =
+      complete_settings(settings_of({"-d", "-c", "proxy", "127.0.0.1:0", "127.0.0.1:26"}));
+  CHECK(proxy.upstream.name == "127.0.0.1:26");
+  CHECK(proxy.upstream.trace);  // -d traces the upstream dialogue
+  CHECK(proxy.lmtp_upstream.addresses.empty());
+  CHECK(make_mode(proxy)->asks_envelope());
+  CHECK_FALSE(complete_settings(settings_of({"-c", "sink"})).server.wrap_in_tls);
+}
+
 TEST_CASE("--help shows the two PureProxy timeouts with their defaults") {
   auto r = run_smtpd({"--help"});
   INFO(r.describe());

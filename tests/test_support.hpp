@@ -5,14 +5,14 @@
 // SMTPD_BIN, default ./smtpd). All the others also call smtpd.cpp's internals directly:
 // test_channel.cpp the Channel (no sockets, so Windows builds it too, with section 1 only),
 // test_loop.cpp the reactor, test_outputs.cpp the output formatters and SinkServer,
-// test_exec.cpp CommandRun, test_data_reader.cpp DataReader, test_listen.cpp
-// listen_everywhere, and test_auth.cpp, test_compat.cpp, test_hostile.cpp,
-// test_pipelining.cpp, test_refusals.cpp and test_tls.cpp the Channel and parse_command_line
-// beside their end-to-end cases. A new file that calls internals says so here. Everything
-// here is bounded in time and owned by RAII objects: a ServerProcess or a Client going out of scope
-// (also when an assertion throws) kills its child or closes its socket. Children also get SIGKILL
-// from the kernel if the test process dies (Linux PR_SET_PDEATHSIG), so a crashed test run leaves
-// no servers behind.
+// test_exec.cpp CommandRun, test_data_reader.cpp DataReader, test_reply_parser.cpp
+// ReplyParser, test_listen.cpp listen_everywhere, and test_auth.cpp, test_compat.cpp,
+// test_hostile.cpp, test_pipelining.cpp, test_refusals.cpp and test_tls.cpp the Channel and
+// parse_command_line beside their end-to-end cases. A new file that calls internals says so
+// here. Everything here is bounded in time and owned by RAII objects: a ServerProcess or a
+// Client going out of scope (also when an assertion throws) kills its child or closes its
+// socket. Children also get SIGKILL from the kernel if the test process dies (Linux
+// PR_SET_PDEATHSIG), so a crashed test run leaves no servers behind.
 //
 // Contents:
 //   1. Time and text - Deadline, wait_until, seconds_since, count, lines_of, starts_with,
