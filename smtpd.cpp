@@ -179,7 +179,7 @@ constexpr std::size_t kTraceBacklog = 256 * 1024;
 // chunk of this many bytes at a time from the one copy held, never as a second whole copy
 // (a whole JSON copy of a message is 1.33 times its size, and the escaping more)
 constexpr std::size_t kTextChunk = 1 << 16;
-constexpr int kOutputDrainMs = 2000;   // --max-messages: time open sessions get to finish; then 421
+constexpr int kOutputDrainMs = 2000;   // at exit: longest wait for stdout and stderr to drain
 constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another program's lock. The loop
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
