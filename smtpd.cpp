@@ -1591,6 +1591,10 @@ constexpr const char* kReplySmtpUtf8Arg = "501 Error: SMTPUTF8 takes no argument
 constexpr const char* kReplySizeExceeded =
     "552 Error: message size exceeds fixed maximum message size";
 constexpr const char* kReplyTooMuchData = "552 Error: Too much mail data";
+// BDAT (RFC 3030), offered with --chunking: a chunk is answered with its size, as in the RFC's
+// examples; the last one with the mode's verdict, as the end of DATA is
+constexpr const char* kBdatSyntax = "BDAT size [LAST]";
+constexpr const char* kReplyDataAfterBdat = "503 Error: DATA after BDAT in one transaction";
 constexpr const char* kReplyMailParams =
     "555 MAIL FROM parameters not recognized or not implemented";
 constexpr const char* kReplyRcptParams = "555 RCPT TO parameters not recognized or not implemented";
@@ -1647,6 +1651,9 @@ inline int reply_code(std::string_view line) {
   return has_code ? (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0') : 0;
 }
 
+inline std::string reply_chunk_received(std::uint64_t octets) {
+  return "250 " + std::to_string(octets) + " octets received";
+}
 inline std::string reply_greeting(const std::string& fqdn) {
   return "220 " + fqdn + " " + kVersion;
 }
@@ -1772,6 +1779,7 @@ struct ChannelConfig {
   bool ask_envelope = false;                           // MAIL and RCPT wait for the mode's verdict
   bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
   bool offer_pipelining = false;  // --pipelining: announce PIPELINING
+  bool offer_chunking = false;    // --chunking: announce CHUNKING and accept BDAT
   bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
   bool records_tls = false;       // TLS is on: messages say whether they came through it
   bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
@@ -1893,6 +1901,74 @@ class DataReader {
   std::uint64_t bytes_ = 0;    // so far, counted as smtpd.py's num_bytes
   bool is_too_big_ = false;    // bytes_ passed the limit: stop storing
   bool at_line_start_ = true;  // the next byte begins a line
+};
+
+// ChunkReader - the message text of BDAT (RFC 3030): each chunk is exactly the octets its
+// command announced, with no dot-stuffing and no end line, and the chunks of a message are
+// joined. The text is kept as DataReader keeps DATA's (CRLF as "\n", the line end after the
+// last line dropped), so a message reads the same whichever way it came; past the size
+// limit it is only counted.
+class ChunkReader {
+ public:
+  ChunkReader(std::uint64_t size_limit, bool keeps_text)
+      : size_limit_(size_limit), keeps_text_(keeps_text) {}
+
+  // begin - a chunk of this many octets follows
+  void begin(std::uint64_t octets) {
+    left_ = octets;
+    is_started_ = true;
+  }
+  // take - the chunk's octets among `in`; returns how many were used
+  std::size_t take(std::string_view in) {
+    std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(left_, in.size()));
+    append(in.substr(0, n));
+    left_ -= n;
+    return n;
+  }
+  bool is_chunk_read() const { return left_ == 0; }
+  // is_started - a BDAT has been taken since the last reset: DATA may not follow
+  bool is_started() const { return is_started_; }
+  std::uint64_t size() const { return bytes_; }
+  bool is_too_big() const { return size_limit_ != 0 && bytes_ > size_limit_; }
+
+  void reset() {
+    text_ = std::string();
+    bytes_ = left_ = 0;
+    is_started_ = is_cr_pending_ = ends_in_crlf_ = false;
+  }
+  // take_text - the message, lines joined with "\n" (the last line has none)
+  std::string take_text() {
+    if (std::exchange(is_cr_pending_, false)) text_ += '\r';
+    if (std::exchange(ends_in_crlf_, false)) text_.pop_back();
+    return std::exchange(text_, std::string());
+  }
+
+ private:
+  // append - count the octets; keep them, CRLF as "\n", a CR at a chunk's end held until
+  // the next octet says whether a LF follows it
+  void append(std::string_view octets) {
+    bytes_ += octets.size();
+    if (is_too_big()) text_ = std::string();
+    if (is_too_big() || !keeps_text_) return;
+    for (char c : octets) {
+      bool was_cr = std::exchange(is_cr_pending_, false);
+      if (was_cr && c != '\n') text_ += '\r';
+      ends_in_crlf_ = was_cr && c == '\n';
+      if (c == '\r')
+        is_cr_pending_ = true;
+      else
+        text_ += c;
+    }
+  }
+
+  std::uint64_t size_limit_;  // 0: no limit
+  bool keeps_text_;
+  std::string text_;
+  std::uint64_t bytes_ = 0;     // the octets of every chunk so far
+  std::uint64_t left_ = 0;      // of the chunk being read
+  bool is_started_ = false;     // a BDAT was taken in this transaction
+  bool is_cr_pending_ = false;  // the last octet was a CR, not yet kept
+  bool ends_in_crlf_ = false;   // the text ends with a "\n" that was a CRLF
 };
 
 // AuthExchange - one AUTH command and the lines that answer its 334 challenges (RFC 4954), a
@@ -2022,9 +2098,10 @@ AuthExchange::Result AuthExchange::log_in(const std::string& user, const std::st
 
 class Channel {
  public:
-  // The states are smtpd.py's COMMAND and DATA, plus two of ours: Waiting while the mode
-  // decides (question() says on what), Closing after QUIT once the reply is queued.
-  enum class State { Command, Data, Waiting, Closing };
+  // The states are smtpd.py's COMMAND and DATA, plus three of ours: Chunk while a BDAT
+  // chunk's octets are read, Waiting while the mode decides (question() says on what),
+  // Closing after QUIT once the reply is queued.
+  enum class State { Command, Data, Chunk, Waiting, Closing };
   enum class Question { None, Mail, Rcpt, Message, StartTls };
 
   Channel(std::shared_ptr<const ChannelConfig> config, std::string peer);  // one per server
@@ -2048,7 +2125,8 @@ class Channel {
   // set_security - TLS is up: "TLSv1.3 TLS_AES_256_GCM_SHA384" (the transport knows)
   void set_security(const std::string& tls) { tls_ = tls; }
   bool is_plain_text() const { return tls_.empty(); }
-  bool is_in_data() const { return smtp_state == State::Data; }
+  // is_in_data - message text is being read (DATA, or a BDAT chunk)
+  bool is_in_data() const { return smtp_state == State::Data || smtp_state == State::Chunk; }
   // is_idle - between transactions' commands: closing now would lose nothing of a message
   bool is_idle() const { return smtp_state == State::Command && question_ == Question::None; }
   // has_unread_input - bytes wait behind the question (a pipelined group)
@@ -2093,6 +2171,8 @@ class Channel {
   void process_input();
   bool process_command_bytes();
   bool process_data_bytes();
+  bool process_chunk_bytes();
+  void end_of_chunk();
   void end_of_data();
   void handle_command_line(std::string_view line, std::size_t size);
   void refuse_non_smtp();
@@ -2114,6 +2194,7 @@ class Channel {
   void cmd_rcpt(const Arg& arg);
   void cmd_rset(const Arg& arg);
   void cmd_data(const Arg& arg);
+  void cmd_bdat(const Arg& arg);
   void cmd_expn(const Arg& arg);
   void cmd_auth(const Arg& arg);
   void cmd_starttls(const Arg& arg);
@@ -2132,6 +2213,9 @@ class Channel {
   std::size_t input_pos_ = 0;      // processed prefix of input_
   std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
   DataReader data_;                // the message text, in DATA
+  ChunkReader chunks_;             // the message text, in BDAT chunks
+  bool is_last_chunk_ = false;     // the chunk being read ends the message (BDAT ... LAST)
+  std::string chunk_refusal_;      // the chunk being read is thrown away, then this reply
   std::string tls_;                // the session's TLS version and cipher; empty before TLS
   std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
   AuthExchange auth_;              // AUTH's challenges and responses, and its failures
@@ -2145,6 +2229,7 @@ const Channel::Command Channel::kVerbTable[] = {
     {"MAIL", &Channel::cmd_mail, "MAIL FROM: <address>", nullptr, Keyword::None},
     {"RCPT", &Channel::cmd_rcpt, "RCPT TO: <address>", nullptr, Keyword::None},
     {"DATA", &Channel::cmd_data, "DATA", nullptr, Keyword::None},
+    {"BDAT", &Channel::cmd_bdat, kBdatSyntax, &ChannelConfig::offer_chunking, Keyword::None},
     {"RSET", &Channel::cmd_rset, "RSET", nullptr, Keyword::None},
     {"NOOP", &Channel::cmd_noop, "NOOP", nullptr, Keyword::None},
     {"QUIT", &Channel::cmd_quit, "QUIT", nullptr, Keyword::None},
@@ -2154,6 +2239,7 @@ const Channel::Command Channel::kVerbTable[] = {
     {"8BITMIME", nullptr, nullptr, &ChannelConfig::offer_8bitmime, Keyword::Name},
     {"SMTPUTF8", nullptr, nullptr, &ChannelConfig::enable_smtputf8, Keyword::Name},
     {"PIPELINING", nullptr, nullptr, &ChannelConfig::offer_pipelining, Keyword::Name},
+    {"CHUNKING", nullptr, nullptr, &ChannelConfig::offer_chunking, Keyword::Name},
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth, Keyword::Auth},
     {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls,
      Keyword::StartTls},
@@ -2165,6 +2251,7 @@ Channel::Channel(std::shared_ptr<const ChannelConfig> config, std::string peer_a
       peer(std::move(peer_address)),
       config_(std::move(config)),
       data_(config_->data_size_limit, config_->keep_data),
+      chunks_(config_->data_size_limit, config_->keep_data),
       auth_(config_->auth_users.get()) {
   // --reject connect:...: the refusal instead of the greeting, then the end (RFC 5321 3.1
   // would let the client QUIT first; closing is what clients handle everywhere)
@@ -2178,6 +2265,7 @@ const char* Channel::to_string(State state) {
   switch (state) {
     case State::Command: return "COMMAND";
     case State::Data: return "DATA";
+    case State::Chunk: return "CHUNK";
     case State::Waiting: return "WAITING";
     case State::Closing: return "CLOSING";
   }
@@ -2206,6 +2294,7 @@ void Channel::set_post_data_state() {
   rcpt_options.clear();
   require_smtputf8 = false;
   data_.reset();
+  chunks_.reset();
 }
 
 // set_rset_state - smtpd.py _set_rset_state: everything but the greeting
@@ -2230,6 +2319,8 @@ void Channel::process_input() {
       progress = process_command_bytes();
     else if (smtp_state == State::Data)
       progress = process_data_bytes();
+    else if (smtp_state == State::Chunk)
+      progress = process_chunk_bytes();
     else
       progress = false;
   }
@@ -2268,6 +2359,32 @@ bool Channel::process_data_bytes() {
   if (used > 0) ++progress_;
   if (is_ended) end_of_data();
   return is_ended;
+}
+
+// process_chunk_bytes - a BDAT chunk's octets, as many as it announced
+bool Channel::process_chunk_bytes() {
+  std::size_t used = chunks_.take(unread_input());
+  input_pos_ += used;
+  if (used > 0) ++progress_;
+  if (!chunks_.is_chunk_read()) return false;
+  end_of_chunk();
+  return true;
+}
+
+// end_of_chunk - a chunk is in: answer it, refuse the message, or (LAST) hand it to the mode
+void Channel::end_of_chunk() {
+  enter_state(State::Command);
+  if (!chunk_refusal_.empty()) {
+    chunks_.reset();
+    return push(std::exchange(chunk_refusal_, ""));
+  }
+  if (chunks_.is_too_big()) {
+    push(kReplyTooMuchData);
+    return set_rset_state();  // the transaction is over; chunks still in the pipe get 503
+  }
+  if (!is_last_chunk_) return push(reply_chunk_received(chunks_.size()));
+  if (is_refused(Refusals::Stage::Data, rcpttos)) return set_rset_state();
+  ask(Question::Message, "");
 }
 
 // end_of_data - the lone dot arrived: refuse an oversized message or hand it to the mode
@@ -2313,7 +2430,7 @@ Envelope Channel::take_message() {
   envelope.rcpttos = rcpttos;
   envelope.mail_options = mail_options;
   envelope.rcpt_options = rcpt_options;
-  envelope.data = data_.take_text();
+  envelope.data = chunks_.is_started() ? chunks_.take_text() : data_.take_text();
   envelope.smtputf8 = require_smtputf8;
   if (config_->offer_auth) {
     envelope.auth_user = auth_user;
@@ -2624,12 +2741,41 @@ void Channel::cmd_rset(const Arg& arg) {
 void Channel::cmd_data(const Arg& arg) {
   if (seen_greeting.empty()) return push(kReplySendHeloFirst);
   if (rcpttos.empty()) return push(kReplyNeedRcpt);
+  if (chunks_.is_started()) return push(kReplyDataAfterBdat);
   if (has_text(arg)) return push(syntax_reply("DATA"));
   data_.reset();
   // differs from smtpd.py: Python waits for CRLF "." CRLF, so a "." right after 354 does not
   // end an empty message there; here every line is checked (RFC 5321 4.1.1.4).
   enter_state(State::Data);
   push(kReplyStartData);
+}
+
+// parse_chunk_size - BDAT's size: decimal digits that fit in 64 bits; false for anything else
+inline bool parse_chunk_size(const std::string& word, std::uint64_t& size) {
+  if (word.empty() || word.size() > 19 || !is_decimal(word)) return false;
+  size = std::stoull(word);
+  return true;
+}
+
+// cmd_bdat - RFC 3030: BDAT size [LAST], then exactly size octets. A chunk that is refused
+// (no greeting or no recipient yet) is still read to its end and thrown away, so the
+// session stays in step with the client; only a size that cannot be read leaves it to the
+// client to resynchronise (501, as for any syntax error).
+void Channel::cmd_bdat(const Arg& arg) {
+  std::vector<std::string> words = python_split(arg.value_or(""));
+  std::uint64_t size = 0;
+  bool is_last = words.size() == 2 && ascii_upper(words[1]) == "LAST";
+  bool is_read = !words.empty() && parse_chunk_size(words[0], size);
+  if (!is_read || words.size() > 2 || (words.size() == 2 && !is_last))
+    return push(syntax_reply("BDAT"));
+  if (seen_greeting.empty())
+    chunk_refusal_ = kReplySendHeloFirst;
+  else if (rcpttos.empty())
+    chunk_refusal_ = kReplyNeedRcpt;
+  is_last_chunk_ = is_last;
+  chunks_.begin(size);
+  enter_state(State::Chunk);
+  if (size == 0) end_of_chunk();
 }
 
 void Channel::cmd_expn(const Arg&) { push(kReplyExpn); }
@@ -7298,6 +7444,10 @@ inline const std::vector<OptionRow>& option_rows() {
        "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
        "commands go out together.",
        [](Arg, Settings& s) { s.server.channel.offer_pipelining = true; }},
+      {0, "chunking", nullptr,
+       "Announce CHUNKING (RFC 3030) in EHLO and accept BDAT: the message in chunks of a "
+       "stated size, without dot-stuffing, as well as with DATA.",
+       [](Arg, Settings& s) { s.server.channel.offer_chunking = true; }},
       // refusals on purpose, for testing clients
       {0, "reject", "STAGE:PATTERN=REPLY",
        "Answer REPLY (4xx or 5xx) at STAGE (connect, helo, mail, rcpt or data) when the "

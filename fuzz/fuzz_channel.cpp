@@ -14,6 +14,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   config.data_size_limit = (data[0] & 1) ? 64 : 0;
   config.enable_smtputf8 = (data[0] & 2) != 0;
   config.ask_envelope = (data[0] & 4) != 0;
+  config.offer_chunking = (data[0] & 8) != 0;  // BDAT: octets counted, not lines
   std::size_t chunk = 1 + data[1] % 64;
   Channel channel(config, "192.0.2.1");
   std::string_view input(reinterpret_cast<const char*>(data) + 2, size - 2);

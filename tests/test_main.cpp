@@ -11,6 +11,7 @@
 #include "../smtpd.cpp"
 #include "test_auth.cpp"
 #include "test_channel.cpp"
+#include "test_chunking.cpp"
 #include "test_compat.cpp"
 #include "test_data_reader.cpp"
 #include "test_e2e.cpp"
