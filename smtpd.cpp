@@ -1651,6 +1651,70 @@ inline int reply_code(std::string_view line) {
   return has_code ? (line[0] - '0') * 100 + (line[1] - '0') * 10 + (line[2] - '0') : 0;
 }
 
+// Enhanced status codes (RFC 3463), given with --enhanced-status-codes (RFC 2034) once the
+// client has greeted with EHLO: after the reply code of every reply but those to EHLO and
+// HELO and the 3xx ones (a 334 challenge is base64, a 354 an invitation). A success says what
+// it answers; a failure is found here by the start of its reply, and one that is not (a
+// --reject or --exec reply without a code of its own, an upstream's) gets its class only.
+enum class ReplyTo { Hello, Mail, Rcpt, Message, Other };  // what a reply answers
+struct EnhancedCode {
+  std::string_view start;  // of the reply, or for a 421 of its reason
+  const char* code;
+};
+constexpr EnhancedCode kEnhancedFailures[] = {
+    {"500 ", "5.5.2"}, {"501 Error: control characters", "5.1.3"},
+    {"501 ", "5.5.4"}, {"502 ", "5.5.1"},
+    {"503 ", "5.5.1"}, {"504 ", "5.5.4"},
+    {"552 ", "5.3.4"}, {"555 ", "5.5.4"},
+    {"452 ", "4.5.3"}, {"451 ", "4.3.0"},
+};
+constexpr EnhancedCode kEnhancedClosings[] = {
+    {kClosingTimeout, "4.4.2"}, {kClosingShutdown, "4.3.2"},     {kClosingLimitReached, "4.3.2"},
+    {kClosingTooMany, "4.7.0"}, {kClosingAuthFailures, "4.7.0"},
+};
+
+// has_enhanced_code - "NNN X.Y.Z ...": the reply carries one already (RFC 3463 2: a class, a
+// subject of 1 to 3 digits and a detail of 1 to 3)
+inline bool has_enhanced_code(std::string_view reply) {
+  if (reply.size() < 9) return false;  // "NNN X.Y.Z" at the least
+  std::size_t at = 4, end = reply.find(' ', at);
+  std::string_view code = reply.substr(at, end == std::string_view::npos ? end : end - at);
+  std::size_t dot1 = code.find('.'), dot2 = code.rfind('.');
+  auto digits = [&](std::size_t from, std::size_t to) {
+    return to > from && to - from <= 3 && is_decimal(code.substr(from, to - from));
+  };
+  return code.size() >= 5 && dot1 == 1 && dot2 > 2 && is_decimal(code.substr(0, 1)) &&
+         digits(2, dot2) && digits(dot2 + 1, code.size());
+}
+
+// enhanced_code_for - the code a reply gets: see kEnhancedFailures and kEnhancedClosings
+inline std::string enhanced_code_for(std::string_view reply, ReplyTo to) {
+  char kind = reply[0];
+  if (kind == '2' || reply.substr(0, 4) == "221 ") {
+    if (to == ReplyTo::Mail && kind == '2' && reply[1] == '5') return "2.1.0";
+    if (to == ReplyTo::Rcpt && kind == '2' && reply[1] == '5') return "2.1.5";
+    return "2.0.0";
+  }
+  if (reply.substr(0, 4) == "421 ")
+    for (const EnhancedCode& closing : kEnhancedClosings)
+      if (reply.find(closing.start) != std::string_view::npos) return closing.code;
+  if (reply.substr(0, 30) == "501 Error: control characters " && to == ReplyTo::Mail)
+    return "5.1.7";  // the sender's address, not a recipient's
+  for (const EnhancedCode& failure : kEnhancedFailures)
+    if (reply.substr(0, failure.start.size()) == failure.start) return failure.code;
+  return std::string(1, kind) + ".0.0";
+}
+
+// with_enhanced_code - the reply as --enhanced-status-codes sends it
+inline std::string with_enhanced_code(const std::string& reply, ReplyTo to) {
+  bool is_one_line =
+      reply.size() >= 3 && is_decimal(reply.substr(0, 3)) && (reply.size() == 3 || reply[3] == ' ');
+  if (!is_one_line || to == ReplyTo::Hello || reply[0] == '3' || has_enhanced_code(reply))
+    return reply;
+  std::string code = enhanced_code_for(reply, to);
+  return reply.size() == 3 ? reply + " " + code : reply.substr(0, 4) + code + reply.substr(3);
+}
+
 inline std::string reply_chunk_received(std::uint64_t octets) {
   return "250 " + std::to_string(octets) + " octets received";
 }
@@ -1780,11 +1844,12 @@ struct ChannelConfig {
   bool keep_data = true;          // false: the mode wants no message text (a sink without outputs)
   bool offer_pipelining = false;  // --pipelining: announce PIPELINING
   bool offer_chunking = false;    // --chunking: announce CHUNKING and accept BDAT
-  bool offer_starttls = false;    // --tls...: announce and accept STARTTLS
-  bool records_tls = false;       // TLS is on: messages say whether they came through it
-  bool tls_required = false;      // --tls-required: no MAIL or AUTH before STARTTLS
-  bool offer_auth = false;        // --auth...: announce and accept AUTH
-  bool auth_required = false;     // --auth-required: no MAIL before AUTH
+  bool enhanced_status_codes = false;  // --enhanced-status-codes: RFC 3463 codes in replies
+  bool offer_starttls = false;         // --tls...: announce and accept STARTTLS
+  bool records_tls = false;            // TLS is on: messages say whether they came through it
+  bool tls_required = false;           // --tls-required: no MAIL or AUTH before STARTTLS
+  bool offer_auth = false;             // --auth...: announce and accept AUTH
+  bool auth_required = false;          // --auth-required: no MAIL before AUTH
   std::shared_ptr<const AuthUsers> auth_users;    // --auth-file; null: anyone logs in
   std::shared_ptr<Refusals> refusals;             // --reject; null: none
   std::function<void(const std::string&)> trace;  // -d: protocol trace sink (may be empty)
@@ -2164,7 +2229,8 @@ class Channel {
   };
   static const Command kVerbTable[];
 
-  void push(const std::string& reply);
+  void push(const std::string& reply);  // the reply, with an enhanced code if they are on
+  void push_line(const std::string& reply);
   void enter_state(State to);
   void set_post_data_state();
   void set_rset_state();
@@ -2209,16 +2275,17 @@ class Channel {
   Question question_ = Question::None;
   std::string pending_address_;  // the MAIL or RCPT address waiting for a verdict
   std::string output_;
-  std::string input_;              // bytes received and not yet processed as a whole line
-  std::size_t input_pos_ = 0;      // processed prefix of input_
-  std::size_t dropped_bytes_ = 0;  // bytes of an overlong command line thrown away
-  DataReader data_;                // the message text, in DATA
-  ChunkReader chunks_;             // the message text, in BDAT chunks
-  bool is_last_chunk_ = false;     // the chunk being read ends the message (BDAT ... LAST)
-  std::string chunk_refusal_;      // the chunk being read is thrown away, then this reply
-  std::string tls_;                // the session's TLS version and cipher; empty before TLS
-  std::uint64_t progress_ = 0;     // command lines, data chunks and verdicts so far
-  AuthExchange auth_;              // AUTH's challenges and responses, and its failures
+  std::string input_;                  // bytes received and not yet processed as a whole line
+  std::size_t input_pos_ = 0;          // processed prefix of input_
+  std::size_t dropped_bytes_ = 0;      // bytes of an overlong command line thrown away
+  DataReader data_;                    // the message text, in DATA
+  ChunkReader chunks_;                 // the message text, in BDAT chunks
+  bool is_last_chunk_ = false;         // the chunk being read ends the message (BDAT ... LAST)
+  std::string chunk_refusal_;          // the chunk being read is thrown away, then this reply
+  std::string tls_;                    // the session's TLS version and cipher; empty before TLS
+  std::uint64_t progress_ = 0;         // command lines, data chunks and verdicts so far
+  AuthExchange auth_;                  // AUTH's challenges and responses, and its failures
+  ReplyTo reply_to_ = ReplyTo::Other;  // what the next reply answers (its enhanced code)
 };
 
 // kVerbTable - the protocol's index: every verb and every EHLO keyword, once. HELP lists
@@ -2240,6 +2307,7 @@ const Channel::Command Channel::kVerbTable[] = {
     {"SMTPUTF8", nullptr, nullptr, &ChannelConfig::enable_smtputf8, Keyword::Name},
     {"PIPELINING", nullptr, nullptr, &ChannelConfig::offer_pipelining, Keyword::Name},
     {"CHUNKING", nullptr, nullptr, &ChannelConfig::offer_chunking, Keyword::Name},
+    {"ENHANCEDSTATUSCODES", nullptr, nullptr, &ChannelConfig::enhanced_status_codes, Keyword::Name},
     {"AUTH", &Channel::cmd_auth, kAuthSyntax, &ChannelConfig::offer_auth, Keyword::Auth},
     {"STARTTLS", &Channel::cmd_starttls, "STARTTLS", &ChannelConfig::offer_starttls,
      Keyword::StartTls},
@@ -2274,6 +2342,12 @@ const char* Channel::to_string(State state) {
 
 // push - queue one reply line
 void Channel::push(const std::string& reply) {
+  if (config_->enhanced_status_codes && extended_smtp)
+    return push_line(with_enhanced_code(reply, reply_to_));
+  push_line(reply);
+}
+
+void Channel::push_line(const std::string& reply) {
   if (config_->trace) config_->trace(peer + " -> " + printable(reply));
   output_ += reply;
   output_ += "\r\n";
@@ -2354,6 +2428,7 @@ bool Channel::process_command_bytes() {
 // process_data_bytes - message text, read by the DATA reader; the end-of-data line ends it
 bool Channel::process_data_bytes() {
   bool is_ended = false;
+  reply_to_ = ReplyTo::Message;
   std::size_t used = data_.take(unread_input(), is_ended);
   input_pos_ += used;
   if (used > 0) ++progress_;
@@ -2363,6 +2438,7 @@ bool Channel::process_data_bytes() {
 
 // process_chunk_bytes - a BDAT chunk's octets, as many as it announced
 bool Channel::process_chunk_bytes() {
+  reply_to_ = ReplyTo::Message;
   std::size_t used = chunks_.take(unread_input());
   input_pos_ += used;
   if (used > 0) ++progress_;
@@ -2446,6 +2522,9 @@ void Channel::answer(const std::string& reply) {
   if (smtp_state != State::Waiting) return;
   Question question = std::exchange(question_, Question::None);
   ++progress_;
+  reply_to_ = question == Question::Mail   ? ReplyTo::Mail
+              : question == Question::Rcpt ? ReplyTo::Rcpt
+                                           : ReplyTo::Message;
   bool accepted = is_accepting(reply);
   if (question == Question::Message) {
     set_post_data_state();
@@ -2464,6 +2543,7 @@ void Channel::answer(const std::string& reply) {
 // whatever state the session was (RFC 5321 3.8 allows 421 at any time)
 void Channel::close_with(const std::string& reply) {
   question_ = Question::None;  // a verdict still to come no longer matters
+  reply_to_ = ReplyTo::Other;
   push(reply);
   enter_state(State::Closing);
 }
@@ -2498,6 +2578,7 @@ std::size_t Channel::command_size_limit(const std::string& verb) const {
 // handle_command_line - smtpd.py found_terminator in COMMAND state
 void Channel::handle_command_line(std::string_view line, std::size_t size) {
   ++progress_;
+  reply_to_ = ReplyTo::Other;
   if (auth_.is_waiting()) return auth_response(line, size);
   // AUTH's initial response holds the password: the trace shows the verb and mechanism only
   std::string_view shown = line.substr(0, kTraceLineLimit);
@@ -2506,6 +2587,10 @@ void Channel::handle_command_line(std::string_view line, std::size_t size) {
   if (line.empty()) return push(kReplyBadSyntax);
   std::size_t space = line.find(' ');
   std::string verb = ascii_upper(line.substr(0, space));
+  reply_to_ = verb == "HELO" || verb == "EHLO" ? ReplyTo::Hello
+              : verb == "MAIL"                 ? ReplyTo::Mail
+              : verb == "RCPT"                 ? ReplyTo::Rcpt
+                                               : ReplyTo::Other;
   if (is_http_verb(verb) || (verb.size() > 1 && verb.back() == ':')) return refuse_non_smtp();
   // differs from smtpd.py: Python's decode raises and drops the connection.
   if (size <= line.size() && !is_valid_utf8(line)) return push(kReplyNotUtf8);
@@ -7444,6 +7529,10 @@ inline const std::vector<OptionRow>& option_rows() {
        "Announce PIPELINING (RFC 2920) in EHLO; the replies to a group of pipelined "
        "commands go out together.",
        [](Arg, Settings& s) { s.server.channel.offer_pipelining = true; }},
+      {0, "enhanced-status-codes", nullptr,
+       "Announce ENHANCEDSTATUSCODES (RFC 2034) in EHLO and put the RFC 3463 code after the "
+       "reply code of every reply but those to EHLO and HELO, as 250 2.1.5 OK.",
+       [](Arg, Settings& s) { s.server.channel.enhanced_status_codes = true; }},
       {0, "chunking", nullptr,
        "Announce CHUNKING (RFC 3030) in EHLO and accept BDAT: the message in chunks of a "
        "stated size, without dot-stuffing, as well as with DATA.",

@@ -15,6 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   config.enable_smtputf8 = (data[0] & 2) != 0;
   config.ask_envelope = (data[0] & 4) != 0;
   config.offer_chunking = (data[0] & 8) != 0;  // BDAT: octets counted, not lines
+  config.enhanced_status_codes = (data[0] & 16) != 0;
   std::size_t chunk = 1 + data[1] % 64;
   Channel channel(config, "192.0.2.1");
   std::string_view input(reinterpret_cast<const char*>(data) + 2, size - 2);
@@ -27,7 +28,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         if (config.data_size_limit != 0 && e.data.size() > config.data_size_limit) __builtin_trap();
         (void)format_debug_message(e);
       }
-      channel.answer(++turn % 3 == 0 ? "451 later" : "");
+      ++turn;  // a refusal now and then, some with no text at all
+      channel.answer(turn % 3 == 0 ? "451 later" : turn % 7 == 0 ? "550" : "");
     }
     const std::string& out = channel.output();
     if (!out.empty() && out.compare(out.size() - 2, 2, "\r\n") != 0) __builtin_trap();

@@ -28,5 +28,6 @@
 #include "test_proxy.cpp"
 #include "test_refusals.cpp"
 #include "test_reply_parser.cpp"
+#include "test_status_codes.cpp"
 #include "test_tls.cpp"
 #include "test_upstream.cpp"
