@@ -1767,6 +1767,8 @@ struct Envelope {
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
   std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
   std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
+  bool is_matching = true;  // --match: every rule holds (the server decides, before the mode
+                            // sees it); a message that does not is neither printed nor counted
 };
 
 // MailRequest - what a relay needs to know of an accepted-looking MAIL command
@@ -2859,10 +2861,10 @@ class ServerMode {
 // that copy a chunk at a time (kTextChunk) by a TextSource, so a big message never costs a
 // second copy: what a Maildir file or a command gets (FileText), the --json line (JsonText),
 // the mbox entry (MboxText), what goes upstream (RelayText). The DebuggingServer print-out is
-// made in place instead, as it is the last use of the text.
+// made in place instead, as it is the last use of the text. Last, what --match reads of it.
 //   TextSource, StringText, read_all; session_header_lines; MessageText, LineText; FileText,
 //   borrowed; format_debug_message, debug_text; session_json, JsonText, format_json_message;
-//   MboxText; RelayText
+//   MboxText; RelayText; MatchRule, header_values, message_field, MessageMatcher (--match)
 
 // TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
 // file, a command, a stream or an upstream server without a second copy of it in memory
@@ -3194,6 +3196,79 @@ class RelayText : public LineText {
   }
 
   bool is_peer_added_ = false;
+};
+
+// Matching, for --match FIELD=PATTERN: a message matches when every rule holds, and a rule
+// holds when its shell-style pattern (glob_match, as --reject's) takes any value of its field.
+//   MatchField, MatchRule, header_values, message_field, MessageMatcher
+
+enum class MatchField { From, Rcpt, Subject, Header, Text };
+
+struct MatchRule {
+  MatchField field;
+  std::string header;   // MatchField::Header: the header's name
+  std::string pattern;  // shell-style, ASCII letters without regard to case
+};
+
+// header_values - the values of every header `name` (any case) in a message's header section,
+// unfolded (RFC 5322 2.2.3: a line that starts with white space goes on the one before), the
+// white space around each value taken off. The section ends at the first empty line.
+inline std::vector<std::string> header_values(std::string_view data, std::string_view name) {
+  std::vector<std::string> values;
+  bool is_wanted = false;  // the field being read is `name`
+  for (std::size_t at = 0; at < data.size();) {
+    std::size_t end = std::min(data.find('\n', at), data.size());
+    std::string_view line = data.substr(at, end - at);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    at = end + 1;
+    if (line.empty()) break;
+    if (line[0] == ' ' || line[0] == '\t') {
+      if (is_wanted) values.back() += std::string(line);
+      continue;
+    }
+    std::size_t colon = line.find(':');
+    is_wanted = colon != std::string_view::npos && colon == name.size() &&
+                std::equal(name.begin(), name.end(), line.begin(),
+                           [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
+    if (is_wanted) values.emplace_back(line.substr(colon + 1));
+  }
+  for (std::string& value : values) value = std::string(python_strip(value));
+  return values;
+}
+
+// message_field - the values a --match rule looks at: the envelope's sender, its recipients,
+// or from the message the Subject, any header NAME, or the text after the headers. Headers and
+// text are read raw for now (encoded words and MIME bodies as they came); this is the one
+// place where a MIME reader will give their decoded forms instead.
+inline std::vector<std::string> message_field(const Envelope& envelope, const MatchRule& rule) {
+  switch (rule.field) {
+    case MatchField::From: return {envelope.mailfrom};
+    case MatchField::Rcpt: return envelope.rcpttos;
+    case MatchField::Subject: return header_values(envelope.data, "Subject");
+    case MatchField::Header: return header_values(envelope.data, rule.header);
+    case MatchField::Text: break;
+  }
+  const std::string& data = envelope.data;  // no headers at all when it starts with a blank line
+  if (!data.empty() && data[0] == '\n') return {data.substr(1)};
+  std::size_t blank = data.find("\n\n");
+  return {blank == std::string::npos ? std::string() : data.substr(blank + 2)};
+}
+
+// MessageMatcher - the --match rules, all of which a message must meet (none: every message)
+class MessageMatcher {
+ public:
+  void add(MatchRule rule) { rules_.push_back(std::move(rule)); }
+  bool empty() const { return rules_.empty(); }
+  bool matches(const Envelope& envelope) const {
+    return std::all_of(rules_.begin(), rules_.end(), [&](const MatchRule& rule) {
+      std::vector<std::string> values = message_field(envelope, rule);
+      return std::any_of(values.begin(), values.end(),
+                         [&](const std::string& value) { return glob_match(rule.pattern, value); });
+    });
+  }
+
+ private:
+  std::vector<MatchRule> rules_;
 };
 
 // ==== 11. Local delivery ====
@@ -3825,10 +3900,12 @@ class DeliveringServer : public ServerMode {
     }
 
    private:
-    // keep - the stores, then the print-out; the verdict is `reply` once all have it
+    // keep - the stores, then the print-out (of a message that meets the --match rules); the
+    // verdict is `reply` once all have it
     void keep(Envelope& envelope, const std::string& reply, const Verdict& verdict) {
       std::string refusal = mode_.store(envelope);
-      if (!refusal.empty() || !mode_.printer_) return verdict(refusal.empty() ? reply : refusal);
+      if (!refusal.empty() || !mode_.printer_ || !envelope.is_matching)
+        return verdict(refusal.empty() ? reply : refusal);
       reactor_.dispose(std::move(printing_));  // a finished job: its verdict may have led here
       printing_ = mode_.printer_->print(reactor_, std::move(envelope),
                                         [reply, verdict](const std::string& error) {
@@ -5199,6 +5276,7 @@ struct ServerOptions {
   long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
   long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
+  MessageMatcher matcher;                            // --match: which messages count
 };
 
 // ExitPolicy - when the server ends by itself, and how it stops. --max-messages N: after the
@@ -5235,8 +5313,10 @@ class ExitPolicy {
       idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
   }
 
-  // on_delivered - one more message accepted with 2xx; the last one wanted stops accepting
-  void on_delivered() {
+  // on_delivered - one more message accepted with 2xx; only one that matches the --match
+  // rules counts, and the last one wanted stops accepting
+  void on_delivered(bool is_matching) {
+    if (!is_matching) return;
     ++delivered_;
     if (max_messages_ == 0 || delivered_ < max_messages_ || is_stopping()) return;
     is_draining_ = true;
@@ -5283,11 +5363,12 @@ class ExitPolicy {
 };
 
 // ConnectionContext - what every connection of a server shares: the reactor, our name, the
-// --timeout, how TLS starts, -d, and the exit policy that counts deliveries and says when
-// the server is stopping
+// --timeout, how TLS starts, -d, the --match rules, and the exit policy that counts deliveries
+// and says when the server is stopping
 struct ConnectionContext {
   Reactor& reactor;
   ExitPolicy& exit;
+  const MessageMatcher& matcher;  // --match: which messages are printed and counted
   std::string fqdn;
   long long command_timeout_ms;
   TransportWrapper wrap_in_tls;  // STARTTLS; empty without TLS
@@ -5399,12 +5480,15 @@ class Connection {
       case Channel::Question::Mail: return session_->on_mail(channel_.mail_request(), verdict);
       case Channel::Question::Rcpt: return session_->on_rcpt(channel_.pending_address(), verdict);
       case Channel::Question::Message: {
+        Envelope message = channel_.take_message();
+        message.is_matching = context_.matcher.matches(message);
         ExitPolicy& exit = context_.exit;
-        Verdict counted = [&exit, verdict](const std::string& reply) {
-          if (is_accepting(reply)) exit.on_delivered();
+        Verdict counted = [&exit, verdict,
+                           is_matching = message.is_matching](const std::string& reply) {
+          if (is_accepting(reply)) exit.on_delivered(is_matching);
           verdict(reply);
         };
-        return session_->on_message(channel_.take_message(), counted);
+        return session_->on_message(std::move(message), counted);
       }
       case Channel::Question::StartTls: is_tls_due_ = true; return;
       case Channel::Question::None: return;
@@ -5648,9 +5732,13 @@ class Server {
             [this](socket_t s, const std::string& ip, unsigned port) { on_accepted(s, ip, port); },
             [this] { return connections_.size(); }),
         exit_(reactor_, options.max_messages, options.idle_exit_ms, [this] { stop_accepting(); }),
-        context_{
-            reactor_,     exit_, channel_->fqdn, options.command_timeout_ms, options.wrap_in_tls,
-            options.debug},
+        context_{reactor_,
+                 exit_,
+                 options.matcher,
+                 channel_->fqdn,
+                 options.command_timeout_ms,
+                 options.wrap_in_tls,
+                 options.debug},
         max_clients_(options.max_clients),
         turn_away_(reactor_, options.is_tls_implicit ? options.wrap_in_tls : TransportWrapper()) {
     mode_.start(reactor_);
@@ -5697,7 +5785,7 @@ class Server {
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
     config->ask_envelope = mode.asks_envelope();
-    config->keep_data = mode.keeps_data();
+    config->keep_data = mode.keeps_data() || !options.matcher.empty();  // --match reads it
     if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
     return config;
   }
@@ -5799,7 +5887,7 @@ class Server {
 // (kExitUsage); ExitStatus lists every status the program ends with.
 //   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
 //   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
-//   load_auth_users, parse_refusal, parse_reject_seed (one value each);
+//   load_auth_users, parse_refusal, parse_match, parse_reject_seed (one value each);
 //   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
 //   help_text, apply_options, finish_tls, parse_command_line;
 //   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
@@ -5824,13 +5912,13 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
-                         // --max-clients
-  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout; complete_settings resolves it
-  DeliveringServer::Hook exec;  // --exec, --exec-timeout
-  std::string maildir;          // --maildir: empty for none
-  std::string mbox;             // --mbox: empty for none
-  bool json = false;            // --json
+  ServerOptions server;       // -d, -s, -u, --max-recipients, --max-messages, --match, --idle-exit,
+                              // --timeout, --max-clients
+  UpstreamSettings upstream;  // --connect-timeout, --reply-timeout; complete_settings resolves it
+  DeliveringServer::Hook exec;               // --exec, --exec-timeout
+  std::string maildir;                       // --maildir: empty for none
+  std::string mbox;                          // --mbox: empty for none
+  bool json = false;                         // --json
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
@@ -6032,6 +6120,36 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
   return rule;
 }
 
+// parse_match - --match FIELD=PATTERN, FIELD one of from, rcpt, subject, header:NAME, text;
+// the pattern is all after the first '=', so it may hold '=' itself
+inline MatchRule parse_match(const std::string& spec) {
+  auto bad = [&](const std::string& why) {
+    return UsageError("bad --match '" + spec + "': " + why +
+                      " (expected FIELD=PATTERN, as rcpt=*@example.com or subject=*welcome*)");
+  };
+  static const std::pair<const char*, MatchField> kFields[] = {{"from", MatchField::From},
+                                                               {"rcpt", MatchField::Rcpt},
+                                                               {"subject", MatchField::Subject},
+                                                               {"text", MatchField::Text}};
+  std::size_t equals = spec.find('=');
+  if (equals == std::string::npos) throw bad("no '='");
+  std::string field = spec.substr(0, equals);
+  MatchRule rule{MatchField::Header, "", spec.substr(equals + 1)};
+  auto found = std::find_if(std::begin(kFields), std::end(kFields),
+                            [&](const auto& row) { return field == row.first; });
+  if (found != std::end(kFields)) {
+    rule.field = found->second;
+  } else if (field.rfind("header:", 0) == 0 && field.size() > 7 &&
+             std::all_of(field.begin() + 7, field.end(),
+                         [](char c) { return c > ' ' && c < 0x7F; })) {
+    rule.header = field.substr(7);
+  } else {
+    throw bad("FIELD must be from, rcpt, subject, header:NAME or text");
+  }
+  if (rule.pattern.empty()) throw bad("PATTERN is empty (use * for any value)");
+  return rule;
+}
+
 // OptionArgument - an option as given: its name as the user writes it ("--timeout") and its
 // argument ("" for a flag)
 struct OptionArgument {
@@ -6177,6 +6295,11 @@ inline const std::vector<OptionRow>& option_rows() {
        "sessions have ended (after at most " +
            seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
        [](Arg a, Settings& s) { s.server.max_messages = parse_count(a.value, a.option); }},
+      {0, "match", "FIELD=PATTERN",
+       "Count toward --max-messages, and print, only the messages whose FIELD (from, rcpt, "
+       "subject, header:NAME or text) the shell-style PATTERN matches, case-insensitively; "
+       "repeatable, every rule must hold. Every message is still answered and stored.",
+       [](Arg a, Settings& s) { s.server.matcher.add(parse_match(a.value)); }, true},
       {0, "max-clients", "N",
        "Most clients connected at once; one more hears 421 and is closed; 0 means no "
        "limit (the default).",

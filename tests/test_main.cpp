@@ -28,3 +28,4 @@
 #include "test_reply_parser.cpp"
 #include "test_tls.cpp"
 #include "test_upstream.cpp"
+#include "test_wait.cpp"

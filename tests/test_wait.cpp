@@ -1,0 +1,126 @@
+// test_wait.cpp - waiting for the right message from a script: --match, --deadline,
+// --expect-none, --port-file, --background, the envelope in stored mail, smtpd --wait DIR,
+// and the README's recipes for them.
+//
+// First the pure parts of smtpd.cpp called directly (header_values, message_field,
+// parse_match); then the built binary end to end with real clients (swaks, Python's smtplib)
+// and real readers (jq). Every wait is bounded; everything listens on 127.0.0.1.
+#include <doctest/doctest.h>
+
+#include <regex>
+
+#include "test_support.hpp"
+
+namespace smtpd_test {
+namespace wait {
+
+TEST_SUITE_BEGIN("wait");
+
+// envelope_of - an envelope from a@example.com to `rcpts` holding `data` (lines joined by \n)
+inline Envelope envelope_of(std::string data, std::vector<std::string> rcpts = {"b@example.com"}) {
+  Envelope e;
+  e.peer = "127.0.0.1";
+  e.mailfrom = "a@example.com";
+  e.rcpttos = std::move(rcpts);
+  e.data = std::move(data);
+  return e;
+}
+
+// ==== --match: the rules, called directly ====
+
+TEST_CASE("header_values unfolds headers, ignores case and stops at the empty line") {
+  std::string data =
+      "Subject: first\n line\nX-Tag:  one  \nx-tag: two\n\tmore\nTo: b@example.com\n\n"
+      "X-Tag: in the body\n";
+  CHECK(header_values(data, "Subject") == std::vector<std::string>{"first line"});
+  CHECK(header_values(data, "X-TAG") == std::vector<std::string>{"one", "two\tmore"});
+  CHECK(header_values(data, "Cc").empty());
+  CHECK(header_values("\nSubject: body only\n", "Subject").empty());
+  CHECK(header_values("Subject: no body", "subject") == std::vector<std::string>{"no body"});
+}
+
+TEST_CASE("message_field gives each --match field its values") {
+  Envelope e = envelope_of("Subject: Hello =?utf-8?q?w?=\nX-Id: 42\n\nline 1\nline 2",
+                           {"b@example.com", "c@other.test"});
+  auto field = [&](const std::string& spec) { return message_field(e, parse_match(spec)); };
+  CHECK(field("from=*") == std::vector<std::string>{"a@example.com"});
+  CHECK(field("rcpt=*") == std::vector<std::string>{"b@example.com", "c@other.test"});
+  CHECK(field("subject=*") == std::vector<std::string>{"Hello =?utf-8?q?w?="});  // raw for now
+  CHECK(field("header:x-id=*") == std::vector<std::string>{"42"});
+  CHECK(field("text=*") == std::vector<std::string>{"line 1\nline 2"});
+  CHECK(message_field(envelope_of("no headers, no body"), parse_match("text=*")) ==
+        std::vector<std::string>{""});
+  CHECK(message_field(envelope_of("\nonly a body"), parse_match("text=*")) ==
+        std::vector<std::string>{"only a body"});
+}
+
+TEST_CASE("MessageMatcher: every rule must hold, each on any value, without regard to case") {
+  Envelope e = envelope_of("Subject: Your Reset Link\n\nClick https://x.test/r?t=1\n",
+                           {"b@example.com", "carol@wanted.test"});
+  auto matches = [&](std::vector<std::string> specs) {
+    MessageMatcher m;
+    for (const std::string& spec : specs) m.add(parse_match(spec));
+    return m.matches(e);
+  };
+  CHECK(matches({}));
+  CHECK(matches({"rcpt=*@WANTED.test"}));
+  CHECK(matches({"rcpt=carol@*", "subject=*reset*", "text=*https://x.test/r?t=1*"}));
+  CHECK_FALSE(matches({"rcpt=carol@*", "subject=*welcome*"}));
+  CHECK_FALSE(matches({"from=b@example.com"}));
+  CHECK_FALSE(matches({"header:X-Missing=*"}));
+}
+
+TEST_CASE("parse_match takes FIELD=PATTERN and refuses anything else") {
+  MatchRule rule = parse_match("header:X-Id=a=b*");
+  CHECK(rule.field == MatchField::Header);
+  CHECK(rule.header == "X-Id");
+  CHECK(rule.pattern == "a=b*");
+  for (const char* bad : {"rcpt", "to=x", "rcpt=", "header:=x", "header:a b=x", "=x"}) {
+    CAPTURE(bad);
+    CHECK_THROWS_AS(parse_match(bad), UsageError);
+  }
+  auto r = run_smtpd({"--match", "to=x"});
+  check_one_error_line(r, kExitUsage);
+  CHECK(r.err.find("bad --match 'to=x'") != std::string::npos);
+}
+
+// ==== --match end to end ====
+
+TEST_CASE("--match: only matching messages are printed and counted; every one is stored") {
+  TempDir tmp;
+  auto srv =
+      start_smtpd({"-c", "sink", "--maildir", tmp / "md", "--json", "--match", "rcpt=*@wanted.test",
+                   "--match", "subject=*reset*", "--max-messages", "1"});
+  CHECK(swaks(srv, {"--to", "x@other.test", "--header", "Subject: reset"}).ok());
+  CHECK(swaks(srv, {"--to", "y@wanted.test", "--header", "Subject: welcome"}).ok());
+  CHECK(srv.child.running());
+  CHECK(srv.stdout_text() == "");
+  CHECK(list_dir(tmp / "md/new").size() == 2);  // matching never refuses or drops mail
+  auto sent = swaks(srv, {"--to", "z@WANTED.test", "--header", "Subject: Your RESET link"});
+  CHECK(sent.ok());
+  auto st = srv.child.wait_exit(milliseconds(4000));
+  INFO(st.describe() << "; stderr: " << srv.child.err.text());
+  CHECK(st.exited);
+  CHECK(st.code == 0);
+  CHECK(list_dir(tmp / "md/new").size() == 3);
+  auto lines = lines_of(srv.child.out.text());
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].find("\"rcpttos\": [\"z@WANTED.test\"]") != std::string::npos);
+}
+
+TEST_CASE("--match with DebuggingServer prints only the matching message, in its layout") {
+  auto srv = start_smtpd({"--match", "from=*@app.test"});
+  CHECK(smtplib(srv).out == "sent\n");  // from app@example.com: not printed
+  CHECK(swaks(srv, {"--from", "app@app.test", "--header", "Subject: hi", "--body", "x"}).ok());
+  CHECK(srv.wait_stdout(kEnd));
+  std::string out = srv.stdout_text();
+  CHECK(count(out, kFollows) == 1);
+  CHECK(out.find("Subject: hi\n") != std::string::npos);
+  CHECK(out.find("from smtplib") == std::string::npos);
+  CHECK(srv.stop().code == 0);
+}
+
+TEST_SUITE_END();
+
+}  // namespace wait
+}  // namespace smtpd_test
