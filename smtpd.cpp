@@ -5883,7 +5883,7 @@ class Server {
 // ==== 16. Command line ====
 // smtpd.py's options and positional addresses. Each option is one OptionRow, which feeds
 // cxxopts, --help and the parse into Settings; complete_settings then adds what the start
-// needs, and nothing changes the Settings after. Errors are one line and exit status 1
+// needs, and nothing changes the Settings after. Errors are one line and exit status 2
 // (kExitUsage); ExitStatus lists every status the program ends with.
 //   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
 //   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
@@ -5893,12 +5893,17 @@ class Server {
 //   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
 //   run_smtpd (the start, in order)
 
+// The numbers a script tests for come first: 1 for a test assertion that failed, 2 for a bad
+// command line (as getopt-based tools and Python's argparse use it), 3 for a deadline passed.
+// differs from smtpd.py: it exits 1 for a bad command line and for every failure to start.
 enum ExitStatus {
   kExitOk = 0,
-  kExitUsage = 1,
-  kExitCannotListen = 2,
-  kExitPrivileges = 3,
+  kExitMatched = 1,     // --expect-none: a matching message arrived
+  kExitUsage = 2,       // a bad command line
+  kExitDeadline = 3,    // --deadline passed before --max-messages matching messages came
   kExitLoopFailed = 4,  // poll() failed while serving
+  kExitCannotListen = 5,
+  kExitPrivileges = 6,
 };
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
@@ -5927,7 +5932,7 @@ struct Settings {
   UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
-// UsageError - a bad command line: one line on stderr, exit status 1. The text quotes what
+// UsageError - a bad command line: one line on stderr, exit status 2 (kExitUsage). The text quotes what
 // was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
 // argument cannot start a line of its own.
 class UsageError : public std::runtime_error {

@@ -598,7 +598,7 @@ TEST_CASE("--exec on the command line: with -c PureProxy, or empty, exits 1 with
   for (const auto& a : args) argtext += " " + a;
   INFO("smtpd" << argtext);
   CommandResult r = run_smtpd(args);
-  check_one_error_line(r, 1);
+  check_one_error_line(r, kExitUsage);
   if (args[3] == "--exec" && args[2] == "PureProxy")
     CHECK(r.err.find("PureProxy") != std::string::npos);
 }
