@@ -2864,7 +2864,8 @@ class ServerMode {
 // made in place instead, as it is the last use of the text. Last, what --match reads of it.
 //   TextSource, StringText, read_all; session_header_lines; MessageText, LineText; FileText,
 //   borrowed; format_debug_message, debug_text; session_json, JsonText, format_json_message;
-//   MboxText; RelayText; MatchRule, header_values, message_field, MessageMatcher (--match)
+//   MboxText; RelayText; MatchRule, header_values, message_field, MessageMatcher (--match);
+//   ExitStatus, envelope_summary, Expectation (--max-messages, --deadline, --expect-none)
 
 // TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
 // file, a command, a stream or an upstream server without a second copy of it in memory
@@ -3269,6 +3270,94 @@ class MessageMatcher {
 
  private:
   std::vector<MatchRule> rules_;
+};
+
+// The numbers a script tests for come first: 1 for a test assertion that failed, 2 for a bad
+// command line (as getopt-based tools and Python's argparse use it), 3 for a deadline passed.
+// differs from smtpd.py: it exits 1 for a bad command line and for every failure to start.
+enum ExitStatus {
+  kExitOk = 0,
+  kExitMatched = 1,     // --expect-none: a matching message arrived
+  kExitUsage = 2,       // a bad command line
+  kExitDeadline = 3,    // --deadline passed before --max-messages matching messages came
+  kExitLoopFailed = 4,  // poll() failed while serving
+  kExitCannotListen = 5,
+  kExitPrivileges = 6,
+};
+
+// envelope_summary - what Expectation needs of a message once the mode has taken it: the
+// envelope, whether it matched, and the Subject line (not the rest of the data)
+inline Envelope envelope_summary(const Envelope& envelope) {
+  Envelope summary;
+  summary.mailfrom = envelope.mailfrom;
+  summary.rcpttos = envelope.rcpttos;
+  summary.is_matching = envelope.is_matching;
+  std::vector<std::string> subject = header_values(envelope.data, "Subject");
+  if (!subject.empty()) summary.data = "Subject: " + subject.front();
+  return summary;
+}
+
+// Expectation - what a test waits for, counted the same by the server and by --wait: `wanted`
+// matching messages (0: no number), or under --expect-none not one, by the deadline. It says
+// when the wait is over, the exit status, and the one line that explains it on stderr.
+class Expectation {
+ public:
+  Expectation(std::uint64_t wanted, bool expect_none, long long deadline_ms)
+      : wanted_(wanted), expect_none_(expect_none), deadline_ms_(deadline_ms) {}
+
+  // on_message - a message arrived (the server accepted it, or --wait found it); true when it
+  // ends the wait: the last one wanted, or under --expect-none the first that matches
+  bool on_message(const Envelope& envelope) {
+    if (!envelope.is_matching) return ++others_, false;
+    ++matching_;
+    if (expect_none_ && !has_failed()) failure_ = about(envelope);
+    return expect_none_ || (wanted_ != 0 && matching_ == wanted_);
+  }
+  void on_deadline() { is_deadline_passed_ = true; }
+
+  bool has_failed() const { return !failure_.empty(); }
+  bool is_deadline_passed() const { return is_deadline_passed_; }
+  std::uint64_t matching() const { return matching_; }
+
+  // exit_status - 1 when a message came that --expect-none forbids, 3 when the deadline
+  // passed before the wanted messages came (0 under --expect-none), else 0
+  int exit_status() const {
+    if (has_failed()) return kExitMatched;
+    return is_deadline_passed_ && !expect_none_ ? kExitDeadline : kExitOk;
+  }
+
+  // outcome - the line for stderr (without "smtpd: "), or "" when there is nothing to say:
+  // "deadline: 1 of 2 matching messages in 30 s (4 others arrived)"
+  std::string outcome() const {
+    if (has_failed()) return "--expect-none: a matching message arrived: " + failure_;
+    if (!is_deadline_passed_) return "";
+    std::uint64_t counted = wanted_ != 0 ? wanted_ : matching_;  // "1 of 2 messages"
+    std::string count = std::to_string(matching_) + " of " + std::to_string(wanted_);
+    if (wanted_ == 0) count = std::to_string(matching_);
+    if (expect_none_) count = "no", counted = 1;
+    return "deadline: " + count + " matching message" + (counted == 1 ? "" : "s") + " in " +
+           seconds_text(deadline_ms_) + " s (" + std::to_string(others_) +
+           (others_ == 1 ? " other" : " others") + " arrived)";
+  }
+
+  // about - a message in a few words: "from <a@x.test> to <b@y.test>, subject "Hi""
+  static std::string about(const Envelope& envelope) {
+    std::string text = "from <" + (envelope.mailfrom == "<>" ? "" : envelope.mailfrom) + "> to ";
+    for (std::size_t i = 0; i < envelope.rcpttos.size(); ++i)
+      text += (i > 0 ? ", <" : "<") + envelope.rcpttos[i] + ">";
+    std::vector<std::string> subject = header_values(envelope.data, "Subject");
+    text += subject.empty() ? ", no subject" : ", subject \"" + subject.front() + "\"";
+    return printable(text).substr(0, kReasonLimit);
+  }
+
+ private:
+  std::uint64_t wanted_;
+  bool expect_none_;
+  long long deadline_ms_;
+  std::uint64_t matching_ = 0;
+  std::uint64_t others_ = 0;
+  bool is_deadline_passed_ = false;
+  std::string failure_;  // --expect-none: about() the first matching message
 };
 
 // ==== 11. Local delivery ====
@@ -5277,28 +5366,36 @@ struct ServerOptions {
   long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
   MessageMatcher matcher;                            // --match: which messages count
+  long long deadline_ms = 0;                         // --deadline: 0 for none
+  bool expect_none = false;                          // --expect-none
 };
 
 // ExitPolicy - when the server ends by itself, and how it stops. --max-messages N: after the
-// N-th delivered message (its 250 queued) no new clients are taken; the sessions still open may
-// go on (and send more) until they quit, for at most kDrainGraceMs, then hear 421. --idle-exit
-// SECONDS: the loop ends once no client has been connected for that long, counted from the
-// start or from when the last client left. SIGTERM/SIGINT (begin_shutdown): no new clients;
-// idle sessions hear 421 at once, those in a transaction get kShutdownGraceMs to finish.
+// N-th delivered message that meets the --match rules (its 250 queued) no new clients are
+// taken; the sessions still open may go on (and send more) until they quit, for at most
+// kDrainGraceMs, then hear 421. --expect-none ends the same way after the first matching
+// message, with status 1. --idle-exit SECONDS: the loop ends once no client has been connected
+// for that long, counted from the start or from when the last client left. SIGTERM/SIGINT and
+// --deadline (begin_shutdown): no new clients; idle sessions hear 421 at once, those in a
+// transaction get kShutdownGraceMs to finish. The counting is the Expectation's.
 class ExitPolicy {
  public:
   using Task = std::function<void()>;
   // stop_accepting is called once, when the message limit is reached or shutdown begins
-  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms,
-             Task stop_accepting)
+  ExitPolicy(Reactor& reactor, const ServerOptions& options, Task stop_accepting)
       : reactor_(reactor),
-        max_messages_(max_messages),
-        idle_exit_ms_(idle_exit_ms),
+        expectation_(options.max_messages, options.expect_none, options.deadline_ms),
+        idle_exit_ms_(options.idle_exit_ms),
         stop_accepting_(std::move(stop_accepting)) {
     on_clients(0);
+    if (options.deadline_ms > 0)
+      deadline_timer_ = reactor_.start_timer(options.deadline_ms, [this] {
+        deadline_timer_ = 0;
+        if (!is_stopping()) expectation_.on_deadline();  // Server::run then begins the shutdown
+      });
   }
   ~ExitPolicy() {
-    for (Reactor::TimerId timer : {idle_timer_, drain_timer_, shutdown_timer_})
+    for (Reactor::TimerId timer : {idle_timer_, drain_timer_, shutdown_timer_, deadline_timer_})
       reactor_.cancel_timer(timer);
   }
   ExitPolicy(const ExitPolicy&) = delete;
@@ -5313,12 +5410,11 @@ class ExitPolicy {
       idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
   }
 
-  // on_delivered - one more message accepted with 2xx; only one that matches the --match
-  // rules counts, and the last one wanted stops accepting
-  void on_delivered(bool is_matching) {
-    if (!is_matching) return;
-    ++delivered_;
-    if (max_messages_ == 0 || delivered_ < max_messages_ || is_stopping()) return;
+  // on_delivered - one more message accepted with 2xx (its data may be gone: only the
+  // envelope, whether it matched and its subject count); the last one wanted, or under
+  // --expect-none the first that matches, stops accepting
+  void on_delivered(const Envelope& envelope) {
+    if (!expectation_.on_message(envelope) || is_stopping()) return;
     is_draining_ = true;
     stop(kDrainGraceMs, drain_timer_);
   }
@@ -5333,7 +5429,10 @@ class ExitPolicy {
   bool is_draining() const { return is_draining_; }  // the message limit is reached
   bool is_shutting_down() const { return is_shutting_down_; }
   bool is_due() const { return is_due_; }  // time to end the loop
-  std::uint64_t delivered() const { return delivered_; }
+  bool is_deadline_passed() const { return expectation_.is_deadline_passed(); }
+  std::uint64_t delivered() const { return expectation_.matching(); }
+  int exit_status() const { return expectation_.exit_status(); }
+  std::string outcome() const { return expectation_.outcome(); }  // "" or a line for stderr
   // closing_reason - what the sessions still open at the end hear after "421 <fqdn>"
   const char* closing_reason() const {
     return is_shutting_down_ ? kClosingShutdown : kClosingLimitReached;
@@ -5349,10 +5448,9 @@ class ExitPolicy {
   bool is_stopping() const { return is_draining_ || is_shutting_down_; }
 
   Reactor& reactor_;
-  std::uint64_t max_messages_;  // 0 for no limit
-  long long idle_exit_ms_;      // 0 for never
+  Expectation expectation_;  // --max-messages, --match, --deadline, --expect-none
+  long long idle_exit_ms_;   // 0 for never
   Task stop_accepting_;
-  std::uint64_t delivered_ = 0;
   std::size_t clients_ = 0;
   bool is_draining_ = false;
   bool is_shutting_down_ = false;
@@ -5360,6 +5458,7 @@ class ExitPolicy {
   Reactor::TimerId idle_timer_ = 0;
   Reactor::TimerId drain_timer_ = 0;     // the end of the drain after the message limit
   Reactor::TimerId shutdown_timer_ = 0;  // the end of the shutdown grace
+  Reactor::TimerId deadline_timer_ = 0;  // --deadline
 };
 
 // ConnectionContext - what every connection of a server shares: the reactor, our name, the
@@ -5482,10 +5581,10 @@ class Connection {
       case Channel::Question::Message: {
         Envelope message = channel_.take_message();
         message.is_matching = context_.matcher.matches(message);
+        auto counted_as = std::make_shared<const Envelope>(envelope_summary(message));
         ExitPolicy& exit = context_.exit;
-        Verdict counted = [&exit, verdict,
-                           is_matching = message.is_matching](const std::string& reply) {
-          if (is_accepting(reply)) exit.on_delivered(is_matching);
+        Verdict counted = [&exit, verdict, counted_as](const std::string& reply) {
+          if (is_accepting(reply)) exit.on_delivered(*counted_as);
           verdict(reply);
         };
         return session_->on_message(std::move(message), counted);
@@ -5731,7 +5830,7 @@ class Server {
             reactor_, std::move(listeners),
             [this](socket_t s, const std::string& ip, unsigned port) { on_accepted(s, ip, port); },
             [this] { return connections_.size(); }),
-        exit_(reactor_, options.max_messages, options.idle_exit_ms, [this] { stop_accepting(); }),
+        exit_(reactor_, options, [this] { stop_accepting(); }),
         context_{reactor_,
                  exit_,
                  options.matcher,
@@ -5755,7 +5854,8 @@ class Server {
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
     while (!exit_.is_due()) {
-      if (g_stop_requested && !exit_.is_shutting_down()) begin_shutdown();
+      bool is_stop_asked = g_stop_requested || exit_.is_deadline_passed();
+      if (is_stop_asked && !exit_.is_shutting_down()) begin_shutdown();
       watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
     }
@@ -5765,6 +5865,7 @@ class Server {
   }
 
   const std::string& error() const { return reactor_.error(); }
+  const ExitPolicy& exit_policy() const { return exit_; }
 
  private:
   // channel_for_client - the channel settings as the mode shapes them now (a relay's EHLO
@@ -5885,26 +5986,13 @@ class Server {
 // cxxopts, --help and the parse into Settings; complete_settings then adds what the start
 // needs, and nothing changes the Settings after. Errors are one line and exit status 2
 // (kExitUsage); ExitStatus lists every status the program ends with.
-//   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
+//   ModeKind, Settings, OptionArgument, OptionRow, CommandLine (ExitStatus is in section 10);
 //   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
 //   load_auth_users, parse_refusal, parse_match, parse_reject_seed (one value each);
 //   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
 //   help_text, apply_options, finish_tls, parse_command_line;
 //   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
 //   run_smtpd (the start, in order)
-
-// The numbers a script tests for come first: 1 for a test assertion that failed, 2 for a bad
-// command line (as getopt-based tools and Python's argparse use it), 3 for a deadline passed.
-// differs from smtpd.py: it exits 1 for a bad command line and for every failure to start.
-enum ExitStatus {
-  kExitOk = 0,
-  kExitMatched = 1,     // --expect-none: a matching message arrived
-  kExitUsage = 2,       // a bad command line
-  kExitDeadline = 3,    // --deadline passed before --max-messages matching messages came
-  kExitLoopFailed = 4,  // poll() failed while serving
-  kExitCannotListen = 5,
-  kExitPrivileges = 6,
-};
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
@@ -5932,8 +6020,8 @@ struct Settings {
   UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
-// UsageError - a bad command line: one line on stderr, exit status 2 (kExitUsage). The text quotes what
-// was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
+// UsageError - a bad command line: one line on stderr, exit status 2 (kExitUsage). The text quotes
+// what was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
 // argument cannot start a line of its own.
 class UsageError : public std::runtime_error {
  public:
@@ -6305,6 +6393,16 @@ inline const std::vector<OptionRow>& option_rows() {
        "subject, header:NAME or text) the shell-style PATTERN matches, case-insensitively; "
        "repeatable, every rule must hold. Every message is still answered and stored.",
        [](Arg a, Settings& s) { s.server.matcher.add(parse_match(a.value)); }, true},
+      {0, "deadline", "SECONDS",
+       "Exit with status 3 after SECONDS unless --max-messages matching messages came first "
+       "(status 0), saying on stderr how many came; open sessions hear 421 first, as at "
+       "SIGTERM.",
+       [](Arg a, Settings& s) { s.server.deadline_ms = parse_seconds(a.value, a.option); }},
+      {0, "expect-none", nullptr,
+       "With --deadline, expect no matching message: one that comes is answered and printed, "
+       "and smtpd exits with status 1 once the open sessions end, naming it on stderr; none "
+       "by the deadline is status 0.",
+       [](Arg, Settings& s) { s.server.expect_none = true; }},
       {0, "max-clients", "N",
        "Most clients connected at once; one more hears 421 and is closed; 0 means no "
        "limit (the default).",
@@ -6468,6 +6566,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   Settings s;
   apply_options(result, s);
   finish_tls(s);
+  if (s.server.expect_none && s.server.deadline_ms == 0)
+    throw UsageError("--expect-none needs --deadline: the time after which no mail is success");
   if (s.mailman_lmtp.host.empty())  // no --mailman-lmtp: parse_endpoint never leaves it empty
     s.mailman_lmtp = parse_endpoint(kDefaultMailmanLmtp, "Mailman LMTP");
   std::vector<std::string> addresses;
@@ -6642,9 +6742,11 @@ inline int serve(const Settings& settings) {
   Server server(std::move(sockets_to_watch), settings.server, *mode);
   bool is_ok = server.run();
   if (!is_ok) log_line(server.error());
+  std::string outcome = server.exit_policy().outcome();  // --deadline, --expect-none
+  if (!outcome.empty()) log_line(outcome);
   standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
   standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
-  return is_ok ? kExitOk : kExitLoopFailed;
+  return is_ok ? server.exit_policy().exit_status() : kExitLoopFailed;
 }
 
 // run_smtpd - the whole program: the command line, complete_settings, then serve; returns the

@@ -751,7 +751,9 @@ inline std::map<int, std::string> man_exit_statuses() {
 
 TEST_CASE("the man page's EXIT STATUS gives each status the program ends with its meaning") {
   const std::map<int, std::string> meaning{{kExitOk, "Normal end"},
+                                           {kExitMatched, "A message arrived that"},
                                            {kExitUsage, "Bad command line"},
+                                           {kExitDeadline, "The deadline passed"},
                                            {kExitCannotListen, "Cannot listen"},
                                            {kExitPrivileges, "Cannot drop privileges"},
                                            {kExitLoopFailed, "The event loop failed"},

@@ -120,6 +120,111 @@ TEST_CASE("--match with DebuggingServer prints only the matching message, in its
   CHECK(srv.stop().code == 0);
 }
 
+// ==== --deadline and --expect-none ====
+
+TEST_CASE("Expectation counts matching messages and others, and names the outcome") {
+  Envelope wanted = envelope_of("Subject: Reset\n\nbody", {"b@example.com", "c@example.com"});
+  Envelope other = envelope_of("");
+  other.is_matching = false;
+  SUBCASE("two wanted, one came by the deadline: status 3") {
+    Expectation e(2, false, 30000);
+    CHECK_FALSE(e.on_message(wanted));
+    for (int i = 0; i < 4; ++i) CHECK_FALSE(e.on_message(other));
+    e.on_deadline();
+    CHECK(e.exit_status() == kExitDeadline);
+    CHECK(e.outcome() == "deadline: 1 of 2 matching messages in 30 s (4 others arrived)");
+  }
+  SUBCASE("the wanted number came: 0, nothing to say") {
+    Expectation e(1, false, 30000);
+    CHECK(e.on_message(wanted));
+    CHECK(e.exit_status() == kExitOk);
+    CHECK(e.outcome() == "");
+  }
+  SUBCASE("--expect-none: the first matching message fails it") {
+    Expectation e(0, true, 1500);
+    CHECK_FALSE(e.on_message(other));
+    CHECK(e.on_message(wanted));
+    CHECK(e.exit_status() == kExitMatched);
+    CHECK(e.outcome() ==
+          "--expect-none: a matching message arrived: from <a@example.com> to <b@example.com>, "
+          "<c@example.com>, subject \"Reset\"");
+  }
+  SUBCASE("--expect-none: none by the deadline is 0") {
+    Expectation e(0, true, 1500);
+    CHECK_FALSE(e.on_message(other));
+    e.on_deadline();
+    CHECK(e.exit_status() == kExitOk);
+    CHECK(e.outcome() == "deadline: no matching message in 1.5 s (1 other arrived)");
+  }
+}
+
+TEST_CASE("--expect-none without --deadline, or a bad --deadline, is a bad command line") {
+  check_one_error_line(run_smtpd({"--expect-none"}), kExitUsage);
+  check_one_error_line(run_smtpd({"--deadline", "0"}), kExitUsage);
+  check_one_error_line(run_smtpd({"--deadline", "soon"}), kExitUsage);
+}
+
+TEST_CASE("--deadline: too few matching messages exit 3 with one line; idle sessions hear 421") {
+  auto before = Clock::now();
+  auto srv = start_smtpd(
+      {"-c", "sink", "--match", "rcpt=*@wanted.test", "--max-messages", "2", "--deadline", "1.5"});
+  CHECK(swaks(srv, {"--to", "a@wanted.test"}).ok());
+  CHECK(swaks(srv, {"--to", "a@other.test"}).ok());
+  Client idle = srv.connect();
+  std::string fqdn = read_greeting(idle);
+  CHECK(idle.read_reply(milliseconds(4000)) ==
+        "421 " + fqdn + " Error: shutting down; try again later");
+  auto st = srv.child.wait_exit(milliseconds(4000));
+  double took = seconds_since(before);
+  CHECK(st.exited);
+  CHECK(st.code == kExitDeadline);
+  CHECK(took > 1.4);
+  CHECK(took < 4);
+  CHECK(lines_of(srv.child.err.text()).back() ==
+        "smtpd: deadline: 1 of 2 matching messages in 1.5 s (1 other arrived)");
+}
+
+TEST_CASE("--deadline: the wanted messages before it exit 0 at once, with nothing said") {
+  auto srv = start_smtpd({"-c", "sink", "--max-messages", "1", "--deadline", "20"});
+  CHECK(swaks(srv).ok());
+  auto st = srv.child.wait_exit(milliseconds(4000));
+  CHECK(st.exited);
+  CHECK(st.code == kExitOk);
+  CHECK(srv.child.err.text().find("deadline") == std::string::npos);
+}
+
+TEST_CASE("--expect-none: a matching message is answered and printed, then exit 1 naming it") {
+  auto srv = start_smtpd({"-c", "sink", "--json", "--match", "rcpt=*@secret.test", "--deadline",
+                          "20", "--expect-none"});
+  CHECK(swaks(srv, {"--to", "x@other.test"}).ok());  // not matching: nothing happens
+  Client c = greeted_client(srv);
+  REQUIRE(send_wire(c, crlf("Subject: leaked\n\nbody\n"), "<app@example.com>",
+                    {"b@example.com", "boss@secret.test"}) == "250 OK");
+  CHECK(srv.wait_stdout("boss@secret.test"));  // printed before the 250
+  CHECK_FALSE(wait_until([&] { return !srv.child.running(); }, milliseconds(500)));  // open
+  CHECK(c.command("QUIT") == "221 Bye");
+  auto st = srv.child.wait_exit(milliseconds(4000));
+  CHECK(st.exited);
+  CHECK(st.code == kExitMatched);
+  auto lines = lines_of(srv.child.out.text());
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].find("boss@secret.test") != std::string::npos);
+  CHECK(lines_of(srv.child.err.text()).back() ==
+        "smtpd: --expect-none: a matching message arrived: from <app@example.com> to "
+        "<b@example.com>, <boss@secret.test>, subject \"leaked\"");
+}
+
+TEST_CASE("--expect-none: no matching message by the deadline exits 0") {
+  auto srv = start_smtpd(
+      {"-c", "sink", "--match", "rcpt=*@secret.test", "--deadline", "1", "--expect-none"});
+  CHECK(smtplib(srv).out == "sent\n");
+  auto st = srv.child.wait_exit(milliseconds(4000));
+  CHECK(st.exited);
+  CHECK(st.code == kExitOk);
+  CHECK(lines_of(srv.child.err.text()).back() ==
+        "smtpd: deadline: no matching message in 1 s (1 other arrived)");
+}
+
 TEST_SUITE_END();
 
 }  // namespace wait
