@@ -366,7 +366,7 @@ inline bool drop_privileges(std::string& error) {
 // standard input and output that the loop polls like sockets. POSIX only for now: on Windows
 // CreateProcess with overlapped pipes does not fit WSAPoll, which polls sockets only.
 //   ChildProcess, spawn_shell, kill_child, reap_child, PipeResult, read_pipe, write_pipe,
-//   close_pipe, kCanRunCommands
+//   close_pipe, kCanRunCommands; detach, kCanDetach (--background)
 #ifdef _WIN32
 using process_t = int;
 #else
@@ -402,8 +402,38 @@ inline PipeResult write_pipe(socket_t, const char*, std::size_t) {
   return {PipeResult::Status::End, 0};
 }
 inline void close_pipe(socket_t) {}
+constexpr bool kCanDetach = false;
+inline long detach(std::string& error) {
+  error = "--background is not available on Windows";
+  return -1;
+}
 #else
 constexpr bool kCanRunCommands = true;
+constexpr bool kCanDetach = true;
+
+// detach - --background: fork; the parent gets the child's pid, the child 0 and goes on in
+// a session of its own with stdin on /dev/null. Its stdout and stderr stay where they are
+// when they are files or terminals; a pipe or socket is replaced by /dev/null, or a shell's
+// $(smtpd --background ...) would wait for the server to end. -1 and `error` when fork fails.
+inline long detach(std::string& error) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = fork();
+  if (pid != 0) {
+    if (pid < 0) error = std::string("cannot fork: ") + std::strerror(errno);
+    return pid;
+  }
+  setsid();
+  int null = ::open("/dev/null", O_RDWR);
+  if (null < 0) return 0;  // as good as we can do: the descriptors stay as they are
+  dup2(null, 0);
+  for (int fd : {1, 2}) {
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) dup2(null, fd);
+  }
+  if (null > 2) ::close(null);
+  return 0;
+}
 
 // spawn_shell - start `sh -c command` with extra environment variables; false and `error`
 // when it could not start
@@ -5264,6 +5294,7 @@ class StartError : public std::runtime_error {
 struct Listener {
   socket_t socket;
   std::string bound;
+  std::uint16_t port;
 };
 
 // listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
@@ -5322,7 +5353,7 @@ inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>&
         break;
       }
       auto [text, bound_port] = bound_address(s);
-      listeners.push_back({s, text});
+      listeners.push_back({s, text, bound_port});
       chosen = bound_port;
     }
     if (failed == nullptr) return listeners;
@@ -6012,6 +6043,8 @@ struct Settings {
   std::string maildir;                       // --maildir: empty for none
   std::string mbox;                          // --mbox: empty for none
   bool json = false;                         // --json
+  std::string port_file;                     // --port-file: empty for none
+  bool background = false;                   // --background
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
@@ -6425,6 +6458,18 @@ inline const std::vector<OptionRow>& option_rows() {
        [](Arg a, Settings& s) {
          s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(a.value, a.option));
        }},
+      // starting from a script: where it listens, and not in the foreground
+      {0, "port-file", "FILE",
+       "Once every address listens, write the port (the first address's) and a newline to "
+       "FILE, atomically; it is removed at exit.",
+       [](Arg a, Settings& s) { s.port_file = parse_path(a.value, a.option); }},
+      {0, "background", nullptr,
+       "Once listening, go on in the background and print SMTPD_PORT=N and SMTPD_PID=N on "
+       "stdout for eval; a stdout or stderr on a pipe goes to /dev/null (POSIX only).",
+       [](Arg, Settings& s) {
+         if (!kCanDetach) throw UsageError("--background is not available on this system");
+         s.background = true;
+       }},
       // the opt-in ESMTP extensions AUTH and PIPELINING
       {0, "auth", nullptr,
        "Offer AUTH PLAIN and LOGIN (RFC 4954) and accept any user name and password; "
@@ -6701,6 +6746,33 @@ inline std::string mailman_text(const Settings& s) {
   return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
+// PortFile - --port-file: the port and a newline, written to a temporary file renamed into
+// place (a reader never sees half of it), removed when this goes
+class PortFile {
+ public:
+  PortFile() = default;
+  ~PortFile() {
+    if (!path_.empty()) remove_file(path_);
+  }
+  PortFile(const PortFile&) = delete;
+  PortFile& operator=(const PortFile&) = delete;
+
+  bool write(const std::string& path, unsigned port, std::string& error) {
+    std::string tmp = path + ".tmp." + std::to_string(process_id());
+    File file;
+    bool is_written = file.create_new(tmp, error) &&
+                      file.write_all(std::to_string(port) + "\n", error) && file.close(error) &&
+                      rename_file(tmp, path, error);
+    if (!is_written) remove_file(tmp);
+    if (is_written) path_ = path;
+    return is_written;
+  }
+  void forget() { path_.clear(); }  // another process owns the file now
+
+ private:
+  std::string path_;
+};
+
 // serve - from complete Settings: listen, drop privileges, serve until the end; the exit status
 inline int serve(const Settings& settings) {
   std::unique_ptr<ServerMode> mode = make_mode(settings);
@@ -6723,6 +6795,14 @@ inline int serve(const Settings& settings) {
     }
   }
   prepare_outputs(settings);
+  PortFile port_file;
+  std::string error;
+  if (!settings.port_file.empty() &&
+      !port_file.write(settings.port_file, listeners.front().port, error)) {
+    for (const Listener& l : listeners) close_socket(l.socket);
+    log_line(error);
+    return kExitCannotListen;
+  }
   if (settings.server.debug && settings.server.channel.refusals)
     log_line("--reject-seed " + std::to_string(*settings.reject_seed));
   // One "listening on" line, as scripts expect; the other addresses after it
@@ -6731,6 +6811,15 @@ inline int serve(const Settings& settings) {
   for (std::size_t i = 1; i < listeners.size(); ++i)
     std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
+  if (settings.background) {
+    long pid = detach(error);
+    if (pid != 0) {  // the parent (or fork failed): the child owns the listeners and the file
+      port_file.forget();
+      if (pid < 0) log_line(error);
+      if (pid > 0) std::printf("SMTPD_PORT=%u\nSMTPD_PID=%ld\n", listeners.front().port, pid);
+      return pid > 0 ? kExitOk : kExitCannotListen;
+    }
+  }
   standard_output().make_nonblocking();  // from here on the loop never waits for a reader
   standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);

@@ -225,6 +225,58 @@ TEST_CASE("--expect-none: no matching message by the deadline exits 0") {
         "smtpd: deadline: no matching message in 1 s (1 other arrived)");
 }
 
+// ==== --port-file and --background ====
+
+TEST_CASE("--port-file holds the port and a newline while the server runs, then is removed") {
+  TempDir tmp;
+  auto srv = start_smtpd({"--port-file", tmp / "port"});
+  CHECK(read_file(tmp / "port") == std::to_string(srv.port()) + "\n");
+  CHECK(list_dir(tmp.path()) == std::vector<std::string>{"port"});  // no temporary file left
+  CHECK(srv.stop().code == kExitOk);
+  CHECK(list_dir(tmp.path()).empty());
+  SUBCASE("a port file that cannot be written is one line and status 5") {
+    check_one_error_line(run_smtpd({"-n", "--port-file", tmp / "no/such/dir", "127.0.0.1:0"}),
+                         kExitCannotListen);
+  }
+}
+
+// Detached - a server started with --background: killed (SIGKILL) when this goes, as it is
+// not our child
+struct Detached {
+  pid_t pid = 0;
+  ~Detached() {
+    if (pid > 0) ::kill(pid, SIGKILL);
+  }
+};
+
+TEST_CASE("--background: the command returns at once with SMTPD_PORT and SMTPD_PID") {
+  TempDir tmp;
+  auto before = Clock::now();
+  auto r = run_smtpd({"-n", "-c", "sink", "--maildir", tmp / "md", "--port-file", tmp / "port",
+                      "--background", "127.0.0.1:0"});  // its stdout and stderr are pipes
+  CHECK(seconds_since(before) < 3);
+  INFO(r.describe());
+  REQUIRE(r.ok());
+  std::smatch m;
+  REQUIRE(std::regex_match(r.out, m, std::regex("SMTPD_PORT=([0-9]+)\nSMTPD_PID=([0-9]+)\n")));
+  Detached server{static_cast<pid_t>(std::stoi(m[2]))};
+  CHECK(read_file(tmp / "port") == m.str(1) + "\n");
+  CHECK(::getsid(server.pid) == server.pid);  // a session of its own
+  auto client = Client::connect("127.0.0.1", std::stoi(m[1]));
+  greet(client);
+  CHECK(send_mail(client, "Subject: in the background\n\nbody\n") == "250 OK");
+  CHECK(list_dir(tmp / "md/new").size() == 1);
+  CHECK(::kill(server.pid, SIGTERM) == 0);
+  CHECK(wait_until([&] { return list_dir(tmp.path()) == std::vector<std::string>{"md"}; },
+                   milliseconds(4000)));  // it removed its port file on the way out
+}
+
+TEST_CASE("--background: a port in use is said before detaching, with the usual status") {
+  IdlePort busy(IdlePort::Silent);
+  auto r = run_smtpd({"-n", "--background", busy.address()});
+  check_one_error_line(r, kExitCannotListen);
+}
+
 TEST_SUITE_END();
 
 }  // namespace wait
