@@ -2892,7 +2892,8 @@ class ServerMode {
 // second copy: what a Maildir file or a command gets (FileText), the --json line (JsonText),
 // the mbox entry (MboxText), what goes upstream (RelayText). The DebuggingServer print-out is
 // made in place instead, as it is the last use of the text. Last, what --match reads of it.
-//   TextSource, StringText, read_all; session_header_lines; MessageText, LineText; FileText,
+//   TextSource, StringText, read_all; session_header_lines, envelope_header_lines,
+//   stored_header_lines; MessageText, LineText; FileText,
 //   borrowed; format_debug_message, debug_text; session_json, JsonText, format_json_message;
 //   MboxText; RelayText; MatchRule, header_values, message_field, MessageMatcher (--match);
 //   ExitStatus, envelope_summary, Expectation (--max-messages, --deadline, --expect-none)
@@ -2942,6 +2943,22 @@ inline std::string session_header_lines(const Envelope& envelope) {
     lines += "X-Auth-User: " + *envelope.auth_user + "\n";
   if (envelope.tls && !envelope.tls->empty()) lines += "X-TLS: " + *envelope.tls + "\n";
   return lines;
+}
+
+// envelope_header_lines - what a store writes first, so the stored file alone says who the
+// message was for (a Bcc recipient is in no header): "Return-Path: <sender>" ("<>" for the
+// null sender) and one "Delivered-To: <recipient>" per recipient, as Postfix's local
+// delivery and Dovecot write them
+inline std::string envelope_header_lines(const Envelope& envelope) {
+  std::string lines =
+      "Return-Path: <" + (envelope.mailfrom == "<>" ? std::string() : envelope.mailfrom) + ">\n";
+  for (const std::string& rcpt : envelope.rcpttos) lines += "Delivered-To: <" + rcpt + ">\n";
+  return lines;
+}
+
+// stored_header_lines - the lines --maildir and --mbox write before a message
+inline std::string stored_header_lines(const Envelope& envelope) {
+  return envelope_header_lines(envelope) + session_header_lines(envelope);
 }
 
 // MessageText - a TextSource over one message held once, shared with whoever else needs it:
@@ -3170,17 +3187,16 @@ inline std::unique_ptr<TextSource> debug_text(Envelope envelope) {
   return std::make_unique<StringText>(format_debug_message(std::move(envelope)));
 }
 
-// MboxText - an mbox entry: "From SENDER DATE", the message (the session's lines first) with
-// one more '>' before each line that matches ^>*From  (the mboxrd rule, so a reader can undo
-// it exactly) and "\n" after every line, the last one included, then the empty line that
-// ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white space
-// and control characters in a (quoted) address become '_', so the line stays one line of two
+// MboxText - an mbox entry: "From SENDER DATE", the message (the envelope and session lines first:
+// stored_header_lines) with one more '>' before each line that matches ^>*From  (the mboxrd rule,
+// so a reader can undo it exactly) and "\n" after every line, the last one included, then the empty
+// line that ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white
+// space and control characters in a (quoted) address become '_', so the line stays one line of two
 // fields.
 class MboxText : public LineText {
  public:
   MboxText(std::shared_ptr<const Envelope> message, std::int64_t unix_seconds)
-      : LineText(message, from_line(*message, unix_seconds), session_header_lines(*message), "\n") {
-  }
+      : LineText(message, from_line(*message, unix_seconds), stored_header_lines(*message), "\n") {}
 
  private:
   static std::string from_line(const Envelope& envelope, std::int64_t unix_seconds) {
@@ -3632,6 +3648,7 @@ inline bool make_directories(const std::string& path, std::string& error) {
 // MaildirStore - --maildir DIR: written to tmp/, synced, renamed into new/, new/ synced.
 // The directories are made (again) for every message, so a Maildir removed while the server
 // runs comes back. No name comes from the message: only time, pid, a counter and the host.
+// The file starts with stored_header_lines (Return-Path, Delivered-To, the session's).
 class MaildirStore : public MessageOutput {
  public:
   explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(getfqdn()) {}
@@ -3650,7 +3667,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    FileText text(borrowed(envelope), session_header_lines(envelope));
+    FileText text(borrowed(envelope), stored_header_lines(envelope));
     if (!write_synced(tmp, text, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);

@@ -277,6 +277,27 @@ TEST_CASE("--background: a port in use is said before detaching, with the usual 
   check_one_error_line(r, kExitCannotListen);
 }
 
+// ==== The envelope in stored mail ====
+
+TEST_CASE("--maildir and --mbox start each message with Return-Path and Delivered-To") {
+  TempDir tmp;
+  auto srv = start_smtpd({"-c", "sink", "--maildir", tmp / "md", "--mbox", tmp / "mb"});
+  Client c = greeted_client(srv);
+  // The Bcc recipient is in no header: only the envelope says the message was for it.
+  CHECK(send_wire(c, crlf("To: b@example.com\nSubject: s\n\nbody\n"), "<>",
+                  {"b@example.com", "hidden@bcc.test"}) == "250 OK");
+  const std::string stored =
+      "Return-Path: <>\nDelivered-To: <b@example.com>\n"
+      "Delivered-To: <hidden@bcc.test>\nTo: b@example.com\nSubject: s\n\n"
+      "body\n";
+  auto names = list_dir(tmp / "md/new");
+  REQUIRE(names.size() == 1);
+  CHECK(read_file(tmp / "md/new/" + names[0]) == stored);
+  std::string mbox = read_file(tmp / "mb");
+  CHECK(starts_with(mbox, "From MAILER-DAEMON "));
+  CHECK(mbox.substr(mbox.find('\n') + 1) == stored + "\n");
+}
+
 TEST_SUITE_END();
 
 }  // namespace wait
