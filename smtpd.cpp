@@ -47,6 +47,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -68,6 +69,7 @@
 #include <ws2tcpip.h>
 #else
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <netdb.h>
@@ -172,6 +174,9 @@ constexpr int kMboxLockWaitMs = 5000;  // --mbox: longest wait for another progr
                                        // has one thread, so a longer wait would stall every client;
                                        // past it the client gets 451 and retries.
 constexpr int kLockRetryMs = 10;       // --mbox: pause between two attempts to take the lock
+// smtpd --wait: how often the Maildir is listed while waiting. Four times a second costs
+// next to nothing (two directory reads) and sees a message within a quarter of a second.
+constexpr int kWaitPollMs = 250;
 constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; RFC 5321 4.5.3.1.5
                                            // allows 512 per reply line
 
@@ -635,7 +640,8 @@ inline bool is_loopback_host(const std::string& host) {
 // so they need fsync, an atomic rename, a whole-file lock and a directory sync. File is a
 // descriptor that closes itself; every call returns false with "what PATH: reason" in error.
 //   File (create_new, open_append, write_all, sync, lock, size, truncate, close),
-//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators
+//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators,
+//   path_exists, read_whole_file, list_directory
 
 // fail_path - error = "what PATH: reason"; returns false
 inline bool fail_path(const char* what, const std::string& path, std::string& error, int err) {
@@ -830,6 +836,47 @@ inline bool path_exists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
 }
+
+// read_whole_file - all of a file's bytes into text; false and `error` when it cannot be read
+inline bool read_whole_file(const std::string& path, std::string& text, std::string& error) {
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return fail_path("cannot read", path, error, errno);
+  text.clear();
+  char buffer[4096];
+  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
+  bool is_read = !std::ferror(file);
+  std::fclose(file);
+  if (!is_read) error = "cannot read " + path;
+  return is_read;
+}
+
+#ifdef _WIN32
+// list_directory - the names in a directory but . and .., in no order; empty if it cannot be read
+inline std::vector<std::string> list_directory(const std::string& path) {
+  std::vector<std::string> names;
+  WIN32_FIND_DATAA found;
+  HANDLE search = FindFirstFileA((path + "\\*").c_str(), &found);
+  if (search == INVALID_HANDLE_VALUE) return names;
+  do {
+    std::string name = found.cFileName;
+    if (name != "." && name != "..") names.push_back(name);
+  } while (FindNextFileA(search, &found));
+  FindClose(search);
+  return names;
+}
+#else
+inline std::vector<std::string> list_directory(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  while (const struct dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  return names;
+}
+#endif
 
 inline bool File::create_new(const std::string& path, std::string& error) {
   return open(path, kCreateNewFlags, error);
@@ -3413,7 +3460,8 @@ class Expectation {
 // 451. Standard output and error are queues the loop never waits on.
 //   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
 //   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, ChildRun,
-//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer;
+//   read_stored_message, MaildirReader (smtpd --wait)
 
 // OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
@@ -4080,6 +4128,85 @@ class DebuggingServer : public DeliveringServer {
   explicit DebuggingServer(std::unique_ptr<StreamPrinter> printer, MessageOutputs outputs = {},
                            Hook hook = {})
       : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
+};
+
+// Reading a Maildir back, for smtpd --wait DIR: the messages a MaildirStore (ours, or another
+// smtpd's) put there, each once. Only new/ and cur/ are read: a file appears there by a rename
+// from tmp/ once it is whole, so nothing half-written is ever read; a file that a mail reader
+// moves from new/ to cur/ meanwhile (adding ":2,FLAGS" to its name) is the same message.
+//   read_stored_message, MaildirReader
+
+// read_stored_message - a stored file as an envelope: the sender and recipients from its
+// Return-Path and Delivered-To lines (envelope_header_lines), the rest as the data, without
+// the final "\n" FileText adds; the peer is not stored, so it is ""
+inline Envelope read_stored_message(std::string_view text) {
+  Envelope envelope;
+  for (;;) {
+    std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    auto address = [&](std::string_view tag) {
+      return std::string(line.substr(tag.size() + 1, line.size() - tag.size() - 2));
+    };
+    bool is_envelope = end != std::string_view::npos && line.size() >= 2 && line.back() == '>';
+    if (is_envelope && line.rfind("Return-Path: <", 0) == 0) {
+      envelope.mailfrom = address("Return-Path: ");
+      if (envelope.mailfrom.empty()) envelope.mailfrom = "<>";
+    } else if (is_envelope && line.rfind("Delivered-To: <", 0) == 0) {
+      envelope.rcpttos.push_back(address("Delivered-To: "));
+    } else {
+      break;
+    }
+    text.remove_prefix(end + 1);
+  }
+  if (!text.empty() && text.back() == '\n') text.remove_suffix(1);
+  envelope.data = std::string(text);
+  return envelope;
+}
+
+// MaildirReader - the messages of a Maildir not taken before, oldest name first (the names
+// start with the time)
+class MaildirReader {
+ public:
+  explicit MaildirReader(std::string dir) : dir_(std::move(dir)) {}
+
+  // skip_present - the messages there now count as taken (--new-only)
+  void skip_present() {
+    for (const auto& [key, path] : unseen()) seen_.insert(key);
+  }
+
+  // take_new - the text of each message not taken before; one that cannot be read now (it
+  // was being moved to cur/) is taken at a later call
+  std::vector<std::string> take_new() {
+    std::vector<std::string> texts;
+    for (const auto& [key, path] : unseen()) {
+      std::string text, error;
+      if (!read_whole_file(path, text, error)) continue;
+      seen_.insert(key);
+      texts.push_back(std::move(text));
+    }
+    return texts;
+  }
+
+ private:
+  // unseen - (key, path) of each file in new/ and cur/ not taken, by name; the key is the
+  // name without the ":2,FLAGS" a reader adds
+  std::vector<std::pair<std::string, std::string>> unseen() const {
+    std::vector<std::pair<std::string, std::string>> found;
+    for (const char* sub : {"/new/", "/cur/"}) {
+      for (const std::string& name : list_directory(dir_ + sub)) {
+        std::string key = name.substr(0, name.find(':'));
+        if (name[0] != '.' && seen_.count(key) == 0) found.emplace_back(key, dir_ + sub + name);
+      }
+    }
+    std::sort(found.begin(), found.end());
+    found.erase(std::unique(found.begin(), found.end(),
+                            [](const auto& a, const auto& b) { return a.first == b.first; }),
+                found.end());
+    return found;
+  }
+
+  std::string dir_;
+  std::set<std::string> seen_;  // keys of the messages taken
 };
 
 // ==== 12. SMTP client ====
@@ -6039,8 +6166,8 @@ class Server {
 //   load_auth_users, parse_refusal, parse_match, parse_reject_seed (one value each);
 //   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
 //   help_text, apply_options, finish_tls, parse_command_line;
-//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
-//   run_smtpd (the start, in order)
+//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, PortFile,
+//   serve; print_now, wait_for_mail (--wait); run_smtpd (the start, in order)
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
@@ -6062,6 +6189,8 @@ struct Settings {
   bool json = false;                         // --json
   std::string port_file;                     // --port-file: empty for none
   bool background = false;                   // --background
+  std::string wait_dir;                      // --wait: the Maildir to wait on; empty: serve
+  bool new_only = false;                     // --new-only
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
@@ -6206,15 +6335,8 @@ inline AuthUsers parse_auth_users(const std::string& text, const std::string& pa
 
 // load_auth_users - read and parse an --auth-file, at start (before privileges are dropped)
 inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path) {
-  std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr)
-    throw UsageError("cannot read --auth-file " + path + ": " + std::strerror(errno));
-  std::string text;
-  char buffer[4096];
-  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
-  bool is_read = !std::ferror(file);
-  std::fclose(file);
-  if (!is_read) throw UsageError("cannot read --auth-file " + path);
+  std::string text, error;
+  if (!read_whole_file(path, text, error)) throw UsageError(error + " (--auth-file)");
   return std::make_shared<const AuthUsers>(parse_auth_users(text, path));
 }
 
@@ -6475,6 +6597,14 @@ inline const std::vector<OptionRow>& option_rows() {
        [](Arg a, Settings& s) {
          s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(a.value, a.option));
        }},
+      // smtpd --wait: a query on the Maildir of a server already running
+      {0, "wait", "DIR",
+       "Do not serve: wait until --max-messages (default 1) messages in the Maildir DIR "
+       "meet the --match rules, print them as the server would and exit 0; --deadline and "
+       "--expect-none work as for the server.",
+       [](Arg a, Settings& s) { s.wait_dir = parse_path(a.value, a.option); }},
+      {0, "new-only", nullptr, "With --wait, count only the messages that arrive after it started.",
+       [](Arg, Settings& s) { s.new_only = true; }},
       // starting from a script: where it listens, and not in the foreground
       {0, "port-file", "FILE",
        "Once every address listens, write the port (the first address's) and a newline to "
@@ -6855,8 +6985,51 @@ inline int serve(const Settings& settings) {
   return is_ok ? server.exit_policy().exit_status() : kExitLoopFailed;
 }
 
-// run_smtpd - the whole program: the command line, complete_settings, then serve; returns the
-// exit status
+// print_now - a message on stdout at once, in the DebuggingServer layout or as --json
+inline void print_now(const Envelope& envelope, bool json) {
+  std::string text =
+      json ? read_all(*format_json_message(envelope)) : format_debug_message(envelope);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+}
+
+// wait_for_mail - smtpd --wait DIR: look at the Maildir every kWaitPollMs until the
+// Expectation is met (status 0), a message --expect-none forbids is found (1, at once: no
+// session to wait for) or the deadline passes (3, or 0 under --expect-none). Each matching
+// message is printed as it is found. A DIR not there yet is waited for like an empty one.
+inline int wait_for_mail(const Settings& s) {
+  const ServerOptions& o = s.server;
+  Expectation expectation(o.max_messages == 0 ? 1 : o.max_messages, o.expect_none, o.deadline_ms);
+  MaildirReader maildir(s.wait_dir);
+  if (s.new_only) maildir.skip_present();
+  auto start = std::chrono::steady_clock::now();
+  binary_stdout();
+  for (bool is_over = false; !is_over;) {
+    for (const std::string& text : maildir.take_new()) {
+      Envelope envelope = read_stored_message(text);
+      envelope.is_matching = o.matcher.matches(envelope);
+      if (envelope.is_matching) print_now(envelope, s.json);
+      if ((is_over = expectation.on_message(envelope))) break;
+    }
+    long long waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::steady_clock::now() - start)
+                           .count();
+    if (is_over) break;
+    if (o.deadline_ms > 0 && waited >= o.deadline_ms) {
+      expectation.on_deadline();
+      break;
+    }
+    long long pause = kWaitPollMs;
+    if (o.deadline_ms > 0) pause = std::min(pause, o.deadline_ms - waited);
+    sleep_ms(static_cast<int>(pause));
+  }
+  std::string outcome = expectation.outcome();
+  if (!outcome.empty()) std::fprintf(stderr, "smtpd: %s\n", outcome.c_str());
+  return expectation.exit_status();
+}
+
+// run_smtpd - the whole program: the command line, complete_settings, then serve (or
+// wait_for_mail for --wait); returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
   [[maybe_unused]] SocketRuntime sockets;
@@ -6867,6 +7040,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
       std::fputs(cl.text_for_stdout.c_str(), stdout);
       return kExitOk;
     }
+    if (!cl.settings->wait_dir.empty()) return wait_for_mail(*cl.settings);
     settings = complete_settings(std::move(*cl.settings));
   } catch (const UsageError& e) {
     log_line(e.what());

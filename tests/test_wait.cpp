@@ -7,7 +7,9 @@
 // and real readers (jq). Every wait is bounded; everything listens on 127.0.0.1.
 #include <doctest/doctest.h>
 
+#include <fstream>
 #include <regex>
+#include <thread>
 
 #include "test_support.hpp"
 
@@ -296,6 +298,120 @@ TEST_CASE("--maildir and --mbox start each message with Return-Path and Delivere
   std::string mbox = read_file(tmp / "mb");
   CHECK(starts_with(mbox, "From MAILER-DAEMON "));
   CHECK(mbox.substr(mbox.find('\n') + 1) == stored + "\n");
+}
+
+// ==== smtpd --wait DIR ====
+
+TEST_CASE("read_stored_message reads the envelope back from a stored file") {
+  Envelope e = read_stored_message(
+      "Return-Path: <a@example.com>\nDelivered-To: <b@example.com>\nDelivered-To: <c@x.test>\n"
+      "X-Auth-User: u\nSubject: s\n\nbody\n");
+  CHECK(e.mailfrom == "a@example.com");
+  CHECK(e.rcpttos == std::vector<std::string>{"b@example.com", "c@x.test"});
+  CHECK(e.data == "X-Auth-User: u\nSubject: s\n\nbody");
+  CHECK(read_stored_message("Return-Path: <>\n\nx\n").mailfrom == "<>");
+  CHECK(read_stored_message("Subject: no envelope\n").data == "Subject: no envelope");
+}
+
+// start_wait - smtpd --wait with these arguments, running
+inline Child start_wait(std::vector<std::string> args) {
+  args.insert(args.begin(), {smtpd_bin(), "--wait"});
+  return Child::spawn(args);
+}
+
+TEST_CASE("--wait: the first matching message, found as it arrives, printed as --json; exit 0") {
+  TempDir tmp;
+  auto srv = start_smtpd({"-c", "sink", "--maildir", tmp / "md"});
+  Child waiting =
+      start_wait({tmp / "md", "--match", "rcpt=*@bcc.test", "--deadline", "10", "--json"});
+  CHECK(swaks(srv, {"--to", "x@other.test"}).ok());
+  CHECK_FALSE(wait_until([&] { return !waiting.running(); }, milliseconds(700)));
+  Client c = greeted_client(srv);
+  CHECK(send_wire(c, crlf("To: b@example.com\nSubject: hi\n\nbody\n"), "<a@example.com>",
+                  {"b@example.com", "hidden@bcc.test"}) == "250 OK");
+  auto st = waiting.wait_exit(milliseconds(3000));
+  CHECK(st.exited);
+  CHECK(st.code == kExitOk);
+  waiting.pump();
+  auto lines = lines_of(waiting.out.text());
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0] ==
+        "{\"peer\": \"\", \"mailfrom\": \"a@example.com\", \"rcpttos\": [\"b@example.com\", "
+        "\"hidden@bcc.test\"], \"mail_options\": [], \"rcpt_options\": [], \"size\": 35, "
+        "\"data\": \"To: b@example.com\\nSubject: hi\\n\\nbody\", \"data_encoding\": \"utf-8\"}");
+  CHECK(waiting.err.text() == "");
+}
+
+TEST_CASE("--wait counts what is there already, unless --new-only; --deadline exits 3") {
+  TempDir tmp;
+  auto srv = start_smtpd({"-c", "sink", "--maildir", tmp / "md"});
+  CHECK(swaks(srv, {"--header", "Subject: early"}).ok());
+  auto r = run_smtpd({"--wait", tmp / "md", "--match", "subject=early"});
+  CHECK(r.ok());
+  CHECK(count(r.out, kFollows) == 1);
+  r = run_smtpd({"--wait", tmp / "md", "--new-only", "--deadline", "1"});
+  CHECK(r.status.code == kExitDeadline);
+  CHECK(r.out == "");
+  CHECK(r.err == "smtpd: deadline: 0 of 1 matching message in 1 s (0 others arrived)\n");
+  r = run_smtpd({"--wait", tmp / "md", "--max-messages", "2", "--deadline", "1"});
+  CHECK(r.status.code == kExitDeadline);
+  CHECK(r.err == "smtpd: deadline: 1 of 2 matching messages in 1 s (0 others arrived)\n");
+}
+
+TEST_CASE("--wait --expect-none: a matching message exits 1 at once; none by the deadline 0") {
+  TempDir tmp;
+  auto srv = start_smtpd({"-c", "sink", "--maildir", tmp / "md"});
+  CHECK(swaks(srv, {"--to", "boss@secret.test", "--header", "Subject: oops"}).ok());
+  auto r = run_smtpd(
+      {"--wait", tmp / "md", "--match", "rcpt=*@secret.test", "--deadline", "5", "--expect-none"});
+  CHECK(r.status.code == kExitMatched);
+  CHECK(count(r.out, kFollows) == 1);
+  CHECK(r.err ==
+        "smtpd: --expect-none: a matching message arrived: from <app@example.com> to "
+        "<boss@secret.test>, subject \"oops\"\n");
+  r = run_smtpd(
+      {"--wait", tmp / "md", "--match", "rcpt=*@other.test", "--deadline", "1", "--expect-none"});
+  CHECK(r.status.code == kExitOk);
+  CHECK(r.out == "");
+}
+
+TEST_CASE("--wait reads no half-written file and counts a message moved to cur/ once") {
+  TempDir tmp;
+  for (const char* sub : {"", "/tmp", "/new", "/cur"}) ::mkdir((tmp / "md" + sub).c_str(), 0700);
+  write_file(tmp / "md/tmp/1.M1P1Q1.host", "Return-Path: <a@x.test>\nDelivered-To: <b@x.test>\n");
+  Child waiting = start_wait({tmp / "md", "--max-messages", "2", "--deadline", "3", "--json"});
+  CHECK_FALSE(wait_until([&] { return !waiting.running(); }, milliseconds(600)));
+  {
+    std::ofstream more(tmp / "md/tmp/1.M1P1Q1.host", std::ios::app);
+    more << "Subject: whole\n\nbody\n";
+  }
+  REQUIRE(::rename((tmp / "md/tmp/1.M1P1Q1.host").c_str(),
+                   (tmp / "md/new/1.M1P1Q1.host").c_str()) == 0);
+  CHECK(waiting.wait_output(
+      waiting.out, [](const std::string& t) { return t.find('\n') != std::string::npos; },
+      milliseconds(2000)));
+  // a mail reader moves it to cur/ and marks it seen: the same message, not a second one
+  REQUIRE(::rename((tmp / "md/new/1.M1P1Q1.host").c_str(),
+                   (tmp / "md/cur/1.M1P1Q1.host:2,S").c_str()) == 0);
+  auto st = waiting.wait_exit(milliseconds(5000));
+  CHECK(st.code == kExitDeadline);
+  waiting.pump();
+  auto lines = lines_of(waiting.out.text());
+  REQUIRE(lines.size() == 1);
+  CHECK(lines[0].find("\"data\": \"Subject: whole\\n\\nbody\"") != std::string::npos);
+}
+
+TEST_CASE("--wait is cheap while it waits") {
+  TempDir tmp;
+  Child waiting = start_wait({tmp / "md", "--deadline", "30"});  // not there yet: waited for
+  std::this_thread::sleep_for(milliseconds(300));
+  double before = cpu_seconds(waiting.pid());
+  std::this_thread::sleep_for(milliseconds(3000));
+  double used = cpu_seconds(waiting.pid()) - before;
+  MESSAGE("smtpd --wait used " << used << " s of CPU in 3 s of waiting");
+  CHECK(before >= 0);
+  CHECK(used < 0.1);
+  CHECK(waiting.running());
 }
 
 TEST_SUITE_END();
