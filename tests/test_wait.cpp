@@ -7,6 +7,7 @@
 // and real readers (jq). Every wait is bounded; everything listens on 127.0.0.1.
 #include <doctest/doctest.h>
 
+#include <climits>
 #include <fstream>
 #include <regex>
 #include <thread>
@@ -412,6 +413,95 @@ TEST_CASE("--wait is cheap while it waits") {
   CHECK(before >= 0);
   CHECK(used < 0.1);
   CHECK(waiting.running());
+}
+
+// ==== The README's recipes, run as printed ====
+
+// recipe_blocks - the code blocks of README.md's "Asserting on mail in a test", in order,
+// each as (language, text)
+inline std::vector<std::pair<std::string, std::string>> recipe_blocks() {
+  std::string readme = read_file("README.md");
+  std::size_t at = readme.find("\n## Asserting on mail in a test\n");
+  std::size_t end = readme.find("\n## ", at + 1);
+  std::vector<std::pair<std::string, std::string>> blocks;
+  while (at != std::string::npos && (at = readme.find("\n```", at)) < end) {
+    std::size_t language_end = readme.find('\n', at + 4);
+    std::size_t close = readme.find("\n```\n", language_end);
+    if (close == std::string::npos) break;
+    blocks.emplace_back(readme.substr(at + 4, language_end - at - 4),
+                        readme.substr(language_end + 1, close - language_end));
+    at = close + 4;
+  }
+  return blocks;
+}
+
+// path_with_smtpd - a PATH on which "smtpd" is the binary under test, as after make install
+struct PathWithSmtpd {
+  PathWithSmtpd() {
+    char resolved[PATH_MAX];
+    REQUIRE(::realpath(smtpd_bin().c_str(), resolved) != nullptr);
+    REQUIRE(::symlink(resolved, (bin / "smtpd").c_str()) == 0);
+    const char* path = std::getenv("PATH");
+    value = "PATH=" + bin.path() + ":" + (path ? path : "/usr/bin:/bin");
+  }
+  TempDir bin;
+  std::string value;
+};
+
+TEST_CASE("README: each recipe of 'Asserting on mail in a test' runs as printed") {
+  require_tool("swaks", "swaks");
+  require_tool("jq", "jq");
+  auto blocks = recipe_blocks();
+  REQUIRE(blocks.size() == 4);
+  PathWithSmtpd path;
+  TempDir tmp;
+  SUBCASE("bash: --background, then smtpd --wait ... --json | jq") {
+    REQUIRE(blocks[0].first == "bash");
+    write_file(tmp / "recipe.sh", blocks[0].second);
+    auto r = run_command({"env", path.value, "bash", tmp / "recipe.sh"}, milliseconds(30000));
+    INFO(r.describe());
+    CHECK(r.ok());
+    CHECK(r.out == "https://app.example/reset?t=42\n");
+  }
+  SUBCASE("bash: --expect-none") {
+    REQUIRE(blocks[1].first == "bash");
+    write_file(tmp / "recipe.sh", blocks[1].second);
+    auto r = run_command({"env", path.value, "bash", tmp / "recipe.sh"}, milliseconds(30000));
+    INFO(r.describe());
+    CHECK(r.ok());
+    CHECK(r.out == "nothing was sent to example.net\n");
+    std::string said = "smtpd: deadline: no matching message in 2 s (1 other arrived)\n";
+    CHECK(r.err.size() >= said.size());
+    CHECK(r.err.substr(r.err.size() - std::min(r.err.size(), said.size())) == said);
+  }
+  SUBCASE("a GitHub Actions step, run as its bash shell runs it") {
+    REQUIRE(blocks[2].first == "yaml");
+    std::string script;
+    bool is_in_run = false;
+    for (const std::string& line : lines_of(blocks[2].second)) {
+      if (is_in_run && starts_with(line, "    ")) script += line.substr(4) + "\n";
+      if (line == "  run: |") is_in_run = true;
+    }
+    REQUIRE(!script.empty());
+    write_file(tmp / "step.sh", script);
+    auto r = run_command({"env", path.value, "RUNNER_TEMP=" + tmp.path(), "bash", "--noprofile",
+                          "--norc", "-eo", "pipefail", tmp / "step.sh"},
+                         milliseconds(30000));
+    INFO(r.describe());
+    CHECK(r.ok());
+    CHECK(count(r.out, kFollows) == 1);
+  }
+  SUBCASE("a pytest fixture with --port-file") {
+    REQUIRE(blocks[3].first == "python");
+    std::string pytest = require_tool("pytest", "python3-pytest");
+    write_file(tmp / "test_recipe.py", blocks[3].second);
+    auto r = run_command(
+        {"env", path.value, pytest, "-q", "-p", "no:cacheprovider", tmp / "test_recipe.py"},
+        milliseconds(60000));
+    INFO(r.describe());
+    CHECK(r.ok());
+    CHECK(r.out.find("1 passed") != std::string::npos);
+  }
 }
 
 TEST_SUITE_END();
