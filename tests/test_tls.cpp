@@ -156,7 +156,8 @@ TEST_CASE("smtplib sends after starttls and login, or over SMTP_SSL; --tls-requi
   auto files = list_dir(dir / "md/new");
   REQUIRE(files.size() == 1);
   std::string text = read_file(dir / "md/new/" + files[0]);
-  CHECK(starts_with(text, "X-Auth-User: hana\nX-TLS: TLSv1.3 TLS_"));
+  CHECK(starts_with(text, stored_envelope("app@example.com", {"user@example.com"}) +
+                              "X-Auth-User: hana\nX-TLS: TLSv1.3 TLS_"));
   auto refused = smtplib_tls(srv, "plain");
   CHECK(refused.out == "SMTPSenderRefused 530\n");
   auto smtps = start_smtpd({"-c", "sink", "--tls-implicit", "--auth"});
