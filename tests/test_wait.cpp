@@ -455,20 +455,20 @@ TEST_CASE("README: each recipe of 'Asserting on mail in a test' runs as printed"
   REQUIRE(blocks.size() == 4);
   PathWithSmtpd path;
   TempDir tmp;
-  SUBCASE("bash: --background, then smtpd --wait ... --json | jq") {
-    REQUIRE(blocks[0].first == "bash");
-    write_file(tmp / "recipe.sh", blocks[0].second);
+  // run_bash - block i, a bash script, run with bash; CHECKs that it succeeds
+  auto run_bash = [&](std::size_t i) {
+    REQUIRE(blocks[i].first == "bash");
+    write_file(tmp / "recipe.sh", blocks[i].second);
     auto r = run_command({"env", path.value, "bash", tmp / "recipe.sh"}, milliseconds(30000));
-    INFO(r.describe());
-    CHECK(r.ok());
+    CHECK_MESSAGE(r.ok(), r.describe());
+    return r;
+  };
+  SUBCASE("bash: --background, then smtpd --wait ... --json | jq") {
+    auto r = run_bash(0);
     CHECK(r.out == "https://app.example/reset?t=42\n");
   }
   SUBCASE("bash: --expect-none") {
-    REQUIRE(blocks[1].first == "bash");
-    write_file(tmp / "recipe.sh", blocks[1].second);
-    auto r = run_command({"env", path.value, "bash", tmp / "recipe.sh"}, milliseconds(30000));
-    INFO(r.describe());
-    CHECK(r.ok());
+    auto r = run_bash(1);
     CHECK(r.out == "nothing was sent to example.net\n");
     std::string said = "smtpd: deadline: no matching message in 2 s (1 other arrived)\n";
     CHECK(r.err.size() >= said.size());
