@@ -56,7 +56,8 @@ TEST_SOURCES := $(wildcard tests/*.cpp tests/*.hpp)
 # (Debian's mailman3, installed the same way, its own daemon not started).
 BUILD_NEEDS := header:cxxopts.hpp:libcxxopts-dev:cxxopts
 TEST_NEEDS  := header:doctest/doctest.h:doctest-dev:doctest \
-               cmd:python3:python3 cmd:curl:curl cmd:swaks:swaks cmd:jq:jq \
+               cmd:python3:python3 cmd:pytest:python3-pytest cmd:curl:curl cmd:swaks:swaks \
+               cmd:jq:jq \
                perl:IO-Socket-INET6:libio-socket-inet6-perl \
                cmd:man:man-db cmd:groff:groff-base cmd:smtp-sink:postfix \
                file:/usr/lib/mailman3/bin/master:mailman3

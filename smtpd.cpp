@@ -48,6 +48,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -70,6 +71,7 @@
 #include <ws2tcpip.h>
 #else
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <netdb.h>
@@ -198,6 +200,9 @@ constexpr std::size_t kMimeParamLimit = 64;     // parameters of one Content-Typ
 // (kDataSizeDefault), so any message at the default limit is decoded; a part past it is not
 constexpr std::size_t kMimeDecodedLimit = 32 * 1024 * 1024;
 constexpr std::size_t kMimeLinkLimit = 1000;  // links kept of one message
+// smtpd --wait: how often the Maildir is listed while waiting. Four times a second costs
+// next to nothing (two directory reads) and sees a message within a quarter of a second.
+constexpr int kWaitPollMs = 250;
 constexpr std::size_t kReasonLimit = 400;  // bytes of an error in a 451 reply; RFC 5321 4.5.3.1.5
                                            // allows 512 per reply line
 
@@ -392,7 +397,7 @@ inline bool drop_privileges(std::string& error) {
 // standard input and output that the loop polls like sockets. POSIX only for now: on Windows
 // CreateProcess with overlapped pipes does not fit WSAPoll, which polls sockets only.
 //   ChildProcess, spawn_shell, kill_child, reap_child, PipeResult, read_pipe, write_pipe,
-//   close_pipe, kCanRunCommands
+//   close_pipe, kCanRunCommands; detach, kCanDetach (--background)
 #ifdef _WIN32
 using process_t = int;
 #else
@@ -428,8 +433,38 @@ inline PipeResult write_pipe(socket_t, const char*, std::size_t) {
   return {PipeResult::Status::End, 0};
 }
 inline void close_pipe(socket_t) {}
+constexpr bool kCanDetach = false;
+inline long detach(std::string& error) {
+  error = "--background is not available on Windows";
+  return -1;
+}
 #else
 constexpr bool kCanRunCommands = true;
+constexpr bool kCanDetach = true;
+
+// detach - --background: fork; the parent gets the child's pid, the child 0 and goes on in
+// a session of its own with stdin on /dev/null. Its stdout and stderr stay where they are
+// when they are files or terminals; a pipe or socket is replaced by /dev/null, or a shell's
+// $(smtpd --background ...) would wait for the server to end. -1 and `error` when fork fails.
+inline long detach(std::string& error) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  pid_t pid = fork();
+  if (pid != 0) {
+    if (pid < 0) error = std::string("cannot fork: ") + std::strerror(errno);
+    return pid;
+  }
+  setsid();
+  int null = ::open("/dev/null", O_RDWR);
+  if (null < 0) return 0;  // as good as we can do: the descriptors stay as they are
+  dup2(null, 0);
+  for (int fd : {1, 2}) {
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode)) dup2(null, fd);
+  }
+  if (null > 2) ::close(null);
+  return 0;
+}
 
 // spawn_shell - start `sh -c command` with extra environment variables; false and `error`
 // when it could not start
@@ -631,7 +666,8 @@ inline bool is_loopback_host(const std::string& host) {
 // so they need fsync, an atomic rename, a whole-file lock and a directory sync. File is a
 // descriptor that closes itself; every call returns false with "what PATH: reason" in error.
 //   File (create_new, open_append, write_all, sync, lock, size, truncate, close),
-//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators
+//   make_directory, rename_file, remove_file, sync_directory, process_id, kPathSeparators,
+//   path_exists, read_whole_file, list_directory
 
 // fail_path - error = "what PATH: reason"; returns false
 inline bool fail_path(const char* what, const std::string& path, std::string& error, int err) {
@@ -826,6 +862,47 @@ inline bool path_exists(const std::string& path) {
   struct stat st;
   return ::stat(path.c_str(), &st) == 0;
 }
+
+// read_whole_file - all of a file's bytes into text; false and `error` when it cannot be read
+inline bool read_whole_file(const std::string& path, std::string& text, std::string& error) {
+  std::FILE* file = std::fopen(path.c_str(), "rb");
+  if (file == nullptr) return fail_path("cannot read", path, error, errno);
+  text.clear();
+  char buffer[4096];
+  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
+  bool is_read = !std::ferror(file);
+  std::fclose(file);
+  if (!is_read) error = "cannot read " + path;
+  return is_read;
+}
+
+#ifdef _WIN32
+// list_directory - the names in a directory but . and .., in no order; empty if it cannot be read
+inline std::vector<std::string> list_directory(const std::string& path) {
+  std::vector<std::string> names;
+  WIN32_FIND_DATAA found;
+  HANDLE search = FindFirstFileA((path + "\\*").c_str(), &found);
+  if (search == INVALID_HANDLE_VALUE) return names;
+  do {
+    std::string name = found.cFileName;
+    if (name != "." && name != "..") names.push_back(name);
+  } while (FindNextFileA(search, &found));
+  FindClose(search);
+  return names;
+}
+#else
+inline std::vector<std::string> list_directory(const std::string& path) {
+  std::vector<std::string> names;
+  DIR* dir = ::opendir(path.c_str());
+  if (dir == nullptr) return names;
+  while (const struct dirent* entry = ::readdir(dir)) {
+    std::string name = entry->d_name;
+    if (name != "." && name != "..") names.push_back(name);
+  }
+  ::closedir(dir);
+  return names;
+}
+#endif
 
 inline bool File::create_new(const std::string& path, std::string& error) {
   return open(path, kCreateNewFlags, error);
@@ -1866,6 +1943,8 @@ struct Envelope {
   bool smtputf8 = false;                  // MAIL carried SMTPUTF8
   std::optional<std::string> auth_user;   // AUTH offered: the user logged in, "" for none
   std::optional<std::string> tls;         // TLS on: "TLSv1.3 CIPHER" of the session, "" for none
+  bool is_matching = true;  // --match: every rule holds (the server decides, before the mode
+                            // sees it); a message that does not is neither printed nor counted
 };
 
 // MailRequest - what a relay needs to know of an accepted-looking MAIL command
@@ -4167,10 +4246,12 @@ inline MailSummary summarize_mail(std::string_view data) {
 // that copy a chunk at a time (kTextChunk) by a TextSource, so a big message never costs a
 // second copy: what a Maildir file or a command gets (FileText), the --json line (JsonText),
 // the mbox entry (MboxText), what goes upstream (RelayText). The DebuggingServer print-out is
-// made in place instead, as it is the last use of the text.
-//   TextSource, StringText, read_all; session_header_lines; MessageText, LineText; FileText,
+// made in place instead, as it is the last use of the text. Last, what --match reads of it.
+//   TextSource, StringText, read_all; session_header_lines, envelope_header_lines,
+//   stored_header_lines; MessageText, LineText; FileText,
 //   borrowed; format_debug_message, debug_text; session_json, JsonText, format_json_message;
-//   MboxText; RelayText
+//   MboxText; RelayText; MatchRule, header_values, message_field, MessageMatcher (--match);
+//   ExitStatus, envelope_summary, Expectation (--max-messages, --deadline, --expect-none)
 
 // TextSource - a text made as it is taken, a chunk at a time, so that a big message reaches a
 // file, a command, a stream or an upstream server without a second copy of it in memory
@@ -4217,6 +4298,22 @@ inline std::string session_header_lines(const Envelope& envelope) {
     lines += "X-Auth-User: " + *envelope.auth_user + "\n";
   if (envelope.tls && !envelope.tls->empty()) lines += "X-TLS: " + *envelope.tls + "\n";
   return lines;
+}
+
+// envelope_header_lines - what a store writes first, so the stored file alone says who the
+// message was for (a Bcc recipient is in no header): "Return-Path: <sender>" ("<>" for the
+// null sender) and one "Delivered-To: <recipient>" per recipient, as Postfix's local
+// delivery and Dovecot write them
+inline std::string envelope_header_lines(const Envelope& envelope) {
+  std::string lines =
+      "Return-Path: <" + (envelope.mailfrom == "<>" ? std::string() : envelope.mailfrom) + ">\n";
+  for (const std::string& rcpt : envelope.rcpttos) lines += "Delivered-To: <" + rcpt + ">\n";
+  return lines;
+}
+
+// stored_header_lines - the lines --maildir and --mbox write before a message
+inline std::string stored_header_lines(const Envelope& envelope) {
+  return envelope_header_lines(envelope) + session_header_lines(envelope);
 }
 
 // MessageText - a TextSource over one message held once, shared with whoever else needs it:
@@ -4445,17 +4542,16 @@ inline std::unique_ptr<TextSource> debug_text(Envelope envelope) {
   return std::make_unique<StringText>(format_debug_message(std::move(envelope)));
 }
 
-// MboxText - an mbox entry: "From SENDER DATE", the message (the session's lines first) with
-// one more '>' before each line that matches ^>*From  (the mboxrd rule, so a reader can undo
-// it exactly) and "\n" after every line, the last one included, then the empty line that
-// ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white space
-// and control characters in a (quoted) address become '_', so the line stays one line of two
+// MboxText - an mbox entry: "From SENDER DATE", the message (the envelope and session lines first:
+// stored_header_lines) with one more '>' before each line that matches ^>*From  (the mboxrd rule,
+// so a reader can undo it exactly) and "\n" after every line, the last one included, then the empty
+// line that ends the entry. The null sender <> is written MAILER-DAEMON, as mail systems do; white
+// space and control characters in a (quoted) address become '_', so the line stays one line of two
 // fields.
 class MboxText : public LineText {
  public:
   MboxText(std::shared_ptr<const Envelope> message, std::int64_t unix_seconds)
-      : LineText(message, from_line(*message, unix_seconds), session_header_lines(*message), "\n") {
-  }
+      : LineText(message, from_line(*message, unix_seconds), stored_header_lines(*message), "\n") {}
 
  private:
   static std::string from_line(const Envelope& envelope, std::int64_t unix_seconds) {
@@ -4504,6 +4600,167 @@ class RelayText : public LineText {
   bool is_peer_added_ = false;
 };
 
+// Matching, for --match FIELD=PATTERN: a message matches when every rule holds, and a rule
+// holds when its shell-style pattern (glob_match, as --reject's) takes any value of its field.
+//   MatchField, MatchRule, header_values, message_field, MessageMatcher
+
+enum class MatchField { From, Rcpt, Subject, Header, Text };
+
+struct MatchRule {
+  MatchField field;
+  std::string header;   // MatchField::Header: the header's name
+  std::string pattern;  // shell-style, ASCII letters without regard to case
+};
+
+// header_values - the values of every header `name` (any case) in a message's header section,
+// unfolded (RFC 5322 2.2.3: a line that starts with white space goes on the one before), the
+// white space around each value taken off. The section ends at the first empty line.
+inline std::vector<std::string> header_values(std::string_view data, std::string_view name) {
+  std::vector<std::string> values;
+  bool is_wanted = false;  // the field being read is `name`
+  for (std::size_t at = 0; at < data.size();) {
+    std::size_t end = std::min(data.find('\n', at), data.size());
+    std::string_view line = data.substr(at, end - at);
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    at = end + 1;
+    if (line.empty()) break;
+    if (line[0] == ' ' || line[0] == '\t') {
+      if (is_wanted) values.back() += std::string(line);
+      continue;
+    }
+    std::size_t colon = line.find(':');
+    is_wanted = colon != std::string_view::npos && colon == name.size() &&
+                std::equal(name.begin(), name.end(), line.begin(),
+                           [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
+    if (is_wanted) values.emplace_back(line.substr(colon + 1));
+  }
+  for (std::string& value : values) value = std::string(python_strip(value));
+  return values;
+}
+
+// message_field - the values a --match rule looks at: the envelope's sender, its recipients,
+// or from the message the Subject, any header NAME, or the text after the headers. Headers and
+// text are read raw for now (encoded words and MIME bodies as they came); this is the one
+// place where a MIME reader will give their decoded forms instead.
+inline std::vector<std::string> message_field(const Envelope& envelope, const MatchRule& rule) {
+  switch (rule.field) {
+    case MatchField::From: return {envelope.mailfrom};
+    case MatchField::Rcpt: return envelope.rcpttos;
+    case MatchField::Subject: return header_values(envelope.data, "Subject");
+    case MatchField::Header: return header_values(envelope.data, rule.header);
+    case MatchField::Text: break;
+  }
+  const std::string& data = envelope.data;  // no headers at all when it starts with a blank line
+  if (!data.empty() && data[0] == '\n') return {data.substr(1)};
+  std::size_t blank = data.find("\n\n");
+  return {blank == std::string::npos ? std::string() : data.substr(blank + 2)};
+}
+
+// MessageMatcher - the --match rules, all of which a message must meet (none: every message)
+class MessageMatcher {
+ public:
+  void add(MatchRule rule) { rules_.push_back(std::move(rule)); }
+  bool empty() const { return rules_.empty(); }
+  bool matches(const Envelope& envelope) const {
+    return std::all_of(rules_.begin(), rules_.end(), [&](const MatchRule& rule) {
+      std::vector<std::string> values = message_field(envelope, rule);
+      return std::any_of(values.begin(), values.end(),
+                         [&](const std::string& value) { return glob_match(rule.pattern, value); });
+    });
+  }
+
+ private:
+  std::vector<MatchRule> rules_;
+};
+
+// The numbers a script tests for come first: 1 for a test assertion that failed, 2 for a bad
+// command line (as getopt-based tools and Python's argparse use it), 3 for a deadline passed.
+// differs from smtpd.py: it exits 1 for a bad command line and for every failure to start.
+enum ExitStatus {
+  kExitOk = 0,
+  kExitMatched = 1,     // --expect-none: a matching message arrived
+  kExitUsage = 2,       // a bad command line
+  kExitDeadline = 3,    // --deadline passed before --max-messages matching messages came
+  kExitLoopFailed = 4,  // poll() failed while serving
+  kExitCannotListen = 5,
+  kExitPrivileges = 6,
+};
+
+// envelope_summary - what Expectation needs of a message once the mode has taken it: the
+// envelope, whether it matched, and the Subject line (not the rest of the data)
+inline Envelope envelope_summary(const Envelope& envelope) {
+  Envelope summary;
+  summary.mailfrom = envelope.mailfrom;
+  summary.rcpttos = envelope.rcpttos;
+  summary.is_matching = envelope.is_matching;
+  std::vector<std::string> subject = header_values(envelope.data, "Subject");
+  if (!subject.empty()) summary.data = "Subject: " + subject.front();
+  return summary;
+}
+
+// Expectation - what a test waits for, counted the same by the server and by --wait: `wanted`
+// matching messages (0: no number), or under --expect-none not one, by the deadline. It says
+// when the wait is over, the exit status, and the one line that explains it on stderr.
+class Expectation {
+ public:
+  Expectation(std::uint64_t wanted, bool expect_none, long long deadline_ms)
+      : wanted_(wanted), expect_none_(expect_none), deadline_ms_(deadline_ms) {}
+
+  // on_message - a message arrived (the server accepted it, or --wait found it); true when it
+  // ends the wait: the last one wanted, or under --expect-none the first that matches
+  bool on_message(const Envelope& envelope) {
+    if (!envelope.is_matching) return ++others_, false;
+    ++matching_;
+    if (expect_none_ && !has_failed()) failure_ = about(envelope);
+    return expect_none_ || (wanted_ != 0 && matching_ == wanted_);
+  }
+  void on_deadline() { is_deadline_passed_ = true; }
+
+  bool has_failed() const { return !failure_.empty(); }
+  bool is_deadline_passed() const { return is_deadline_passed_; }
+  std::uint64_t matching() const { return matching_; }
+
+  // exit_status - 1 when a message came that --expect-none forbids, 3 when the deadline
+  // passed before the wanted messages came (0 under --expect-none), else 0
+  int exit_status() const {
+    if (has_failed()) return kExitMatched;
+    return is_deadline_passed_ && !expect_none_ ? kExitDeadline : kExitOk;
+  }
+
+  // outcome - the line for stderr (without "smtpd: "), or "" when there is nothing to say:
+  // "deadline: 1 of 2 matching messages in 30 s (4 others arrived)"
+  std::string outcome() const {
+    if (has_failed()) return "--expect-none: a matching message arrived: " + failure_;
+    if (!is_deadline_passed_) return "";
+    std::uint64_t counted = wanted_ != 0 ? wanted_ : matching_;  // "1 of 2 messages"
+    std::string count = std::to_string(matching_) + " of " + std::to_string(wanted_);
+    if (wanted_ == 0) count = std::to_string(matching_);
+    if (expect_none_) count = "no", counted = 1;
+    return "deadline: " + count + " matching message" + (counted == 1 ? "" : "s") + " in " +
+           seconds_text(deadline_ms_) + " s (" + std::to_string(others_) +
+           (others_ == 1 ? " other" : " others") + " arrived)";
+  }
+
+  // about - a message in a few words: "from <a@x.test> to <b@y.test>, subject "Hi""
+  static std::string about(const Envelope& envelope) {
+    std::string text = "from <" + (envelope.mailfrom == "<>" ? "" : envelope.mailfrom) + "> to ";
+    for (std::size_t i = 0; i < envelope.rcpttos.size(); ++i)
+      text += (i > 0 ? ", <" : "<") + envelope.rcpttos[i] + ">";
+    std::vector<std::string> subject = header_values(envelope.data, "Subject");
+    text += subject.empty() ? ", no subject" : ", subject \"" + subject.front() + "\"";
+    return printable(text).substr(0, kReasonLimit);
+  }
+
+ private:
+  std::uint64_t wanted_;
+  bool expect_none_;
+  long long deadline_ms_;
+  std::uint64_t matching_ = 0;
+  std::uint64_t others_ = 0;
+  bool is_deadline_passed_ = false;
+  std::string failure_;  // --expect-none: about() the first matching message
+};
+
 // ==== 12. Local delivery ====
 // SMTPServer and DebuggingServer: each message goes first to the --exec command, if any, which
 // may refuse it, then to the outputs in order (--maildir, --mbox, the print-out on stdout). The
@@ -4511,7 +4768,8 @@ class RelayText : public LineText {
 // 451. Standard output and error are queues the loop never waits on.
 //   OutputQueue, standard_output, standard_error, log_line; StreamPrinter; MessageOutput,
 //   write_text, maildir_unique_name, MaildirStore, MboxStore; RecipientsFile, ChildRun,
-//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer
+//   CommandRun; not_stored_reply, DeliveringServer, SinkServer, DebuggingServer;
+//   read_stored_message, MaildirReader (smtpd --wait)
 
 // OutputQueue - stdout or stderr, written without ever stopping the loop. On a
 // pipe nobody reads, text waits here: trace lines (log_line, -d) up to kTraceBacklog, past it
@@ -4746,6 +5004,7 @@ inline bool make_directories(const std::string& path, std::string& error) {
 // MaildirStore - --maildir DIR: written to tmp/, synced, renamed into new/, new/ synced.
 // The directories are made (again) for every message, so a Maildir removed while the server
 // runs comes back. No name comes from the message: only time, pid, a counter and the host.
+// The file starts with stored_header_lines (Return-Path, Delivered-To, the session's).
 class MaildirStore : public MessageOutput {
  public:
   explicit MaildirStore(std::string dir) : dir_(std::move(dir)), host_(getfqdn()) {}
@@ -4764,7 +5023,7 @@ class MaildirStore : public MessageOutput {
     std::string name = maildir_unique_name(now / 1000000, static_cast<long>(now % 1000000),
                                            process_id(), ++count_, host_);
     std::string tmp = dir_ + "/tmp/" + name;
-    FileText text(borrowed(envelope), session_header_lines(envelope));
+    FileText text(borrowed(envelope), stored_header_lines(envelope));
     if (!write_synced(tmp, text, error)) return false;
     if (!rename_file(tmp, dir_ + "/new/" + name, error)) {
       remove_file(tmp);
@@ -5133,10 +5392,12 @@ class DeliveringServer : public ServerMode {
     }
 
    private:
-    // keep - the stores, then the print-out; the verdict is `reply` once all have it
+    // keep - the stores, then the print-out (of a message that meets the --match rules); the
+    // verdict is `reply` once all have it
     void keep(Envelope& envelope, const std::string& reply, const Verdict& verdict) {
       std::string refusal = mode_.store(envelope);
-      if (!refusal.empty() || !mode_.printer_) return verdict(refusal.empty() ? reply : refusal);
+      if (!refusal.empty() || !mode_.printer_ || !envelope.is_matching)
+        return verdict(refusal.empty() ? reply : refusal);
       reactor_.dispose(std::move(printing_));  // a finished job: its verdict may have led here
       printing_ = mode_.printer_->print(reactor_, std::move(envelope),
                                         [reply, verdict](const std::string& error) {
@@ -5175,6 +5436,85 @@ class DebuggingServer : public DeliveringServer {
   explicit DebuggingServer(std::unique_ptr<StreamPrinter> printer, MessageOutputs outputs = {},
                            Hook hook = {})
       : DeliveringServer(std::move(outputs), std::move(hook), std::move(printer)) {}
+};
+
+// Reading a Maildir back, for smtpd --wait DIR: the messages a MaildirStore (ours, or another
+// smtpd's) put there, each once. Only new/ and cur/ are read: a file appears there by a rename
+// from tmp/ once it is whole, so nothing half-written is ever read; a file that a mail reader
+// moves from new/ to cur/ meanwhile (adding ":2,FLAGS" to its name) is the same message.
+//   read_stored_message, MaildirReader
+
+// read_stored_message - a stored file as an envelope: the sender and recipients from its
+// Return-Path and Delivered-To lines (envelope_header_lines), the rest as the data, without
+// the final "\n" FileText adds; the peer is not stored, so it is ""
+inline Envelope read_stored_message(std::string_view text) {
+  Envelope envelope;
+  for (;;) {
+    std::size_t end = text.find('\n');
+    std::string_view line = text.substr(0, end);
+    auto address = [&](std::string_view tag) {
+      return std::string(line.substr(tag.size() + 1, line.size() - tag.size() - 2));
+    };
+    bool is_envelope = end != std::string_view::npos && line.size() >= 2 && line.back() == '>';
+    if (is_envelope && line.rfind("Return-Path: <", 0) == 0) {
+      envelope.mailfrom = address("Return-Path: ");
+      if (envelope.mailfrom.empty()) envelope.mailfrom = "<>";
+    } else if (is_envelope && line.rfind("Delivered-To: <", 0) == 0) {
+      envelope.rcpttos.push_back(address("Delivered-To: "));
+    } else {
+      break;
+    }
+    text.remove_prefix(end + 1);
+  }
+  if (!text.empty() && text.back() == '\n') text.remove_suffix(1);
+  envelope.data = std::string(text);
+  return envelope;
+}
+
+// MaildirReader - the messages of a Maildir not taken before, oldest name first (the names
+// start with the time)
+class MaildirReader {
+ public:
+  explicit MaildirReader(std::string dir) : dir_(std::move(dir)) {}
+
+  // skip_present - the messages there now count as taken (--new-only)
+  void skip_present() {
+    for (const auto& [key, path] : unseen()) seen_.insert(key);
+  }
+
+  // take_new - the text of each message not taken before; one that cannot be read now (it
+  // was being moved to cur/) is taken at a later call
+  std::vector<std::string> take_new() {
+    std::vector<std::string> texts;
+    for (const auto& [key, path] : unseen()) {
+      std::string text, error;
+      if (!read_whole_file(path, text, error)) continue;
+      seen_.insert(key);
+      texts.push_back(std::move(text));
+    }
+    return texts;
+  }
+
+ private:
+  // unseen - (key, path) of each file in new/ and cur/ not taken, by name; the key is the
+  // name without the ":2,FLAGS" a reader adds
+  std::vector<std::pair<std::string, std::string>> unseen() const {
+    std::vector<std::pair<std::string, std::string>> found;
+    for (const char* sub : {"/new/", "/cur/"}) {
+      for (const std::string& name : list_directory(dir_ + sub)) {
+        std::string key = name.substr(0, name.find(':'));
+        if (name[0] != '.' && seen_.count(key) == 0) found.emplace_back(key, dir_ + sub + name);
+      }
+    }
+    std::sort(found.begin(), found.end());
+    found.erase(std::unique(found.begin(), found.end(),
+                            [](const auto& a, const auto& b) { return a.first == b.first; }),
+                found.end());
+    return found;
+  }
+
+  std::string dir_;
+  std::set<std::string> seen_;  // keys of the messages taken
 };
 
 // ==== 13. SMTP client ====
@@ -6406,6 +6746,7 @@ class StartError : public std::runtime_error {
 struct Listener {
   socket_t socket;
   std::string bound;
+  std::uint16_t port;
 };
 
 // listen_at - a non-blocking listening socket at one address; kInvalidSocket and err when
@@ -6464,7 +6805,7 @@ inline std::vector<Listener> listen_everywhere(const std::vector<SocketAddress>&
         break;
       }
       auto [text, bound_port] = bound_address(s);
-      listeners.push_back({s, text});
+      listeners.push_back({s, text, bound_port});
       chosen = bound_port;
     }
     if (failed == nullptr) return listeners;
@@ -6507,28 +6848,37 @@ struct ServerOptions {
   long long idle_exit_ms = 0;                        // --idle-exit: 0 for never
   long long command_timeout_ms = kCommandTimeoutMs;  // --timeout
   std::size_t max_clients = 0;                       // --max-clients: 0 for no limit
+  MessageMatcher matcher;                            // --match: which messages count
+  long long deadline_ms = 0;                         // --deadline: 0 for none
+  bool expect_none = false;                          // --expect-none
 };
 
 // ExitPolicy - when the server ends by itself, and how it stops. --max-messages N: after the
-// N-th delivered message (its 250 queued) no new clients are taken; the sessions still open may
-// go on (and send more) until they quit, for at most kDrainGraceMs, then hear 421. --idle-exit
-// SECONDS: the loop ends once no client has been connected for that long, counted from the
-// start or from when the last client left. SIGTERM/SIGINT (begin_shutdown): no new clients;
-// idle sessions hear 421 at once, those in a transaction get kShutdownGraceMs to finish.
+// N-th delivered message that meets the --match rules (its 250 queued) no new clients are
+// taken; the sessions still open may go on (and send more) until they quit, for at most
+// kDrainGraceMs, then hear 421. --expect-none ends the same way after the first matching
+// message, with status 1. --idle-exit SECONDS: the loop ends once no client has been connected
+// for that long, counted from the start or from when the last client left. SIGTERM/SIGINT and
+// --deadline (begin_shutdown): no new clients; idle sessions hear 421 at once, those in a
+// transaction get kShutdownGraceMs to finish. The counting is the Expectation's.
 class ExitPolicy {
  public:
   using Task = std::function<void()>;
   // stop_accepting is called once, when the message limit is reached or shutdown begins
-  ExitPolicy(Reactor& reactor, std::uint64_t max_messages, long long idle_exit_ms,
-             Task stop_accepting)
+  ExitPolicy(Reactor& reactor, const ServerOptions& options, Task stop_accepting)
       : reactor_(reactor),
-        max_messages_(max_messages),
-        idle_exit_ms_(idle_exit_ms),
+        expectation_(options.max_messages, options.expect_none, options.deadline_ms),
+        idle_exit_ms_(options.idle_exit_ms),
         stop_accepting_(std::move(stop_accepting)) {
     on_clients(0);
+    if (options.deadline_ms > 0)
+      deadline_timer_ = reactor_.start_timer(options.deadline_ms, [this] {
+        deadline_timer_ = 0;
+        if (!is_stopping()) expectation_.on_deadline();  // Server::run then begins the shutdown
+      });
   }
   ~ExitPolicy() {
-    for (Reactor::TimerId timer : {idle_timer_, drain_timer_, shutdown_timer_})
+    for (Reactor::TimerId timer : {idle_timer_, drain_timer_, shutdown_timer_, deadline_timer_})
       reactor_.cancel_timer(timer);
   }
   ExitPolicy(const ExitPolicy&) = delete;
@@ -6543,10 +6893,11 @@ class ExitPolicy {
       idle_timer_ = reactor_.start_timer(idle_exit_ms_, [this] { is_due_ = true; });
   }
 
-  // on_delivered - one more message accepted with 2xx; the last one wanted stops accepting
-  void on_delivered() {
-    ++delivered_;
-    if (max_messages_ == 0 || delivered_ < max_messages_ || is_stopping()) return;
+  // on_delivered - one more message accepted with 2xx (its data may be gone: only the
+  // envelope, whether it matched and its subject count); the last one wanted, or under
+  // --expect-none the first that matches, stops accepting
+  void on_delivered(const Envelope& envelope) {
+    if (!expectation_.on_message(envelope) || is_stopping()) return;
     is_draining_ = true;
     stop(kDrainGraceMs, drain_timer_);
   }
@@ -6561,7 +6912,10 @@ class ExitPolicy {
   bool is_draining() const { return is_draining_; }  // the message limit is reached
   bool is_shutting_down() const { return is_shutting_down_; }
   bool is_due() const { return is_due_; }  // time to end the loop
-  std::uint64_t delivered() const { return delivered_; }
+  bool is_deadline_passed() const { return expectation_.is_deadline_passed(); }
+  std::uint64_t delivered() const { return expectation_.matching(); }
+  int exit_status() const { return expectation_.exit_status(); }
+  std::string outcome() const { return expectation_.outcome(); }  // "" or a line for stderr
   // closing_reason - what the sessions still open at the end hear after "421 <fqdn>"
   const char* closing_reason() const {
     return is_shutting_down_ ? kClosingShutdown : kClosingLimitReached;
@@ -6577,10 +6931,9 @@ class ExitPolicy {
   bool is_stopping() const { return is_draining_ || is_shutting_down_; }
 
   Reactor& reactor_;
-  std::uint64_t max_messages_;  // 0 for no limit
-  long long idle_exit_ms_;      // 0 for never
+  Expectation expectation_;  // --max-messages, --match, --deadline, --expect-none
+  long long idle_exit_ms_;   // 0 for never
   Task stop_accepting_;
-  std::uint64_t delivered_ = 0;
   std::size_t clients_ = 0;
   bool is_draining_ = false;
   bool is_shutting_down_ = false;
@@ -6588,14 +6941,16 @@ class ExitPolicy {
   Reactor::TimerId idle_timer_ = 0;
   Reactor::TimerId drain_timer_ = 0;     // the end of the drain after the message limit
   Reactor::TimerId shutdown_timer_ = 0;  // the end of the shutdown grace
+  Reactor::TimerId deadline_timer_ = 0;  // --deadline
 };
 
 // ConnectionContext - what every connection of a server shares: the reactor, our name, the
-// --timeout, how TLS starts, -d, and the exit policy that counts deliveries and says when
-// the server is stopping
+// --timeout, how TLS starts, -d, the --match rules, and the exit policy that counts deliveries
+// and says when the server is stopping
 struct ConnectionContext {
   Reactor& reactor;
   ExitPolicy& exit;
+  const MessageMatcher& matcher;  // --match: which messages are printed and counted
   std::string fqdn;
   long long command_timeout_ms;
   TransportWrapper wrap_in_tls;  // STARTTLS; empty without TLS
@@ -6707,12 +7062,15 @@ class Connection {
       case Channel::Question::Mail: return session_->on_mail(channel_.mail_request(), verdict);
       case Channel::Question::Rcpt: return session_->on_rcpt(channel_.pending_address(), verdict);
       case Channel::Question::Message: {
+        Envelope message = channel_.take_message();
+        message.is_matching = context_.matcher.matches(message);
+        auto counted_as = std::make_shared<const Envelope>(envelope_summary(message));
         ExitPolicy& exit = context_.exit;
-        Verdict counted = [&exit, verdict](const std::string& reply) {
-          if (is_accepting(reply)) exit.on_delivered();
+        Verdict counted = [&exit, verdict, counted_as](const std::string& reply) {
+          if (is_accepting(reply)) exit.on_delivered(*counted_as);
           verdict(reply);
         };
-        return session_->on_message(channel_.take_message(), counted);
+        return session_->on_message(std::move(message), counted);
       }
       case Channel::Question::StartTls: is_tls_due_ = true; return;
       case Channel::Question::None: return;
@@ -6955,10 +7313,14 @@ class Server {
             reactor_, std::move(listeners),
             [this](socket_t s, const std::string& ip, unsigned port) { on_accepted(s, ip, port); },
             [this] { return connections_.size(); }),
-        exit_(reactor_, options.max_messages, options.idle_exit_ms, [this] { stop_accepting(); }),
-        context_{
-            reactor_,     exit_, channel_->fqdn, options.command_timeout_ms, options.wrap_in_tls,
-            options.debug},
+        exit_(reactor_, options, [this] { stop_accepting(); }),
+        context_{reactor_,
+                 exit_,
+                 options.matcher,
+                 channel_->fqdn,
+                 options.command_timeout_ms,
+                 options.wrap_in_tls,
+                 options.debug},
         max_clients_(options.max_clients),
         turn_away_(reactor_, options.is_tls_implicit ? options.wrap_in_tls : TransportWrapper()) {
     mode_.start(reactor_);
@@ -6975,7 +7337,8 @@ class Server {
   // replies a moment to leave; false when the loop itself failed, with the reason in error()
   bool run() {
     while (!exit_.is_due()) {
-      if (g_stop_requested && !exit_.is_shutting_down()) begin_shutdown();
+      bool is_stop_asked = g_stop_requested || exit_.is_deadline_passed();
+      if (is_stop_asked && !exit_.is_shutting_down()) begin_shutdown();
       watch_outputs();
       if (!reactor_.turn(kPollWakeMs)) return false;
     }
@@ -6985,6 +7348,7 @@ class Server {
   }
 
   const std::string& error() const { return reactor_.error(); }
+  const ExitPolicy& exit_policy() const { return exit_; }
 
  private:
   // channel_for_client - the channel settings as the mode shapes them now (a relay's EHLO
@@ -7005,7 +7369,7 @@ class Server {
                                                              const ServerMode& mode) {
     auto config = std::make_shared<ChannelConfig>(options.channel);
     config->ask_envelope = mode.asks_envelope();
-    config->keep_data = mode.keeps_data();
+    config->keep_data = mode.keeps_data() || !options.matcher.empty();  // --match reads it
     if (options.debug) config->trace = [](const std::string& line) { log_line(line); };
     return config;
   }
@@ -7103,23 +7467,15 @@ class Server {
 // ==== 17. Command line ====
 // smtpd.py's options and positional addresses. Each option is one OptionRow, which feeds
 // cxxopts, --help and the parse into Settings; complete_settings then adds what the start
-// needs, and nothing changes the Settings after. Errors are one line and exit status 1
+// needs, and nothing changes the Settings after. Errors are one line and exit status 2
 // (kExitUsage); ExitStatus lists every status the program ends with.
-//   ExitStatus, ModeKind, Settings, OptionArgument, OptionRow, CommandLine;
+//   ModeKind, Settings, OptionArgument, OptionRow, CommandLine (ExitStatus is in section 11);
 //   parse_endpoint, parse_mode, parse_size, parse_seconds, parse_count, parse_path,
-//   load_auth_users, parse_refusal, parse_reject_seed (one value each);
+//   load_auth_users, parse_refusal, parse_match, parse_reject_seed (one value each);
 //   option_rows (checks: check_local_delivery, check_mailman, set_mailman_home), build_options,
 //   help_text, apply_options, finish_tls, parse_command_line;
-//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, serve,
-//   run_smtpd (the start, in order)
-
-enum ExitStatus {
-  kExitOk = 0,
-  kExitUsage = 1,
-  kExitCannotListen = 2,
-  kExitPrivileges = 3,
-  kExitLoopFailed = 4,  // poll() failed while serving
-};
+//   complete_settings (resolve_upstreams, configure_tls, seed_refusals), make_mode, PortFile,
+//   serve; print_now, wait_for_mail (--wait); run_smtpd (the start, in order)
 
 enum class ModeKind { Sink, Debugging, PureProxy, MailmanProxy };
 
@@ -7132,13 +7488,17 @@ struct Settings {
   ModeKind mode = ModeKind::Debugging;
   Endpoint local;
   Endpoint remote;
-  ServerOptions server;  // -d, -s, -u, --max-recipients, --max-messages, --idle-exit, --timeout,
-                         // --max-clients
-  UpstreamSettings upstream;    // --connect-timeout, --reply-timeout; complete_settings resolves it
-  DeliveringServer::Hook exec;  // --exec, --exec-timeout
-  std::string maildir;          // --maildir: empty for none
-  std::string mbox;             // --mbox: empty for none
-  bool json = false;            // --json
+  ServerOptions server;       // -d, -s, -u, --max-recipients, --max-messages, --match, --idle-exit,
+                              // --timeout, --max-clients
+  UpstreamSettings upstream;  // --connect-timeout, --reply-timeout; complete_settings resolves it
+  DeliveringServer::Hook exec;               // --exec, --exec-timeout
+  std::string maildir;                       // --maildir: empty for none
+  std::string mbox;                          // --mbox: empty for none
+  bool json = false;                         // --json
+  std::string port_file;                     // --port-file: empty for none
+  bool background = false;                   // --background
+  std::string wait_dir;                      // --wait: the Maildir to wait on; empty: serve
+  bool new_only = false;                     // --new-only
   std::vector<Refusals::Rule> refusals;      // --reject, in the order given
   std::optional<std::uint64_t> reject_seed;  // --reject-seed, or the one seed_refusals drew
   std::string tls_cert, tls_key;             // --tls-cert, --tls-key: empty for self-signed
@@ -7147,8 +7507,8 @@ struct Settings {
   UpstreamSettings lmtp_upstream;  // complete_settings: mailman_lmtp resolved, for Mailman 3
 };
 
-// UsageError - a bad command line: one line on stderr, exit status 1. The text quotes what
-// was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
+// UsageError - a bad command line: one line on stderr, exit status 2 (kExitUsage). The text quotes
+// what was typed, so its control characters are escaped as -d traces escape them: a CR or LF in an
 // argument cannot start a line of its own.
 class UsageError : public std::runtime_error {
  public:
@@ -7283,15 +7643,8 @@ inline AuthUsers parse_auth_users(const std::string& text, const std::string& pa
 
 // load_auth_users - read and parse an --auth-file, at start (before privileges are dropped)
 inline std::shared_ptr<const AuthUsers> load_auth_users(const std::string& path) {
-  std::FILE* file = std::fopen(path.c_str(), "rb");
-  if (file == nullptr)
-    throw UsageError("cannot read --auth-file " + path + ": " + std::strerror(errno));
-  std::string text;
-  char buffer[4096];
-  for (std::size_t n; (n = std::fread(buffer, 1, sizeof buffer, file)) > 0;) text.append(buffer, n);
-  bool is_read = !std::ferror(file);
-  std::fclose(file);
-  if (!is_read) throw UsageError("cannot read --auth-file " + path);
+  std::string text, error;
+  if (!read_whole_file(path, text, error)) throw UsageError(error + " (--auth-file)");
   return std::make_shared<const AuthUsers>(parse_auth_users(text, path));
 }
 
@@ -7337,6 +7690,36 @@ inline Refusals::Rule parse_refusal(const std::string& spec) {
                     (dot == std::string::npos || is_decimal(number.substr(dot + 1)));
   if (is_percent) rule.percent = std::strtod(number.c_str(), nullptr);
   if (is_percent && rule.percent > 100) throw bad("a share of the time is at most 100%");
+  return rule;
+}
+
+// parse_match - --match FIELD=PATTERN, FIELD one of from, rcpt, subject, header:NAME, text;
+// the pattern is all after the first '=', so it may hold '=' itself
+inline MatchRule parse_match(const std::string& spec) {
+  auto bad = [&](const std::string& why) {
+    return UsageError("bad --match '" + spec + "': " + why +
+                      " (expected FIELD=PATTERN, as rcpt=*@example.com or subject=*welcome*)");
+  };
+  static const std::pair<const char*, MatchField> kFields[] = {{"from", MatchField::From},
+                                                               {"rcpt", MatchField::Rcpt},
+                                                               {"subject", MatchField::Subject},
+                                                               {"text", MatchField::Text}};
+  std::size_t equals = spec.find('=');
+  if (equals == std::string::npos) throw bad("no '='");
+  std::string field = spec.substr(0, equals);
+  MatchRule rule{MatchField::Header, "", spec.substr(equals + 1)};
+  auto found = std::find_if(std::begin(kFields), std::end(kFields),
+                            [&](const auto& row) { return field == row.first; });
+  if (found != std::end(kFields)) {
+    rule.field = found->second;
+  } else if (field.rfind("header:", 0) == 0 && field.size() > 7 &&
+             std::all_of(field.begin() + 7, field.end(),
+                         [](char c) { return c > ' ' && c < 0x7F; })) {
+    rule.header = field.substr(7);
+  } else {
+    throw bad("FIELD must be from, rcpt, subject, header:NAME or text");
+  }
+  if (rule.pattern.empty()) throw bad("PATTERN is empty (use * for any value)");
   return rule;
 }
 
@@ -7485,6 +7868,21 @@ inline const std::vector<OptionRow>& option_rows() {
        "sessions have ended (after at most " +
            seconds_text(kDrainGraceMs) + " s more); 0 means no limit (the default).",
        [](Arg a, Settings& s) { s.server.max_messages = parse_count(a.value, a.option); }},
+      {0, "match", "FIELD=PATTERN",
+       "Count toward --max-messages, and print, only the messages whose FIELD (from, rcpt, "
+       "subject, header:NAME or text) the shell-style PATTERN matches, case-insensitively; "
+       "repeatable, every rule must hold. Every message is still answered and stored.",
+       [](Arg a, Settings& s) { s.server.matcher.add(parse_match(a.value)); }, true},
+      {0, "deadline", "SECONDS",
+       "Exit with status 3 after SECONDS unless --max-messages matching messages came first "
+       "(status 0), saying on stderr how many came; open sessions hear 421 first, as at "
+       "SIGTERM.",
+       [](Arg a, Settings& s) { s.server.deadline_ms = parse_seconds(a.value, a.option); }},
+      {0, "expect-none", nullptr,
+       "With --deadline, expect no matching message: one that comes is answered and printed, "
+       "and smtpd exits with status 1 once the open sessions end, naming it on stderr; none "
+       "by the deadline is status 0.",
+       [](Arg, Settings& s) { s.server.expect_none = true; }},
       {0, "max-clients", "N",
        "Most clients connected at once; one more hears 421 and is closed; 0 means no "
        "limit (the default).",
@@ -7506,6 +7904,26 @@ inline const std::vector<OptionRow>& option_rows() {
        "never (the default).",
        [](Arg a, Settings& s) {
          s.server.idle_exit_ms = 1000 * static_cast<long long>(parse_count(a.value, a.option));
+       }},
+      // smtpd --wait: a query on the Maildir of a server already running
+      {0, "wait", "DIR",
+       "Do not serve: wait until --max-messages (default 1) messages in the Maildir DIR "
+       "meet the --match rules, print them as the server would and exit 0; --deadline and "
+       "--expect-none work as for the server.",
+       [](Arg a, Settings& s) { s.wait_dir = parse_path(a.value, a.option); }},
+      {0, "new-only", nullptr, "With --wait, count only the messages that arrive after it started.",
+       [](Arg, Settings& s) { s.new_only = true; }},
+      // starting from a script: where it listens, and not in the foreground
+      {0, "port-file", "FILE",
+       "Once every address listens, write the port (the first address's) and a newline to "
+       "FILE, atomically; it is removed at exit.",
+       [](Arg a, Settings& s) { s.port_file = parse_path(a.value, a.option); }},
+      {0, "background", nullptr,
+       "Once listening, go on in the background and print SMTPD_PORT=N and SMTPD_PID=N on "
+       "stdout for eval; a stdout or stderr on a pipe goes to /dev/null (POSIX only).",
+       [](Arg, Settings& s) {
+         if (!kCanDetach) throw UsageError("--background is not available on this system");
+         s.background = true;
        }},
       // the opt-in ESMTP extensions AUTH and PIPELINING
       {0, "auth", nullptr,
@@ -7656,6 +8074,8 @@ inline CommandLine parse_command_line(int argc, const char* const* argv) {
   Settings s;
   apply_options(result, s);
   finish_tls(s);
+  if (s.server.expect_none && s.server.deadline_ms == 0)
+    throw UsageError("--expect-none needs --deadline: the time after which no mail is success");
   if (s.mailman_lmtp.host.empty())  // no --mailman-lmtp: parse_endpoint never leaves it empty
     s.mailman_lmtp = parse_endpoint(kDefaultMailmanLmtp, "Mailman LMTP");
   std::vector<std::string> addresses;
@@ -7789,6 +8209,33 @@ inline std::string mailman_text(const Settings& s) {
   return "; Mailman 3 LMTP at " + format_endpoint(s.mailman_lmtp.host, s.mailman_lmtp.port);
 }
 
+// PortFile - --port-file: the port and a newline, written to a temporary file renamed into
+// place (a reader never sees half of it), removed when this goes
+class PortFile {
+ public:
+  PortFile() = default;
+  ~PortFile() {
+    if (!path_.empty()) remove_file(path_);
+  }
+  PortFile(const PortFile&) = delete;
+  PortFile& operator=(const PortFile&) = delete;
+
+  bool write(const std::string& path, unsigned port, std::string& error) {
+    std::string tmp = path + ".tmp." + std::to_string(process_id());
+    File file;
+    bool is_written = file.create_new(tmp, error) &&
+                      file.write_all(std::to_string(port) + "\n", error) && file.close(error) &&
+                      rename_file(tmp, path, error);
+    if (!is_written) remove_file(tmp);
+    if (is_written) path_ = path;
+    return is_written;
+  }
+  void forget() { path_.clear(); }  // another process owns the file now
+
+ private:
+  std::string path_;
+};
+
 // serve - from complete Settings: listen, drop privileges, serve until the end; the exit status
 inline int serve(const Settings& settings) {
   std::unique_ptr<ServerMode> mode = make_mode(settings);
@@ -7811,6 +8258,14 @@ inline int serve(const Settings& settings) {
     }
   }
   prepare_outputs(settings);
+  PortFile port_file;
+  std::string error;
+  if (!settings.port_file.empty() &&
+      !port_file.write(settings.port_file, listeners.front().port, error)) {
+    for (const Listener& l : listeners) close_socket(l.socket);
+    log_line(error);
+    return kExitCannotListen;
+  }
   if (settings.server.debug && settings.server.channel.refusals)
     log_line("--reject-seed " + std::to_string(*settings.reject_seed));
   // One "listening on" line, as scripts expect; the other addresses after it
@@ -7819,6 +8274,15 @@ inline int serve(const Settings& settings) {
   for (std::size_t i = 1; i < listeners.size(); ++i)
     std::fprintf(stderr, "also listening on %s\n", listeners[i].bound.c_str());
   std::fflush(stderr);
+  if (settings.background) {
+    long pid = detach(error);
+    if (pid != 0) {  // the parent (or fork failed): the child owns the listeners and the file
+      port_file.forget();
+      if (pid < 0) log_line(error);
+      if (pid > 0) std::printf("SMTPD_PORT=%u\nSMTPD_PID=%ld\n", listeners.front().port, pid);
+      return pid > 0 ? kExitOk : kExitCannotListen;
+    }
+  }
   standard_output().make_nonblocking();  // from here on the loop never waits for a reader
   standard_error().make_nonblocking();
   warn_if_open_relay(settings, bound);
@@ -7830,13 +8294,58 @@ inline int serve(const Settings& settings) {
   Server server(std::move(sockets_to_watch), settings.server, *mode);
   bool is_ok = server.run();
   if (!is_ok) log_line(server.error());
+  std::string outcome = server.exit_policy().outcome();  // --deadline, --expect-none
+  if (!outcome.empty()) log_line(outcome);
   standard_output().drain(kOutputDrainMs);  // every print-out was written before its 250;
   standard_error().drain(kOutputDrainMs);   // this is what is left of the trace
-  return is_ok ? kExitOk : kExitLoopFailed;
+  return is_ok ? server.exit_policy().exit_status() : kExitLoopFailed;
 }
 
-// run_smtpd - the whole program: the command line, complete_settings, then serve; returns the
-// exit status
+// print_now - a message on stdout at once, in the DebuggingServer layout or as --json
+inline void print_now(const Envelope& envelope, bool json) {
+  std::string text =
+      json ? read_all(*format_json_message(envelope)) : format_debug_message(envelope);
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  std::fflush(stdout);
+}
+
+// wait_for_mail - smtpd --wait DIR: look at the Maildir every kWaitPollMs until the
+// Expectation is met (status 0), a message --expect-none forbids is found (1, at once: no
+// session to wait for) or the deadline passes (3, or 0 under --expect-none). Each matching
+// message is printed as it is found. A DIR not there yet is waited for like an empty one.
+inline int wait_for_mail(const Settings& s) {
+  const ServerOptions& o = s.server;
+  Expectation expectation(o.max_messages == 0 ? 1 : o.max_messages, o.expect_none, o.deadline_ms);
+  MaildirReader maildir(s.wait_dir);
+  if (s.new_only) maildir.skip_present();
+  auto start = std::chrono::steady_clock::now();
+  binary_stdout();
+  for (bool is_over = false; !is_over;) {
+    for (const std::string& text : maildir.take_new()) {
+      Envelope envelope = read_stored_message(text);
+      envelope.is_matching = o.matcher.matches(envelope);
+      if (envelope.is_matching) print_now(envelope, s.json);
+      if ((is_over = expectation.on_message(envelope))) break;
+    }
+    long long waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+                           std::chrono::steady_clock::now() - start)
+                           .count();
+    if (is_over) break;
+    if (o.deadline_ms > 0 && waited >= o.deadline_ms) {
+      expectation.on_deadline();
+      break;
+    }
+    long long pause = kWaitPollMs;
+    if (o.deadline_ms > 0) pause = std::min(pause, o.deadline_ms - waited);
+    sleep_ms(static_cast<int>(pause));
+  }
+  std::string outcome = expectation.outcome();
+  if (!outcome.empty()) std::fprintf(stderr, "smtpd: %s\n", outcome.c_str());
+  return expectation.exit_status();
+}
+
+// run_smtpd - the whole program: the command line, complete_settings, then serve (or
+// wait_for_mail for --wait); returns the exit status
 inline int run_smtpd(int argc, const char* const* argv) {
   open_standard_descriptors();  // first: before anything can make a socket or open a file
   [[maybe_unused]] SocketRuntime sockets;
@@ -7847,6 +8356,7 @@ inline int run_smtpd(int argc, const char* const* argv) {
       std::fputs(cl.text_for_stdout.c_str(), stdout);
       return kExitOk;
     }
+    if (!cl.settings->wait_dir.empty()) return wait_for_mail(*cl.settings);
     settings = complete_settings(std::move(*cl.settings));
   } catch (const UsageError& e) {
     log_line(e.what());

@@ -322,7 +322,8 @@ TEST_CASE("--auth-required: smtplib logs in and is stored with X-Auth-User; with
   auto files = list_dir(dir / "md/new");
   REQUIRE(files.size() == 1);
   CHECK(read_file(dir / "md/new/" + files[0]) ==
-        "X-Auth-User: dave\nSubject: from smtplib\n\nHello.\n");
+        stored_envelope("app@example.com", {"user@example.com"}) +
+            "X-Auth-User: dave\nSubject: from smtplib\n\nHello.\n");
 }
 
 TEST_CASE("--exec gets SMTPD_AUTH_USER and the header; --mbox has the header too") {

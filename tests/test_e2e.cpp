@@ -477,7 +477,7 @@ TEST_CASE("IPv6 [::1]:0 listens and serves a transaction") {
   CHECK(srv.child.out.text() == printed("Subject: six\n", "body\n", "::1"));
 }
 
-TEST_CASE("bad command lines exit 1 with one line on stderr") {
+TEST_CASE("bad command lines exit 2 with one line on stderr") {
   std::vector<std::string> args;
   SUBCASE("unknown option") { args = {"--no-such-option"}; }
   SUBCASE("unknown short option") { args = {"-x"}; }
@@ -491,19 +491,19 @@ TEST_CASE("bad command lines exit 1 with one line on stderr") {
   std::string argtext;
   for (const auto& a : args) argtext += " " + a;
   INFO("smtpd" << argtext);
-  check_one_error_line(run_smtpd(args), 1);
+  check_one_error_line(run_smtpd(args), kExitUsage);
 }
 
-TEST_CASE("an address already in use exits 2 with one line") {
+TEST_CASE("an address already in use exits 5 with one line") {
   IdlePort busy(IdlePort::Silent);  // listening: the port is in use
   auto r = run_smtpd({"-n", busy.address()});
-  check_one_error_line(r, 2);
+  check_one_error_line(r, kExitCannotListen);
 }
 
-TEST_CASE("a host that does not resolve exits 2 with one line") {
+TEST_CASE("a host that does not resolve exits 5 with one line") {
   // A resolver with no network may take a while to give up; still bounded.
   auto r = run_smtpd({"-n", "no-such-host.invalid:0"}, milliseconds(30000));
-  check_one_error_line(r, 2);
+  check_one_error_line(r, kExitCannotListen);
 }
 
 // output_of - what `smtpd args` prints on stdout; CHECKs that it exits 0 with nothing on stderr.

@@ -258,7 +258,8 @@ TEST_CASE("--exec: the command gets the message unstuffed with LF ends, and SMTP
   CHECK(c.command("QUIT") == "221 Bye");
 }
 
-// The command gets the message exactly as --maildir stores it: the lines joined with "\n"
+// The command gets the message exactly as --maildir stores it, but for the envelope lines
+// before it (the command has the envelope in SMTPD_* variables): the lines joined with "\n"
 // and one final "\n", so a last empty line is not lost.
 TEST_CASE("--exec: a message whose last line is empty reaches the command as --maildir keeps it") {
   Script script(kSaveMessage);
@@ -268,8 +269,8 @@ TEST_CASE("--exec: a message whose last line is empty reaches the command as --m
   REQUIRE(send_wire(c, "Subject: x\r\n\r\nbody\r\n\r\n") == "250 OK");
   auto stored = maildir_messages(script / "md");
   REQUIRE(stored.size() == 1);
-  CHECK(stored[0] == "Subject: x\n\nbody\n\n");
-  CHECK(read_file(script / "in.1") == stored[0]);
+  CHECK(stored[0] == stored_envelope() + "Subject: x\n\nbody\n\n");
+  CHECK(stored_envelope() + read_file(script / "in.1") == stored[0]);
 }
 
 // Our sockets are close-on-exec: a command must not hold a client's connection open after
@@ -562,12 +563,16 @@ TEST_CASE("--exec with --maildir: accepted messages land in the Maildir, refused
   auto stored = maildir_messages(md);
   REQUIRE(stored.size() == 2);
   std::sort(stored.begin(), stored.end());
-  CHECK(stored[0] == "Subject: kept-1\n\n.dot\ncaf\xc3\xa9\n");
-  CHECK(stored[1] == "Subject: kept-2\n\nx\n");
+  CHECK(stored[0] == stored_envelope("a@example.com", {"one@example.com"}) +
+                         "Subject: kept-1\n\n.dot\ncaf\xc3\xa9\n");
+  CHECK(stored[1] ==
+        stored_envelope("a@example.com", {"queue@example.com"}) + "Subject: kept-2\n\nx\n");
   CHECK(list_dir(md + "/tmp").empty());
-  // The command was given the same bytes the Maildir keeps.
-  CHECK(read_file(script / "in.1") == stored[0]);
-  CHECK(read_file(script / "in.3") == stored[1]);
+  // The command was given the same bytes the Maildir keeps after the envelope lines.
+  CHECK(stored_envelope("a@example.com", {"one@example.com"}) + read_file(script / "in.1") ==
+        stored[0]);
+  CHECK(stored_envelope("a@example.com", {"queue@example.com"}) + read_file(script / "in.3") ==
+        stored[1]);
   CHECK(read_file(script / "in.2") == "Subject: refused\n\nx\n");
 }
 
@@ -598,7 +603,7 @@ TEST_CASE("--exec on the command line: with -c PureProxy, or empty, exits 1 with
   for (const auto& a : args) argtext += " " + a;
   INFO("smtpd" << argtext);
   CommandResult r = run_smtpd(args);
-  check_one_error_line(r, 1);
+  check_one_error_line(r, kExitUsage);
   if (args[3] == "--exec" && args[2] == "PureProxy")
     CHECK(r.err.find("PureProxy") != std::string::npos);
 }

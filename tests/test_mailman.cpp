@@ -429,22 +429,22 @@ TEST_CASE("-c MailmanProxy, smtpd.MailmanProxy and mailman start a MailmanProxy"
   }
 }
 
-TEST_CASE("MailmanProxy options: both Mailmen, or either without MailmanProxy, exit 1") {
+TEST_CASE("MailmanProxy options: both Mailmen, or either without MailmanProxy, exit 2") {
   auto run = [](std::vector<std::string> args) {
     args.insert(args.begin(), smtpd_bin());
     return run_command(args);
   };
   CommandResult both = run({"-c", "MailmanProxy", "--mailman-home", "/tmp", "--mailman-lmtp",
                             "127.0.0.1:8024", "127.0.0.1:0"});
-  CHECK(both.status.code == 1);
+  CHECK(both.status.code == kExitUsage);
   CHECK(both.err ==
         "smtpd: use --mailman-lmtp (Mailman 3) or --mailman-home (Mailman 2), not "
         "both\n");
   CommandResult other = run({"-c", "PureProxy", "--mailman-lmtp", "127.0.0.1:8024"});
-  CHECK(other.status.code == 1);
+  CHECK(other.status.code == kExitUsage);
   CHECK(other.err == "smtpd: --mailman-lmtp and --mailman-home work with MailmanProxy only\n");
   CommandResult no_wrapper = run({"-c", "MailmanProxy", "--mailman-home", "/nonexistent"});
-  CHECK(no_wrapper.status.code == 1);
+  CHECK(no_wrapper.status.code == kExitUsage);
   CHECK(no_wrapper.err ==
         "smtpd: --mailman-home /nonexistent: no mail wrapper /nonexistent/mail/mailman\n");
 }

@@ -31,3 +31,4 @@
 #include "test_status_codes.cpp"
 #include "test_tls.cpp"
 #include "test_upstream.cpp"
+#include "test_wait.cpp"

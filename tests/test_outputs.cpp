@@ -107,9 +107,10 @@ inline std::string mboxrd_quoted(const std::string& data) {
   e.mailfrom = "a@b";
   e.data = data;
   std::string entry = mbox_entry(e, 0);
-  REQUIRE(starts_with(entry, "From a@b Thu Jan  1 00:00:00 1970\n"));
+  const std::string head = "From a@b Thu Jan  1 00:00:00 1970\n" + stored_envelope("a@b", {});
+  REQUIRE(starts_with(entry, head));
   REQUIRE(entry.back() == '\n');
-  return entry.substr(entry.find('\n') + 1, entry.size() - entry.find('\n') - 2);
+  return entry.substr(head.size(), entry.size() - head.size() - 1);
 }
 
 TEST_CASE("MboxText adds one '>' to lines matching ^>*From  and ends every line") {
@@ -132,12 +133,13 @@ TEST_CASE("MboxText: From line with the sender and date, quoted text, empty line
   Envelope e;
   e.mailfrom = "a@example.com";
   e.data = "Subject: x\n\nFrom me";
+  e.rcpttos = {"b@example.com", "c@example.com"};
+  const std::string from = "From a@example.com Sun Nov 29 05:10:00 2026\n";
+  const std::string envelope = stored_envelope("a@example.com", e.rcpttos);
+  CHECK(mbox_entry(e, 1795929000) == from + envelope + "Subject: x\n\n>From me\n\n");
+  e.auth_user = "From alice";  // the session's lines come next, quoted as well
   CHECK(mbox_entry(e, 1795929000) ==
-        "From a@example.com Sun Nov 29 05:10:00 2026\nSubject: x\n\n>From me\n\n");
-  e.auth_user = "From alice";  // the session's lines come first, quoted as well
-  CHECK(mbox_entry(e, 1795929000) ==
-        "From a@example.com Sun Nov 29 05:10:00 2026\nX-Auth-User: From alice\nSubject: x\n\n"
-        ">From me\n\n");
+        from + envelope + "X-Auth-User: From alice\nSubject: x\n\n>From me\n\n");
   e.auth_user.reset();
   e.mailfrom = "<>";
   CHECK(starts_with(mbox_entry(e, 0), "From MAILER-DAEMON Thu Jan  1 00:00:00 1970\n"));
@@ -317,7 +319,7 @@ TEST_CASE("--maildir: Python's mailbox.Maildir reads every message back byte for
   INFO(r.describe());
   REQUIRE(r.ok());
   std::vector<std::string> got = lines_of(r.out), want;
-  for (const auto& m : sent) want.push_back(hex(m));
+  for (const auto& m : sent) want.push_back(hex(stored_envelope() + m));
   std::sort(got.begin(), got.end());
   std::sort(want.begin(), want.end());
   CHECK(got == want);
@@ -373,7 +375,7 @@ TEST_CASE("--mbox: Python's mailbox.mbox reads every message back byte for byte"
     std::string sender = senders[i].empty() ? "MAILER-DAEMON" : senders[i];
     CHECK(starts_with(from, sender + " "));
     CHECK_MESSAGE(std::regex_match(from.substr(sender.size()), date), "From line: " << from);
-    CHECK(lines[i].substr(tab + 1) == hex(sent[i]));
+    CHECK(lines[i].substr(tab + 1) == hex(stored_envelope(senders[i]) + sent[i]));
   }
 }
 
@@ -465,10 +467,11 @@ TEST_CASE("-c DebuggingServer --maildir --mbox prints and stores each message") 
   CHECK(srv.child.out.text() == printed("Subject: everywhere\n", "body\n"));
   auto names = list_dir(tmp / "md/new");
   REQUIRE(names.size() == 1);
-  CHECK(read_file(tmp / "md/new/" + names[0]) == "Subject: everywhere\n\nbody\n");
+  CHECK(read_file(tmp / "md/new/" + names[0]) ==
+        stored_envelope() + "Subject: everywhere\n\nbody\n");
   std::string mbox = read_file(tmp / "mb");
   CHECK(starts_with(mbox, "From a@example.com "));
-  CHECK(mbox.substr(mbox.find('\n') + 1) == "Subject: everywhere\n\nbody\n\n");
+  CHECK(mbox.substr(mbox.find('\n') + 1) == stored_envelope() + "Subject: everywhere\n\nbody\n\n");
 }
 
 TEST_CASE("an output that fails gives 451, nothing is printed, and the server goes on") {
@@ -751,7 +754,9 @@ inline std::map<int, std::string> man_exit_statuses() {
 
 TEST_CASE("the man page's EXIT STATUS gives each status the program ends with its meaning") {
   const std::map<int, std::string> meaning{{kExitOk, "Normal end"},
+                                           {kExitMatched, "A message arrived that"},
                                            {kExitUsage, "Bad command line"},
+                                           {kExitDeadline, "The deadline passed"},
                                            {kExitCannotListen, "Cannot listen"},
                                            {kExitPrivileges, "Cannot drop privileges"},
                                            {kExitLoopFailed, "The event loop failed"},

@@ -662,7 +662,7 @@ TEST_CASE("a proxy listening beyond loopback warns of an open relay; on 127.0.0.
   }
 }
 
-TEST_CASE("bad --reply-timeout and --connect-timeout values exit 1 with one line") {
+TEST_CASE("bad --reply-timeout and --connect-timeout values exit 2 with one line") {
   std::string option, value;
   SUBCASE("--reply-timeout 0") { option = "--reply-timeout", value = "0"; }
   SUBCASE("--reply-timeout -1") { option = "--reply-timeout", value = "-1"; }
@@ -675,15 +675,15 @@ TEST_CASE("bad --reply-timeout and --connect-timeout values exit 1 with one line
   SUBCASE("--connect-timeout x") { option = "--connect-timeout", value = "x"; }
   INFO("smtpd -n -c PureProxy " << option << " '" << value << "'");
   auto r = run_smtpd({"-n", "-c", "PureProxy", option, value, "127.0.0.1:0", "127.0.0.1:25"});
-  check_one_error_line(r, 1);
+  check_one_error_line(r, kExitUsage);
   CHECK(r.err.find(option) != std::string::npos);
 }
 
-TEST_CASE("an upstream host that does not resolve exits 2 with one line") {
+TEST_CASE("an upstream host that does not resolve exits 5 with one line") {
   // A resolver with no network may take a while to give up; still bounded.
   auto r = run_smtpd({"-n", "-c", "PureProxy", "127.0.0.1:0", "no-such-host.invalid:25"},
                      milliseconds(30000));
-  check_one_error_line(r, 2);
+  check_one_error_line(r, kExitCannotListen);
   CHECK(r.err.find("no-such-host.invalid") != std::string::npos);
 }
 

@@ -132,7 +132,7 @@ TEST_CASE("a bad --reject is one line on stderr: a CR or LF in it is shown as \\
   auto r = run_command({smtpd_bin(), "-n", "--reject",
                         "bogus\r\nsmtpd: listening on 127.0.0.1:25\n=550 no", "127.0.0.1:0"});
   INFO(r.describe());
-  CHECK(r.status.code == 1);
+  CHECK(r.status.code == kExitUsage);
   CHECK(count(r.err, "\n") == 1);
   CHECK(starts_with(r.err,
                     "smtpd: bad --reject 'bogus\\x0d\\x0asmtpd: listening on 127.0.0.1:25\\x0a"

@@ -1239,6 +1239,15 @@ inline std::string send_mail(Client& c, const std::string& message,
   return send_wire(c, on_the_wire(message), mail);
 }
 
+// stored_envelope - the lines --maildir and --mbox write before a message: Return-Path with
+// the sender ("" for <>), then Delivered-To for each recipient
+inline std::string stored_envelope(const std::string& from = "a@example.com",
+                                   const std::vector<std::string>& rcpts = {"b@example.com"}) {
+  std::string lines = "Return-Path: <" + from + ">\n";
+  for (const std::string& rcpt : rcpts) lines += "Delivered-To: <" + rcpt + ">\n";
+  return lines;
+}
+
 // printed - the block DebuggingServer prints for a message with these header lines and
 // body lines (each given with "\n" ends) from peer.
 inline std::string printed(const std::string& headers, const std::string& body,

@@ -141,7 +141,7 @@ TEST_CASE("curl --ssl-reqd and smtps:// trust --tls-cert and --tls-key; a key as
   CHECK(implicit.wait_stdout("X-TLS: TLSv1.3"));
   auto bad = run_command({smtpd_bin(), "-n", "--tls-cert", dir / "key.pem", "--tls-key",
                           dir / "key.pem", "127.0.0.1:0"});
-  CHECK(bad.status.code == 1);
+  CHECK(bad.status.code == kExitUsage);
   CHECK(starts_with(bad.err, "smtpd: cannot use --tls-cert " + dir / "key.pem" + ": "));
   CHECK(count(bad.err, "\n") == 1);
 }
@@ -156,7 +156,8 @@ TEST_CASE("smtplib sends after starttls and login, or over SMTP_SSL; --tls-requi
   auto files = list_dir(dir / "md/new");
   REQUIRE(files.size() == 1);
   std::string text = read_file(dir / "md/new/" + files[0]);
-  CHECK(starts_with(text, "X-Auth-User: hana\nX-TLS: TLSv1.3 TLS_"));
+  CHECK(starts_with(text, stored_envelope("app@example.com", {"user@example.com"}) +
+                              "X-Auth-User: hana\nX-TLS: TLSv1.3 TLS_"));
   auto refused = smtplib_tls(srv, "plain");
   CHECK(refused.out == "SMTPSenderRefused 530\n");
   auto smtps = start_smtpd({"-c", "sink", "--tls-implicit", "--auth"});
@@ -273,11 +274,11 @@ TEST_CASE("--tls-implicit --max-clients 1: the client over the limit hears 421 i
   CHECK(lines[4] == "221 ");
 }
 #else
-TEST_CASE("a build without TLS answers a TLS option with one line and status 1") {
+TEST_CASE("a build without TLS answers a TLS option with one line and status 2") {
   for (const char* option : {"--tls", "--tls-implicit", "--tls-required"}) {
     auto r = run_command({smtpd_bin(), "-n", option, "127.0.0.1:0"});
     INFO(r.describe());
-    CHECK(r.status.code == 1);
+    CHECK(r.status.code == kExitUsage);
     CHECK(r.err ==
           "smtpd: this smtpd is built without TLS: rebuild it with make TLS=1 to use --tls\n");
   }

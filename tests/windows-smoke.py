@@ -145,8 +145,8 @@ def bad_arguments():
         proc = subprocess.run(COMMAND + args, stdin=subprocess.DEVNULL, capture_output=True,
                               timeout=START_TIMEOUT)
         lines = proc.stderr.decode("utf-8", "replace").replace("\r", "").strip().splitlines()
-        check("bad arguments %s: exit 1 and one line" % args,
-              proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("smtpd: "),
+        check("bad arguments %s: exit 2 and one line" % args,
+              proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("smtpd: "),
               "status %d, stderr %r" % (proc.returncode, proc.stderr))
 
 
