@@ -3201,7 +3201,8 @@ class ServerMode {
 //   append_utf8, invalid_utf8_length, replace_invalid_utf8; Charset, charset_kind,
 //   charset_to_utf8 (tables, iconv); ByteSink, decode_base64_loose, decode_quoted_printable,
 //   decode_q_word; EncodedWordText, decode_header_text; MimeHeader, line_at,
-//   read_header_block; MimeValue, parse_mime_value (RFC 2231); MimePart, MimeTree;
+//   read_header_block, decoded_header, message_header; MimeValue, parse_mime_value (RFC 2231);
+//   MimePart, MimeTree;
 //   DecodedBody, transfer_decode, decoded_size, decode_text_body; related_root, find_body,
 //   MailAttachment, AttachmentFinder; LinkList, url_end, find_text_links, entity_code_point,
 //   decode_html_entities, tag_end, find_html_links; MailSummary, summarize_mail
@@ -3626,6 +3627,22 @@ inline const MimeHeader* find_header(const std::vector<MimeHeader>& headers,
   return nullptr;
 }
 
+// decoded_header - the first field of that name (any case), decoded; nothing when there is none
+inline std::optional<std::string> decoded_header(const std::vector<MimeHeader>& headers,
+                                                 std::string_view name) {
+  const MimeHeader* found = find_header(headers, name);
+  if (found == nullptr) return std::nullopt;
+  return decode_header_text(found->raw);
+}
+
+// message_header - a message's first field of that name, decoded, read from its header block
+// alone: no part is read, so one field costs only the header
+inline std::optional<std::string> message_header(std::string_view data, std::string_view name) {
+  std::vector<MimeHeader> headers;
+  read_header_block(data, 0, data.size(), headers);
+  return decoded_header(headers, name);
+}
+
 // MimeParam - one parameter of a Content-Type or Content-Disposition field; an RFC 2231 one
 // (name*=charset'lang'%XX, name*0*=, name*1=...) joined and decoded to UTF-8, a plain one as
 // written (quotes and backslashes taken off)
@@ -3797,9 +3814,7 @@ class MimeTree {
   }
   // header - the message's first field of that name, decoded; nothing when it has none
   std::optional<std::string> header(std::string_view name) const {
-    const MimeHeader* found = find_header(headers_, name);
-    if (found == nullptr) return std::nullopt;
-    return decode_header_text(found->raw);
+    return decoded_header(headers_, name);
   }
   // is_complete - false when a cap left a multipart's parts unread
   bool is_complete() const { return is_complete_; }
@@ -3957,6 +3972,8 @@ inline DecodedBody decode_text_body(const MimeTree& tree, const MimePart& part,
   std::string bytes;
   ByteSink sink{&bytes};
   transfer_decode(body, part.transfer_encoding, sink);
+  if (charset_kind(part.charset) == Charset::Utf8 && is_valid_utf8(bytes))
+    return {std::move(bytes), true};  // as it is: no second copy of a big body
   std::optional<std::string> text = charset_to_utf8(bytes, part.charset);
   if (!text) return {std::move(bytes), false};
   return {std::move(*text), true};
@@ -4218,9 +4235,8 @@ struct MailSummary {
   bool is_complete = true;         // false: a cap was reached, or a body's charset was not known
 };
 
-// summarize_mail - the MailSummary of a message as smtpd stores it (Envelope::data)
-inline MailSummary summarize_mail(std::string_view data) {
-  MimeTree tree(data);
+// summarize_mail - the MailSummary of a message read into a MimeTree
+inline MailSummary summarize_mail(const MimeTree& tree) {
   MailSummary mail;
   mail.subject = tree.header("subject"), mail.from = tree.header("from");
   mail.to = tree.header("to"), mail.cc = tree.header("cc");
@@ -4240,6 +4256,9 @@ inline MailSummary summarize_mail(std::string_view data) {
                      (!mail.html || mail.html->is_decoded);
   return mail;
 }
+
+// summarize_mail - the MailSummary of a message as smtpd stores it (Envelope::data)
+inline MailSummary summarize_mail(std::string_view data) { return summarize_mail(MimeTree(data)); }
 
 // ==== 11. Message texts ====
 // A message is held once, as the channel received it. Everything that goes out is made from
