@@ -4658,21 +4658,26 @@ inline std::vector<std::string> header_values(std::string_view data, std::string
 }
 
 // message_field - the values a --match rule looks at: the envelope's sender, its recipients,
-// or from the message the Subject, any header NAME, or the text after the headers. Headers and
-// text are read raw for now (encoded words and MIME bodies as they came); this is the one
-// place where a MIME reader will give their decoded forms instead.
+// or from the message the Subject, any header NAME (each field of that name, its encoded
+// words decoded), or the text a mail client would show (the reader's text/plain body, else
+// its text/html one)
 inline std::vector<std::string> message_field(const Envelope& envelope, const MatchRule& rule) {
+  auto decoded = [&](std::string_view name) {
+    std::vector<std::string> values = header_values(envelope.data, name);
+    for (std::string& value : values) value = decode_header_text(value);
+    return values;
+  };
   switch (rule.field) {
     case MatchField::From: return {envelope.mailfrom};
     case MatchField::Rcpt: return envelope.rcpttos;
-    case MatchField::Subject: return header_values(envelope.data, "Subject");
-    case MatchField::Header: return header_values(envelope.data, rule.header);
+    case MatchField::Subject: return decoded("Subject");
+    case MatchField::Header: return decoded(rule.header);
     case MatchField::Text: break;
   }
-  const std::string& data = envelope.data;  // no headers at all when it starts with a blank line
-  if (!data.empty() && data[0] == '\n') return {data.substr(1)};
-  std::size_t blank = data.find("\n\n");
-  return {blank == std::string::npos ? std::string() : data.substr(blank + 2)};
+  MailSummary mail = summarize_mail(envelope.data);
+  if (mail.text) return {mail.text->text};
+  if (mail.html) return {mail.html->text};
+  return {""};
 }
 
 // MessageMatcher - the --match rules, all of which a message must meet (none: every message)

@@ -48,13 +48,39 @@ TEST_CASE("message_field gives each --match field its values") {
   auto field = [&](const std::string& spec) { return message_field(e, parse_match(spec)); };
   CHECK(field("from=*") == std::vector<std::string>{"a@example.com"});
   CHECK(field("rcpt=*") == std::vector<std::string>{"b@example.com", "c@other.test"});
-  CHECK(field("subject=*") == std::vector<std::string>{"Hello =?utf-8?q?w?="});  // raw for now
+  CHECK(field("subject=*") == std::vector<std::string>{"Hello w"});  // encoded words decoded
   CHECK(field("header:x-id=*") == std::vector<std::string>{"42"});
   CHECK(field("text=*") == std::vector<std::string>{"line 1\nline 2"});
-  CHECK(message_field(envelope_of("no headers, no body"), parse_match("text=*")) ==
-        std::vector<std::string>{""});
+  // a first line that is not a header is the body, as Python's email reads it
+  CHECK(message_field(envelope_of("no headers at all"), parse_match("text=*")) ==
+        std::vector<std::string>{"no headers at all"});
   CHECK(message_field(envelope_of("\nonly a body"), parse_match("text=*")) ==
         std::vector<std::string>{"only a body"});
+}
+
+TEST_CASE("--match reads subject, headers and text decoded, as a mail client shows them") {
+  Envelope e = envelope_of(
+      "Subject: =?utf-8?b?R3LDvMOfZQ==?= aus =?iso-8859-1?q?K=F6ln?=\n"
+      "X-Tag: =?utf-8?q?caf=C3=A9?=\nMIME-Version: 1.0\n"
+      "Content-Type: multipart/alternative; boundary=b\n\n--b\n"
+      "Content-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+      "Reset: https://app.example.org/reset?token=3Dabc123\n--b\n"
+      "Content-Type: text/html\n\n<p>html</p>\n--b--\n");
+  auto field = [&](const std::string& spec) { return message_field(e, parse_match(spec)); };
+  CHECK(field("subject=*") == std::vector<std::string>{"Gr\xc3\xbc\xc3\x9f"
+                                                       "e aus K\xc3\xb6ln"});
+  CHECK(field("header:x-tag=*") == std::vector<std::string>{"caf\xc3\xa9"});
+  REQUIRE(field("text=*").size() == 1);
+  CHECK(starts_with(field("text=*")[0], "Reset: https://app.example.org/reset?token=abc123"));
+  MessageMatcher matcher;
+  matcher.add(parse_match("text=*token=abc123*"));
+  matcher.add(
+      parse_match("subject=gr\xc3\xbc\xc3\x9f"
+                  "e*"));
+  CHECK(matcher.matches(e));
+  Envelope html_only = envelope_of("Content-Type: text/html\n\n<b>only html</b>");
+  CHECK(message_field(html_only, parse_match("text=*")) ==
+        std::vector<std::string>{"<b>only html</b>"});
 }
 
 TEST_CASE("MessageMatcher: every rule must hold, each on any value, without regard to case") {
