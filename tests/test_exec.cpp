@@ -156,16 +156,20 @@ cat > /dev/null
 )SH";
 
 // alive - the process exists and is not a zombie (a killed grandchild may wait unreaped
-// under a PID 1 that does not reap).
+// under a PID 1 that does not reap). /proc is read with read(2): a process that ends between
+// the open and the read makes the read fail (ESRCH), which means it is gone, where a stream
+// would throw.
 inline bool alive(pid_t pid) {
   if (pid <= 0) return false;
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  if (stat) {
-    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-    auto paren = text.rfind(')');
-    return paren != std::string::npos && paren + 2 < text.size() && text[paren + 2] != 'Z';
-  }
-  return ::kill(pid, 0) == 0 || errno == EPERM;
+  int fd = ::open(("/proc/" + std::to_string(pid) + "/stat").c_str(), O_RDONLY);
+  if (fd < 0) return ::kill(pid, 0) == 0 || errno == EPERM;
+  char buffer[1024];
+  ssize_t n = ::read(fd, buffer, sizeof buffer);
+  ::close(fd);
+  if (n <= 0) return false;
+  std::string_view text(buffer, static_cast<std::size_t>(n));
+  auto paren = text.rfind(')');
+  return paren != std::string_view::npos && paren + 2 < text.size() && text[paren + 2] != 'Z';
 }
 
 // read_pid - the number in a pid file once it exists (bounded wait); -1 if it never came.
