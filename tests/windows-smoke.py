@@ -135,8 +135,9 @@ def maildir_and_size():
         if files:
             with open(os.path.join(tmp, "md", "new", files[0]), "rb") as f:
                 data = f.read()
-            check("--maildir: the file holds the message", data == b"Subject: kept\n\nbody\n",
-                  repr(data))
+            expected = b"Return-Path: <a@example.org>\nDelivered-To: <b@example.org>\n"
+            check("--maildir: the file holds the envelope, then the message",
+                  data == expected + b"Subject: kept\n\nbody\n", repr(data))
         check("-s 100: a 300-byte message gets 552", "552" in refused, refused)
 
 
