@@ -2155,15 +2155,23 @@ class AuthExchange {
   unsigned failures_ = 0;   // in this session
 };
 
+// has_control_character - C0 controls and DEL; `allow_tab` for a whole argument, where a
+// tab may separate parameters (RFC 5321 4.1.2 allows no control character in an address)
+inline bool has_control_character(std::string_view text, bool allow_tab = false) {
+  return std::any_of(text.begin(), text.end(), [allow_tab](char c) {
+    auto u = static_cast<unsigned char>(c);
+    return (u < 0x20 && !(allow_tab && c == '\t')) || u == 0x7F;
+  });
+}
+
 // is_header_safe_name - a user name that can go into a header line and the environment as
 // it is: UTF-8 without C0 or C1 controls, DEL, or the Unicode line and paragraph separators
 // (U+0085, U+2028 and U+2029 end a line for readers that split on Unicode line breaks)
 inline bool is_header_safe_name(std::string_view name) {
-  if (name.empty() || !is_valid_utf8(name)) return false;
+  if (name.empty() || !is_valid_utf8(name) || has_control_character(name)) return false;
   for (std::size_t i = 0; i < name.size(); ++i) {
     auto c = static_cast<unsigned char>(name[i]);
     auto next = i + 1 < name.size() ? static_cast<unsigned char>(name[i + 1]) : 0;
-    if (c < 0x20 || c == 0x7F) return false;
     if (c == 0xC2 && next >= 0x80 && next <= 0x9F) return false;  // U+0080..U+009F
     if (c == 0xE2 && next == 0x80 && i + 2 < name.size() &&
         (name[i + 2] == '\xA8' || name[i + 2] == '\xA9'))
@@ -2632,15 +2640,6 @@ inline bool is_http_verb(std::string_view verb) {
   for (const char* method : {"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS"})
     if (verb == method) return true;
   return false;
-}
-
-// has_control_character - C0 controls and DEL; `allow_tab` for a whole argument, where a
-// tab may separate parameters (RFC 5321 4.1.2 allows no control character in an address)
-inline bool has_control_character(std::string_view text, bool allow_tab = false) {
-  return std::any_of(text.begin(), text.end(), [allow_tab](char c) {
-    auto u = static_cast<unsigned char>(c);
-    return (u < 0x20 && !(allow_tab && c == '\t')) || u == 0x7F;
-  });
 }
 
 // command_size_limit - 512, and for MAIL after EHLO room for SIZE= and SMTPUTF8
@@ -3201,11 +3200,10 @@ class ServerMode {
 //   append_utf8, invalid_utf8_length, replace_invalid_utf8; Charset, charset_kind,
 //   charset_to_utf8 (tables, iconv); ByteSink, decode_base64_loose, decode_quoted_printable,
 //   decode_q_word; EncodedWordText, decode_header_text; MimeHeader, line_at,
-//   read_header_block, decoded_header, message_header; MimeValue, parse_mime_value (RFC 2231);
-//   MimePart, MimeTree;
-//   DecodedBody, transfer_decode, decoded_size, decode_text_body; related_root, find_body,
-//   MailAttachment, AttachmentFinder; LinkList, url_end, find_text_links, entity_code_point,
-//   decode_html_entities, tag_end, find_html_links; MailSummary, summarize_mail
+//   read_header_block, is_field_name, decoded_header, message_header; MimeValue, parse_mime_value
+//   (RFC 2231); MimePart, MimeTree; DecodedBody, transfer_decode, decoded_size, decode_text_body;
+//   related_root, find_body, MailAttachment, AttachmentFinder; LinkList, url_end, find_text_links,
+//   entity_code_point, decode_html_entities, tag_end, find_html_links; MailSummary, summarize_mail
 
 constexpr const char* kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD, for what is not UTF-8
 
@@ -3616,14 +3614,18 @@ inline std::size_t read_header_block(std::string_view data, std::size_t begin, s
   return end;
 }
 
+// is_field_name - a header field's name is `name`, without regard to ASCII case
+inline bool is_field_name(std::string_view field, std::string_view name) {
+  return field.size() == name.size() &&
+         std::equal(name.begin(), name.end(), field.begin(),
+                    [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
+}
+
 // find_header - the first field of that name (any case), as Python's msg[name]
 inline const MimeHeader* find_header(const std::vector<MimeHeader>& headers,
                                      std::string_view name) {
   for (const MimeHeader& header : headers)
-    if (header.name.size() == name.size() &&
-        std::equal(name.begin(), name.end(), header.name.begin(),
-                   [](char a, char b) { return ascii_lower(a) == ascii_lower(b); }))
-      return &header;
+    if (is_field_name(header.name, name)) return &header;
   return nullptr;
 }
 
@@ -4632,28 +4634,19 @@ struct MatchRule {
 };
 
 // header_values - the values of every header `name` (any case) in a message's header section,
-// unfolded (RFC 5322 2.2.3: a line that starts with white space goes on the one before), the
-// white space around each value taken off. The section ends at the first empty line.
+// as the mail reader reads that section (read_header_block): unfolded (RFC 5322 2.2.3), the
+// white space around each value taken off
 inline std::vector<std::string> header_values(std::string_view data, std::string_view name) {
+  std::vector<MimeHeader> headers;
+  read_header_block(data, 0, data.size(), headers);
   std::vector<std::string> values;
-  bool is_wanted = false;  // the field being read is `name`
-  for (std::size_t at = 0; at < data.size();) {
-    std::size_t end = std::min(data.find('\n', at), data.size());
-    std::string_view line = data.substr(at, end - at);
-    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
-    at = end + 1;
-    if (line.empty()) break;
-    if (line[0] == ' ' || line[0] == '\t') {
-      if (is_wanted) values.back() += std::string(line);
-      continue;
-    }
-    std::size_t colon = line.find(':');
-    is_wanted = colon != std::string_view::npos && colon == name.size() &&
-                std::equal(name.begin(), name.end(), line.begin(),
-                           [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
-    if (is_wanted) values.emplace_back(line.substr(colon + 1));
+  for (const MimeHeader& header : headers) {
+    if (!is_field_name(header.name, name)) continue;
+    std::string value;
+    for (char c : header.raw)
+      if (c != '\r' && c != '\n') value += c;
+    values.emplace_back(python_strip(value));
   }
-  for (std::string& value : values) value = std::string(python_strip(value));
   return values;
 }
 
